@@ -1,0 +1,27 @@
+"""Backends turn one rewritten segment graph into a saved artifact.
+
+The interface is deliberately small: `compile(gm, example_inputs, out_dir) -> callable` writes the
+artifact under `out_dir` and returns something callable for the build-time numerics check. Loading is
+the runtime's job (`fluxc.runtime.backends`), keyed by the backend's `name`, so production never
+imports the compiler.
+"""
+
+from typing import Callable, Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    name: str
+
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], out_dir: str,
+                options: dict) -> Callable: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+
+def get_backend(name: str) -> Backend:
+    from fluxc.backends.inductor import InductorBackend
+
+    backends = {"inductor": InductorBackend}
+    return backends[name]()

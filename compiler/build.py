@@ -1,0 +1,240 @@
+"""`fluxc build`: validate options, load, trace, rewrite, compile, check, write the engine atomically."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+
+from fluxc import FORMAT_VERSION, __version__, ir
+from fluxc.backends import get_backend
+from fluxc.models import ARCHITECTURES, load_model
+from fluxc.numerics import relative_error
+from fluxc.passes.base import PassContext
+from fluxc.passes.pipeline import resolve, run_pipeline
+from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe
+from fluxc.runtime.bundle import MANIFEST, WEIGHTS, bundle_files, sha256_file
+from fluxc.runtime.device import local_target, target_device
+from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.flux_math import Profile
+from fluxc.trace import example_activations, segment_modules, trace_model
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    output: str
+    target: str = "auto"
+    precision: str = "bf16"
+    recipe: str | None = None
+    resolutions: tuple[tuple[int, int], ...] = ((1024, 1024),)
+    text_tokens: int | None = None  # default: the model family's (512 for FLUX.1-dev)
+    batch: int = 1
+    seed: int = 0
+    backend: str = "inductor"
+    dump_ir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Validated options: everything a build needs, decided before any work starts."""
+
+    recipe: Recipe
+    target: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise FluxcError(f"Resolution '{text}' is not HEIGHTxWIDTH.", "Write it like 1024x1024.") from None
+    return h, w
+
+
+def validate(opts: BuildOptions) -> Plan:
+    """Check target x precision x recipe x shapes in one place, before loading anything."""
+    try:
+        precision = Precision(opts.precision)
+    except ValueError:
+        raise FluxcError(f"Unknown precision '{opts.precision}'.",
+                         "Use one of: " + ", ".join(p.value for p in Precision) + ".") from None
+    name = opts.recipe or DEFAULT_FOR_PRECISION.get(precision)
+    if name is None:
+        raise FluxcError(f"Precision {precision.value} is not implemented in this fluxc yet.",
+                         "Build with --precision bf16 or fp32.")
+    if name not in RECIPES:
+        raise FluxcError(f"Unknown recipe '{name}'.", "Use one of: " + ", ".join(RECIPES) + ".")
+    recipe = RECIPES[name]()
+    if recipe.precision is not precision:
+        raise FluxcError(f"Recipe '{name}' is {recipe.precision.value}, not {precision.value}.",
+                         "Drop --precision, or pick a recipe of that precision.")
+    here = local_target()
+    target = here if opts.target == "auto" else opts.target
+    if target != here:
+        raise FluxcError(
+            f"Cannot compile for {target} on this machine ({here}): engines are compiled on the GPU they run on.",
+            f"Build on a {target} machine, or use --target {here} (or auto).")
+    for h, w in opts.resolutions:
+        if h <= 0 or w <= 0 or h % 16 or w % 16:
+            raise FluxcError(f"Resolution {h}x{w} is not a positive multiple of 16 in both sides.",
+                             f"Use e.g. {max(16, h // 16 * 16)}x{max(16, w // 16 * 16)}: FLUX packs 2x2 latents of 8x8 pixels.")
+    if opts.batch < 1:
+        raise FluxcError(f"Batch size {opts.batch} is less than 1.", "Use --batch 1 or more.")
+    is_path = os.path.exists(opts.model)
+    if not is_path and opts.model not in ARCHITECTURES:
+        raise FluxcError(f"Model '{opts.model}' is not a known architecture and no such path exists.",
+                         "Check the path, or use one of: " + ", ".join(ARCHITECTURES) + ".")
+    parent = os.path.dirname(os.path.abspath(opts.output))
+    if not os.path.isdir(parent):
+        raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
+    return Plan(recipe, target, target_device(target), TORCH_DTYPES[precision.activation_dtype])
+
+
+class Stages:
+    """Times each build stage and reports it to an optional progress callback."""
+
+    def __init__(self, report=None):
+        self.seconds: dict[str, float] = {}
+        self.report = report or (lambda stage, done: None)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        self.report(stage, False)
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[stage] = round(time.perf_counter() - start, 3)
+        self.report(stage, True)
+
+
+def build(opts: BuildOptions, report=None) -> dict:
+    """Build the engine at opts.output; returns its manifest. Nothing is left behind on failure."""
+    plan = validate(opts)
+    stages = Stages(report)
+    with stages("load"):
+        model = load_model(opts.model, dtype=plan.dtype, device=plan.device, seed=opts.seed)
+    text_tokens = opts.text_tokens or model.default_text_tokens
+    profiles = [Profile(h, w, text_tokens, opts.batch) for h, w in opts.resolutions]
+    with stages("trace"):
+        segments = trace_model(model, profiles, plan.device, plan.dtype)
+    pass_counts = {}
+    with stages("passes"):
+        for seg in segments:
+            ctx = PassContext(plan.recipe, plan.target, seg.kind)
+            seg.graph, pass_counts[seg.name] = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
+    weights = {k: v.detach().contiguous() for k, v in model.module.state_dict().items()}
+
+    parent = os.path.dirname(os.path.abspath(opts.output))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.output)}.partial-", dir=parent)
+    try:
+        backend = get_backend(opts.backend)
+        modules = segment_modules(model)
+        numerics, seg_entries = {}, []
+        for seg in segments:
+            with stages(f"compile {seg.name}"):
+                example = _inputs_for_layer(seg, weights, seg.layers[0], model, plan)
+                compiled = backend.compile(seg.graph, example, os.path.join(tmp, "segments", seg.name),
+                                           dict(plan.recipe.inductor_options))
+            with stages(f"check {seg.name}"):
+                numerics[seg.name] = _check(compiled, modules[seg.kind][0], seg, example, plan.recipe)
+            seg_entries.append(_segment_entry(seg))
+        with stages("write weights"):
+            from safetensors.torch import save_file
+
+            save_file({k: v.cpu() for k, v in weights.items()} if plan.device.type != "cpu" else weights,
+                      os.path.join(tmp, WEIGHTS))
+        with stages("hash"):
+            files = {rel: sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
+        manifest = _manifest(opts, plan, model, profiles, seg_entries, pass_counts, backend, numerics, files,
+                             stages.seconds)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _move_into_place(tmp, opts.output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _inputs_for_layer(seg, weights, layer, model, plan) -> list[torch.Tensor]:
+    prefix = f"{layer}." if layer else ""
+    acts = example_activations(model, seg.kind, seg.profile, plan.device, plan.dtype)
+    return [weights[prefix + w] for w in seg.weight_names] + [acts[n] for n in seg.inputs]
+
+
+@torch.no_grad()
+def _check(compiled, eager_module, seg, example, recipe) -> dict:
+    """Compiled segment vs the eager diffusers module it was traced from, on layer 0's weights."""
+    acts = example[len(seg.weight_names):]
+    expected = eager_module(*acts)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = compiled(*example)
+    errors = {name: relative_error(g, e) for name, g, e in zip(seg.outputs, got, expected)}
+    worst = max(errors.values())
+    if not worst <= recipe.check_rtol:
+        raise RuntimeError(f"numerics check failed for {seg.name}: relative errors {errors} exceed "
+                           f"{recipe.check_rtol} (compiler bug)")
+    return {"max_relative_error": worst, "tolerance": recipe.check_rtol, "by_output": errors}
+
+
+def _segment_entry(seg) -> dict:
+    def describe(node):
+        v = node.meta["val"]
+        return {"name": node.name, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+
+    placeholders = [n for n in seg.graph.graph.nodes if n.op == "placeholder"]
+    outputs = next(n for n in seg.graph.graph.nodes if n.op == "output").args[0]
+    return {
+        "name": seg.name, "kind": seg.kind, "profile": seg.profile.name, "dir": f"segments/{seg.name}",
+        "layers": seg.layers, "weights": seg.weight_names,
+        "inputs": [describe(n) | {"name": name} for n, name in zip(placeholders[len(seg.weight_names):], seg.inputs)],
+        "outputs": [describe(n) | {"name": name} for n, name in zip(outputs, seg.outputs)],
+        "op_counts": ir.op_counts(seg.graph),
+    }
+
+
+def _manifest(opts, plan, model, profiles, seg_entries, pass_counts, backend, numerics, files, seconds) -> dict:
+    gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
+    shaping = {
+        "model": {"family": model.family, "config": _jsonable(model.config), "source": model.source},
+        "target": {"sm": plan.target, "device": gpu},
+        "precision": plan.recipe.precision.value,
+        "recipe": plan.recipe.to_dict(),
+        "passes": [p.name for p in resolve(plan.recipe, plan.target)],
+        "backend": {"name": backend.name, **backend.versions()},
+        "profiles": [dataclasses.asdict(p) | {"name": p.name, "image_tokens": p.image_tokens} for p in profiles],
+        "cache": {"mode": "none"},
+        "fluxc_version": __version__,
+    }
+    cache_key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+    return {
+        "format_version": FORMAT_VERSION, **shaping,
+        "pass_counts": pass_counts, "segments": seg_entries, "files": files,
+        "build_seconds": seconds, "numerics": numerics, "cache_key": cache_key,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+
+
+def _move_into_place(tmp: str, output: str) -> None:
+    """Rename the finished bundle into place; an existing engine there is replaced only now."""
+    if os.path.exists(output):
+        old = tmp + ".old"
+        os.rename(output, old)
+        os.rename(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, output)

@@ -1,0 +1,50 @@
+"""The `fluxc` command line: a click group, one module per command.
+
+Every command ends with one line `PASSED|FAILED | seconds | command`. A FluxcError is printed as one
+paragraph with its remedy and exits 1 with no traceback; any other exception is a bug and keeps it.
+"""
+
+import shlex
+import sys
+import time
+
+import click
+
+from fluxc import __version__
+from fluxc.runtime.errors import FluxcError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        start = time.perf_counter()
+        command = "fluxc " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "fluxc"
+        status = "FAILED"
+        try:
+            result = super().invoke(ctx)
+            status = "PASSED"
+            return result
+        except FluxcError as e:
+            click.echo(f"error: {e.message}" + (f"\n  remedy: {e.remedy}" if e.remedy else ""), err=True)
+            ctx.exit(1)
+        finally:
+            if ctx.invoked_subcommand and not ctx.resilient_parsing:
+                click.echo(f"{status} | {time.perf_counter() - start:.1f} s | {command}")
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="fluxc")
+def main():
+    """fluxc: compile FLUX transformers into engines and run them.
+
+    Typical use: fluxc build --model flux1-dev --precision bf16 -o flux1-dev.fluxe
+    """
+
+
+def _register():
+    from fluxc.cli import build, inspect, passes, run
+
+    for module in (build, inspect, passes, run):
+        main.add_command(module.command)
+
+
+_register()

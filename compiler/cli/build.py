@@ -1,0 +1,36 @@
+import click
+
+
+@click.command("build")
+@click.option("--model", required=True, help="Diffusers folder, BFL .safetensors file, or tiny|flux1-dev|flux1-schnell|flux2-dev|tiny-flux2.")
+@click.option("--target", default="auto", show_default=True, help="cpu, sm_90, sm_100, sm_120 or auto (this machine).")
+@click.option("--precision", default="bf16", show_default=True, help="fp32 | bf16 | fp8 | nvfp4.")
+@click.option("--recipe", default=None, help="Named recipe (default: the precision's).")
+@click.option("--resolution", "resolutions", multiple=True, default=("1024x1024",), show_default=True,
+              help="HEIGHTxWIDTH; repeat for several profiles sharing one weight file.")
+@click.option("--text-tokens", type=int, default=None, help="Text sequence length (default: the model's, 512 for FLUX.1-dev).")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights for named architectures.")
+@click.option("--dump-ir", type=click.Path(file_okay=False), default=None, help="Write NN-<pass>-<segment>.txt after each pass.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
+def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, output):
+    """Compile a FLUX transformer into an engine.
+
+    Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
+    """
+    from fluxc.build import BuildOptions, build, parse_resolution
+
+    opts = BuildOptions(model=model, output=output, target=target, precision=precision, recipe=recipe,
+                        resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
+                        batch=batch, seed=seed, dump_ir=dump_ir)
+
+    def report(stage, done):
+        if done:
+            click.echo(f"  done {stage}", err=True)
+        else:
+            click.echo(f"[build] {stage} ...", err=True)
+
+    manifest = build(opts, report)
+    worst = max(v["max_relative_error"] for v in manifest["numerics"].values())
+    click.echo(f"wrote {output}: {manifest['precision']} for {manifest['target']['sm']}, "
+               f"{len(manifest['segments'])} segments, max segment relative error {worst:.2e}")

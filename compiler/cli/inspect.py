@@ -1,0 +1,37 @@
+import json
+
+import click
+
+
+@click.command("inspect")
+@click.argument("engine", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+def command(engine, as_json):
+    """Print an engine's manifest readably.
+
+    Typical use: fluxc inspect flux1-dev.fluxe
+    """
+    from fluxc.runtime.bundle import read_manifest
+
+    m = read_manifest(engine)
+    if as_json:
+        click.echo(json.dumps(m, indent=1))
+        return
+    cfg = m["model"]["config"]
+    click.echo(f"engine       {engine}  (format {m['format_version']}, fluxc {m['fluxc_version']})")
+    click.echo(f"model        {m['model']['family']} from {m['model']['source']}  "
+               f"{cfg['num_layers']} double + {cfg['num_single_layers']} single blocks")
+    click.echo(f"target       {m['target']['sm']} ({m['target']['device']})   precision {m['precision']}   "
+               f"recipe {m['recipe']['name']}")
+    b = m["backend"]
+    click.echo(f"backend      {b['name']}  torch {b['torch']}  triton {b['triton']}  cuda {b['cuda']}  cudnn {b['cudnn']}")
+    click.echo("profiles     " + ", ".join(f"{p['name']} (batch {p['batch']}, {p['image_tokens']}+{p['text_tokens']} tokens)"
+                                          for p in m["profiles"]))
+    click.echo("passes       " + " -> ".join(m["passes"]))
+    click.echo("segments")
+    for s in m["segments"]:
+        err = m["numerics"][s["name"]]["max_relative_error"]
+        click.echo(f"  {s['name']:<24} x{len(s['layers']):<3} {len(s['weights'])} weights  "
+                   f"in {[i['name'] for i in s['inputs']]}  rel.err {err:.1e}")
+    click.echo("build time   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["build_seconds"].items()))
+    click.echo(f"cache key    {m['cache_key'][:16]}")

@@ -1,0 +1,89 @@
+"""IR utilities: the verifier and the text dump.
+
+The IR is aten-level torch.fx: placeholders (weights, then activations), `call_function` nodes whose
+targets are aten OpOverloads (or operator.getitem), one output node. Every node carries
+`meta["val"]`, the fake tensor with its shape and dtype.
+"""
+
+import operator
+
+import torch
+
+_DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64",
+                torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3",
+                torch.uint8: "u8"}
+
+
+class IRError(AssertionError):
+    """A graph broke an IR invariant: a compiler bug, never a user error."""
+
+
+def verify(gm: torch.fx.GraphModule, where: str = "") -> None:
+    """Raise IRError naming the first offending node."""
+    graph = gm.graph
+    try:
+        graph.lint()
+    except Exception as e:
+        raise IRError(f"{where}: fx lint failed: {e}") from e
+    seen_compute = False
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise IRError(f"{where}: expected one output node, found {len(outputs)}")
+    mutated_inputs = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if seen_compute:
+                raise IRError(f"{where}: placeholder {node.name} after compute nodes")
+        elif node.op == "call_function":
+            seen_compute = True
+            if not (isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem):
+                raise IRError(f"{where}: {node.name} calls {node.target}, not an aten op")
+            if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+                mutated_inputs.update(a.name for a in node.args if isinstance(a, torch.fx.Node) and a.op == "placeholder")
+        elif node.op != "output":
+            raise IRError(f"{where}: node {node.name} has op {node.op}; the IR allows no modules or attributes")
+        if node.op != "output" and "val" not in node.meta:
+            raise IRError(f"{where}: node {node.name} has no meta['val'] (shape/dtype)")
+    if mutated_inputs:
+        raise IRError(f"{where}: graph mutates its inputs {sorted(mutated_inputs)}")
+
+
+def _describe(val) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{_DTYPE_SHORT.get(val.dtype, str(val.dtype))}{list(val.shape)}"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(_describe(v) for v in val) + ")"
+    return type(val).__name__
+
+
+def _arg(a) -> str:
+    if isinstance(a, torch.fx.Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_arg(x) for x in a) + "]"
+    return repr(a)
+
+
+def dump(gm: torch.fx.GraphModule, title: str = "") -> str:
+    """One line per node: `%name: dtype[shape] = aten.op(args)`; stable across runs, so builds diff."""
+    lines = [f"graph {title}"] if title else []
+    for node in gm.graph.nodes:
+        val = _describe(node.meta.get("val"))
+        if node.op == "placeholder":
+            lines.append(f"  %{node.name}: {val} = input")
+        elif node.op == "output":
+            lines.append(f"  return {_arg(node.args[0])}")
+        else:
+            target = "getitem" if node.target is operator.getitem else str(node.target).removesuffix(".default")
+            args = [_arg(a) for a in node.args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()]
+            lines.append(f"  %{node.name}: {val} = {target}({', '.join(args)})")
+    return "\n".join(lines) + "\n"
+
+
+def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            key = "getitem" if node.target is operator.getitem else str(node.target)
+            counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,36 @@
+"""The one numerics module, used by the tests, the build-time check and the benchmarks.
+
+The reference passed in must come from an independent path (diffusers eager, float64 math), never
+from the code under test.
+"""
+
+import torch
+
+# Floors per precision against diffusers eager in that precision (DESIGN.md "Precisions").
+RELATIVE_ERROR_FLOORS = {"fp32": 1e-4, "bf16": 2e-2}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (Frobenius norms)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def sqnr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20 log10(||expected|| / ||actual - expected||)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float(20 * torch.log10(e.norm() / (a - e).norm().clamp_min(1e-30)))
+
+
+def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, *, name: str, rtol: float) -> None:
+    """Assert relative error <= rtol; on failure name the output and summarise the mismatch."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    err = relative_error(actual, expected)
+    if not err <= rtol:  # also fails on NaN
+        diff = (actual.double() - expected.double()).abs()
+        worst = int(diff.flatten().argmax())
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {rtol:.1e}; max |diff| {diff.max():.3e} at flat index {worst} "
+            f"(got {actual.flatten()[worst]:.6g}, expected {expected.flatten()[worst]:.6g}); "
+            f"{int((diff > rtol * expected.abs().double().max()).sum())} of {diff.numel()} elements off")

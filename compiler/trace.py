@@ -1,0 +1,162 @@
+"""Front end: trace a FLUX.1 transformer into four segment graphs (the IR).
+
+    head    x_embedder, context_embedder, time/guidance/text embedding   -> hidden, encoder, temb
+    double  one FluxTransformerBlock (19 in FLUX.1-dev)                  -> encoder, hidden
+    single  one FluxSingleTransformerBlock (38 in FLUX.1-dev)            -> encoder, hidden
+    tail    norm_out + proj_out                                          -> noise prediction
+
+Each graph is aten-level torch.fx (make_fx, fake tensors) whose first placeholders are the layer's
+weights and whose last are the activations, so one compiled artifact serves every layer of its kind.
+RoPE cos/sin tables enter as activations: the runtime computes them once per resolution.
+"""
+
+import dataclasses
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fluxc.models import LoadedModel
+from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.flux_math import Profile
+
+SEGMENT_KINDS = ("head", "double", "single", "tail")
+
+
+@dataclasses.dataclass
+class Segment:
+    """One traced graph and how the runtime feeds it."""
+
+    kind: str
+    profile: Profile
+    graph: torch.fx.GraphModule
+    weight_names: list[str]  # relative to each layer prefix, in placeholder order
+    layers: list[str]  # state-dict prefixes of the layers this graph runs for ("" = top level)
+    inputs: list[str]  # activation names, after the weights
+    outputs: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.profile.name}"
+
+
+class _Head(torch.nn.Module):
+    """The start of FluxTransformer2DModel.forward, up to the first block."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.x_embedder = model.x_embedder
+        self.context_embedder = model.context_embedder
+        self.time_text_embed = model.time_text_embed
+        self.guidance_embeds = model.config.guidance_embeds
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+        hidden_states = self.x_embedder(hidden_states)
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        if self.guidance_embeds:
+            guidance = guidance.to(hidden_states.dtype) * 1000
+            temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        else:
+            temb = self.time_text_embed(timestep, pooled_projections)
+        return hidden_states, self.context_embedder(encoder_hidden_states), temb
+
+
+class _Tail(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.norm_out = model.norm_out
+        self.proj_out = model.proj_out
+
+    def forward(self, hidden_states, temb):
+        return self.proj_out(self.norm_out(hidden_states, temb))
+
+
+class _Block(torch.nn.Module):
+    """A double or single block with RoPE passed as two tensors instead of a tuple."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
+        return self.block(hidden_states, encoder_hidden_states, temb, (rope_cos, rope_sin))
+
+
+def segment_modules(model: LoadedModel) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+    """kind -> (an eager module of that kind, the state-dict prefixes of every layer it serves)."""
+    m = model.module
+    if model.family != "flux1":
+        raise FluxcError(
+            f"Tracing the {model.family} family is not implemented yet.",
+            "Build a FLUX.1 model (tiny, flux1-dev, flux1-schnell or a FLUX.1 checkpoint).",
+        )
+    return {
+        "head": (_Head(m), [""]),
+        "double": (_Block(m.transformer_blocks[0]), [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))]),
+        "single": (_Block(m.single_transformer_blocks[0]),
+                   [f"single_transformer_blocks.{i}" for i in range(len(m.single_transformer_blocks))]),
+        "tail": (_Tail(m), [""]),
+    }
+
+
+def example_activations(model: LoadedModel, kind: str, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+    """Activation inputs of a segment, by name, with the shapes the runtime will feed."""
+    cfg = model.config
+    b, s, t = profile.batch, profile.image_tokens, profile.text_tokens
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    rope = sum(cfg["axes_dims_rope"])
+
+    def new(*shape, dt=dtype):
+        return torch.randn(*shape, device=device, dtype=dt)
+
+    if kind == "head":
+        acts = dict(hidden_states=new(b, s, cfg["in_channels"]), encoder_hidden_states=new(b, t, cfg["joint_attention_dim"]),
+                    pooled_projections=new(b, cfg["pooled_projection_dim"]), timestep=new(b).abs())
+        if cfg["guidance_embeds"]:
+            acts["guidance"] = new(b, dt=torch.float32).abs() * 4
+        return acts
+    if kind in ("double", "single"):
+        return dict(hidden_states=new(b, s, d), encoder_hidden_states=new(b, t, d), temb=new(b, d),
+                    rope_cos=new(t + s, rope, dt=torch.float32), rope_sin=new(t + s, rope, dt=torch.float32))
+    return dict(hidden_states=new(b, s, d), temb=new(b, d))
+
+
+OUTPUTS = {"head": ["hidden_states", "encoder_hidden_states", "temb"], "double": ["encoder_hidden_states", "hidden_states"],
+           "single": ["encoder_hidden_states", "hidden_states"], "tail": ["noise_pred"]}
+
+
+def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile: Profile,
+                  activations: dict[str, torch.Tensor]) -> Segment:
+    params = dict(module.named_parameters())
+    # _Block wraps the diffusers block; weights are named as in the block's own state dict
+    weight_names = [n.removeprefix("block.") for n in params]
+    n_w = len(params)
+
+    def fn(*flat):
+        weights = dict(zip(params, flat[:n_w]))
+        out = torch.func.functional_call(module, weights, tuple(flat[n_w:]))
+        return list(out) if isinstance(out, tuple) else [out]
+
+    with torch.no_grad():
+        gm = make_fx(fn, tracing_mode="fake")(*params.values(), *activations.values())
+    _name_placeholders(gm, weight_names + list(activations))
+    return Segment(kind, profile, gm, weight_names, layers, list(activations), OUTPUTS[kind])
+
+
+def _name_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> None:
+    """Readable IR: placeholder `arg0_1` becomes `attn_to_q_weight`."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(names), (len(placeholders), len(names))
+    for node, name in zip(placeholders, names):
+        node.name = node.target = name.replace(".", "_")
+    gm.recompile()
+
+
+def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> list[Segment]:
+    modules = segment_modules(model)
+    segments = []
+    for profile in profiles:
+        for kind in SEGMENT_KINDS:
+            module, layers = modules[kind]
+            acts = example_activations(model, kind, profile, device, dtype)
+            segments.append(trace_segment(module, layers, kind, profile, acts))
+    return segments

@@ -1,0 +1,56 @@
+"""The pass pipeline: an ordered list in named phases. `fluxc passes` prints it.
+
+Precision- and target-dependent passes are inline conditionals here, nowhere else.
+"""
+
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+
+from fluxc import ir
+from fluxc.passes import dedupe_nodes, eliminate_dead_code, functionalize_inplace, remove_noop_ops
+from fluxc.passes.base import PassContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    name: str
+    phase: str
+    run: Callable
+
+
+def resolve(recipe, target: str) -> list[Pass]:
+    """The passes a build with this recipe and target runs, in order."""
+    del recipe, target  # later phases (fuse, quantize, cache points) will branch on these
+    return [
+        # canonicalize: make the traced graph small and pure before any pattern matching
+        Pass("functionalize_inplace", "canonicalize", functionalize_inplace.run),  # first: others assume purity
+        Pass("remove_noop_ops", "canonicalize", remove_noop_ops.run),
+        Pass("dedupe_nodes", "canonicalize", dedupe_nodes.run),  # after noop removal exposes equal nodes
+        Pass("eliminate_dead_code", "canonicalize", eliminate_dead_code.run),
+    ]
+
+
+def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | None = None,
+                 segment_name: str = "") -> tuple[torch.fx.GraphModule, dict[str, dict[str, int]]]:
+    """Verify, run every pass, verify again; returns the graph and {pass: counts}."""
+    passes = resolve(ctx.recipe, ctx.target)
+    ir.verify(gm, f"{segment_name} at pipeline entry")
+    _dump(dump_dir, 0, "trace", segment_name, gm)
+    counts = {}
+    for i, p in enumerate(passes, start=1):
+        result = p.run(gm, ctx)
+        gm, counts[p.name] = result.graph, result.counts
+        _dump(dump_dir, i, p.name, segment_name, gm)
+    ir.verify(gm, f"{segment_name} at pipeline exit")
+    return gm, counts
+
+
+def _dump(dump_dir, index, pass_name, segment_name, gm) -> None:
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        path = os.path.join(dump_dir, f"{index:02d}-{pass_name}-{segment_name}.txt")
+        with open(path, "w") as f:
+            f.write(ir.dump(gm, f"{segment_name} after {pass_name}"))

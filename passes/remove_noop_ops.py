@@ -1,0 +1,71 @@
+"""Remove ops that return their input unchanged.
+
+Patterns (each a rule with its own count):
+  identity_view   %v = aten.view(%x, shape(%x))  | aten.reshape | aten.expand to the same shape
+  identity_cast   %c = aten._to_copy(%x, dtype=dtype(%x)) with no device/layout change | aten.clone(%x)
+                  | aten.alias(%x)
+  cast_roundtrip  %c = aten._to_copy(aten._to_copy(%x, dtype=wider), dtype=dtype(%x))   (bf16->f32->bf16)
+  dropout         aten.dropout(%x, p, train=False) | p == 0
+Before:  %view_3: bf16[63, 256] = aten.view(%x, [63, 256])  where %x: bf16[63, 256];  %y = mm(%view_3, ...)
+After:   %y = mm(%x, ...)
+Numerics: exact. A widening cast followed by the narrowing cast back is exact because every value of
+the narrow dtype is representable in the wide one.
+"""
+
+import torch
+
+from fluxc.passes.base import PassContext, PassResult, replace_with
+
+aten = torch.ops.aten
+_RESHAPES = (aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default)
+_IDENTITIES = (aten.clone.default, aten.alias.default)
+# (narrow, wide) pairs where narrow -> wide -> narrow is the identity
+_EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float64),
+                   (torch.bfloat16, torch.float64), (torch.float16, torch.float64)}
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _is_pure_cast(node) -> bool:
+    """_to_copy that changes at most the dtype."""
+    return node.target == aten._to_copy.default and set(node.kwargs) <= {"dtype", "layout", "device"} and \
+        _val(node).device == _val(node.args[0]).device
+
+
+def match(node: torch.fx.Node):
+    """(rule, replacement node) if `node` is a no-op, else (None, reason)."""
+    if node.op != "call_function" or not node.args:
+        return None, "not an op"
+    src, out, inp = node.args[0], _val(node), _val(node.args[0])
+    if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+        return None, "no tensor values"
+    if node.target in _RESHAPES:
+        return ("identity_view", src) if out.shape == inp.shape else (None, "shape changes")
+    if node.target in _IDENTITIES and node.kwargs.get("memory_format") in (None, torch.preserve_format):
+        return "identity_cast", src
+    if node.target == aten.dropout.default:
+        p, train = node.args[1], node.args[2]
+        return ("dropout", src) if (not train or p == 0) else (None, "training-mode dropout")
+    if _is_pure_cast(node):
+        if out.dtype == inp.dtype:
+            return "identity_cast", src
+        if isinstance(src, torch.fx.Node) and src.op == "call_function" and _is_pure_cast(src):
+            orig = _val(src.args[0])
+            if orig.dtype == out.dtype and (orig.dtype, inp.dtype) in _EXACT_WIDENING:
+                return "cast_roundtrip", src.args[0]
+        return None, f"cast {inp.dtype}->{out.dtype} changes values"
+    return None, "not a no-op pattern"
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    counts = {"identity_view": 0, "identity_cast": 0, "cast_roundtrip": 0, "dropout": 0}
+    for node in list(gm.graph.nodes):
+        rule, replacement = match(node)
+        if rule is not None:
+            replace_with(node, replacement)
+            counts[rule] += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return PassResult(gm, counts)

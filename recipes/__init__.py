@@ -1,0 +1,12 @@
+"""Named build configurations: each is a function returning a frozen `Recipe`.
+
+Derive variants with `dataclasses.replace`; the resolved recipe is serialized into the manifest.
+"""
+
+from fluxc.recipes.base import Precision, Recipe, recipe_from_dict
+from fluxc.recipes.generic import bf16, reference
+
+RECIPES = {"reference": reference, "bf16": bf16}
+DEFAULT_FOR_PRECISION = {Precision.FP32: "reference", Precision.BF16: "bf16"}
+
+__all__ = ["Precision", "Recipe", "RECIPES", "DEFAULT_FOR_PRECISION", "recipe_from_dict"]

@@ -1,0 +1,40 @@
+"""The recipe dataclass and the precision enum."""
+
+import dataclasses
+import enum
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP8 = "fp8"
+    NVFP4 = "nvfp4"
+
+    @property
+    def activation_dtype(self) -> str:
+        """The dtype activations and unquantized weights are kept in."""
+        return "float32" if self is Precision.FP32 else "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    precision: Precision
+    # Per-segment numerics check at build time: max relative error of the compiled segment against
+    # the eager diffusers module it was traced from (DESIGN.md, "Precisions").
+    check_rtol: float
+    # Inductor options passed to every segment compile.
+    inductor_options: tuple[tuple[str, object], ...] = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["precision"] = self.precision.value
+        d["inductor_options"] = [list(kv) for kv in self.inductor_options]
+        return d
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    d = dict(d)
+    d["precision"] = Precision(d["precision"])
+    d["inductor_options"] = tuple(tuple(kv) for kv in d.get("inductor_options", ()))
+    return Recipe(**d)

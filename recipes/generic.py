@@ -1,0 +1,13 @@
+"""Target-independent recipes: the fp32 reference and plain bf16."""
+
+from fluxc.recipes.base import Precision, Recipe
+
+
+def reference() -> Recipe:
+    """fp32 everywhere; compared with diffusers within 1e-4 (DESIGN.md)."""
+    return Recipe(name="reference", precision=Precision.FP32, check_rtol=1e-4)
+
+
+def bf16() -> Recipe:
+    """bf16 weights and activations; matches diffusers eager within bf16 noise."""
+    return Recipe(name="bf16", precision=Precision.BF16, check_rtol=2e-2)

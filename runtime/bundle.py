@@ -1,0 +1,75 @@
+"""The engine bundle on disk (`*.fluxe` directory): reading and verifying it.
+
+    manifest.json          format version, model, target, precision, recipe, passes, backend, profiles,
+                           segments, sha256 of every other file, build times, numerics, cache key
+    weights.safetensors    transformed weights, diffusers state-dict names
+    segments/<name>/       one compiled artifact per segment and profile
+"""
+
+import hashlib
+import json
+import os
+
+from fluxc import FORMAT_VERSION
+from fluxc.runtime.errors import FluxcError
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bundle_files(root: str) -> list[str]:
+    """Every file of a bundle except the manifest, as sorted relative paths."""
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != MANIFEST:
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def read_manifest(root: str) -> dict:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        raise FluxcError(f"No engine at '{root}'.", "Check the path, or build one with `fluxc build ... -o ENGINE`.")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise FluxcError(f"'{root}' has no {MANIFEST}; it is not a fluxc engine.",
+                         "Point at a directory written by `fluxc build`.") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise FluxcError(f"Cannot read {path}: {e}.", "The engine is damaged: rebuild it.") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FluxcError(
+            f"Engine format version {version!r} is not supported by this fluxc (it reads version {FORMAT_VERSION}).",
+            "Rebuild the engine with this fluxc, or use the fluxc version that built it "
+            f"({manifest.get('fluxc_version', 'unknown')}).",
+        )
+    return manifest
+
+
+def verify_files(root: str, manifest: dict) -> None:
+    """Every listed file exists with its recorded sha256, and no file is unlisted."""
+    recorded = manifest["files"]
+    on_disk = set(bundle_files(root))
+    missing = sorted(set(recorded) - on_disk)
+    if missing:
+        raise FluxcError(f"Engine file {missing[0]} is missing from '{root}'.", "Rebuild the engine or copy it again whole.")
+    extra = sorted(on_disk - set(recorded))
+    if extra:
+        raise FluxcError(f"Engine '{root}' holds a file its manifest does not list: {extra[0]}.",
+                         "Remove the file, or rebuild the engine.")
+    for rel, digest in recorded.items():
+        if sha256_file(os.path.join(root, rel)) != digest:
+            raise FluxcError(f"Engine file {rel} does not match its sha256 in the manifest (changed or corrupt).",
+                             "Rebuild the engine or copy it again whole; never edit engine files by hand.")

@@ -1,0 +1,93 @@
+"""FLUX glue the runtime owns: latent packing, position ids, RoPE tables and the flow-matching schedule.
+
+Written from the FLUX.1 reference (and checked in tests against diffusers' FluxPipeline, scheduler and
+FluxPosEmbed), so that production needs no diffusers.
+"""
+
+import dataclasses
+import math
+
+import torch
+
+# FluxPipeline / FlowMatchEulerDiscreteScheduler constants for FLUX.1
+VAE_SCALE = 8  # pixels per latent pixel; latents are packed 2x2 more, so one token is 16x16 pixels
+BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
+ROPE_THETA = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """One static shape an engine is compiled for."""
+
+    height: int
+    width: int
+    text_tokens: int
+    batch: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width}"
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.height // 16) * (self.width // 16)
+
+    def latent_shape(self, channels: int) -> tuple[int, int, int, int]:
+        return (self.batch, channels, self.height // VAE_SCALE, self.width // VAE_SCALE)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, C*4]: each 2x2 patch becomes one token."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, 2, 2]
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, S, C*4] -> [B, C, height/8, width/8]; the inverse of `pack_latents`."""
+    b, _, c4 = tokens.shape
+    h, w = height // 16, width // 16
+    x = tokens.view(b, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # [B, C, h, 2, w, 2]
+    return x.reshape(b, c4 // 4, h * 2, w * 2)
+
+
+def position_ids(profile: Profile) -> torch.Tensor:
+    """[T + S, 3] ids: text tokens are all zero; image token (r, c) is (0, r, c)."""
+    h, w = profile.height // 16, profile.width // 16
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    img = torch.stack([torch.zeros(h * w, dtype=torch.long), rows, cols], dim=1)
+    txt = torch.zeros(profile.text_tokens, 3, dtype=torch.long)
+    return torch.cat([txt, img]).float()
+
+
+def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int = ROPE_THETA):
+    """cos, sin tables [T + S, sum(axes_dim)] in float32, computed in float64.
+
+    Per axis of dimension d: freq_j = theta^(-2j/d), j < d/2; angle = pos * freq, each angle repeated
+    twice (interleaved real layout, as the FLUX reference applies it to (x0, x1) pairs).
+    """
+    cos, sin = [], []
+    for axis, d in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
+        angles = ids[:, axis].double()[:, None] * freqs[None]  # [N, d/2]
+        cos.append(angles.cos().repeat_interleave(2, dim=1))
+        sin.append(angles.sin().repeat_interleave(2, dim=1))
+    return torch.cat(cos, dim=1).float(), torch.cat(sin, dim=1).float()
+
+
+def sigmas(steps: int, image_tokens: int) -> torch.Tensor:
+    """[steps + 1] float32: linear sigmas 1 .. 1/steps, shifted by the resolution-dependent mu, then 0."""
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    mu = image_tokens * slope + (BASE_SHIFT - slope * BASE_SEQ_LEN)
+    out = []
+    for i in range(steps):
+        s = 1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1)
+        out.append(math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0)))
+    return torch.tensor(out + [0.0], dtype=torch.float32)
+
+
+def initial_noise(profile: Profile, channels: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed noise [B, S, C*4] drawn on the CPU from `seed`, as FluxPipeline draws it with a CPU generator."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return pack_latents(torch.randn(profile.latent_shape(channels), generator=gen, dtype=dtype))
