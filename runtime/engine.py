@@ -87,8 +87,10 @@ class Engine:
 
     # ---- the denoising loop --------------------------------------------------------------------
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, *, height: int, width: int,
-                steps: int = 28, guidance: float = 3.5, seed: int = 0) -> torch.Tensor:
-        """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")."""
+                steps: int = 28, guidance: float = 3.5, seed: int = 0, cuda_graph: bool = True) -> torch.Tensor:
+        """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent").
+
+        cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph)."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         if steps < 1:
@@ -110,7 +112,7 @@ class Engine:
             state["guidance"] = torch.full((profile.batch,), float(guidance), device=self.device)
         state["rope_cos"], state["rope_sin"] = self.rope(profile)
 
-        graphed = self._graphed_step(profile, state) if self.device.type == "cuda" else None
+        graphed = self._graphed_step(profile, state) if self.device.type == "cuda" and cuda_graph else None
         if graphed is not None:
             graphed.load(state)
             state = graphed.static

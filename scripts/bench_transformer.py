@@ -1,0 +1,166 @@
+"""FLUX.1-dev transformer on one GPU: diffusers eager vs torch.compile vs the fluxc bf16 engine.
+
+One process, the same seeded random FLUX.1-dev weights (bf16), 1024x1024 (4096 image + 512 text tokens),
+batch 1, per ../shared/LAB.md. Phases run one after another with only their own model on the GPU, so
+each peak-memory figure is that path's own. Correctness first: each path's output on the same inputs
+is compared with diffusers eager (relative error). Writes JSON to --out and prints a table last.
+
+    python scripts/bench_transformer.py --out benchmarks/results/DATE-h200-bf16.json
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from fluxc.build import BuildOptions, build
+from fluxc.models import load_model
+from fluxc.numerics import relative_error
+from fluxc.runtime import Engine
+from fluxc.runtime.flux_math import Profile, position_ids
+
+H = W = 1024
+TEXT = 512
+
+
+def cuda_ms(fn, warmup=3, iters=10) -> float:
+    """Median of CUDA-event timings of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def inputs(cfg, seed=123):
+    """Transformer inputs as FluxPipeline passes them at step 0 (bf16 activations, f32 guidance)."""
+    g = torch.Generator("cuda").manual_seed(seed)
+    p = Profile(H, W, TEXT)
+    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    return {
+        "hidden_states": torch.randn(1, p.image_tokens, cfg["in_channels"], **bf),
+        "encoder_hidden_states": torch.randn(1, TEXT, cfg["joint_attention_dim"], **bf),
+        "pooled_projections": torch.randn(1, cfg["pooled_projection_dim"], **bf),
+        "timestep": torch.full((1,), 0.75, device="cuda", dtype=torch.bfloat16),
+        "guidance": torch.full((1,), 3.5, device="cuda"),
+    }
+
+
+def diffusers_call(model, x, ids):
+    txt_ids, img_ids = ids[:TEXT], ids[TEXT:]
+    return lambda: model(hidden_states=x["hidden_states"], encoder_hidden_states=x["encoder_hidden_states"],
+                         pooled_projections=x["pooled_projections"], timestep=x["timestep"], guidance=x["guidance"],
+                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+
+def phase_peak(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() / 2**30
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--steps", type=int, default=28)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "resolution": f"{H}x{W}",
+           "text_tokens": TEXT, "batch": 1, "model": "flux1-dev (seeded random weights, seed 0)", "precision": "bf16",
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    results = {}
+
+    # 1. fluxc: build, then load the written engine (hash-verified) and time it
+    engine_path = os.path.join(args.workdir, "flux1-dev-bf16.fluxe")
+    t0 = time.perf_counter()
+    manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision="bf16"))
+    total_build = time.perf_counter() - t0
+    secs = manifest["build_seconds"]
+    trace_compile = secs["trace"] + secs["passes"] + sum(v for k, v in secs.items() if k.startswith("compile"))
+    free()
+    t0 = time.perf_counter()
+    engine = Engine.load(engine_path)
+    load_s = time.perf_counter() - t0
+    cfg = engine.config
+    x = inputs(cfg)
+    profile = engine.profile_for(H, W)
+    cos, sin = engine.rope(profile)
+    acts = dict(x, rope_cos=cos, rope_sin=sin)
+    fluxc_out = engine.transformer(profile, acts).float().cpu()
+    # time one graphed denoising step: the full transformer + Euler update, as the loop runs it
+    emb = (x["encoder_hidden_states"], x["pooled_projections"])
+    engine.denoise(*emb, height=H, width=W, steps=1)  # captures the step graph
+    graphed = engine._graphs[profile.name]
+    step_ms, peak = phase_peak(lambda: cuda_ms(graphed.graph.replay))
+    t0 = time.perf_counter()
+    engine.denoise(*emb, height=H, width=W, steps=args.steps)
+    torch.cuda.synchronize()
+    loop_s = time.perf_counter() - t0
+    results["fluxc bf16"] = {"ms_per_step": step_ms, "peak_gib": peak, "denoise_s": loop_s,
+                             "build_trace_compile_s": trace_compile, "build_total_s": total_build,
+                             "build_stages_s": secs, "load_s": load_s, "segment_numerics": manifest["numerics"]}
+    del engine, graphed
+    free()
+
+    # 2. diffusers eager on the same weights
+    model = load_model("flux1-dev", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
+    ids = position_ids(Profile(H, W, TEXT)).cuda()
+    call = diffusers_call(model, x, ids)
+    eager_out = call().float().cpu()
+    ms, peak = phase_peak(lambda: cuda_ms(call))
+    results["diffusers eager"] = {"ms_per_step": ms, "peak_gib": peak}
+
+    # 3. torch.compile(fullgraph=True) of the same diffusers model
+    compiled = torch.compile(model, fullgraph=True)
+    t0 = time.perf_counter()
+    ccall = diffusers_call(compiled, x, ids)
+    compile_out = ccall().float().cpu()
+    compile_s = time.perf_counter() - t0
+    ms, peak = phase_peak(lambda: cuda_ms(ccall))
+    results["torch.compile"] = {"ms_per_step": ms, "peak_gib": peak, "compile_s": compile_s}
+
+    results["diffusers eager"]["relative_error_vs_eager"] = 0.0
+    results["torch.compile"]["relative_error_vs_eager"] = relative_error(compile_out, eager_out)
+    results["fluxc bf16"]["relative_error_vs_eager"] = relative_error(fluxc_out, eager_out)
+    base = results["torch.compile"]["ms_per_step"]
+    for r in results.values():
+        r["ratio_to_torch_compile"] = r["ms_per_step"] / base
+    rec["results"] = results
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+
+    print(f"\n{rec['gpu']}, torch {rec['torch']}, FLUX.1-dev random weights, {H}x{W}, batch 1, commit {rec['commit']}")
+    print(f"{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'peak GiB':>10}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['ms_per_step']:>9.1f}{r['ratio_to_torch_compile']:>11.3f}"
+              f"{r['relative_error_vs_eager']:>10.2e}{r['peak_gib']:>10.1f}")
+    f = results["fluxc bf16"]
+    print(f"fluxc build: trace+compile {f['build_trace_compile_s']:.1f} s, total {f['build_total_s']:.1f} s; "
+          f"load {f['load_s']:.1f} s; {args.steps}-step denoise {f['denoise_s']:.2f} s; "
+          f"torch.compile first call {results['torch.compile']['compile_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

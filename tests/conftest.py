@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny FLUX (2 double + 2 single blocks, real head layout) and its engines.
+
+Inductor compiles take seconds per segment on a 2-core CPU, so engines are built once per session.
+Profiles use odd token counts: 144x112 -> 9x7 = 63 image tokens, 13 text tokens.
+"""
+
+import os
+
+import pytest
+import torch
+
+TINY_PROFILES = ((144, 112), (128, 96))
+TINY_TEXT = 13
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_tests.sh runs these on the lab GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32():
+    """The tiny model in fp32 on CPU (seed 0): the diffusers module the engines are built from."""
+    from fluxc.models import load_model
+
+    return load_model("tiny", dtype=torch.float32, device=torch.device("cpu"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_path(tmp_path_factory):
+    """A tiny fp32 CPU engine with two resolution profiles sharing one weight file."""
+    from fluxc.build import BuildOptions, build
+
+    path = str(tmp_path_factory.mktemp("engines") / "tiny-fp32.fluxe")
+    build(BuildOptions(model="tiny", output=path, target="cpu", precision="fp32", resolutions=TINY_PROFILES,
+                       text_tokens=TINY_TEXT))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_engine_path):
+    from fluxc.runtime import Engine
+
+    return Engine.load(tiny_engine_path)
+
+
+def random_embeddings(batch=1, text=TINY_TEXT, seed=7, dim=64, pooled=32, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, text, dim, generator=g, dtype=dtype),
+            torch.randn(batch, pooled, generator=g, dtype=dtype))
+
+
+@pytest.fixture
+def engine_copy(tiny_engine_path, tmp_path):
+    """A writable copy of the tiny engine, for tests that damage it."""
+    import shutil
+
+    dst = os.path.join(tmp_path, "copy.fluxe")
+    shutil.copytree(tiny_engine_path, dst)
+    return dst
