@@ -23,7 +23,7 @@ class Recipe:
     # Per-segment numerics check at build time: max relative error of the compiled segment against
     # the eager diffusers module it was traced from (DESIGN.md, "Precisions").
     check_rtol: float
-    # Inductor options passed to every segment compile.
+    # Inductor config patches applied to every segment compile.
     inductor_options: tuple[tuple[str, object], ...] = ()
 
     def to_dict(self) -> dict:

@@ -12,7 +12,7 @@ class InductorBackend:
 
     def compile(self, gm, example_inputs, out_dir, options):
         artifact = torch._inductor.standalone_compile(
-            gm, example_inputs, dynamic_shapes="from_example_inputs", options=dict(options))
+            gm, example_inputs, dynamic_shapes="from_example_inputs", options={"config_patches": dict(options)})
         os.makedirs(out_dir, exist_ok=True)
         artifact.save(path=os.path.join(out_dir, INDUCTOR_ARTIFACT), format="binary")
         return artifact
