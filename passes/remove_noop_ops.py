@@ -5,7 +5,8 @@ Patterns (each a rule with its own count):
   identity_cast   %c = aten._to_copy(%x, dtype=dtype(%x)) with no device/layout change | aten.clone(%x)
                   | aten.alias(%x)
   cast_roundtrip  %c = aten._to_copy(aten._to_copy(%x, dtype=wider), dtype=dtype(%x))   (bf16->f32->bf16)
-  dropout         aten.dropout(%x, p, train=False) | p == 0
+Eval-mode dropout needs no rule: make_fx already traces `aten.dropout(train=False)` to its input
+(tests/test_passes.py holds that).
 Before:  %view_3: bf16[63, 256] = aten.view(%x, [63, 256])  where %x: bf16[63, 256];  %y = mm(%view_3, ...)
 After:   %y = mm(%x, ...)
 Numerics: exact. A widening cast followed by the narrowing cast back is exact because every value of
@@ -45,9 +46,6 @@ def match(node: torch.fx.Node):
         return ("identity_view", src) if out.shape == inp.shape else (None, "shape changes")
     if node.target in _IDENTITIES and node.kwargs.get("memory_format") in (None, torch.preserve_format):
         return "identity_cast", src
-    if node.target == aten.dropout.default:
-        p, train = node.args[1], node.args[2]
-        return ("dropout", src) if (not train or p == 0) else (None, "training-mode dropout")
     if _is_pure_cast(node):
         if out.dtype == inp.dtype:
             return "identity_cast", src
@@ -60,7 +58,7 @@ def match(node: torch.fx.Node):
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    counts = {"identity_view": 0, "identity_cast": 0, "cast_roundtrip": 0, "dropout": 0}
+    counts = {"identity_view": 0, "identity_cast": 0, "cast_roundtrip": 0}
     for node in list(gm.graph.nodes):
         rule, replacement = match(node)
         if rule is not None:
