@@ -1,0 +1,56 @@
+"""The CLI happy paths and the engine bundle's contract."""
+
+import json
+import os
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from fluxc.cli import main
+from fluxc.runtime.bundle import MANIFEST, bundle_files, sha256_file
+
+
+def test_manifest_lists_every_file_with_its_hash(tiny_engine_path):
+    m = json.load(open(os.path.join(tiny_engine_path, MANIFEST)))
+    assert sorted(m["files"]) == bundle_files(tiny_engine_path)
+    assert all(sha256_file(os.path.join(tiny_engine_path, f)) == h for f, h in m["files"].items())
+    assert [p["name"] for p in m["profiles"]] == ["144x112", "128x96"]
+    assert len(m["segments"]) == 8 and sum(f.endswith(".safetensors") for f in m["files"]) == 1
+    assert m["target"]["sm"] == "cpu" and m["precision"] == "fp32" and len(m["cache_key"]) == 64
+    assert all(v["max_relative_error"] <= 1e-4 for v in m["numerics"].values())
+
+
+def test_run_writes_latents_and_inspect_reads_the_engine(tiny_engine_path, tmp_path):
+    out = str(tmp_path / "lat.safetensors")
+    result = CliRunner().invoke(main, ["run", tiny_engine_path, "--steps", "2", "-o", out])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].startswith("PASSED |")
+    t = load_file(out)
+    assert t["packed_latents"].shape == (1, 63, 64) and t["latents"].shape == (1, 16, 18, 14)
+    assert torch.isfinite(t["latents"]).all()
+    result = CliRunner().invoke(main, ["inspect", tiny_engine_path])
+    assert result.exit_code == 0 and "double-144x112" in result.output and "x2" in result.output
+
+
+def test_passes_command_prints_the_pipeline():
+    result = CliRunner().invoke(main, ["passes", "--target", "cpu", "--precision", "fp32"])
+    assert result.exit_code == 0
+    assert "1. [canonicalize] functionalize_inplace" in result.output
+
+
+def test_failed_build_leaves_nothing_and_keeps_the_old_engine(tiny_engine_path, tmp_path):
+    """A build that fails after work started removes its partial bundle; an existing engine survives."""
+    import shutil
+
+    target = str(tmp_path / "e.fluxe")
+    shutil.copytree(tiny_engine_path, target)
+    before = sorted(os.listdir(target))
+    bad = tmp_path / "ckpt.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"img_in.weight": torch.zeros(2, 2)}, str(bad))  # readable, but no FLUX model
+    result = CliRunner().invoke(main, ["build", "--model", str(bad), "-o", target])
+    assert result.exit_code == 1 and "lacks FLUX.1 tensors" in result.output
+    assert sorted(os.listdir(target)) == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.safetensors", "e.fluxe"]
