@@ -103,8 +103,8 @@ def init_random_(module: torch.nn.Module, seed: int) -> None:
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02, generator=gen)
-    for name, b in module.named_buffers():
-        raise AssertionError(f"random init does not know how to fill buffer {name}")
+    buffers = [name for name, _ in module.named_buffers()]
+    assert not buffers, f"random init does not know how to fill buffers {buffers}"
 
 
 def _diffusers_folder(path: str, dtype, device) -> LoadedModel:

@@ -10,7 +10,7 @@ def command(target, precision, recipe):
 
     Typical use: fluxc passes --target sm_90 --precision bf16
     """
-    from fluxc.build import DEFAULT_FOR_PRECISION, RECIPES, Precision
+    from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision
     from fluxc.passes.pipeline import resolve
     from fluxc.runtime.device import local_target
     from fluxc.runtime.errors import FluxcError
