@@ -13,7 +13,7 @@ import torch
 
 from fluxc import FORMAT_VERSION, __version__, ir
 from fluxc.backends import get_backend
-from fluxc.models import ARCHITECTURES, load_model
+from fluxc.models import check_source, load_model
 from fluxc.numerics import relative_error
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import resolve, run_pipeline
@@ -89,10 +89,7 @@ def validate(opts: BuildOptions) -> Plan:
                              f"Use e.g. {max(16, h // 16 * 16)}x{max(16, w // 16 * 16)}: FLUX packs 2x2 latents of 8x8 pixels.")
     if opts.batch < 1:
         raise FluxcError(f"Batch size {opts.batch} is less than 1.", "Use --batch 1 or more.")
-    is_path = os.path.exists(opts.model)
-    if not is_path and opts.model not in ARCHITECTURES:
-        raise FluxcError(f"Model '{opts.model}' is not a known architecture and no such path exists.",
-                         "Check the path, or use one of: " + ", ".join(ARCHITECTURES) + ".")
+    check_source(opts.model)
     parent = os.path.dirname(os.path.abspath(opts.output))
     if not os.path.isdir(parent):
         raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")

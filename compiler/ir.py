@@ -44,7 +44,7 @@ def verify(gm: torch.fx.GraphModule, where: str = "") -> None:
             raise IRError(f"{where}: node {node.name} has op {node.op}; the IR allows no modules or attributes")
         # multi-output kernels (flash attention) leave unused tuple slots without a value
         unused_slot = node.target is operator.getitem and not node.users
-        if node.op not in ("output",) and "val" not in node.meta and not unused_slot:
+        if node.op != "output" and "val" not in node.meta and not unused_slot:
             raise IRError(f"{where}: node {node.name} has no meta['val'] (shape/dtype)")
     if mutated_inputs:
         raise IRError(f"{where}: graph mutates its inputs {sorted(mutated_inputs)}")

@@ -49,22 +49,27 @@ class LoadedModel:
     default_text_tokens: int
 
 
+def check_source(source: str) -> None:
+    """Raise FluxcError unless `source` is a named architecture or an existing path."""
+    if source not in ARCHITECTURES and not os.path.exists(source):
+        raise FluxcError(
+            f"Model '{source}' is not a known architecture and no such path exists.",
+            "Check the path, or use one of the named architectures: " + ", ".join(ARCHITECTURES) + ".",
+        )
+
+
 def load_model(source: str, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
+    check_source(source)
     if source in ARCHITECTURES:
         return _random_model(source, dtype, device, seed)
     if os.path.isdir(source):
         return _diffusers_folder(source, dtype, device)
     if os.path.isfile(source) and source.endswith(".safetensors"):
         return _bfl_single_file(source, dtype, device)
-    if os.path.exists(source):
-        raise FluxcError(
-            f"'{source}' is neither a diffusers folder nor a .safetensors checkpoint.",
-            "Pass a diffusers FLUX folder, a Black Forest Labs .safetensors file, or one of: "
-            + ", ".join(ARCHITECTURES) + ".",
-        )
     raise FluxcError(
-        f"Model '{source}' is not a known architecture and no such path exists.",
-        "Check the path, or use one of the named architectures: " + ", ".join(ARCHITECTURES) + ".",
+        f"'{source}' is neither a diffusers folder nor a .safetensors checkpoint.",
+        "Pass a diffusers FLUX folder, a Black Forest Labs .safetensors file, or one of: "
+        + ", ".join(ARCHITECTURES) + ".",
     )
 
 

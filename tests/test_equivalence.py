@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_PROFILES, TINY_TEXT, random_embeddings
+from conftest import TINY_PROFILES, TINY_TEXT, flux_pipeline, random_embeddings
 
 from fluxc.numerics import assert_close_report
 from fluxc.runtime import flux_math
@@ -28,20 +28,10 @@ def test_engine_transformer_equals_diffusers(tiny_engine, tiny_fp32, height, wid
     assert_close_report(got, expected, name=f"noise prediction {height}x{width}", rtol=1e-4)
 
 
-def _diffusers_pipeline(transformer):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    # FLUX.1-dev's scheduler config
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                            max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    return FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
-
-
 @pytest.mark.parametrize("height,width,seed", [(144, 112, 5), (128, 96, 11)])
 def test_latents_after_8_steps_equal_flux_pipeline(tiny_engine, tiny_fp32, height, width, seed):
     pe, pooled = random_embeddings(seed=seed)
-    ref = _diffusers_pipeline(tiny_fp32.module)(
+    ref = flux_pipeline(tiny_fp32.module)(
         prompt_embeds=pe, pooled_prompt_embeds=pooled, height=height, width=width, num_inference_steps=8,
         guidance_scale=3.5, generator=torch.Generator().manual_seed(seed), output_type="latent").images
     got = tiny_engine.denoise(pe, pooled, height=height, width=width, steps=8, guidance=3.5, seed=seed)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import random_embeddings
+from conftest import flux_pipeline, random_embeddings
 
 pytestmark = pytest.mark.gpu
 
@@ -29,16 +29,11 @@ def test_graphed_loop_equals_eager_loop_on_gpu(tiny_bf16_cuda):
 
 
 def test_bf16_engine_matches_diffusers_pipeline_on_gpu(tiny_bf16_cuda):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
     from fluxc.models import load_model
     from fluxc.numerics import assert_close_report
 
     model = load_model("tiny", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                            max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    pipe = FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=model)
+    pipe = flux_pipeline(model)
     pe, pooled = (t.cuda() for t in random_embeddings(dtype=torch.bfloat16))
     ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=144, width=112, num_inference_steps=8,
                guidance_scale=3.5, generator=torch.Generator().manual_seed(5), output_type="latent").images
