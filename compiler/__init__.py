@@ -5,4 +5,4 @@ runtimes must not pull in diffusers or the compiler.
 """
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 1  # engine bundle format; the runtime refuses any other
+FORMAT_VERSION = 2  # engine bundle format; the runtime refuses any other (2: text encoders, VAE, tokenizers)

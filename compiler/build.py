@@ -13,16 +13,18 @@ import torch
 
 from fluxc import FORMAT_VERSION, __version__, ir
 from fluxc.backends import get_backend
+from fluxc.components import CLIP_MAX_LENGTH, load_components
 from fluxc.models import check_source, load_model
 from fluxc.numerics import relative_error
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import resolve, run_pipeline
 from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe
-from fluxc.runtime.bundle import MANIFEST, WEIGHTS, bundle_files, sha256_file
+from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import example_activations, segment_modules, trace_model
+from fluxc.trace import (COMPONENT_KINDS, component_modules, module_tensors, segment_modules, trace_components,
+                         trace_model)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -40,6 +42,8 @@ class BuildOptions:
     seed: int = 0
     backend: str = "inductor"
     dump_ir: str | None = None
+    transformer_only: bool = False
+    encoders: str | None = None  # gpu | offload | cpu; default: gpu on a GPU target, cpu on the CPU target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,11 @@ class Plan:
     target: str
     device: torch.device
     dtype: torch.dtype
+    encoders: str | None  # where the text encoders live; None for a transformer-only engine
+
+    @property
+    def encoder_device(self) -> torch.device:
+        return torch.device("cpu") if self.encoders == "cpu" else self.device
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -89,11 +98,26 @@ def validate(opts: BuildOptions) -> Plan:
                              f"Use e.g. {max(16, h // 16 * 16)}x{max(16, w // 16 * 16)}: FLUX packs 2x2 latents of 8x8 pixels.")
     if opts.batch < 1:
         raise FluxcError(f"Batch size {opts.batch} is less than 1.", "Use --batch 1 or more.")
-    check_source(opts.model)
+    source_kind = check_source(opts.model)
+    encoders = None if opts.transformer_only else _encoder_placement(opts, target, source_kind)
     parent = os.path.dirname(os.path.abspath(opts.output))
     if not os.path.isdir(parent):
         raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
-    return Plan(recipe, target, target_device(target), TORCH_DTYPES[precision.activation_dtype])
+    return Plan(recipe, target, target_device(target), TORCH_DTYPES[precision.activation_dtype], encoders)
+
+
+def _encoder_placement(opts: BuildOptions, target: str, source_kind: str) -> str:
+    if source_kind == "single-file":
+        raise FluxcError(f"'{opts.model}' holds a transformer only; a whole-pipeline engine also needs the text "
+                         "encoders, tokenizers and VAE of a diffusers FLUX folder.",
+                         "Pass the diffusers pipeline folder, or build with --transformer-only.")
+    placement = opts.encoders or ("cpu" if target == "cpu" else "gpu")
+    if placement not in ENCODER_PLACEMENTS:
+        raise FluxcError(f"Unknown encoder placement '{placement}'.", "Use one of: " + ", ".join(ENCODER_PLACEMENTS) + ".")
+    if target == "cpu" and placement != "cpu":
+        raise FluxcError(f"--encoders {placement} needs a GPU target; this build is for the CPU.",
+                         "Drop --encoders (the CPU target keeps everything on the CPU).")
+    return placement
 
 
 class Stages:
@@ -120,26 +144,37 @@ def build(opts: BuildOptions, report=None) -> dict:
     stages = Stages(report)
     with stages("load"):
         model = load_model(opts.model, dtype=plan.dtype, device=plan.device, seed=opts.seed)
+        comps = None
+        if plan.encoders is not None:
+            comps = load_components(opts.model, model.family, dtype=plan.dtype, device=plan.device, seed=opts.seed)
+            for encoder in (comps.clip, comps.t5):
+                encoder.to(plan.encoder_device)
     text_tokens = opts.text_tokens or model.default_text_tokens
     profiles = [Profile(h, w, text_tokens, opts.batch) for h, w in opts.resolutions]
+    modules = segment_modules(model) | (component_modules(comps) if comps else {})
     with stages("trace"):
         segments = trace_model(model, profiles, plan.device, plan.dtype)
+        if comps:
+            segments += trace_components(comps, profiles, plan.device, plan.dtype)
     pass_counts = {}
     with stages("passes"):
         for seg in segments:
             ctx = PassContext(plan.recipe, plan.target, seg.kind)
             seg.graph, pass_counts[seg.name] = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
-    weights = {k: v.detach().contiguous() for k, v in model.module.state_dict().items()}
+    weights = dict(model.module.state_dict())
+    for kind in COMPONENT_KINDS if comps else ():
+        module, (prefix,) = modules[kind]
+        weights.update({f"{prefix}.{n}": t for n, t in module_tensors(module).items()})
+    weights = {k: v.detach().contiguous() for k, v in weights.items()}
 
     parent = os.path.dirname(os.path.abspath(opts.output))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.output)}.partial-", dir=parent)
     try:
         backend = get_backend(opts.backend)
-        modules = segment_modules(model)
         numerics, seg_entries = {}, []
         for seg in segments:
             with stages(f"compile {seg.name}"):
-                example = _inputs_for_layer(seg, weights, seg.layers[0], model, plan)
+                example = _inputs_for_layer(seg, weights, seg.layers[0])
                 compiled = backend.compile(seg.graph, example, os.path.join(tmp, "segments", seg.name),
                                            dict(plan.recipe.inductor_options))
             with stages(f"check {seg.name}"):
@@ -148,12 +183,12 @@ def build(opts: BuildOptions, report=None) -> dict:
         with stages("write weights"):
             from safetensors.torch import save_file
 
-            save_file({k: v.cpu() for k, v in weights.items()} if plan.device.type != "cpu" else weights,
-                      os.path.join(tmp, WEIGHTS))
+            save_file({k: v.cpu() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS))
+            components = _write_tokenizers(comps, plan, text_tokens, tmp) if comps else None
         with stages("hash"):
             files = {rel: sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
-        manifest = _manifest(opts, plan, model, profiles, seg_entries, pass_counts, backend, numerics, files,
-                             stages.seconds)
+        manifest = _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, backend, numerics,
+                             files, stages.seconds)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _move_into_place(tmp, opts.output)
@@ -163,10 +198,20 @@ def build(opts: BuildOptions, report=None) -> dict:
     return manifest
 
 
-def _inputs_for_layer(seg, weights, layer, model, plan) -> list[torch.Tensor]:
+def _inputs_for_layer(seg, weights, layer) -> list[torch.Tensor]:
     prefix = f"{layer}." if layer else ""
-    acts = example_activations(model, seg.kind, seg.profile, plan.device, plan.dtype)
-    return [weights[prefix + w] for w in seg.weight_names] + [acts[n] for n in seg.inputs]
+    return [weights[prefix + w] for w in seg.weight_names] + [seg.example[n] for n in seg.inputs]
+
+
+def _write_tokenizers(comps, plan, text_tokens: int, root: str) -> dict:
+    """tokenizers/<name>.json for the `tokenizers` library, and what the runtime needs to pad them as FLUX does."""
+    os.makedirs(os.path.join(root, TOKENIZER_DIR))
+    tokenizers = {}
+    for name, tok, max_length in (("clip", comps.clip_tokenizer, CLIP_MAX_LENGTH), ("t5", comps.t5_tokenizer, text_tokens)):
+        rel = f"{TOKENIZER_DIR}/{name}.json"
+        tok.tokenizer.save(os.path.join(root, rel))
+        tokenizers[name] = {"file": rel, "max_length": max_length, "pad_id": tok.pad_id, "pad_token": tok.pad_token}
+    return {"encoders": plan.encoders, "tokenizers": tokenizers, "vae": comps.vae_factors}
 
 
 @torch.no_grad()
@@ -192,7 +237,8 @@ def _segment_entry(seg) -> dict:
     placeholders = [n for n in seg.graph.graph.nodes if n.op == "placeholder"]
     outputs = next(n for n in seg.graph.graph.nodes if n.op == "output").args[0]
     return {
-        "name": seg.name, "kind": seg.kind, "profile": seg.profile.name, "dir": f"segments/{seg.name}",
+        "name": seg.name, "kind": seg.kind, "profile": seg.profile and seg.profile.name, "dir": f"segments/{seg.name}",
+        "device": seg.device.type,
         "layers": seg.layers, "weights": seg.weight_names,
         "inputs": [describe(n) | {"name": name} for n, name in zip(placeholders[len(seg.weight_names):], seg.inputs)],
         "outputs": [describe(n) | {"name": name} for n, name in zip(outputs, seg.outputs)],
@@ -200,7 +246,8 @@ def _segment_entry(seg) -> dict:
     }
 
 
-def _manifest(opts, plan, model, profiles, seg_entries, pass_counts, backend, numerics, files, seconds) -> dict:
+def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, backend, numerics, files,
+              seconds) -> dict:
     gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
     shaping = {
         "model": {"family": model.family, "config": _jsonable(model.config), "source": model.source},
@@ -211,6 +258,7 @@ def _manifest(opts, plan, model, profiles, seg_entries, pass_counts, backend, nu
         "backend": {"name": backend.name, **backend.versions()},
         "profiles": [dataclasses.asdict(p) | {"name": p.name, "image_tokens": p.image_tokens} for p in profiles],
         "cache": {"mode": "none"},
+        "components": components,  # None: a transformer-only engine
         "fluxc_version": __version__,
     }
     cache_key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()

@@ -49,28 +49,29 @@ class LoadedModel:
     default_text_tokens: int
 
 
-def check_source(source: str) -> None:
-    """Raise FluxcError unless `source` is a named architecture or an existing path."""
-    if source not in ARCHITECTURES and not os.path.exists(source):
+def check_source(source: str) -> str:
+    """The kind of model source, "named" | "diffusers" | "single-file", or a FluxcError."""
+    if source in ARCHITECTURES:
+        return "named"
+    if not os.path.exists(source):
         raise FluxcError(
             f"Model '{source}' is not a known architecture and no such path exists.",
             "Check the path, or use one of the named architectures: " + ", ".join(ARCHITECTURES) + ".",
         )
-
-
-def load_model(source: str, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
-    check_source(source)
-    if source in ARCHITECTURES:
-        return _random_model(source, dtype, device, seed)
     if os.path.isdir(source):
-        return _diffusers_folder(source, dtype, device)
-    if os.path.isfile(source) and source.endswith(".safetensors"):
-        return _bfl_single_file(source, dtype, device)
+        return "diffusers"
+    if source.endswith(".safetensors"):
+        return "single-file"
     raise FluxcError(
         f"'{source}' is neither a diffusers folder nor a .safetensors checkpoint.",
         "Pass a diffusers FLUX folder, a Black Forest Labs .safetensors file, or one of: "
         + ", ".join(ARCHITECTURES) + ".",
     )
+
+
+def load_model(source: str, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
+    load = {"named": _random_model, "diffusers": _diffusers_folder, "single-file": _bfl_single_file}[check_source(source)]
+    return load(source, dtype, device, seed)
 
 
 def _model_class(family: str):
@@ -85,6 +86,8 @@ def _random_model(name: str, dtype, device, seed: int) -> LoadedModel:
     with torch.device("meta"):
         module = cls(**overrides)
     module = module.to_empty(device=device).to(dtype)
+    buffers = [name for name, _ in module.named_buffers()]
+    assert not buffers, f"to_empty left buffers {buffers} uninitialised"
     init_random_(module, seed)
     config = dict(module.config)
     return LoadedModel(family, module.eval(), config, {"kind": "random", "name": name, "seed": seed},
@@ -96,7 +99,7 @@ def init_random_(module: torch.nn.Module, seed: int) -> None:
     """Fill every parameter deterministically: matrices ~ N(0, 1/fan_in), norm scales 1, biases small.
 
     One generator on the parameters' device walks them in name order, so the result depends only on
-    (seed, architecture, device type, dtype).
+    (seed, architecture, device type, dtype). Buffers are left as the constructor made them.
     """
     gen = None
     for name, p in sorted(module.named_parameters()):
@@ -108,11 +111,9 @@ def init_random_(module: torch.nn.Module, seed: int) -> None:
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02, generator=gen)
-    buffers = [name for name, _ in module.named_buffers()]
-    assert not buffers, f"random init does not know how to fill buffers {buffers}"
 
 
-def _diffusers_folder(path: str, dtype, device) -> LoadedModel:
+def _diffusers_folder(path: str, dtype, device, seed: int) -> LoadedModel:
     folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
@@ -149,7 +150,7 @@ def _stat_fingerprint(folder: str, files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _bfl_single_file(path: str, dtype, device) -> LoadedModel:
+def _bfl_single_file(path: str, dtype, device, seed: int) -> LoadedModel:
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 

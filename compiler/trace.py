@@ -1,9 +1,14 @@
-"""Front end: trace a FLUX.1 transformer into four segment graphs (the IR).
+"""Front end: trace a FLUX.1 pipeline into segment graphs (the IR).
 
+The transformer, per resolution profile:
     head    x_embedder, context_embedder, time/guidance/text embedding   -> hidden, encoder, temb
     double  one FluxTransformerBlock (19 in FLUX.1-dev)                  -> encoder, hidden
     single  one FluxSingleTransformerBlock (38 in FLUX.1-dev)            -> encoder, hidden
     tail    norm_out + proj_out                                          -> noise prediction
+The other components (unless --transformer-only):
+    clip    CLIP-L text model, token ids [B, 77]        -> pooled output [B, 768]   (once per engine)
+    t5      T5 encoder, token ids [B, T]                -> hidden states [B, T, 4096] (once per engine)
+    vae     scale/shift, VAE decoder, [0, 1] postprocess -> image [B, H, W, 3]     (per profile)
 
 Each graph is aten-level torch.fx (make_fx, fake tensors) whose first placeholders are the layer's
 weights and whose last are the activations, so one compiled artifact serves every layer of its kind.
@@ -15,11 +20,14 @@ import dataclasses
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fluxc.components import CLIP_MAX_LENGTH
 from fluxc.models import LoadedModel
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
 
 SEGMENT_KINDS = ("head", "double", "single", "tail")
+COMPONENT_KINDS = ("clip", "t5", "vae")
+PER_ENGINE = ("clip", "t5")  # shapes independent of the resolution: traced once, profile None
 
 
 @dataclasses.dataclass
@@ -27,16 +35,21 @@ class Segment:
     """One traced graph and how the runtime feeds it."""
 
     kind: str
-    profile: Profile
+    profile: Profile | None  # None for segments shared by all profiles (the text encoders)
     graph: torch.fx.GraphModule
     weight_names: list[str]  # relative to each layer prefix, in placeholder order
     layers: list[str]  # state-dict prefixes of the layers this graph runs for ("" = top level)
     inputs: list[str]  # activation names, after the weights
     outputs: list[str]
+    example: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)  # traced with these
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.example.values())).device
 
     @property
     def name(self) -> str:
-        return f"{self.kind}-{self.profile.name}"
+        return self.kind if self.profile is None else f"{self.kind}-{self.profile.name}"
 
 
 class _Head(torch.nn.Module):
@@ -75,10 +88,49 @@ class _Block(torch.nn.Module):
 
     def __init__(self, block):
         super().__init__()
-        self.block = block
+        self.inner = block
 
     def forward(self, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
-        return self.block(hidden_states, encoder_hidden_states, temb, (rope_cos, rope_sin))
+        return self.inner(hidden_states, encoder_hidden_states, temb, (rope_cos, rope_sin))
+
+
+class _ClipPooled(torch.nn.Module):
+    """FluxPipeline._get_clip_prompt_embeds after tokenizing: the pooled output at the EOS token."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.inner = clip
+
+    def forward(self, input_ids):
+        return self.inner(input_ids=input_ids, output_hidden_states=False).pooler_output
+
+
+class _T5Hidden(torch.nn.Module):
+    """FluxPipeline._get_t5_prompt_embeds after tokenizing: the last hidden states."""
+
+    def __init__(self, t5):
+        super().__init__()
+        self.inner = t5
+
+    def forward(self, input_ids):
+        return self.inner(input_ids=input_ids, output_hidden_states=False)[0]
+
+
+class _VaeDecode(torch.nn.Module):
+    """The end of FluxPipeline.__call__ after unpacking: latents [B, 16, H/8, W/8] -> image [B, H, W, 3] in [0, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.decoder = vae.decoder  # only the decoder's weights enter the graph
+        self.post_quant_conv = vae.post_quant_conv if vae.config.use_post_quant_conv else None
+        self.scaling, self.shift = vae.config.scaling_factor, vae.config.shift_factor
+
+    def forward(self, latents):
+        z = latents / self.scaling + self.shift
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        image = self.decoder(z)  # [B, 3, H, W] in [-1, 1]
+        return (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # VaeImageProcessor.postprocess
 
 
 def segment_modules(model: LoadedModel) -> dict[str, tuple[torch.nn.Module, list[str]]]:
@@ -96,6 +148,18 @@ def segment_modules(model: LoadedModel) -> dict[str, tuple[torch.nn.Module, list
                    [f"single_transformer_blocks.{i}" for i in range(len(m.single_transformer_blocks))]),
         "tail": (_Tail(m), [""]),
     }
+
+
+def component_modules(comps) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+    """kind -> (eager wrapper, [weight prefix]) for the text encoders and the VAE (diffusers folder names)."""
+    return {"clip": (_ClipPooled(comps.clip), ["text_encoder"]), "t5": (_T5Hidden(comps.t5), ["text_encoder_2"]),
+            "vae": (_VaeDecode(comps.vae), ["vae"])}
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a segment wrapper, named as in the wrapped module's own state dict."""
+    named = dict(module.named_parameters()) | dict(module.named_buffers())
+    return {n.removeprefix("inner."): t for n, t in named.items()}
 
 
 def example_activations(model: LoadedModel, kind: str, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
@@ -120,26 +184,36 @@ def example_activations(model: LoadedModel, kind: str, profile: Profile, device,
     return dict(hidden_states=new(b, s, d), temb=new(b, d))
 
 
+def component_activations(comps, kind: str, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+    b = profile.batch
+    if kind == "clip":
+        return dict(input_ids=torch.randint(0, comps.clip.config.vocab_size, (b, CLIP_MAX_LENGTH), device=device))
+    if kind == "t5":
+        return dict(input_ids=torch.randint(0, comps.t5.config.vocab_size, (b, profile.text_tokens), device=device))
+    shape = profile.latent_shape(comps.vae.config.latent_channels)
+    return dict(latents=torch.randn(shape, device=device, dtype=dtype))
+
+
 OUTPUTS = {"head": ["hidden_states", "encoder_hidden_states", "temb"], "double": ["encoder_hidden_states", "hidden_states"],
-           "single": ["encoder_hidden_states", "hidden_states"], "tail": ["noise_pred"]}
+           "single": ["encoder_hidden_states", "hidden_states"], "tail": ["noise_pred"],
+           "clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "vae": ["image"]}
 
 
-def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile: Profile,
+def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile: Profile | None,
                   activations: dict[str, torch.Tensor]) -> Segment:
-    params = dict(module.named_parameters())
-    # _Block wraps the diffusers block; weights are named as in the block's own state dict
-    weight_names = [n.removeprefix("block.") for n in params]
-    n_w = len(params)
+    state = dict(module.named_parameters()) | dict(module.named_buffers())
+    weight_names = list(module_tensors(module))
+    n_w = len(state)
 
     def fn(*flat):
-        weights = dict(zip(params, flat[:n_w]))
+        weights = dict(zip(state, flat[:n_w]))
         out = torch.func.functional_call(module, weights, tuple(flat[n_w:]))
         return list(out) if isinstance(out, tuple) else [out]
 
     with torch.no_grad():
-        gm = make_fx(fn, tracing_mode="fake")(*params.values(), *activations.values())
+        gm = make_fx(fn, tracing_mode="fake")(*state.values(), *activations.values())
     _name_placeholders(gm, weight_names + list(activations))
-    return Segment(kind, profile, gm, weight_names, layers, list(activations), OUTPUTS[kind])
+    return Segment(kind, profile, gm, weight_names, layers, list(activations), OUTPUTS[kind], activations)
 
 
 def _name_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> None:
@@ -159,4 +233,16 @@ def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> l
             module, layers = modules[kind]
             acts = example_activations(model, kind, profile, device, dtype)
             segments.append(trace_segment(module, layers, kind, profile, acts))
+    return segments
+
+
+def trace_components(comps, profiles: list[Profile], device, dtype) -> list[Segment]:
+    """The text encoders once (every profile shares batch and text length), the VAE per profile."""
+    modules = component_modules(comps)
+    segments = []
+    for kind in COMPONENT_KINDS:
+        module, layers = modules[kind]
+        for profile in profiles[:1] if kind in PER_ENGINE else profiles:
+            acts = component_activations(comps, kind, profile, device, dtype)
+            segments.append(trace_segment(module, layers, kind, None if kind in PER_ENGINE else profile, acts))
     return segments

@@ -1,4 +1,4 @@
-"""The minimal fluxc runtime: `Engine.load(path).denoise(...)`. Needs torch and safetensors only."""
+"""The minimal fluxc runtime: `Engine.load(path).generate(prompt)`. Needs torch, safetensors, tokenizers and pillow."""
 
 from fluxc.runtime.engine import Engine
 from fluxc.runtime.errors import FluxcError

@@ -2,8 +2,11 @@
 
     manifest.json          format version, model, target, precision, recipe, passes, backend, profiles,
                            segments, sha256 of every other file, build times, numerics, cache key
-    weights.safetensors    transformed weights, diffusers state-dict names
+    weights.safetensors    transformed weights, diffusers pipeline-folder names (transformer at the top
+                           level; text_encoder., text_encoder_2., vae. prefixes for the other components)
     segments/<name>/       one compiled artifact per segment and profile
+    tokenizers/clip.json   the two tokenizers as tokenizer.json files for the `tokenizers` library
+    tokenizers/t5.json     (absent in a transformer-only engine)
 """
 
 import hashlib
@@ -15,6 +18,8 @@ from fluxc.runtime.errors import FluxcError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+TOKENIZER_DIR = "tokenizers"
+ENCODER_PLACEMENTS = ("gpu", "offload", "cpu")  # resident on the GPU | parked in CPU memory between prompts | run on the CPU
 
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:

@@ -1,61 +1,99 @@
-"""Engine: load a verified bundle and run the FLUX denoising loop from prompt embeddings.
+"""Engine: load a verified bundle and run the whole FLUX pipeline: prompt -> tokens -> text encoders ->
+denoising loop -> VAE decoder -> image.
 
-Imports torch and safetensors only (never diffusers or the compiler).
+Imports torch, safetensors and tokenizers only (never diffusers, transformers or the compiler).
 On CUDA one whole step (head, every block, tail, Euler update) is captured as one CUDA graph per
 profile; the loop then only copies the step's timestep and sigma delta on the device and replays, so
-there is no host sync inside the loop.
+there is no host sync inside the loop. Segments have a static batch: more prompts than the engine's
+batch run in chunks, the last one padded by repeating its last prompt.
 """
 
+import math
 import os
+import time
+from contextlib import contextmanager
 
 import torch
 
 from fluxc.runtime import flux_math
 from fluxc.runtime.backends import LOADERS
-from fluxc.runtime.bundle import WEIGHTS, read_manifest, verify_files
+from fluxc.runtime.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
 from fluxc.runtime.device import check_runs_here
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ENCODER_KINDS = ("clip", "t5")
 
 
 class Engine:
-    def __init__(self, path: str, manifest: dict, device: torch.device):
+    def __init__(self, path: str, manifest: dict, device: torch.device, encoders: str | None = None):
         self.path, self.manifest, self.device = path, manifest, device
         self.config = manifest["model"]["config"]
         self.dtype = DTYPES["float32" if manifest["precision"] == "fp32" else "bfloat16"]
         self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"])
                          for p in manifest["profiles"]}
-        self._segments: dict[tuple[str, str], tuple[dict, object]] = {}
+        self.components = manifest["components"]  # None: transformer only
+        self.encoders = self._encoder_placement(encoders)
+        self._segments: dict[tuple[str, str | None], tuple[dict, object]] = {}
         self._weights: dict[str, list[torch.Tensor]] = {}
         self._graphs: dict[str, "_GraphedStep"] = {}
+        self._tokenizers = {}
 
     @classmethod
-    def load(cls, path: str, verify: bool = True) -> "Engine":
-        """Validate (format, files and hashes, GPU arch, torch version), then load weights and segments."""
+    def load(cls, path: str, verify: bool = True, encoders: str | None = None) -> "Engine":
+        """Validate (format, files and hashes, GPU arch, torch version), then load weights and segments.
+
+        encoders: override where a GPU engine keeps its text encoders between prompts: "gpu" (resident) or
+        "offload" (in pinned CPU memory, copied to the GPU for each encode); "cpu" is fixed at build time."""
         manifest = read_manifest(path)
         if verify:
             verify_files(path, manifest)
         device = check_runs_here(manifest)
-        engine = cls(path, manifest, device)
+        engine = cls(path, manifest, device, encoders)
         engine._load_weights()
         loader = LOADERS[manifest["backend"]["name"]]
         for seg in manifest["segments"]:
             engine._segments[(seg["kind"], seg["profile"])] = (seg, loader(os.path.join(path, seg["dir"])))
+        if engine.components:
+            from fluxc.runtime.text import PromptTokenizer
+
+            engine._tokenizers = {name: PromptTokenizer(path, spec, name.upper())
+                                  for name, spec in engine.components["tokenizers"].items()}
         return engine
 
-    def _load_weights(self) -> None:
-        from safetensors.torch import load_file
+    def _encoder_placement(self, asked: str | None) -> str | None:
+        if self.components is None:
+            return None
+        built = self.components["encoders"]
+        asked = asked or built
+        if asked not in ENCODER_PLACEMENTS:
+            raise FluxcError(f"Unknown encoder placement '{asked}'.", "Use one of: " + ", ".join(ENCODER_PLACEMENTS) + ".")
+        if (asked == "cpu") != (built == "cpu"):
+            raise FluxcError(f"This engine's text encoders were compiled for {'the CPU' if built == 'cpu' else 'the GPU'}; "
+                             f"they cannot run with --encoders {asked}.",
+                             f"Rebuild with `fluxc build --encoders {asked}`, or use --encoders "
+                             + ("cpu." if built == "cpu" else "gpu or offload."))
+        return asked
 
-        # clone on CPU: Inductor CPU kernels want aligned inputs, mmap'd slices may not be
-        state = load_file(os.path.join(self.path, WEIGHTS), device=str(self.device))
-        if self.device.type == "cpu":
-            state = {k: v.clone() for k, v in state.items()}
-        for seg in self.manifest["segments"]:
-            for layer in seg["layers"]:
-                prefix = f"{layer}." if layer else ""
-                self._weights.setdefault(f"{seg['kind']}:{layer}", [state[prefix + w] for w in seg["weights"]])
+    def _load_weights(self) -> None:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(self.path, WEIGHTS), framework="pt", device="cpu") as f:
+            for seg in self.manifest["segments"]:
+                place = self._placer(seg)
+                for layer in seg["layers"]:
+                    prefix = f"{layer}." if layer else ""
+                    key = f"{seg['kind']}:{layer}"
+                    if key not in self._weights:
+                        self._weights[key] = [place(f.get_tensor(prefix + w)) for w in seg["weights"]]
+
+    def _placer(self, seg: dict):
+        if seg["device"] == "cpu":
+            return torch.Tensor.clone  # Inductor CPU kernels want aligned inputs; mmap'd slices may not be
+        if seg["kind"] in ENCODER_KINDS and self.encoders == "offload":
+            return torch.Tensor.pin_memory
+        return lambda t: t.to(self.device)
 
     # ---- one transformer forward -------------------------------------------------------------
     def profile_for(self, height: int, width: int) -> Profile:
@@ -70,8 +108,8 @@ class Engine:
         cos, sin = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]))
         return cos.to(self.device), sin.to(self.device)
 
-    def _run(self, kind: str, profile: Profile, layer: str, acts: dict) -> list[torch.Tensor]:
-        seg, fn = self._segments[(kind, profile.name)]
+    def _run(self, kind: str, profile: Profile | None, layer: str, acts: dict) -> list[torch.Tensor]:
+        seg, fn = self._segments[(kind, profile and profile.name)]
         return fn(*self._weights[f"{kind}:{layer}"], *(acts[i["name"]] for i in seg["inputs"]))
 
     def transformer(self, profile: Profile, acts: dict) -> torch.Tensor:
@@ -85,16 +123,120 @@ class Engine:
                 acts["encoder_hidden_states"], acts["hidden_states"] = self._run(kind, profile, layer, acts)
         return self._run("tail", profile, "", acts)[0]
 
+    # ---- text to image ---------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str], *, height: int | None = None, width: int | None = None,
+                 steps: int = 28, guidance: float = 3.5, seed: int = 0, generator: torch.Generator | None = None,
+                 max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None):
+        """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them.
+
+        height/width default to the engine's first profile; the initial noise for all prompts is drawn at
+        once from `generator` (default: a CPU generator seeded with `seed`), so an engine of any batch size
+        gives the same images as FluxPipeline with the whole list. output_type: "pil" (list of PIL images),
+        "np" (float32 [N, H, W, 3] in [0, 1]) or "pt" (the same as a tensor). `timings`, if given, receives
+        the seconds of each stage (encode, denoise, decode)."""
+        prompts = self._check_prompts(prompt)
+        profile = self.profile_for(height or self._first.height, width or self._first.width)
+        self._check_sampling(steps, guidance, max_sequence_length, output_type)
+        stage = _StageClock(self.device, timings)
+        with stage("encode"):
+            prompt_embeds, pooled = self.encode_prompt(prompts)
+        with stage("denoise"):
+            channels = self.config["in_channels"] // 4
+            noise = flux_math.initial_noise(len(prompts), profile, channels, seed if generator is None else generator,
+                                             self.dtype)
+            latents = _chunked(lambda e, p, z: [self.denoise(e, p, height=profile.height, width=profile.width,
+                                                             steps=steps, guidance=guidance, latents=z)],
+                               profile.batch, prompt_embeds, pooled, noise)[0]
+        with stage("decode"):
+            images = self.decode(latents, profile)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.numpy()
+        return to_pil(images)
+
+    @property
+    def _first(self) -> Profile:
+        return next(iter(self.profiles.values()))
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt_embeds [N, T, 4096] from T5 and pooled_prompt_embeds [N, 768] from CLIP, as
+        FluxPipeline.encode_prompt gives them, on the engine's device."""
+        if self.components is None:
+            raise _transformer_only_error()
+        clip_ids, t5_ids = self._tokenizers["clip"](prompts), self._tokenizers["t5"](prompts)  # [N, 77], [N, T]
+        batch = self._first.batch
+        with self._encoders_loaded():
+            pooled, = _chunked(lambda ids: self._run("clip", None, "text_encoder", {"input_ids": ids}), batch,
+                               clip_ids.to(self._encoder_device))
+            embeds, = _chunked(lambda ids: self._run("t5", None, "text_encoder_2", {"input_ids": ids}), batch,
+                               t5_ids.to(self._encoder_device))
+        return embeds.to(self.device), pooled.to(self.device)
+
+    @property
+    def _encoder_device(self) -> torch.device:
+        return torch.device("cpu") if self.encoders == "cpu" else self.device
+
+    @contextmanager
+    def _encoders_loaded(self):
+        """With offloaded encoders, copy their weights to the GPU for the block and drop the copies after."""
+        if self.encoders != "offload":
+            yield
+            return
+        parked = {k: v for k, v in self._weights.items() if k.split(":")[0] in ENCODER_KINDS}
+        self._weights.update({k: [t.to(self.device, non_blocking=True) for t in v] for k, v in parked.items()})
+        try:
+            yield
+        finally:
+            self._weights.update(parked)
+
+    def decode(self, latents: torch.Tensor, profile: Profile) -> torch.Tensor:
+        """Packed latents [N, S, 64] -> float32 images [N, H, W, 3] in [0, 1] on the CPU (the VAE segment)."""
+        if self.components is None:
+            raise _transformer_only_error()
+        unpacked = flux_math.unpack_latents(latents, profile.height, profile.width)  # [N, 16, H/8, W/8]
+        images, = _chunked(lambda z: self._run("vae", profile, "vae", {"latents": z}), profile.batch, unpacked)
+        return images.float().cpu()
+
+    def _check_prompts(self, prompt) -> list[str]:
+        if self.components is None:
+            raise _transformer_only_error()
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise FluxcError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.",
+                             "Pass e.g. prompt=\"a photo of a cat\" or a list of such strings.")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise FluxcError(f"Every prompt must be a string; got {type(bad[0]).__name__} {bad[0]!r}.",
+                             "Convert prompts to str before calling generate.")
+        return list(prompts)
+
+    def _check_sampling(self, steps, guidance, max_sequence_length, output_type) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise FluxcError(f"steps must be an integer of at least 1, got {steps!r}.", "Use --steps 1 or more (28 is typical).")
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise FluxcError(f"guidance must be a finite number, got {guidance!r}.", "Use e.g. --guidance 3.5.")
+        text = self.components["tokenizers"]["t5"]["max_length"]
+        if max_sequence_length not in (None, text):
+            raise FluxcError(f"This engine encodes prompts to {text} T5 tokens, not {max_sequence_length}: its "
+                             "segments have static shapes.", f"Drop max_sequence_length, or rebuild with --text-tokens {max_sequence_length}.")
+        if output_type not in ("pil", "np", "pt"):
+            raise FluxcError(f"Unknown output_type {output_type!r}.", "Use pil, np or pt.")
+
     # ---- the denoising loop --------------------------------------------------------------------
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, *, height: int, width: int,
-                steps: int = 28, guidance: float = 3.5, seed: int = 0, cuda_graph: bool = True) -> torch.Tensor:
+                steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
+                cuda_graph: bool = True) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent").
 
+        latents: the packed initial noise [B, S, 64] (default: drawn from `seed`).
         cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph)."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
-        if steps < 1:
-            raise FluxcError(f"steps must be at least 1, got {steps}.", "Use --steps 1 or more (28 is typical).")
+        if not isinstance(steps, int) or steps < 1:
+            raise FluxcError(f"steps must be an integer of at least 1, got {steps!r}.", "Use --steps 1 or more (28 is typical).")
+        if latents is None:
+            latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype)
         sig = flux_math.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
         per_step = {
@@ -102,7 +244,7 @@ class Engine:
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
         state = {
-            "hidden_states": flux_math.initial_noise(profile, self.config["in_channels"] // 4, seed, self.dtype).to(self.device),
+            "hidden_states": latents.to(self.device, self.dtype),
             "encoder_hidden_states": prompt_embeds.to(self.device, self.dtype),
             "pooled_projections": pooled_prompt_embeds.to(self.device, self.dtype),
             "timestep": per_step["timestep"][0].clone(),
@@ -144,6 +286,50 @@ class Engine:
                 raise FluxcError(f"{name} has shape {tuple(t.shape)}; this engine takes {want}.",
                                  "Encode prompts with the text encoders this engine's model was trained with, "
                                  "padded to the engine's text length.")
+
+
+def _transformer_only_error() -> FluxcError:
+    return FluxcError("This engine was built with --transformer-only: it has no tokenizers, text encoders or VAE.",
+                      "Rebuild it without --transformer-only, or pass prompt embeddings "
+                      "(`fluxc run --embeddings`, Engine.denoise).")
+
+
+def _chunked(fn, batch: int, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """fn over rows of `inputs` in chunks of the segments' static batch; the last chunk is padded by
+    repeating its last row, and the padding is dropped from the concatenated outputs."""
+    n = inputs[0].shape[0]
+    outs = []
+    for start in range(0, n, batch):
+        chunk = [x[start:start + batch] for x in inputs]
+        pad = batch - chunk[0].shape[0]
+        if pad:
+            chunk = [torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in chunk]
+        outs.append([y[:batch - pad] for y in fn(*chunk)])
+    return [torch.cat(ys) for ys in zip(*outs)]
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """float [N, H, W, 3] in [0, 1] -> PIL images, rounded as diffusers' numpy_to_pil does."""
+    from PIL import Image
+
+    pixels = (images * 255).round().to(torch.uint8).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+class _StageClock:
+    """Wall seconds per stage into `timings` (synchronizing the GPU at stage ends), or nothing."""
+
+    def __init__(self, device: torch.device, timings: dict | None):
+        self.device, self.timings = device, timings
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        if self.timings is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[name] = time.perf_counter() - start
 
 
 class _GraphedStep:

@@ -87,7 +87,9 @@ def sigmas(steps: int, image_tokens: int) -> torch.Tensor:
     return torch.tensor(out + [0.0], dtype=torch.float32)
 
 
-def initial_noise(profile: Profile, channels: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Packed noise [B, S, C*4] drawn on the CPU from `seed`, as FluxPipeline draws it with a CPU generator."""
-    gen = torch.Generator("cpu").manual_seed(seed)
-    return pack_latents(torch.randn(profile.latent_shape(channels), generator=gen, dtype=dtype))
+def initial_noise(n: int, profile: Profile, channels: int, seed: "int | torch.Generator", dtype: torch.dtype) -> torch.Tensor:
+    """Packed noise [n, S, C*4] as FluxPipeline draws it: one randn of [n, C, H/8, W/8] from the generator
+    (a CPU generator seeded with `seed` when given an int), on the generator's device."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(seed)
+    shape = (n, *profile.latent_shape(channels)[1:])
+    return pack_latents(torch.randn(shape, generator=gen, dtype=dtype, device=gen.device))

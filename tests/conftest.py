@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny FLUX (2 double + 2 single blocks, real head layout) and its engines.
+"""Shared fixtures: the tiny FLUX (2 double + 2 single blocks, real head layout), the tiny pipeline
+(small CLIP, T5 and 16-channel VAE of the real structure, tokenizers built in code) and their engines.
 
 Inductor compiles take seconds per segment on a 2-core CPU, so engines are built once per session.
 Profiles use odd token counts: 144x112 -> 9x7 = 63 image tokens, 13 text tokens.
@@ -32,13 +33,43 @@ def tiny_fp32():
 
 @pytest.fixture(scope="session")
 def tiny_engine_path(tmp_path_factory):
-    """A tiny fp32 CPU engine with two resolution profiles sharing one weight file."""
+    """A tiny fp32 CPU transformer-only engine with two resolution profiles sharing one weight file."""
     from fluxc.build import BuildOptions, build
 
     path = str(tmp_path_factory.mktemp("engines") / "tiny-fp32.fluxe")
     build(BuildOptions(model="tiny", output=path, target="cpu", precision="fp32", resolutions=TINY_PROFILES,
-                       text_tokens=TINY_TEXT))
+                       text_tokens=TINY_TEXT, transformer_only=True))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory, tiny_fp32):
+    """The tiny pipeline saved as a diffusers FLUX folder: the source of the pipeline engine, and what
+    the reference FluxPipeline.from_pretrained loads independently of fluxc."""
+    from fluxc.components import load_components, save_pipeline_folder
+
+    path = str(tmp_path_factory.mktemp("pipelines") / "tiny-flux")
+    comps = load_components("tiny", "flux1", dtype=torch.float32, device=torch.device("cpu"), seed=0)
+    save_pipeline_folder(path, tiny_fp32.module, comps)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_engine_path(tmp_path_factory, tiny_pipeline_dir):
+    """A whole-pipeline fp32 CPU engine (tokenizers, CLIP, T5, transformer, VAE) at 144x112."""
+    from fluxc.build import BuildOptions, build
+
+    path = str(tmp_path_factory.mktemp("engines") / "tiny-pipeline-fp32.fluxe")
+    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
+                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_engine(tiny_pipeline_engine_path):
+    from fluxc.runtime import Engine
+
+    return Engine.load(tiny_pipeline_engine_path)
 
 
 @pytest.fixture(scope="session")

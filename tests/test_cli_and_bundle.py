@@ -50,7 +50,7 @@ def test_failed_build_leaves_nothing_and_keeps_the_old_engine(tiny_engine_path, 
     from safetensors.torch import save_file
 
     save_file({"img_in.weight": torch.zeros(2, 2)}, str(bad))  # readable, but no FLUX model
-    result = CliRunner().invoke(main, ["build", "--model", str(bad), "-o", target])
+    result = CliRunner().invoke(main, ["build", "--model", str(bad), "--transformer-only", "-o", target])
     assert result.exit_code == 1 and "lacks FLUX.1 tensors" in result.output
     assert sorted(os.listdir(target)) == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt.safetensors", "e.fluxe"]

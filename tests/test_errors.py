@@ -43,7 +43,7 @@ def test_unreadable_model_path(tmp_path):
 def test_corrupt_single_file_checkpoint(tmp_path):
     bad = tmp_path / "flux1-dev.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    assert_user_error(["build", "--model", str(bad), "-o", str(tmp_path / "e.fluxe")], "not a readable safetensors")
+    assert_user_error(["build", "--model", str(bad), "--transformer-only", "-o", str(tmp_path / "e.fluxe")], "not a readable safetensors")
     assert not list(tmp_path.glob("*.fluxe*")) and not list(tmp_path.glob(".e.fluxe*"))
 
 
@@ -118,3 +118,43 @@ def test_wrong_resolution_and_embeddings(tiny_engine_path, tmp_path):
     save_file({"prompt_embeds": torch.zeros(1, 5, 64), "pooled_prompt_embeds": torch.zeros(1, 32)}, str(emb))
     assert_user_error(["run", tiny_engine_path, "--embeddings", str(emb), "-o", str(tmp_path / "l")], "(1, 13, 64)")
     assert_user_error(["run", tiny_engine_path, "--steps", "0", "-o", str(tmp_path / "l")], "steps")
+
+
+# ---- text to image -------------------------------------------------------------------------------------
+def test_bad_prompts_through_the_api(tiny_pipeline_engine):
+    from fluxc.runtime import FluxcError
+
+    with pytest.raises(FluxcError, match="non-empty list"):
+        tiny_pipeline_engine.generate([])
+    with pytest.raises(FluxcError, match="must be a string; got int"):
+        tiny_pipeline_engine.generate(["a cat", 7])
+    with pytest.raises(FluxcError, match="13 T5 tokens, not 512"):
+        tiny_pipeline_engine.generate("a cat", max_sequence_length=512)
+
+
+def test_bad_sampling_through_the_cli(tiny_pipeline_engine_path, tmp_path):
+    out = str(tmp_path / "x.png")
+    run = ["run", tiny_pipeline_engine_path, "--prompt", "a cat", "-o", out]
+    assert_user_error(run + ["--steps", "0"], "steps must be an integer of at least 1")
+    assert_user_error(run + ["--guidance", "nan"], "guidance must be a finite number")
+    assert_user_error(run + ["--height", "128", "--width", "96"], "no 128x96 profile", "built for 144x112")
+    assert_user_error(run[:-1] + [str(tmp_path / "x.gif2")], "Cannot tell an image format")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert_user_error(["run", tiny_pipeline_engine_path, "--prompts", str(empty), "-o", out], "holds no prompts")
+    assert not os.path.exists(out)
+
+
+def test_prompt_for_a_transformer_only_engine(tiny_engine_path, tmp_path):
+    assert_user_error(["run", tiny_engine_path, "--prompt", "a cat", "-o", str(tmp_path / "x.png")],
+                      "--transformer-only", "--embeddings")
+
+
+def test_pipeline_build_needs_a_pipeline_source(tmp_path):
+    ckpt = tmp_path / "flux1-dev.safetensors"
+    save_file({"x": torch.zeros(1)}, str(ckpt))
+    assert_user_error(["build", "--model", str(ckpt), "-o", str(tmp_path / "e.fluxe")], "holds a transformer only",
+                      "--transformer-only")
+    if not torch.cuda.is_available():
+        assert_user_error(["build", "--model", "tiny", "--encoders", "offload", "-o", str(tmp_path / "e.fluxe")],
+                          "needs a GPU target")

@@ -12,9 +12,14 @@ import click
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights for named architectures.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), default=None, help="Write NN-<pass>-<segment>.txt after each pass.")
+@click.option("--transformer-only", is_flag=True, help="Compile only the transformer (prompt embeddings in, latents out).")
+@click.option("--encoders", type=click.Choice(["gpu", "offload", "cpu"]), default=None,
+              help="Text encoders: resident on the GPU, parked in CPU memory between prompts, or run on the CPU "
+                   "(default: gpu; cpu for the CPU target).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
-def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, output):
-    """Compile a FLUX transformer into an engine.
+def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
+            encoders, output):
+    """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
     """
@@ -22,7 +27,8 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
 
     opts = BuildOptions(model=model, output=output, target=target, precision=precision, recipe=recipe,
                         resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
-                        batch=batch, seed=seed, dump_ir=dump_ir)
+                        batch=batch, seed=seed, dump_ir=dump_ir,
+                        transformer_only=transformer_only, encoders=encoders)
 
     def report(stage, done):
         if done:

@@ -3,19 +3,94 @@ import click
 
 @click.command("run")
 @click.argument("engine", type=click.Path())
+@click.option("--prompt", default=None, help="Text prompt; writes an image.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="File with one prompt per line; writes OUTPUT-000.png, OUTPUT-001.png, ...")
 @click.option("--embeddings", type=click.Path(), default=None,
-              help="safetensors file with prompt_embeds [B,T,D] and pooled_prompt_embeds [B,P]; default: seeded random.")
+              help="Instead of a prompt: safetensors with prompt_embeds [B,T,D] and pooled_prompt_embeds [B,P]; "
+                   "writes latents. Without --prompt, --prompts or --embeddings: seeded random embeddings.")
 @click.option("--height", type=int, default=None, help="Default: the engine's first profile.")
 @click.option("--width", type=int, default=None)
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--guidance", type=float, default=3.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Latents out (.safetensors).")
-def command(engine, embeddings, height, width, steps, guidance, seed, output):
-    """Run the denoising loop of an engine from prompt embeddings; write the latents.
+@click.option("--encoders", type=click.Choice(["gpu", "offload", "cpu"]), default=None,
+              help="Where the text encoders stay between prompts (default: as built).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
+def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, output):
+    """Generate images from prompts with an engine (or latents from prompt embeddings).
 
-    Typical use: fluxc run dev.fluxe --embeddings prompt.safetensors --steps 28 -o latents.safetensors
+    Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
     """
+    from fluxc.runtime.errors import FluxcError
+
+    if prompt is not None and prompts_file is not None:
+        raise FluxcError("Both --prompt and --prompts were given.", "Pass one of them.")
+    if (prompt is not None or prompts_file is not None) and embeddings is not None:
+        raise FluxcError("--embeddings replaces the text encoders; it cannot be combined with a prompt.",
+                         "Pass either a prompt or --embeddings.")
+    if prompt is None and prompts_file is None:
+        return _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output)
+    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
+    paths = _image_paths(output, len(prompts))
+
+    from fluxc.runtime import Engine
+
+    eng = Engine.load(engine, encoders=encoders)
+    timings = {}
+    images = eng.generate(prompts, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+                          timings=timings)
+    for image, path in zip(images, paths):
+        _save_atomically(path, image.save)
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+    click.echo(f"wrote {len(paths)} image(s) ({paths[0]}{' ...' if len(paths) > 1 else ''}): {steps} steps, {stages}")
+
+
+def _read_prompts(path: str) -> list[str]:
+    from fluxc.runtime.errors import FluxcError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise FluxcError(f"Cannot read prompts from '{path}': {e}.", "Pass a UTF-8 text file, one prompt per line.") from None
+    if not prompts:
+        raise FluxcError(f"'{path}' holds no prompts.", "Write one prompt per line.")
+    return prompts
+
+
+def _image_paths(output: str, n: int) -> list[str]:
+    """The files to write, checked before any work: a known image extension and an existing folder."""
+    import os
+
+    from PIL import Image
+
+    from fluxc.runtime.errors import FluxcError
+
+    stem, ext = os.path.splitext(output)
+    if ext.lower() not in Image.registered_extensions():
+        raise FluxcError(f"Cannot tell an image format from '{output}'.", "Name the output like out.png.")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
+    return [output] if n == 1 else [f"{stem}-{i:03d}{ext}" for i in range(n)]
+
+
+def _save_atomically(path: str, save) -> None:
+    """Write next to `path` and rename, so a failure never leaves a half-written file under the name."""
+    import os
+
+    tmp = f"{path}.partial{os.path.splitext(path)[1]}"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output):
     import time
 
     import torch
@@ -34,9 +109,10 @@ def command(engine, embeddings, height, width, steps, guidance, seed, output):
     if packed.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    save_file({"packed_latents": packed.cpu().contiguous(),
-               "latents": unpack_latents(packed, profile.height, profile.width).cpu().contiguous()},
-              output, metadata={"height": str(profile.height), "width": str(profile.width), "steps": str(steps)})
+    tensors = {"packed_latents": packed.cpu().contiguous(),
+               "latents": unpack_latents(packed, profile.height, profile.width).cpu().contiguous()}
+    meta = {"height": str(profile.height), "width": str(profile.width), "steps": str(steps)}
+    _save_atomically(output, lambda path: save_file(tensors, path, metadata=meta))
     click.echo(f"wrote {output}: {steps} steps at {profile.name} in {seconds:.2f} s")
 
 

@@ -1,0 +1,185 @@
+"""The rest of a FLUX.1 pipeline: CLIP-L and T5 text encoders, their tokenizers, the VAE.
+
+`load_components(source, ...)` mirrors `fluxc.models.load_model`:
+- named architectures get seeded random components of the real shapes (CLIP-L, T5-XXL v1.1 encoder,
+  the 16-channel FLUX VAE for `flux1-*`; small ones of the same structure for `tiny`) and tokenizers
+  built in code from a fixed corpus, because no real tokenizer can be downloaded here;
+- a diffusers FLUX folder gives its `text_encoder/`, `text_encoder_2/`, `vae/`, `tokenizer/` and
+  `tokenizer_2/`, weights through safetensors only.
+Tokenizers leave here as `tokenizers.Tokenizer` objects: the engine stores them as tokenizer.json files
+so the runtime needs only the `tokenizers` library.
+"""
+
+import dataclasses
+import os
+
+import torch
+
+from fluxc.runtime.errors import FluxcError
+
+CLIP_MAX_LENGTH = 77  # CLIP-L's position table; FluxPipeline always pads CLIP to it
+
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+               projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+               relative_attention_max_distance=128, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+               is_encoder_decoder=False, use_cache=False)
+_FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                 up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                 layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+
+# name -> (CLIP text config, T5 config, VAE config); widths match the transformer's pooled/joint dims
+_RANDOM = {
+    "flux1": (_CLIP_L, _T5_XXL, _FLUX_VAE),
+    "tiny": (dict(_CLIP_L, vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, projection_dim=32, hidden_act="gelu"),
+             dict(_T5_XXL, vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
+             dict(_FLUX_VAE, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
+                  sample_size=128)),
+}
+
+# A fixed corpus for the in-code tokenizers: deterministic training, real subword behaviour.
+_CORPUS = [
+    "a photo of a cat sitting on a red chair", "an astronaut riding a horse on the moon, digital art",
+    "a bowl of fruit on a wooden table in soft morning light", "portrait of an old man with a beard, oil painting",
+    "a city skyline at night with neon signs and rain", "A watercolor landscape: mountains, a lake and pine trees",
+    "close-up of a dew drop on a green leaf, macro photography", "The quick brown fox jumps over the lazy dog.",
+]
+
+
+@dataclasses.dataclass
+class Tokenizer:
+    """A `tokenizers.Tokenizer` and how FLUX pads it."""
+
+    tokenizer: object  # tokenizers.Tokenizer, post-processor adds BOS/EOS as the model expects
+    pad_id: int
+    pad_token: str
+
+
+@dataclasses.dataclass
+class LoadedComponents:
+    clip: torch.nn.Module  # transformers CLIPTextModel, eval
+    t5: torch.nn.Module  # transformers T5EncoderModel, eval
+    vae: torch.nn.Module  # diffusers AutoencoderKL, eval
+    clip_tokenizer: Tokenizer
+    t5_tokenizer: Tokenizer
+
+    @property
+    def vae_factors(self) -> dict:
+        cfg = self.vae.config
+        return {"scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor}
+
+
+def load_components(source: str, family: str, *, dtype, device, seed: int = 0) -> LoadedComponents:
+    """Components for a named architecture or a diffusers pipeline folder (checked by build validation)."""
+    from fluxc.models import ARCHITECTURES
+
+    if family != "flux1":
+        raise FluxcError(f"Text encoders and VAE of the {family} family are not implemented yet.",
+                         "Build with --transformer-only.")
+    if source in ARCHITECTURES:
+        return _random_components("tiny" if source == "tiny" else "flux1", dtype, device, seed)
+    return _diffusers_components(source, dtype, device)  # build validation admits no other source here
+
+
+def _random_components(name: str, dtype, device, seed: int) -> LoadedComponents:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from fluxc.models import init_random_
+
+    clip_cfg, t5_cfg, vae_cfg = _RANDOM[name]
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    assert clip_tok.tokenizer.get_vocab_size() <= clip_cfg["vocab_size"]
+    assert t5_tok.tokenizer.get_vocab_size() <= t5_cfg["vocab_size"]
+    # built on the device, not on meta: CLIP's position_ids buffer comes from its constructor
+    with torch.device(device):
+        clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+        t5 = T5EncoderModel(T5Config(**t5_cfg))
+        vae = AutoencoderKL(**vae_cfg)
+    modules = []
+    for i, module in enumerate((clip, t5, vae)):
+        module = module.to(dtype).eval()
+        init_random_(module, seed + 1 + i)
+        modules.append(module)
+    return LoadedComponents(*modules, clip_tok, t5_tok)
+
+
+def _diffusers_components(path: str, dtype, device) -> LoadedComponents:
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    needed = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae"]
+    missing = [d for d in needed if not os.path.isdir(os.path.join(path, d))]
+    if missing:
+        raise FluxcError(f"'{path}' lacks the pipeline folders {missing}.",
+                         "Pass the root of a diffusers FLUX pipeline folder, or build with --transformer-only.")
+    kwargs = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    try:
+        clip = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **kwargs)
+        t5 = T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kwargs)
+        vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), **kwargs)
+        toks = [AutoTokenizer.from_pretrained(os.path.join(path, d), use_fast=True) for d in needed[:2]]
+    except Exception as e:  # OSError, ValueError, SafetensorError: missing or damaged files
+        raise FluxcError(f"Cannot load the pipeline components in '{path}': {type(e).__name__}: {e}".rstrip(".") + ".",
+                         "Check that the folder is a complete diffusers FLUX pipeline (re-copy it).") from None
+    clip_tok, t5_tok = (Tokenizer(t.backend_tokenizer, t.pad_token_id, t.pad_token) for t in toks)
+    return LoadedComponents(clip.to(device).eval(), t5.to(device).eval(), vae.to(device).eval(), clip_tok, t5_tok)
+
+
+def clip_tokenizer(vocab_size: int = 398) -> Tokenizer:
+    """A byte-level BPE in CLIP's layout: `<|startoftext|> ... <|endoftext|>`, padded with EOS.
+
+    The special tokens take the two highest ids, as in CLIP, so the pooled-output position (the EOS)
+    is also the argmax of the ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = HFTokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+        show_progress=False))
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    return Tokenizer(tok, eos, "<|endoftext|>")
+
+
+def t5_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """A unigram (SentencePiece-style) tokenizer in T5's layout: `... </s>`, <pad> = 0, </s> = 1, <unk> = 2."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = HFTokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(_CORPUS, trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return Tokenizer(tok, 0, "<pad>")
+
+
+def save_pipeline_folder(path: str, transformer: torch.nn.Module, comps: LoadedComponents) -> None:
+    """Write a diffusers FLUX pipeline folder (safetensors) from these parts: a source for builds and tests."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import PreTrainedTokenizerFast
+
+    def hf(tok: Tokenizer, max_length: int, **specials):
+        return PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, model_max_length=max_length,
+                                       pad_token=tok.pad_token, **specials)
+
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                  max_image_seq_len=4096, base_shift=0.5, max_shift=1.15),
+        vae=comps.vae, text_encoder=comps.clip, text_encoder_2=comps.t5, transformer=transformer,
+        tokenizer=hf(comps.clip_tokenizer, CLIP_MAX_LENGTH, bos_token="<|startoftext|>", eos_token="<|endoftext|>"),
+        tokenizer_2=hf(comps.t5_tokenizer, 512, eos_token="</s>", unk_token="<unk>"))
+    pipe.save_pretrained(path, safe_serialization=True)
