@@ -169,6 +169,12 @@ def t5_tokenizer(vocab_size: int = 300) -> Tokenizer:
 
 def save_pipeline_folder(path: str, transformer: torch.nn.Module, comps: LoadedComponents) -> None:
     """Write a diffusers FLUX pipeline folder (safetensors) from these parts: a source for builds and tests."""
+    diffusers_pipeline(transformer, comps).save_pretrained(path, safe_serialization=True)
+
+
+def diffusers_pipeline(transformer: torch.nn.Module, comps: LoadedComponents | None = None):
+    """diffusers' FluxPipeline over these parts, with FLUX.1-dev's scheduler config: the reference path.
+    Without components it runs from prompt embeddings to latents only."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import PreTrainedTokenizerFast
 
@@ -176,10 +182,12 @@ def save_pipeline_folder(path: str, transformer: torch.nn.Module, comps: LoadedC
         return PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, model_max_length=max_length,
                                        pad_token=tok.pad_token, **specials)
 
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                                  max_image_seq_len=4096, base_shift=0.5, max_shift=1.15),
-        vae=comps.vae, text_encoder=comps.clip, text_encoder_2=comps.t5, transformer=transformer,
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    if comps is None:
+        return FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=transformer)
+    return FluxPipeline(
+        scheduler=scheduler, vae=comps.vae, text_encoder=comps.clip, text_encoder_2=comps.t5, transformer=transformer,
         tokenizer=hf(comps.clip_tokenizer, CLIP_MAX_LENGTH, bos_token="<|startoftext|>", eos_token="<|endoftext|>"),
         tokenizer_2=hf(comps.t5_tokenizer, 512, eos_token="</s>", unk_token="<unk>"))
-    pipe.save_pretrained(path, safe_serialization=True)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from fluxc import ir
-from fluxc.passes import dedupe_nodes, eliminate_dead_code, functionalize_inplace, remove_noop_ops
+from fluxc.passes import dedupe_nodes, eliminate_dead_code, functionalize_inplace, remove_noop_ops, select_attention
 from fluxc.passes.base import PassContext
 
 
@@ -23,13 +23,15 @@ class Pass:
 
 def resolve(recipe, target: str) -> list[Pass]:
     """The passes a build with this recipe and target runs, in order."""
-    del recipe, target  # later phases (fuse, quantize, cache points) will branch on these
+    del recipe, target  # select_attention decides per target inside; quantize/cache phases will branch here
     return [
         # canonicalize: make the traced graph small and pure before any pattern matching
         Pass("functionalize_inplace", "canonicalize", functionalize_inplace.run),  # first: others assume purity
         Pass("remove_noop_ops", "canonicalize", remove_noop_ops.run),
         Pass("dedupe_nodes", "canonicalize", dedupe_nodes.run),  # after noop removal exposes equal nodes
         Pass("eliminate_dead_code", "canonicalize", eliminate_dead_code.run),
+        # lower: kernel choices for the target
+        Pass("select_attention", "lower", select_attention.run),
     ]
 
 

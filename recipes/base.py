@@ -25,6 +25,9 @@ class Recipe:
     check_rtol: float
     # Inductor config patches applied to every segment compile.
     inductor_options: tuple[tuple[str, object], ...] = ()
+    # Attention kernel (passes/select_attention.py): "auto" = cuDNN on sm_90+, else what tracing chose;
+    # "cudnn" forces it; "traced" keeps the traced kernel.
+    attention: str = "auto"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Run on the lab GPU through the device tool (carry .whl; see README "GPU work"):
-#   bash scripts/gpu_tests.sh            GPU-marked tests only
-#   bash scripts/gpu_tests.sh --bench    ... then the FLUX.1-dev benchmark, JSON under $OUT
+# Run on the lab GPU through the device tool (carry .whl; see README "GPU work"). Jobs, in the order given:
+#   tests        the GPU-marked tests (default)
+#   smoke        bench_pipeline.py on the tiny pipeline (a minute; checks the script before a long run)
+#   pipeline     text-to-image benchmark, FLUX.1-dev 1024x1024, 28 steps      -> $OUT/bench_pipeline.json
+#   transformer  per-step transformer benchmark, FLUX.1-dev 1024x1024          -> $OUT/bench_transformer.json
+# e.g. bash scripts/gpu_tests.sh tests smoke
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=$?
-if [ "${1:-}" = "--bench" ]; then
-  python3 scripts/bench_transformer.py --out "$OUT/bench_transformer.json" 2>&1 | tee "$OUT/bench.log" || exit 1
-fi
-exit $tests_rc
+python3 -c "import transformers, tokenizers; print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)"
+rc=0
+for job in "${@:-tests}"; do
+  case $job in
+    tests) python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    smoke) python3 scripts/bench_pipeline.py --model tiny --resolution 144x112 --steps 2 --repeats 1 \
+             --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" || rc=1 ;;
+    pipeline) python3 scripts/bench_pipeline.py --out "$OUT/bench_pipeline.json" 2>&1 | tee "$OUT/bench_pipeline.log" || rc=1 ;;
+    transformer) python3 scripts/bench_transformer.py --out "$OUT/bench_transformer.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    *) echo "unknown job $job"; rc=1 ;;
+  esac
+done
+exit $rc

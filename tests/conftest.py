@@ -81,12 +81,9 @@ def tiny_engine(tiny_engine_path):
 
 def flux_pipeline(transformer):
     """diffusers' FluxPipeline with FLUX.1-dev's scheduler config and no encoders/VAE: the reference loop."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from fluxc.components import diffusers_pipeline
 
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                            max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    return FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
+    return diffusers_pipeline(transformer)
 
 
 def random_embeddings(batch=1, text=TINY_TEXT, seed=7, dim=64, pooled=32, dtype=torch.float32):

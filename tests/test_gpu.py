@@ -9,13 +9,41 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def tiny_bf16_cuda(tmp_path_factory):
+def tiny_bf16_path(tmp_path_factory):
+    """The whole tiny pipeline (random weights, seed 0) as a bf16 engine for this GPU."""
     from fluxc.build import BuildOptions, build
-    from fluxc.runtime import Engine
 
     path = str(tmp_path_factory.mktemp("gpu") / "tiny-bf16.fluxe")
     build(BuildOptions(model="tiny", output=path, precision="bf16", resolutions=((144, 112),), text_tokens=13))
-    return Engine.load(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_cuda(tiny_bf16_path):
+    from fluxc.runtime import Engine
+
+    return Engine.load(tiny_bf16_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_reference():
+    """diffusers' FluxPipeline over the same random components, bf16 on the GPU."""
+    from fluxc.components import diffusers_pipeline, load_components
+    from fluxc.models import load_model
+
+    cuda = torch.device("cuda")
+    return diffusers_pipeline(load_model("tiny", dtype=torch.bfloat16, device=cuda, seed=0).module,
+                              load_components("tiny", "flux1", dtype=torch.bfloat16, device=cuda, seed=0))
+
+
+def test_cudnn_attention_selected_on_hopper(tiny_bf16_cuda):
+    """select_attention rewrites the one attention of every double and single block segment."""
+    counts = tiny_bf16_cuda.manifest["pass_counts"]
+    if int(tiny_bf16_cuda.manifest["target"]["sm"].removeprefix("sm_")) < 90:
+        pytest.skip("cuDNN attention is selected on sm_90 and later")
+    assert {k: v["select_attention"]["cudnn"] for k, v in counts.items() if k.split("-")[0] in ("double", "single")} \
+        == {"double-144x112": 1, "single-144x112": 1}
+    assert counts["head-144x112"]["select_attention"]["cudnn"] == 0
 
 
 def test_graphed_loop_equals_eager_loop_on_gpu(tiny_bf16_cuda):
@@ -39,3 +67,32 @@ def test_bf16_engine_matches_diffusers_pipeline_on_gpu(tiny_bf16_cuda):
                guidance_scale=3.5, generator=torch.Generator().manual_seed(5), output_type="latent").images
     got = tiny_bf16_cuda.denoise(pe, pooled, height=144, width=112, steps=8, guidance=3.5, seed=5)
     assert_close_report(got.float(), ref.float(), name="bf16 latents after 8 steps", rtol=3e-2)
+
+
+def test_bf16_pipeline_image_matches_diffusers_on_gpu(tiny_bf16_cuda, tiny_bf16_reference):
+    from fluxc.numerics import assert_close_report
+
+    prompt = "a photo of a cat sitting on a red chair"
+    ref = tiny_bf16_reference(prompt, height=144, width=112, num_inference_steps=8, guidance_scale=3.5,
+                              max_sequence_length=13, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    got = tiny_bf16_cuda.generate(prompt, steps=8, guidance=3.5, seed=4, output_type="pt")
+    assert_close_report(got, ref.permute(0, 2, 3, 1).float().cpu(), name="bf16 image after 8 steps", rtol=3e-2)
+
+
+def test_encoder_placements_on_gpu(tiny_bf16_path, tiny_bf16_cuda, tmp_path):
+    """offload parks the encoder weights in CPU memory and gives the same image; cpu runs them there."""
+    from fluxc.build import BuildOptions, build
+    from fluxc.numerics import assert_close_report
+    from fluxc.runtime import Engine
+
+    args = dict(steps=4, seed=9, output_type="pt")
+    resident = tiny_bf16_cuda.generate("the moon at night", **args)
+    offload = Engine.load(tiny_bf16_path, encoders="offload")
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in offload._weights["t5:text_encoder_2"])
+    assert torch.equal(offload.generate("the moon at night", **args), resident)
+    assert all(t.device.type == "cpu" for t in offload._weights["t5:text_encoder_2"])  # GPU copies dropped
+    cpu_path = str(tmp_path / "tiny-cpu-encoders.fluxe")
+    build(BuildOptions(model="tiny", output=cpu_path, precision="bf16", resolutions=((144, 112),), text_tokens=13,
+                       encoders="cpu"))
+    on_cpu = Engine.load(cpu_path).generate("the moon at night", **args)
+    assert_close_report(on_cpu, resident, name="image with CPU-compiled encoders", rtol=3e-2)

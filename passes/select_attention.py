@@ -1,0 +1,74 @@
+"""Lower attention to the fastest correct kernel for the target.
+
+Pattern:  %sdpa = aten._scaled_dot_product_flash_attention(%q, %k, %v, 0.0, False, False, scale=s)
+          %out  = getitem(%sdpa, 0)                  (the only output used: inference needs no logsumexp)
+Rewrite (recipe.attention "auto" on sm_90 and later, or "cudnn"):
+          %sdpa = aten._scaled_dot_product_cudnn_attention(%q, %k, %v, None, False, 0.0, False, False, scale=s)
+          %out  = getitem(%sdpa, 0)
+Why: on the H200 at FLUX shapes (B1 H24 S4608 D128, bf16) cuDNN's fused attention runs 598 TFLOP/s
+against flash's 326 (../shared/LAB.md); attention is 14.9 of FLUX.1-dev's 74.4 TFLOP per step.
+Pre:  q, k, v are [B, H, S, D] bf16/fp16 with D <= 128 (cuDNN's fast path), no dropout, not causal.
+Post: counts["cudnn"] == number of attention calls (n_double + n_single on a CUDA target); on the CPU
+target nothing matches (the CPU trace holds `_scaled_dot_product_flash_attention_for_cpu`).
+Numerics: both kernels compute exact softmax attention with fp32 accumulation; they differ in
+summation order only (bf16 rounding noise). Held by the recipe's segment check (bf16: 2e-2 relative
+to diffusers eager) at build time and by tests/test_gpu.py.
+"""
+
+import operator
+
+import torch
+
+from fluxc.passes.base import PassContext, PassResult
+
+aten = torch.ops.aten
+FLASH = aten._scaled_dot_product_flash_attention.default
+CUDNN = aten._scaled_dot_product_cudnn_attention.default
+
+
+def wanted_kernel(ctx: PassContext) -> str:
+    """The kernel the recipe asks for on this target: "cudnn" or "traced" (keep what tracing chose)."""
+    if ctx.recipe.attention != "auto":
+        return ctx.recipe.attention
+    sm = int(ctx.target.removeprefix("sm_")) if ctx.target.startswith("sm_") else 0
+    return "cudnn" if sm >= 90 else "traced"
+
+
+def check(node: torch.fx.Node) -> str | None:
+    """None if `node` can become cuDNN attention, else why not."""
+    if node.op != "call_function" or node.target != FLASH:
+        return "not flash attention"
+    q = node.args[0].meta["val"]
+    dropout, causal = (list(node.args[3:5]) + [0.0, False])[:2]
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (cuDNN attention is bf16/fp16 only)"
+    if q.shape[-1] > 128:
+        return f"head dim {q.shape[-1]} > 128"
+    if dropout or causal:
+        return "dropout or causal mask"
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        return "uses an output other than the attention result"
+    return None
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    counts = {"cudnn": 0}
+    if wanted_kernel(ctx) != "cudnn":
+        return PassResult(gm, counts)
+    for node in list(gm.graph.nodes):
+        if check(node) is not None:
+            continue
+        q, k, v = node.args[:3]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(CUDNN, (q, k, v, None, False, 0.0, False, False),
+                                         {"scale": node.kwargs.get("scale")})
+        fake_mode = torch._guards.detect_fake_mode([q.meta["val"]])
+        with fake_mode:
+            new.meta["val"] = CUDNN(q.meta["val"], k.meta["val"], v.meta["val"], None, False, 0.0, False, False,
+                                    scale=node.kwargs.get("scale"))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        counts["cudnn"] += 1
+    gm.recompile()
+    return PassResult(gm, counts)
+
