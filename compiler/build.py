@@ -155,7 +155,7 @@ def build(opts: BuildOptions, report=None) -> dict:
     with stages("trace"):
         segments = trace_model(model, profiles, plan.device, plan.dtype)
         if comps:
-            segments += trace_components(comps, profiles, plan.device, plan.dtype)
+            segments += trace_components(comps, profiles, plan.device, plan.dtype, plan.encoder_device)
     pass_counts = {}
     with stages("passes"):
         for seg in segments:

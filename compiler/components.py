@@ -34,9 +34,9 @@ _FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBl
 # name -> (CLIP text config, T5 config, VAE config); widths match the transformer's pooled/joint dims
 _RANDOM = {
     "flux1": (_CLIP_L, _T5_XXL, _FLUX_VAE),
-    "tiny": (dict(_CLIP_L, vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    "tiny": (dict(_CLIP_L, vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, projection_dim=32, hidden_act="gelu"),
-             dict(_T5_XXL, vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
+             dict(_T5_XXL, vocab_size=256, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
              dict(_FLUX_VAE, block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
                   sample_size=128)),
 }
@@ -130,21 +130,23 @@ def _diffusers_components(path: str, dtype, device) -> LoadedComponents:
     return LoadedComponents(clip.to(device).eval(), t5.to(device).eval(), vae.to(device).eval(), clip_tok, t5_tok)
 
 
-def clip_tokenizer(vocab_size: int = 398) -> Tokenizer:
+def clip_tokenizer(merges: int = 160) -> Tokenizer:
     """A byte-level BPE in CLIP's layout: `<|startoftext|> ... <|endoftext|>`, padded with EOS.
 
-    The special tokens take the two highest ids, as in CLIP, so the pooled-output position (the EOS)
-    is also the argmax of the ids."""
+    Merges are learned from the corpus by `_learn_bpe` (deterministic, unlike the `tokenizers` trainer,
+    whose ties fall differently from run to run). The special tokens take the two highest ids, as in
+    CLIP, so the pooled-output position (the EOS) is also the argmax of the ids."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = HFTokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
-        show_progress=False))
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = [w for text in _CORPUS for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    learned = _learn_bpe(words, merges)
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in learned]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=learned, end_of_word_suffix="</w>"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.ByteLevel()
     tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
     bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
@@ -152,17 +154,43 @@ def clip_tokenizer(vocab_size: int = 398) -> Tokenizer:
     return Tokenizer(tok, eos, "<|endoftext|>")
 
 
-def t5_tokenizer(vocab_size: int = 300) -> Tokenizer:
-    """A unigram (SentencePiece-style) tokenizer in T5's layout: `... </s>`, <pad> = 0, </s> = 1, <unk> = 2."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+def _learn_bpe(words: list[str], n_merges: int) -> list[tuple[str, str]]:
+    """Classic BPE: repeatedly merge the most frequent adjacent pair (ties: the larger pair string)."""
+    from collections import Counter
 
-    tok = HFTokenizer(models.Unigram())
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter(p for s in seqs for p in zip(s, s[1:]))
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        for s in seqs:
+            i = 0
+            while i < len(s) - 1:
+                if (s[i], s[i + 1]) == best:
+                    s[i:i + 2] = [s[i] + s[i + 1]]
+                i += 1
+    return merges
+
+
+def t5_tokenizer() -> Tokenizer:
+    """A unigram (SentencePiece-style) tokenizer in T5's layout: `... </s>`, <pad> = 0, </s> = 1, <unk> = 2.
+
+    Pieces: each corpus word with its `▁` prefix (score -1) and each character (score -2), so known words
+    stay whole and others split into characters; unseen characters become <unk>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w.strip(".,:") for text in _CORPUS for w in text.split()} - {""})
+    chars = sorted({c for text in _CORPUS for c in text if not c.isspace()})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in words] + [(c, -2.0) for c in chars]
+    tok = HFTokenizer(models.Unigram(vocab, unk_id=2))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(_CORPUS, trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return Tokenizer(tok, 0, "<pad>")
 

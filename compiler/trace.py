@@ -236,13 +236,14 @@ def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> l
     return segments
 
 
-def trace_components(comps, profiles: list[Profile], device, dtype) -> list[Segment]:
+def trace_components(comps, profiles: list[Profile], device, dtype, encoder_device) -> list[Segment]:
     """The text encoders once (every profile shares batch and text length), the VAE per profile."""
     modules = component_modules(comps)
     segments = []
     for kind in COMPONENT_KINDS:
         module, layers = modules[kind]
         for profile in profiles[:1] if kind in PER_ENGINE else profiles:
-            acts = component_activations(comps, kind, profile, device, dtype)
+            where = encoder_device if kind in PER_ENGINE else device
+            acts = component_activations(comps, kind, profile, where, dtype)
             segments.append(trace_segment(module, layers, kind, None if kind in PER_ENGINE else profile, acts))
     return segments

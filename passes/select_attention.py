@@ -1,6 +1,7 @@
 """Lower attention to the fastest correct kernel for the target.
 
 Pattern:  %sdpa = aten._scaled_dot_product_flash_attention(%q, %k, %v, 0.0, False, False, scale=s)
+                  | aten._scaled_dot_product_efficient_attention(%q, %k, %v, None, False, 0.0, False, scale=s)
           %out  = getitem(%sdpa, 0)                  (the only output used: inference needs no logsumexp)
 Rewrite (recipe.attention "auto" on sm_90 and later, or "cudnn"):
           %sdpa = aten._scaled_dot_product_cudnn_attention(%q, %k, %v, None, False, 0.0, False, False, scale=s)
@@ -23,7 +24,10 @@ from fluxc.passes.base import PassContext, PassResult
 
 aten = torch.ops.aten
 FLASH = aten._scaled_dot_product_flash_attention.default
+EFFICIENT = aten._scaled_dot_product_efficient_attention.default
 CUDNN = aten._scaled_dot_product_cudnn_attention.default
+# where dropout_p and is_causal sit in each kernel's positional arguments (after q, k, v)
+_DROPOUT_CAUSAL = {FLASH: (3, 4), EFFICIENT: (5, 6)}
 
 
 def wanted_kernel(ctx: PassContext) -> str:
@@ -36,10 +40,12 @@ def wanted_kernel(ctx: PassContext) -> str:
 
 def check(node: torch.fx.Node) -> str | None:
     """None if `node` can become cuDNN attention, else why not."""
-    if node.op != "call_function" or node.target != FLASH:
-        return "not flash attention"
+    if node.op != "call_function" or node.target not in _DROPOUT_CAUSAL:
+        return "not flash or efficient attention"
+    if node.target == EFFICIENT and node.args[3] is not None:
+        return "has an attention bias"
     q = node.args[0].meta["val"]
-    dropout, causal = (list(node.args[3:5]) + [0.0, False])[:2]
+    dropout, causal = (node.args[i] if len(node.args) > i else d for i, d in zip(_DROPOUT_CAUSAL[node.target], (0.0, False)))
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} (cuDNN attention is bf16/fp16 only)"
     if q.shape[-1] > 128:

@@ -41,8 +41,10 @@ def test_cudnn_attention_selected_on_hopper(tiny_bf16_cuda):
     counts = tiny_bf16_cuda.manifest["pass_counts"]
     if int(tiny_bf16_cuda.manifest["target"]["sm"].removeprefix("sm_")) < 90:
         pytest.skip("cuDNN attention is selected on sm_90 and later")
+    traced = {s["name"]: {op: n for op, n in s["op_counts"].items() if "attention" in op}
+              for s in tiny_bf16_cuda.manifest["segments"]}
     assert {k: v["select_attention"]["cudnn"] for k, v in counts.items() if k.split("-")[0] in ("double", "single")} \
-        == {"double-144x112": 1, "single-144x112": 1}
+        == {"double-144x112": 1, "single-144x112": 1}, traced
     assert counts["head-144x112"]["select_attention"]["cudnn"] == 0
 
 

@@ -1,5 +1,7 @@
 """Model sources: seeded random architectures, diffusers folders, BFL single-file checkpoints."""
 
+import os
+
 import torch
 from safetensors.torch import save_file
 
@@ -102,3 +104,18 @@ def test_bfl_single_file_checkpoint_with_real_shapes(tmp_path):
     got = loaded.module.state_dict()
     assert set(got) == set(sd)
     assert all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_in_code_tokenizers_are_the_same_in_every_process():
+    """Engines and reference pipelines built in different processes must tokenize alike (the
+    `tokenizers` BPE trainer breaks ties differently per process; fluxc learns its merges itself)."""
+    import subprocess
+    import sys
+
+    from fluxc.components import clip_tokenizer, t5_tokenizer
+
+    code = "from fluxc.components import clip_tokenizer as c, t5_tokenizer as t; print(c().tokenizer.to_str()); print(t().tokenizer.to_str())"
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)]
+    here = clip_tokenizer().tokenizer.to_str() + "\n" + t5_tokenizer().tokenizer.to_str() + "\n"
+    assert outs[0] == outs[1] == here
