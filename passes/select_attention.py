@@ -9,8 +9,10 @@ Rewrite (recipe.attention "auto" on sm_90 and later, or "cudnn"):
 Why: on the H200 at FLUX shapes (B1 H24 S4608 D128, bf16) cuDNN's fused attention runs 598 TFLOP/s
 against flash's 326 (../shared/LAB.md); attention is 14.9 of FLUX.1-dev's 74.4 TFLOP per step.
 Pre:  q, k, v are [B, H, S, D] bf16/fp16 with D <= 128 (cuDNN's fast path), no dropout, not causal.
-Post: counts["cudnn"] == number of attention calls (n_double + n_single on a CUDA target); on the CPU
-target nothing matches (the CPU trace holds `_scaled_dot_product_flash_attention_for_cpu`).
+Post: counts["cudnn"] (cuDNN attention nodes after the pass) == n_double + n_single segments' attention
+calls on sm_90+; counts["to_cudnn"] says how many this pass rewrote (0 where torch's own dispatch already
+chose cuDNN while tracing, as torch 2.11 does on the H200). On the CPU target nothing matches (the CPU
+trace holds `_scaled_dot_product_flash_attention_for_cpu`).
 Numerics: both kernels compute exact softmax attention with fp32 accumulation; they differ in
 summation order only (bf16 rounding noise). Held by the recipe's segment check (bf16: 2e-2 relative
 to diffusers eager) at build time and by tests/test_gpu.py.
@@ -58,7 +60,7 @@ def check(node: torch.fx.Node) -> str | None:
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    counts = {"cudnn": 0}
+    counts = {"to_cudnn": 0, "cudnn": 0}
     if wanted_kernel(ctx) != "cudnn":
         return PassResult(gm, counts)
     for node in list(gm.graph.nodes):
@@ -74,7 +76,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                                     scale=node.kwargs.get("scale"))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        counts["cudnn"] += 1
+        counts["to_cudnn"] += 1
+    counts["cudnn"] = sum(n.target == CUDNN for n in gm.graph.nodes)
     gm.recompile()
     return PassResult(gm, counts)
 
