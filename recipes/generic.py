@@ -12,5 +12,6 @@ def bf16() -> Recipe:
     """bf16 weights and activations; matches diffusers eager within bf16 noise."""
     # emulate_precision_casts: round at every bf16 cast inside fused kernels as eager does; without it
     # the head keeps `timestep * 1000` in fp32 and the sinusoidal embedding drifts from diffusers (~30%).
-    return Recipe(name="bf16", precision=Precision.BF16, check_rtol=2e-2,
+    # components: random T5-XXL measured 2.4e-2 compiled vs eager on the H200 (2026-11-22)
+    return Recipe(name="bf16", precision=Precision.BF16, check_rtol=2e-2, component_check_rtol=5e-2,
                   inductor_options=(("emulate_precision_casts", True),))
