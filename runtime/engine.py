@@ -212,8 +212,7 @@ class Engine:
         return list(prompts)
 
     def _check_sampling(self, steps, guidance, max_sequence_length, output_type) -> None:
-        if not isinstance(steps, int) or steps < 1:
-            raise FluxcError(f"steps must be an integer of at least 1, got {steps!r}.", "Use --steps 1 or more (28 is typical).")
+        _check_steps(steps)
         if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise FluxcError(f"guidance must be a finite number, got {guidance!r}.", "Use e.g. --guidance 3.5.")
         text = self.components["tokenizers"]["t5"]["max_length"]
@@ -233,8 +232,7 @@ class Engine:
         cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph)."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
-        if not isinstance(steps, int) or steps < 1:
-            raise FluxcError(f"steps must be an integer of at least 1, got {steps!r}.", "Use --steps 1 or more (28 is typical).")
+        _check_steps(steps)
         if latents is None:
             latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype)
         sig = flux_math.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
@@ -286,6 +284,11 @@ class Engine:
                 raise FluxcError(f"{name} has shape {tuple(t.shape)}; this engine takes {want}.",
                                  "Encode prompts with the text encoders this engine's model was trained with, "
                                  "padded to the engine's text length.")
+
+
+def _check_steps(steps) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise FluxcError(f"steps must be an integer of at least 1, got {steps!r}.", "Use --steps 1 or more (28 is typical).")
 
 
 def _transformer_only_error() -> FluxcError:
