@@ -96,8 +96,9 @@ class Engine:
         return lambda t: t.to(self.device)
 
     # ---- one transformer forward -------------------------------------------------------------
-    def profile_for(self, height: int, width: int) -> Profile:
-        name = f"{height}x{width}"
+    def profile_for(self, height: int | None = None, width: int | None = None) -> Profile:
+        """The profile of that size; a side left None takes the first profile's."""
+        name = f"{height or self._first.height}x{width or self._first.width}"
         if name not in self.profiles:
             raise FluxcError(f"This engine has no {name} profile; it was built for {', '.join(self.profiles)}.",
                              f"Use one of those sizes, or rebuild with --resolution {name}.")
@@ -135,7 +136,7 @@ class Engine:
         "np" (float32 [N, H, W, 3] in [0, 1]) or "pt" (the same as a tensor). `timings`, if given, receives
         the seconds of each stage (encode, denoise, decode)."""
         prompts = self._check_prompts(prompt)
-        profile = self.profile_for(height or self._first.height, width or self._first.width)
+        profile = self.profile_for(height, width)
         self._check_sampling(steps, guidance, max_sequence_length, output_type)
         stage = _StageClock(self.device, timings)
         with stage("encode"):

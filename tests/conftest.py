@@ -79,13 +79,6 @@ def tiny_engine(tiny_engine_path):
     return Engine.load(tiny_engine_path)
 
 
-def flux_pipeline(transformer):
-    """diffusers' FluxPipeline with FLUX.1-dev's scheduler config and no encoders/VAE: the reference loop."""
-    from fluxc.components import diffusers_pipeline
-
-    return diffusers_pipeline(transformer)
-
-
 def random_embeddings(batch=1, text=TINY_TEXT, seed=7, dim=64, pooled=32, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, text, dim, generator=g, dtype=dtype),

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conftest import TINY_PROFILES, TINY_TEXT, flux_pipeline, random_embeddings
+from conftest import TINY_PROFILES, TINY_TEXT, random_embeddings
 
+from fluxc.components import diffusers_pipeline
 from fluxc.numerics import assert_close_report
 from fluxc.runtime import flux_math
 
@@ -31,7 +32,7 @@ def test_engine_transformer_equals_diffusers(tiny_engine, tiny_fp32, height, wid
 @pytest.mark.parametrize("height,width,seed", [(144, 112, 5), (128, 96, 11)])
 def test_latents_after_8_steps_equal_flux_pipeline(tiny_engine, tiny_fp32, height, width, seed):
     pe, pooled = random_embeddings(seed=seed)
-    ref = flux_pipeline(tiny_fp32.module)(
+    ref = diffusers_pipeline(tiny_fp32.module)(
         prompt_embeds=pe, pooled_prompt_embeds=pooled, height=height, width=width, num_inference_steps=8,
         guidance_scale=3.5, generator=torch.Generator().manual_seed(seed), output_type="latent").images
     got = tiny_engine.denoise(pe, pooled, height=height, width=width, steps=8, guidance=3.5, seed=seed)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from conftest import flux_pipeline, random_embeddings
+from conftest import random_embeddings
+from fluxc.components import diffusers_pipeline
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +29,7 @@ def tiny_bf16_cuda(tiny_bf16_path):
 @pytest.fixture(scope="module")
 def tiny_bf16_reference():
     """diffusers' FluxPipeline over the same random components, bf16 on the GPU."""
-    from fluxc.components import diffusers_pipeline, load_components
+    from fluxc.components import load_components
     from fluxc.models import load_model
 
     cuda = torch.device("cuda")
@@ -63,7 +64,7 @@ def test_bf16_engine_matches_diffusers_pipeline_on_gpu(tiny_bf16_cuda):
     from fluxc.numerics import assert_close_report
 
     model = load_model("tiny", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
-    pipe = flux_pipeline(model)
+    pipe = diffusers_pipeline(model)
     pe, pooled = (t.cuda() for t in random_embeddings(dtype=torch.bfloat16))
     ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=144, width=112, num_inference_steps=8,
                guidance_scale=3.5, generator=torch.Generator().manual_seed(5), output_type="latent").images

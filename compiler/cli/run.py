@@ -100,8 +100,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     from fluxc.runtime.flux_math import unpack_latents
 
     eng = Engine.load(engine)
-    first = next(iter(eng.profiles.values()))
-    profile = eng.profile_for(height or first.height, width or first.width)
+    profile = eng.profile_for(height, width)
     prompt_embeds, pooled = _embeddings(embeddings, eng, profile, seed)
     start = time.perf_counter()
     packed = eng.denoise(prompt_embeds, pooled, height=profile.height, width=profile.width, steps=steps,
