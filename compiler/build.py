@@ -156,16 +156,19 @@ def build(opts: BuildOptions, report=None) -> dict:
         segments = trace_model(model, profiles, plan.device, plan.dtype)
         if comps:
             segments += trace_components(comps, profiles, plan.device, plan.dtype, plan.encoder_device)
-    pass_counts = {}
+    pass_counts, explain = {}, {}
     with stages("passes"):
         for seg in segments:
             ctx = PassContext(plan.recipe, plan.target, seg.kind)
-            seg.graph, pass_counts[seg.name] = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
-    weights = dict(model.module.state_dict())
+            result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
+            seg.graph, pass_counts[seg.name], explain[seg.name] = result.graph, result.counts, result.explain
+    checkpoint = dict(model.module.state_dict())
     for kind in COMPONENT_KINDS if comps else ():
         module, (prefix,) = modules[kind]
-        weights.update({f"{prefix}.{n}": t for n, t in module_tensors(module).items()})
-    weights = {k: v.detach().contiguous() for k, v in weights.items()}
+        checkpoint.update({f"{prefix}.{n}": t for n, t in module_tensors(module).items()})
+    with stages("transform weights"):
+        weights = engine_weights(segments, checkpoint)
+    del checkpoint
 
     parent = os.path.dirname(os.path.abspath(opts.output))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.output)}.partial-", dir=parent)
@@ -187,8 +190,8 @@ def build(opts: BuildOptions, report=None) -> dict:
             components = _write_tokenizers(comps, plan, text_tokens, tmp) if comps else None
         with stages("hash"):
             files = {rel: sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
-        manifest = _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, backend, numerics,
-                             files, stages.seconds)
+        manifest = _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, backend,
+                             numerics, files, stages.seconds)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _move_into_place(tmp, opts.output)
@@ -196,6 +199,23 @@ def build(opts: BuildOptions, report=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def engine_weights(segments, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor the rewritten segments read, per layer: checkpoint tensors, and the ones passes made
+    from them (fused QKV, split projections). Refreshes each segment's weight names from its graph."""
+    weights, by_kind = {}, {}
+    for seg in segments:
+        sources = [n.meta["weight"] for n in ir.weight_placeholders(seg.graph)]
+        seg.weight_names = [src.name for src in sources]
+        if by_kind.setdefault(seg.kind, seg.weight_names) != seg.weight_names:  # the runtime shares them by kind
+            raise ir.IRError(f"{seg.name}: the passes gave its weights another layout than another {seg.kind} profile's")
+        for layer in seg.layers:
+            prefix = f"{layer}." if layer else ""
+            for src in sources:
+                if prefix + src.name not in weights:
+                    weights[prefix + src.name] = src.make(lambda name: checkpoint[prefix + name]).detach().contiguous()
+    return weights
 
 
 def _inputs_for_layer(seg, weights, layer) -> list[torch.Tensor]:
@@ -246,8 +266,8 @@ def _segment_entry(seg) -> dict:
     }
 
 
-def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, backend, numerics, files,
-              seconds) -> dict:
+def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, backend, numerics,
+              files, seconds) -> dict:
     gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
     shaping = {
         "model": {"family": model.family, "config": _jsonable(model.config), "source": model.source},
@@ -264,7 +284,7 @@ def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts,
     cache_key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
     return {
         "format_version": FORMAT_VERSION, **shaping,
-        "pass_counts": pass_counts, "segments": seg_entries, "files": files,
+        "pass_counts": pass_counts, "pass_explain": explain, "segments": seg_entries, "files": files,
         "build_seconds": seconds, "numerics": numerics, "cache_key": cache_key,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

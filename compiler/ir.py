@@ -5,6 +5,7 @@ targets are aten OpOverloads (or operator.getitem), one output node. Every node 
 `meta["val"]`, the fake tensor with its shape and dtype.
 """
 
+import dataclasses
 import operator
 
 import torch
@@ -12,6 +13,43 @@ import torch
 _DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64",
                 torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3",
                 torch.uint8: "u8"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """What a weight placeholder holds, relative to its layer's state-dict prefix (placeholder meta["weight"]).
+
+    op "load": the checkpoint tensor `name`; "cat": `sources` concatenated along `dim`; "slice": rows
+    [start, stop) of `sources[0]` along `dim`. Passes that rewrite weights (fused QKV, split projections)
+    say here how to make the new tensor; the build makes it once per layer and writes it to the engine."""
+
+    name: str
+    op: str = "load"
+    sources: tuple["WeightSource", ...] = ()
+    dim: int = 0
+    start: int = 0
+    stop: int = 0
+
+    @classmethod
+    def cat(cls, sources, dim: int = 0) -> "WeightSource":
+        return cls(f"cat{dim}({','.join(s.name for s in sources)})", "cat", tuple(sources), dim)
+
+    @classmethod
+    def slice(cls, source, dim: int, start: int, stop: int) -> "WeightSource":
+        return cls(f"{source.name}[{dim}:{start}:{stop}]", "slice", (source,), dim, start, stop)
+
+    def make(self, load) -> torch.Tensor:
+        """The tensor, given load(name) -> checkpoint tensor."""
+        if self.op == "load":
+            return load(self.name)
+        parts = [s.make(load) for s in self.sources]
+        if self.op == "cat":
+            return torch.cat(parts, self.dim)
+        return parts[0].narrow(self.dim, self.start, self.stop - self.start).contiguous()
+
+
+def weight_placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder" and "weight" in n.meta]
 
 
 class IRError(AssertionError):
@@ -25,7 +63,7 @@ def verify(gm: torch.fx.GraphModule, where: str = "") -> None:
         graph.lint()
     except Exception as e:
         raise IRError(f"{where}: fx lint failed: {e}") from e
-    seen_compute = False
+    seen_compute = seen_activation = False
     outputs = [n for n in graph.nodes if n.op == "output"]
     if len(outputs) != 1:
         raise IRError(f"{where}: expected one output node, found {len(outputs)}")
@@ -34,6 +72,9 @@ def verify(gm: torch.fx.GraphModule, where: str = "") -> None:
         if node.op == "placeholder":
             if seen_compute:
                 raise IRError(f"{where}: placeholder {node.name} after compute nodes")
+            if "weight" in node.meta and seen_activation:
+                raise IRError(f"{where}: weight {node.name} after an activation input")
+            seen_activation = seen_activation or "weight" not in node.meta
         elif node.op == "call_function":
             seen_compute = True
             if not (isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem):

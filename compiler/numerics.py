@@ -8,6 +8,10 @@ import torch
 
 # Floors per precision against diffusers eager in that precision (DESIGN.md "Precisions").
 RELATIVE_ERROR_FLOORS = {"fp32": 1e-4, "bf16": 2e-2}
+# A fusion pass's contract: its segment output against the same segment unfused, per activation dtype.
+# Fusions only regroup the same math (concatenated GEMMs, epilogues, a norm + rotation in one kernel),
+# so they may move roundings, never add error beyond a few ulps of the activation dtype.
+REWRITE_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fluxc.components import CLIP_MAX_LENGTH
+from fluxc.ir import WeightSource
 from fluxc.models import LoadedModel
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
@@ -37,7 +38,7 @@ class Segment:
     kind: str
     profile: Profile | None  # None for segments shared by all profiles (the text encoders)
     graph: torch.fx.GraphModule
-    weight_names: list[str]  # relative to each layer prefix, in placeholder order
+    weight_names: list[str]  # relative to each layer prefix, in placeholder order (refreshed after the passes)
     layers: list[str]  # state-dict prefixes of the layers this graph runs for ("" = top level)
     inputs: list[str]  # activation names, after the weights
     outputs: list[str]
@@ -213,6 +214,8 @@ def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile
     with torch.no_grad():
         gm = make_fx(fn, tracing_mode="fake")(*state.values(), *activations.values())
     _name_placeholders(gm, weight_names + list(activations))
+    for node, name in zip(gm.graph.nodes, weight_names):
+        node.meta["weight"] = WeightSource(name)
     return Segment(kind, profile, gm, weight_names, layers, list(activations), OUTPUTS[kind], activations)
 
 

@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 
 from fluxc import ir
-from fluxc.passes import dedupe_nodes, eliminate_dead_code, functionalize_inplace, remove_noop_ops, select_attention
+from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_epilogues, fuse_qk_norm_rope,
+                          fuse_qkv, remove_noop_ops, select_attention)
 from fluxc.passes.base import PassContext
 
 
@@ -23,31 +24,47 @@ class Pass:
 
 def resolve(recipe, target: str) -> list[Pass]:
     """The passes a build with this recipe and target runs, in order."""
-    del recipe, target  # select_attention decides per target inside; quantize/cache phases will branch here
+    del target  # select_attention decides per target inside; quantize/cache phases will branch here
     return [
         # canonicalize: make the traced graph small and pure before any pattern matching
         Pass("functionalize_inplace", "canonicalize", functionalize_inplace.run),  # first: others assume purity
         Pass("remove_noop_ops", "canonicalize", remove_noop_ops.run),
         Pass("dedupe_nodes", "canonicalize", dedupe_nodes.run),  # after noop removal exposes equal nodes
         Pass("eliminate_dead_code", "canonicalize", eliminate_dead_code.run),
+        # fuse: one kernel where the trace has several (recipe.fusion off keeps the traced graph for comparison)
+        *([
+            Pass("fuse_qkv", "fuse", fuse_qkv.run),  # first: leaves GELU-feeding linears to fuse_epilogues
+            Pass("fuse_epilogues", "fuse", fuse_epilogues.run),
+            Pass("fuse_qk_norm_rope", "fuse", fuse_qk_norm_rope.run),  # q/k may be fuse_qkv's column slices
+        ] if recipe.fusion else []),
         # lower: kernel choices for the target
         Pass("select_attention", "lower", select_attention.run),
     ]
 
 
+@dataclasses.dataclass
+class PipelineResult:
+    graph: torch.fx.GraphModule
+    counts: dict[str, dict[str, int]]  # {pass: its rewrite counts}
+    explain: dict[str, str]  # {pass that rewrote nothing: the check that rejected its nearest candidate}
+
+
 def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | None = None,
-                 segment_name: str = "") -> tuple[torch.fx.GraphModule, dict[str, dict[str, int]]]:
-    """Verify, run every pass, verify again; returns the graph and {pass: counts}."""
+                 segment_name: str = "") -> PipelineResult:
+    """Verify, run every pass, verify again."""
     passes = resolve(ctx.recipe, ctx.target)
     ir.verify(gm, f"{segment_name} at pipeline entry")
     _dump(dump_dir, 0, "trace", segment_name, gm)
-    counts = {}
+    counts, explain = {}, {}
     for i, p in enumerate(passes, start=1):
         result = p.run(gm, ctx)
         gm, counts[p.name] = result.graph, result.counts
+        if result.rejected and not any(result.counts.values()):
+            nearest = max(result.rejected, key=lambda r: r.depth)
+            explain[p.name] = f"%{nearest.node}: {nearest.reason}"
+        ir.verify(gm, f"{segment_name} after {p.name}")
         _dump(dump_dir, i, p.name, segment_name, gm)
-    ir.verify(gm, f"{segment_name} at pipeline exit")
-    return gm, counts
+    return PipelineResult(gm, counts, explain)
 
 
 def _dump(dump_dir, index, pass_name, segment_name, gm) -> None:

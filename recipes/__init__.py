@@ -4,9 +4,9 @@ Derive variants with `dataclasses.replace`; the resolved recipe is serialized in
 """
 
 from fluxc.recipes.base import Precision, Recipe, recipe_from_dict
-from fluxc.recipes.generic import bf16, reference
+from fluxc.recipes.generic import bf16, bf16_unfused, reference
 
-RECIPES = {"reference": reference, "bf16": bf16}
+RECIPES = {"reference": reference, "bf16": bf16, "bf16_unfused": bf16_unfused}
 DEFAULT_FOR_PRECISION = {Precision.FP32: "reference", Precision.BF16: "bf16"}
 
 __all__ = ["Precision", "Recipe", "RECIPES", "DEFAULT_FOR_PRECISION", "recipe_from_dict"]

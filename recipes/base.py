@@ -31,6 +31,11 @@ class Recipe:
     # Attention kernel (passes/select_attention.py): "auto" = cuDNN on sm_90+, else what tracing chose;
     # "cudnn" forces it; "traced" keeps the traced kernel.
     attention: str = "auto"
+    # Fusion passes (passes/fuse_*.py); off builds the traced graph as is, to measure what fusion buys.
+    fusion: bool = True
+    # fuse_qkv: also fuse a single block's MLP input projection into its QKV GEMM (then its GELU runs as a
+    # separate kernel instead of in the GEMM's epilogue; measured slower on the H200, see fuse_qkv.py).
+    qkv_with_mlp: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -1,5 +1,7 @@
 """Target-independent recipes: the fp32 reference and plain bf16."""
 
+import dataclasses
+
 from fluxc.recipes.base import Precision, Recipe
 
 
@@ -15,3 +17,8 @@ def bf16() -> Recipe:
     # components: random T5-XXL measured 2.4e-2 compiled vs eager on the H200 (2026-11-22)
     return Recipe(name="bf16", precision=Precision.BF16, check_rtol=2e-2, component_check_rtol=5e-2,
                   inductor_options=(("emulate_precision_casts", True),))
+
+
+def bf16_unfused() -> Recipe:
+    """bf16 without the fusion passes: what fluxc adds over Inductor on the traced graph, measured."""
+    return dataclasses.replace(bf16(), name="bf16_unfused", fusion=False)

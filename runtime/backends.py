@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from fluxc.runtime import kernels  # noqa: F401  (segments call torch.ops.fluxc.*; register them before loading)
 from fluxc.runtime.errors import FluxcError
 
 INDUCTOR_ARTIFACT = "artifact.bin"

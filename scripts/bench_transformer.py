@@ -12,6 +12,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -42,6 +43,45 @@ def cuda_ms(fn, warmup=3, iters=10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def kernel_category(name: str) -> str:
+    """GEMM, attention or other, from a CUDA kernel's name (cuBLAS/cuBLASLt/CUTLASS, cuDNN/flash SDPA)."""
+    n = name.lower()
+    if n.startswith("triton") or n.startswith("_"):  # Inductor's and fluxc's Triton kernels: fused elementwise work
+        return "other"
+    if any(s in n for s in ("sdpa", "fmha", "flash_fwd", "attention")):
+        return "attention"
+    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+        return "gemm"
+    return "other"
+
+
+def kernel_breakdown(fn, iters: int = 3, top: int = 20) -> dict:
+    """torch.profiler over `iters` calls of fn: GPU kernel ms per call by category, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            t = by_name.setdefault(e.name, [0.0, 0])
+            t[0] += e.device_time / 1000 / iters  # us -> ms per call
+            t[1] += 1 / iters
+    cats = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for name, (ms, _) in by_name.items():
+        cats[kernel_category(name)] += ms
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {**{f"{c}_ms": round(v, 3) for c, v in cats.items()}, "kernel_ms": round(sum(cats.values()), 3),
+            "top_kernels": [{"name": n[:160], "category": kernel_category(n), "ms": round(ms, 3), "calls": round(c, 1)}
+                            for n, (ms, c) in ranked[:top]],
+            "top_other": [{"name": n[:160], "ms": round(ms, 3), "calls": round(c, 1)}
+                          for n, (ms, c) in ranked if kernel_category(n) == "other"][:top]}
 
 
 def inputs(cfg, seed=123):
@@ -89,60 +129,65 @@ def main():
     rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "resolution": f"{H}x{W}",
            "text_tokens": TEXT, "batch": 1, "model": "flux1-dev (seeded random weights, seed 0)", "precision": "bf16",
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
-    results = {}
+    results, outputs = {}, {}
 
-    # 1. fluxc: build, then load the written engine (hash-verified) and time it
-    engine_path = os.path.join(args.workdir, "flux1-dev-bf16.fluxe")
-    t0 = time.perf_counter()
-    manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision="bf16"))
-    total_build = time.perf_counter() - t0
-    secs = manifest["build_seconds"]
-    trace_compile = secs["trace"] + secs["passes"] + sum(v for k, v in secs.items() if k.startswith("compile"))
-    free()
-    t0 = time.perf_counter()
-    engine = Engine.load(engine_path)
-    load_s = time.perf_counter() - t0
-    cfg = engine.config
-    x = inputs(cfg)
-    profile = engine.profile_for(H, W)
-    cos, sin = engine.rope(profile)
-    acts = dict(x, rope_cos=cos, rope_sin=sin)
-    fluxc_out = engine.transformer(profile, acts).float().cpu()
-    # time one graphed denoising step: the full transformer + Euler update, as the loop runs it
-    emb = (x["encoder_hidden_states"], x["pooled_projections"])
-    engine.denoise(*emb, height=H, width=W, steps=1)  # captures the step graph
-    graphed = engine._graphs[profile.name]
-    step_ms, peak = phase_peak(lambda: cuda_ms(graphed.graph.replay))
-    t0 = time.perf_counter()
-    engine.denoise(*emb, height=H, width=W, steps=args.steps)
-    torch.cuda.synchronize()
-    loop_s = time.perf_counter() - t0
-    results["fluxc bf16"] = {"ms_per_step": step_ms, "peak_gib": peak, "denoise_s": loop_s,
-                             "build_trace_compile_s": trace_compile, "build_total_s": total_build,
-                             "build_stages_s": secs, "load_s": load_s, "segment_numerics": manifest["numerics"]}
-    del engine, graphed
-    free()
+    # 1. fluxc, with and without its fusion passes: build, then load the written engine (hash-verified) and time it
+    x = None
+    for label, recipe in (("fluxc bf16", "bf16"), ("fluxc bf16 unfused", "bf16_unfused")):
+        engine_path = os.path.join(args.workdir, f"flux1-dev-{recipe}.fluxe")
+        t0 = time.perf_counter()
+        manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision="bf16", recipe=recipe,
+                                      transformer_only=True))
+        total_build = time.perf_counter() - t0
+        secs = manifest["build_seconds"]
+        trace_compile = secs["trace"] + secs["passes"] + sum(v for k, v in secs.items() if k.startswith("compile"))
+        free()
+        t0 = time.perf_counter()
+        engine = Engine.load(engine_path)
+        load_s = time.perf_counter() - t0
+        cfg = engine.config
+        x = x or inputs(cfg)
+        profile = engine.profile_for(H, W)
+        cos, sin = engine.rope(profile)
+        outputs[label] = engine.transformer(profile, dict(x, rope_cos=cos, rope_sin=sin)).float().cpu()
+        # time one graphed denoising step: the full transformer + Euler update, as the loop runs it
+        emb = (x["encoder_hidden_states"], x["pooled_projections"])
+        engine.denoise(*emb, height=H, width=W, steps=1)  # captures the step graph
+        graphed = engine._graphs[profile.name]
+        step_ms, peak = phase_peak(lambda: cuda_ms(graphed.graph.replay))
+        breakdown = kernel_breakdown(graphed.graph.replay)
+        t0 = time.perf_counter()
+        engine.denoise(*emb, height=H, width=W, steps=args.steps)
+        torch.cuda.synchronize()
+        loop_s = time.perf_counter() - t0
+        results[label] = {"ms_per_step": step_ms, "peak_gib": peak, "denoise_s": loop_s,
+                          "build_trace_compile_s": trace_compile, "build_total_s": total_build,
+                          "build_stages_s": secs, "load_s": load_s, "segment_numerics": manifest["numerics"],
+                          "pass_counts": manifest["pass_counts"], "kernels": breakdown}
+        del engine, graphed
+        free()
+        shutil.rmtree(engine_path)  # 24 GB each
 
     # 2. diffusers eager on the same weights
     model = load_model("flux1-dev", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
     ids = position_ids(Profile(H, W, TEXT)).cuda()
     call = diffusers_call(model, x, ids)
-    eager_out = call().float().cpu()
+    eager_out = outputs["diffusers eager"] = call().float().cpu()
     ms, peak = phase_peak(lambda: cuda_ms(call))
-    results["diffusers eager"] = {"ms_per_step": ms, "peak_gib": peak}
+    results["diffusers eager"] = {"ms_per_step": ms, "peak_gib": peak, "kernels": kernel_breakdown(call)}
 
     # 3. torch.compile(fullgraph=True) of the same diffusers model
     compiled = torch.compile(model, fullgraph=True)
     t0 = time.perf_counter()
     ccall = diffusers_call(compiled, x, ids)
-    compile_out = ccall().float().cpu()
+    outputs["torch.compile"] = ccall().float().cpu()
     compile_s = time.perf_counter() - t0
     ms, peak = phase_peak(lambda: cuda_ms(ccall))
-    results["torch.compile"] = {"ms_per_step": ms, "peak_gib": peak, "compile_s": compile_s}
+    results["torch.compile"] = {"ms_per_step": ms, "peak_gib": peak, "compile_s": compile_s,
+                                "kernels": kernel_breakdown(ccall)}
 
-    results["diffusers eager"]["relative_error_vs_eager"] = 0.0
-    results["torch.compile"]["relative_error_vs_eager"] = relative_error(compile_out, eager_out)
-    results["fluxc bf16"]["relative_error_vs_eager"] = relative_error(fluxc_out, eager_out)
+    for name, out in outputs.items():
+        results[name]["relative_error_vs_eager"] = relative_error(out, eager_out)
     base = results["torch.compile"]["ms_per_step"]
     for r in results.values():
         r["ratio_to_torch_compile"] = r["ms_per_step"] / base
@@ -152,10 +197,16 @@ def main():
         json.dump(rec, f, indent=1)
 
     print(f"\n{rec['gpu']}, torch {rec['torch']}, FLUX.1-dev random weights, {H}x{W}, batch 1, commit {rec['commit']}")
-    print(f"{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'peak GiB':>10}")
     for name, r in results.items():
+        print(f"\n{name}: top kernels (ms per step)")
+        for k in r["kernels"]["top_kernels"]:
+            print(f"  {k['ms']:8.3f} {k['calls']:6.1f}x {k['category']:<9} {k['name'][:110]}")
+    print(f"\n{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'peak GiB':>10}{'GEMM':>8}{'attn':>8}{'other':>8}")
+    for name, r in results.items():
+        k = r["kernels"]
         print(f"{name:<18}{r['ms_per_step']:>9.1f}{r['ratio_to_torch_compile']:>11.3f}"
-              f"{r['relative_error_vs_eager']:>10.2e}{r['peak_gib']:>10.1f}")
+              f"{r['relative_error_vs_eager']:>10.2e}{r['peak_gib']:>10.1f}"
+              f"{k['gemm_ms']:>8.1f}{k['attention_ms']:>8.1f}{k['other_ms']:>8.1f}")
     f = results["fluxc bf16"]
     print(f"fluxc build: trace+compile {f['build_trace_compile_s']:.1f} s, total {f['build_total_s']:.1f} s; "
           f"load {f['load_s']:.1f} s; {args.steps}-step denoise {f['denoise_s']:.2f} s; "

@@ -99,3 +99,46 @@ def test_encoder_placements_on_gpu(tiny_bf16_path, tiny_bf16_cuda, tmp_path):
                        encoders="cpu"))
     on_cpu = Engine.load(cpu_path).generate("the moon at night", **args)
     assert_close_report(on_cpu, resident, name="image with CPU-compiled encoders", rtol=3e-2)
+
+
+def test_fusions_fire_on_gpu(tiny_bf16_cuda):
+    """The fusion passes match the CUDA trace (fused RMSNorm, cuDNN attention) as they match the CPU one."""
+    counts = tiny_bf16_cuda.manifest["pass_counts"]
+    assert counts["double-144x112"]["fuse_qk_norm_rope"] == {"fused": 1}
+    assert counts["single-144x112"]["fuse_qk_norm_rope"] == {"fused": 1}
+    assert counts["double-144x112"]["fuse_epilogues"] == {"bias_gelu": 2, "split_concat": 0}
+    assert counts["single-144x112"]["fuse_epilogues"] == {"bias_gelu": 1, "split_concat": 1}
+    assert counts["single-144x112"]["fuse_qkv"] == {"groups": 1, "linears": 3}
+
+
+def test_qk_norm_rope_kernel_matches_its_reference():
+    """The Triton kernel against the op's reference implementation on the CPU, on strided
+    q/k column slices of one fused projection output and two joined parts, as a double block feeds it."""
+    g = torch.Generator().manual_seed(0)
+    b, t, s, h, d = 2, 7, 37, 3, 128
+    qkv = [torch.randn(b, n, 3, h, d, generator=g).to(torch.bfloat16) for n in (t, s)]  # [B, S, 3, H, D]
+    q_parts, k_parts = [x[:, :, 0] for x in qkv], [x[:, :, 1] for x in qkv]
+    weights = [(torch.rand(d, generator=g) + 0.5).to(torch.bfloat16) for _ in range(4)]
+    angles = torch.randn(t + s, d // 2, generator=g).repeat_interleave(2, dim=1)
+    args = (weights[:2], weights[2:], angles.cos(), angles.sin(), 1e-6)
+    want = torch.ops.fluxc.qk_norm_rope(q_parts, k_parts, *args)
+    cuda = lambda xs: [x.cuda() for x in xs]  # noqa: E731
+    got = torch.ops.fluxc.qk_norm_rope(cuda(q_parts), cuda(k_parts), cuda(args[0]), cuda(args[1]),
+                                       args[2].cuda(), args[3].cuda(), 1e-6)
+    for gt, wt in zip(got, want):
+        diff = (gt.cpu().float() - wt.float()).abs()
+        assert diff.max() <= 2 ** -7 * wt.float().abs().max(), diff.max()  # within one bf16 ulp at the top
+        assert (diff == 0).float().mean() > 0.95  # mostly bit-equal: same math, same roundings
+
+
+def test_linear_gelu_uses_the_tanh_form_on_gpu():
+    """cuBLASLt's GELU epilogue must be the tanh approximation the FLUX MLP uses (fp32, no TF32: the two
+    GELU forms differ by up to ~1e-3, far above fp32 GEMM noise)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(256, 64, generator=g), torch.randn(512, 64, generator=g) / 8, torch.randn(512, generator=g)
+    got = torch.ops.fluxc.linear_gelu(x.cuda(), w.cuda(), bias.cuda()).cpu()
+    pre = x.double() @ w.double().T + bias.double()
+    tanh_err = (got.double() - torch.nn.functional.gelu(pre, approximate="tanh")).abs().max()
+    exact_err = (got.double() - torch.nn.functional.gelu(pre)).abs().max()
+    assert tanh_err < 1e-4 < exact_err, (tanh_err, exact_err)

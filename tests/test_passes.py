@@ -1,63 +1,176 @@
-"""Pass pipeline on the tiny model: golden rewrite counts, exactness, and the individual rules."""
+"""Pass pipeline on the tiny model: golden rewrite counts, each pass's numerics contract, the rules."""
+
+import dataclasses
 
 import pytest
 import torch
 
 from fluxc import ir
-from fluxc.passes import remove_noop_ops
+from fluxc.numerics import RELATIVE_ERROR_FLOORS, REWRITE_TOLERANCE, relative_error
+from fluxc.passes import fuse_qk_norm_rope, remove_noop_ops
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import resolve, run_pipeline
 from fluxc.recipes import bf16, reference
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import trace_model
+from fluxc.trace import segment_modules, trace_model
 from torch.fx.experimental.proxy_tensor import make_fx
 
-# Pinned on `tiny`. Per double block: 4 RMSNorms (q, k, added q, added k) each add eps in place;
-# the shared norm output feeds q/k/v as 3 equal views (+2 merged per stream) ... A change here means a
-# pass started or stopped firing: look at `fluxc build --dump-ir` before re-pinning.
+# Pinned on `tiny` (per segment; the engine runs each block segment for 2 layers). Per double block: 4
+# RMSNorms each add eps in place; the shared norm output feeds q/k/v as 3 equal views (+2 merged per
+# stream) ... Fusion, per double block: img QKV, txt QKV and the two AdaLN modulation GEMVs fuse (3 groups
+# of 8 linears), both MLPs get the GELU epilogue, one q/k norm+RoPE; per single block: QKV (the MLP keeps
+# its GELU epilogue), the output projection split over [attention, MLP], one q/k norm+RoPE.
+# A change here means a pass started or stopped firing: look at `fluxc build --dump-ir` before re-pinning.
+NO_FUSION = {"fuse_qkv": {"groups": 0, "linears": 0}, "fuse_epilogues": {"bias_gelu": 0, "split_concat": 0},
+             "fuse_qk_norm_rope": {"fused": 0}}
 GOLDEN = {
-    "head": {"functionalize_inplace": {"inplace_to_outofplace": 0}, "dedupe_nodes": {"merged": 5}},
-    "double": {"functionalize_inplace": {"inplace_to_outofplace": 4}, "dedupe_nodes": {"merged": 9}},
-    "single": {"functionalize_inplace": {"inplace_to_outofplace": 2}, "dedupe_nodes": {"merged": 7}},
-    "tail": {"functionalize_inplace": {"inplace_to_outofplace": 0}, "dedupe_nodes": {"merged": 0}},
+    "head": {"functionalize_inplace": {"inplace_to_outofplace": 0}, "dedupe_nodes": {"merged": 5}, **NO_FUSION},
+    "double": {"functionalize_inplace": {"inplace_to_outofplace": 4}, "dedupe_nodes": {"merged": 9},
+               "fuse_qkv": {"groups": 3, "linears": 8}, "fuse_epilogues": {"bias_gelu": 2, "split_concat": 0},
+               "fuse_qk_norm_rope": {"fused": 1}},
+    "single": {"functionalize_inplace": {"inplace_to_outofplace": 2}, "dedupe_nodes": {"merged": 7},
+               "fuse_qkv": {"groups": 1, "linears": 3}, "fuse_epilogues": {"bias_gelu": 1, "split_concat": 1},
+               "fuse_qk_norm_rope": {"fused": 1}},
+    "tail": {"functionalize_inplace": {"inplace_to_outofplace": 0}, "dedupe_nodes": {"merged": 0}, **NO_FUSION},
 }
+FUSIONS = ["fuse_qkv", "fuse_epilogues", "fuse_qk_norm_rope"]
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
-def traced(request, tiny_fp32):
-    dtype = torch.float32 if request.param == "fp32" else torch.bfloat16
-    model = tiny_fp32 if dtype == torch.float32 else _tiny_bf16()
-    recipe = reference() if dtype == torch.float32 else bf16()
-    return recipe, trace_model(model, [Profile(144, 112, 13)], torch.device("cpu"), dtype)
-
-
-def _tiny_bf16():
+def tiny_model(request, tiny_fp32):
+    if request.param == "fp32":
+        return tiny_fp32, reference()
     from fluxc.models import load_model
 
-    return load_model("tiny", dtype=torch.bfloat16, device=torch.device("cpu"), seed=0)
+    return load_model("tiny", dtype=torch.bfloat16, device=torch.device("cpu"), seed=0), bf16()
 
 
-def _random_inputs(gm):
+def _segments(model):
+    dtype = next(model.module.parameters()).dtype
+    return trace_model(model, [Profile(144, 112, 13)], torch.device("cpu"), dtype)
+
+
+def _tensors(gm) -> dict[str, torch.Tensor]:
+    """Random values for a traced graph's inputs, by weight name or activation name."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(n.meta["val"].shape, generator=g).to(n.meta["val"].dtype)
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            key = n.meta["weight"].name if "weight" in n.meta else n.name
+            out[key] = torch.randn(n.meta["val"].shape, generator=g).to(n.meta["val"].dtype) * 0.5
+    return out
+
+
+def _run(gm, tensors):
+    """Call a (possibly rewritten) graph: weights made from their sources, as the build makes them."""
+    args = [n.meta["weight"].make(tensors.__getitem__) if "weight" in n.meta else tensors[n.name]
             for n in gm.graph.nodes if n.op == "placeholder"]
+    return gm(*args)
 
 
-def test_pipeline_counts_are_pinned_and_exact(traced):
-    recipe, segments = traced
-    for seg in segments:
-        inputs = _random_inputs(seg.graph)
-        before = seg.graph(*inputs)
+def _pipeline(seg, recipe, only=None):
+    """Run the pipeline; `only`: keep the canonicalize phase and just that fusion pass."""
+    passes = [p for p in resolve(recipe, "cpu") if only is None or p.phase != "fuse" or p.name == only]
+    import fluxc.passes.pipeline as pipeline
+
+    original, pipeline.resolve = pipeline.resolve, lambda *_: passes
+    try:
+        return run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind), segment_name=seg.name)
+    finally:
+        pipeline.resolve = original
+
+
+def test_canonicalize_counts_are_pinned_and_exact(tiny_model):
+    model, recipe = tiny_model
+    for seg in _segments(model):
+        tensors = _tensors(seg.graph)
+        before = _run(seg.graph, tensors)
         n_before = len(seg.graph.graph.nodes)
-        gm, counts = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind), segment_name=seg.name)
-        for name, expected in GOLDEN[seg.kind].items():
-            assert counts[name] == expected, (seg.name, name, counts[name])
-        after = gm(*inputs)
-        for a, b in zip(after, before):  # canonicalization is exact
+        result = _pipeline(seg, dataclasses.replace(recipe, fusion=False))
+        for name in ("functionalize_inplace", "dedupe_nodes"):
+            assert result.counts[name] == GOLDEN[seg.kind][name], (seg.name, name, result.counts[name])
+        for a, b in zip(_run(result.graph, tensors), before):  # canonicalization is exact
             assert torch.equal(a, b), seg.name
-        assert len(gm.graph.nodes) < n_before or seg.kind == "tail"
+        assert len(result.graph.graph.nodes) < n_before or seg.kind == "tail"
         assert not any(n.op == "call_function" and n.target._schema.is_mutable
-                       for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload))
+                       for n in result.graph.graph.nodes if isinstance(n.target, torch._ops.OpOverload))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_each_fusion_is_pinned_and_within_its_tolerance(tiny_model, fusion):
+    """Each fusion alone against the canonicalized, unfused segment."""
+    model, recipe = tiny_model
+    dtype = next(model.module.parameters()).dtype
+    for seg, unfused in zip(_segments(model), _segments(model)):
+        tensors = _tensors(seg.graph)
+        expected = _run(_pipeline(unfused, dataclasses.replace(recipe, fusion=False)).graph, tensors)
+        result = _pipeline(seg, recipe, only=fusion)
+        assert result.counts[fusion] == GOLDEN[seg.kind][fusion], (seg.name, result.counts[fusion])
+        for got, want, name in zip(_run(result.graph, tensors), expected, seg.outputs):
+            assert relative_error(got, want) <= REWRITE_TOLERANCE[dtype], (fusion, seg.name, name)
+
+
+def test_fused_segments_match_diffusers_eager(tiny_model):
+    """The whole pipeline against the diffusers module each segment was traced from, on layer 0's weights."""
+    model, recipe = tiny_model
+    modules = segment_modules(model)
+    floor = RELATIVE_ERROR_FLOORS[recipe.precision.value]
+    attention_fused = 0
+    for seg in _segments(model):
+        module, layers = modules[seg.kind]
+        weights = {n.removeprefix("inner."): t for n, t in module.state_dict().items()}
+        result = _pipeline(seg, recipe)
+        attention_fused += result.counts["fuse_qk_norm_rope"]["fused"] * len(layers)
+        g = torch.Generator().manual_seed(1)
+        acts = {k: torch.randn(v.shape, generator=g).to(v.dtype) * (0.5 if v.is_floating_point() else 1)
+                for k, v in seg.example.items()}
+        if "timestep" in acts:
+            acts["timestep"], acts["guidance"] = acts["timestep"].abs(), acts["guidance"].abs() * 4
+        with torch.no_grad():
+            want = module(*acts.values())
+        got = _run(result.graph, weights | acts)
+        for g_, w_, name in zip(got, want if isinstance(want, tuple) else (want,), seg.outputs):
+            assert relative_error(g_, w_) <= floor, (seg.name, name, relative_error(g_, w_))
+    cfg = model.config
+    assert attention_fused == cfg["num_layers"] + cfg["num_single_layers"]  # every attention call fused
+
+
+def test_qk_norm_rope_reference_equals_diffusers():
+    """fluxc.qk_norm_rope's reference against diffusers' own RMSNorm and apply_rotary_emb, double-block style."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    g = torch.Generator().manual_seed(0)
+    b, t, s, h, d = 2, 5, 11, 3, 16
+    parts = [torch.randn(b, n, h, d, generator=g) for n in (t, s)]
+    weights = [torch.rand(d, generator=g) + 0.5 for _ in range(2)]
+    angles = torch.randn(t + s, d // 2, generator=g).repeat_interleave(2, dim=1)
+    cos, sin = angles.cos(), angles.sin()
+    norms = []
+    for w in weights:
+        norm = torch.nn.RMSNorm(d, eps=1e-6)
+        norm.weight.data.copy_(w)
+        norms.append(norm)
+    want = apply_rotary_emb(torch.cat([n(x) for n, x in zip(norms, parts)], 1), (cos, sin), sequence_dim=1)
+    q, k = torch.ops.fluxc.qk_norm_rope(parts, parts, weights, weights, cos, sin, 1e-6)
+    torch.testing.assert_close(q, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, want, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_names_the_rejecting_check(tiny_fp32):
+    head = _segments(tiny_fp32)[0]
+    assert run_pipeline(head.graph, PassContext(reference(), "cpu", "head")).explain["fuse_qkv"].endswith(
+        "no other linear reads its input view")
+
+    def attention_without_rope(q, k, v, w):  # [B, S, H, D]; q and k are normed, but nothing rotates them
+        q, k = (torch.nn.functional.rms_norm(t, [t.shape[-1]], w) for t in (q, k))
+        return [torch.nn.functional.scaled_dot_product_attention(*(t.permute(0, 2, 1, 3) for t in (q, k, v)))]
+
+    x, w = torch.randn(1, 5, 2, 8), torch.ones(8)
+    gm = make_fx(attention_without_rope, tracing_mode="fake")(x, x, x, w)
+    result = fuse_qk_norm_rope.run(gm, PassContext(reference(), "cpu", "single"))
+    assert result.counts == {"fused": 0}
+    (rejection,) = result.rejected
+    assert rejection.depth == 2 and rejection.reason.startswith("RoPE: expected add.Tensor, found aten.mul.Tensor")
 
 
 def test_dump_ir_writes_one_file_per_pass(tiny_fp32, tmp_path):
@@ -68,7 +181,8 @@ def test_dump_ir_writes_one_file_per_pass(tiny_fp32, tmp_path):
                 enumerate(["trace"] + [p.name for p in resolve(reference(), "cpu")])]
     assert names == expected
     text = (tmp_path / names[-1]).read_text()
-    assert "%attn_to_q_weight: f32[256, 256] = input" in text and "add_." not in text
+    assert "%cat0_attn_to_q_weight_attn_to_k_weight_attn_to_v_weight: f32[768, 256] = input" in text
+    assert "fluxc.qk_norm_rope(" in text and "add_." not in text
 
 
 def test_remove_noop_ops_rules():

@@ -16,9 +16,11 @@ import click
 @click.option("--encoders", type=click.Choice(["gpu", "offload", "cpu"]), default=None,
               help="Text encoders: resident on the GPU, parked in CPU memory between prompts, or run on the CPU "
                    "(default: gpu; cpu for the CPU target).")
+@click.option("--explain", is_flag=True, help="For each pass that rewrote nothing in a segment, print the check "
+                                             "that rejected its nearest candidate.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, output):
+            encoders, explain, output):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -37,6 +39,10 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
             click.echo(f"[build] {stage} ...", err=True)
 
     manifest = build(opts, report)
+    if explain:
+        for segment, passes in manifest["pass_explain"].items():
+            for name, why in passes.items():
+                click.echo(f"  {segment:<16} {name:<20} matched nothing: {why}")
     worst = max(v["max_relative_error"] for v in manifest["numerics"].values())
     click.echo(f"wrote {output}: {manifest['precision']} for {manifest['target']['sm']}, "
                f"{len(manifest['segments'])} segments, max segment relative error {worst:.2e}")

@@ -1,0 +1,119 @@
+"""fluxc's custom ops: the fused kernels the fusion passes rewrite the graph to (`torch.ops.fluxc.*`).
+
+Each op has a reference implementation in plain torch, used on the CPU (so the CPU tests run every
+rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementation:
+
+    linear_gelu(x [M, K], weight [N, K], bias [N]) -> gelu_tanh(x @ weight.T + bias)       [M, N]
+        CUDA: cuBLASLt's GELU+bias epilogue (torch._addmm_activation), one kernel instead of GEMM + GELU.
+    qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps) -> (q, k)           [B, S, H, D]
+        Per part: RMSNorm over D with that part's weight; the parts concatenated along S (FLUX's double
+        blocks join text and image tokens); then the interleaved-pair rotary embedding with cos/sin
+        [S, D] (fp32). CUDA: one Triton kernel launch per part doing q and k, one program per token.
+
+Engines that use these ops need this module imported before their segments load; the runtime does that.
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference implementations serve
+    triton = None
+
+
+# ---- linear + bias + GELU(tanh) ------------------------------------------------------------------
+@torch.library.custom_op("fluxc::linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+@linear_gelu.register_kernel("cuda")
+def _linear_gelu_cuda(x, weight, bias):
+    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)  # cuBLASLt's GELU epilogue is the tanh form
+
+
+@linear_gelu.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+# ---- per-head RMSNorm of q and k + rotary embedding -----------------------------------------------
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) along the last dim."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def norm_rope_reference(parts, weights, cos, sin, eps: float) -> torch.Tensor:
+    normed = []
+    for x, w in zip(parts, weights):
+        xf = x.float()
+        normed.append((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype))
+    y = torch.cat(normed, dim=1).float()  # [B, S, H, D], rounded as the unfused norm's output is
+    out = y * cos[None, :, None, :] + rotate_pairs(y) * sin[None, :, None, :]
+    return out.to(parts[0].dtype)
+
+
+@torch.library.custom_op("fluxc::qk_norm_rope", mutates_args=())
+def qk_norm_rope(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_weights: list[torch.Tensor],
+                 k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return (norm_rope_reference(q_parts, q_weights, cos, sin, eps),
+            norm_rope_reference(k_parts, k_weights, cos, sin, eps))
+
+
+@qk_norm_rope.register_fake
+def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
+    b, _, h, d = q_parts[0].shape
+    s = sum(p.shape[1] for p in q_parts)
+    return q_parts[0].new_empty(b, s, h, d), k_parts[0].new_empty(b, s, h, d)
+
+
+@qk_norm_rope.register_kernel("cuda")
+def _qk_norm_rope_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
+    b, _, h, d = q_parts[0].shape
+    total = sum(p.shape[1] for p in q_parts)
+    q_out = q_parts[0].new_empty(b, total, h, d)  # [B, S, H, D]
+    k_out = torch.empty_like(q_out)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    row0 = 0
+    for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
+        q, k = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k))  # rows may be strided (fused QKV)
+        s = q.shape[1]
+        _qk_norm_rope_kernel[(b * s,)](
+            q, k, qw, kw, q_out, k_out, cos, sin, s, row0, *q.stride()[:3], *k.stride()[:3],
+            q_out.stride(0), q_out.stride(1), h, eps, D=d, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+        row0 += s
+    return q_out, k_out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, b, s, row, x_sb, x_ss, x_sh, o_sb, o_ss, H, eps,
+                       D: tl.constexpr, BLOCK_H: tl.constexpr):
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, D)[None, :]
+        mask = h < H
+        x = tl.load(x_ptr + b * x_sb + s * x_ss + h * x_sh + d, mask=mask, other=0.0).to(tl.float32)  # [H, D]
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
+        w = tl.load(w_ptr + d).to(tl.float32)
+        y = (x * rstd * w).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded like the unfused norm output
+        y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
+        c_even, c_odd = tl.split(tl.reshape(tl.load(cos_ptr + row * D + d), (1, D // 2, 2)))
+        s_even, s_odd = tl.split(tl.reshape(tl.load(sin_ptr + row * D + d), (1, D // 2, 2)))
+        out = tl.reshape(tl.join(y_even * c_even - y_odd * s_even, y_odd * c_odd + y_even * s_odd), (BLOCK_H, D))
+        tl.store(out_ptr + b * o_sb + row * o_ss + h * D + d, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, S, row0,
+                             q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, o_sb, o_ss, H, eps,
+                             D: tl.constexpr, BLOCK_H: tl.constexpr):
+        pid = tl.program_id(0)  # one token of this part: all heads of q and of k
+        b, s = pid // S, pid % S
+        _norm_rope_row(q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, b, s, row0 + s, q_sb, q_ss, q_sh, o_sb, o_ss, H, eps,
+                       D, BLOCK_H)
+        _norm_rope_row(k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, b, s, row0 + s, k_sb, k_ss, k_sh, o_sb, o_ss, H, eps,
+                       D, BLOCK_H)
