@@ -5,4 +5,5 @@ runtimes must not pull in diffusers or the compiler.
 """
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 2  # engine bundle format; the runtime refuses any other (2: text encoders, VAE, tokenizers)
+FORMAT_VERSION = 3  # engine bundle format; the runtime refuses any other (2: text encoders, VAE, tokenizers;
+#                    3: fused weights, single blocks over the joint text+image sequence)

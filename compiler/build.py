@@ -151,7 +151,7 @@ def build(opts: BuildOptions, report=None) -> dict:
                 encoder.to(plan.encoder_device)
     text_tokens = opts.text_tokens or model.default_text_tokens
     profiles = [Profile(h, w, text_tokens, opts.batch) for h, w in opts.resolutions]
-    modules = segment_modules(model) | (component_modules(comps) if comps else {})
+    modules = segment_modules(model, text_tokens) | (component_modules(comps) if comps else {})
     with stages("trace"):
         segments = trace_model(model, profiles, plan.device, plan.dtype)
         if comps:

@@ -3,7 +3,7 @@
 The transformer, per resolution profile:
     head    x_embedder, context_embedder, time/guidance/text embedding   -> hidden, encoder, temb
     double  one FluxTransformerBlock (19 in FLUX.1-dev)                  -> encoder, hidden
-    single  one FluxSingleTransformerBlock (38 in FLUX.1-dev)            -> encoder, hidden
+    single  one FluxSingleTransformerBlock (38 in FLUX.1-dev)            -> joint (text then image tokens)
     tail    norm_out + proj_out                                          -> noise prediction
 The other components (unless --transformer-only):
     clip    CLIP-L text model, token ids [B, 77]        -> pooled output [B, 768]   (once per engine)
@@ -95,6 +95,21 @@ class _Block(torch.nn.Module):
         return self.inner(hidden_states, encoder_hidden_states, temb, (rope_cos, rope_sin))
 
 
+class _SingleJoint(torch.nn.Module):
+    """A single block over the joint sequence [B, T + S, C]: the block itself joins text and image tokens
+    first and splits them last, so consecutive single blocks pass the joint tensor on (remove_noop_ops
+    folds the split-then-join away) and the runtime joins once after the double blocks."""
+
+    def __init__(self, block, text_tokens: int):
+        super().__init__()
+        self.inner, self.text_tokens = block, text_tokens
+
+    def forward(self, joint_hidden_states, temb, rope_cos, rope_sin):
+        t = self.text_tokens
+        encoder, hidden = self.inner(joint_hidden_states[:, t:], joint_hidden_states[:, :t], temb, (rope_cos, rope_sin))
+        return torch.cat([encoder, hidden], dim=1)
+
+
 class _ClipPooled(torch.nn.Module):
     """FluxPipeline._get_clip_prompt_embeds after tokenizing: the pooled output at the EOS token."""
 
@@ -134,7 +149,7 @@ class _VaeDecode(torch.nn.Module):
         return (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # VaeImageProcessor.postprocess
 
 
-def segment_modules(model: LoadedModel) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+def segment_modules(model: LoadedModel, text_tokens: int) -> dict[str, tuple[torch.nn.Module, list[str]]]:
     """kind -> (an eager module of that kind, the state-dict prefixes of every layer it serves)."""
     m = model.module
     if model.family != "flux1":
@@ -145,7 +160,7 @@ def segment_modules(model: LoadedModel) -> dict[str, tuple[torch.nn.Module, list
     return {
         "head": (_Head(m), [""]),
         "double": (_Block(m.transformer_blocks[0]), [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))]),
-        "single": (_Block(m.single_transformer_blocks[0]),
+        "single": (_SingleJoint(m.single_transformer_blocks[0], text_tokens),
                    [f"single_transformer_blocks.{i}" for i in range(len(m.single_transformer_blocks))]),
         "tail": (_Tail(m), [""]),
     }
@@ -179,9 +194,11 @@ def example_activations(model: LoadedModel, kind: str, profile: Profile, device,
         if cfg["guidance_embeds"]:
             acts["guidance"] = new(b, dt=torch.float32).abs() * 4
         return acts
-    if kind in ("double", "single"):
-        return dict(hidden_states=new(b, s, d), encoder_hidden_states=new(b, t, d), temb=new(b, d),
-                    rope_cos=new(t + s, rope, dt=torch.float32), rope_sin=new(t + s, rope, dt=torch.float32))
+    rope_tables = dict(rope_cos=new(t + s, rope, dt=torch.float32), rope_sin=new(t + s, rope, dt=torch.float32))
+    if kind == "double":
+        return dict(hidden_states=new(b, s, d), encoder_hidden_states=new(b, t, d), temb=new(b, d), **rope_tables)
+    if kind == "single":
+        return dict(joint_hidden_states=new(b, t + s, d), temb=new(b, d), **rope_tables)
     return dict(hidden_states=new(b, s, d), temb=new(b, d))
 
 
@@ -196,7 +213,7 @@ def component_activations(comps, kind: str, profile: Profile, device, dtype) -> 
 
 
 OUTPUTS = {"head": ["hidden_states", "encoder_hidden_states", "temb"], "double": ["encoder_hidden_states", "hidden_states"],
-           "single": ["encoder_hidden_states", "hidden_states"], "tail": ["noise_pred"],
+           "single": ["joint_hidden_states"], "tail": ["noise_pred"],
            "clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "vae": ["image"]}
 
 
@@ -229,7 +246,7 @@ def _name_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> None:
 
 
 def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> list[Segment]:
-    modules = segment_modules(model)
+    modules = segment_modules(model, profiles[0].text_tokens)  # every profile has the same text length
     segments = []
     for profile in profiles:
         for kind in SEGMENT_KINDS:

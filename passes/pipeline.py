@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 
 from fluxc import ir
-from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_epilogues, fuse_qk_norm_rope,
-                          fuse_qkv, remove_noop_ops, select_attention)
+from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_adaln, fuse_epilogues,
+                          fuse_qk_norm_rope, fuse_qkv, remove_noop_ops, select_attention)
 from fluxc.passes.base import PassContext
 
 
@@ -36,6 +36,7 @@ def resolve(recipe, target: str) -> list[Pass]:
             Pass("fuse_qkv", "fuse", fuse_qkv.run),  # first: leaves GELU-feeding linears to fuse_epilogues
             Pass("fuse_epilogues", "fuse", fuse_epilogues.run),
             Pass("fuse_qk_norm_rope", "fuse", fuse_qk_norm_rope.run),  # q/k may be fuse_qkv's column slices
+            Pass("fuse_adaln", "fuse", fuse_adaln.run),  # scale/shift may be fuse_qkv's slices of the fused GEMV
         ] if recipe.fusion else []),
         # lower: kernel choices for the target
         Pass("select_attention", "lower", select_attention.run),

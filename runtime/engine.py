@@ -118,10 +118,12 @@ class Engine:
         timestep [B], guidance [B] (if the model is guidance-distilled), rope_cos/rope_sin [T+S, 128]."""
         acts = dict(acts)
         acts["hidden_states"], acts["encoder_hidden_states"], acts["temb"] = self._run("head", profile, "", acts)
-        for kind in ("double", "single"):
-            seg, _ = self._segments[(kind, profile.name)]
-            for layer in seg["layers"]:
-                acts["encoder_hidden_states"], acts["hidden_states"] = self._run(kind, profile, layer, acts)
+        for layer in self._segments[("double", profile.name)][0]["layers"]:
+            acts["encoder_hidden_states"], acts["hidden_states"] = self._run("double", profile, layer, acts)
+        acts["joint_hidden_states"] = torch.cat([acts["encoder_hidden_states"], acts["hidden_states"]], dim=1)
+        for layer in self._segments[("single", profile.name)][0]["layers"]:
+            (acts["joint_hidden_states"],) = self._run("single", profile, layer, acts)
+        acts["hidden_states"] = acts["joint_hidden_states"][:, profile.text_tokens:]  # [B, S, C]
         return self._run("tail", profile, "", acts)[0]
 
     # ---- text to image ---------------------------------------------------------------------------

@@ -9,6 +9,9 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
         Per part: RMSNorm over D with that part's weight; the parts concatenated along S (FLUX's double
         blocks join text and image tokens); then the interleaved-pair rotary embedding with cos/sin
         [S, D] (fp32). CUDA: one Triton kernel launch per part doing q and k, one program per token.
+    adaln(x [B, S, C], scale [B, C], shift [B, C], eps) -> LayerNorm(x) * (1 + scale) + shift  [B, S, C]
+        LayerNorm without affine (FLUX's AdaLN). CUDA: one Triton program per token, the row held in
+        registers: x is read once (Inductor's fused kernel loops over a 3072-wide row twice).
 
 Engines that use these ops need this module imported before their segments load; the runtime does that.
 """
@@ -89,7 +92,47 @@ def _qk_norm_rope_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
     return q_out, k_out
 
 
+# ---- AdaLN: LayerNorm + (1 + scale) * x + shift -------------------------------------------------------
+@torch.library.custom_op("fluxc::adaln", mutates_args=())
+def adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype).float()  # rounded like the unfused norm
+    return (normed * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
+
+
+@adaln.register_fake
+def _(x, scale, shift, eps):
+    return torch.empty_like(x)
+
+
+@adaln.register_kernel("cuda")
+def _adaln_cuda(x, scale, shift, eps):
+    x = x.contiguous()
+    scale, shift = (t if t.stride(1) == 1 else t.contiguous() for t in (scale, shift))  # [B, C] column slices
+    b, s, c = x.shape
+    out = torch.empty_like(x)
+    _adaln_kernel[(b * s,)](x, scale, shift, out, s, c, scale.stride(0), shift.stride(0), eps,
+                            BLOCK_C=triton.next_power_of_2(c), num_warps=8)
+    return out
+
+
 if triton is not None:
+
+    @triton.jit
+    def _adaln_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, S, C, scale_stride, shift_stride, eps,
+                      BLOCK_C: tl.constexpr):
+        row = tl.program_id(0)  # one token: [C] in registers
+        b = row // S
+        c = tl.arange(0, BLOCK_C)
+        mask = c < C
+        x = tl.load(x_ptr + row * C + c, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / C
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        normed = (xc * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.load(scale_ptr + b * scale_stride + c, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + b * shift_stride + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * C + c, (normed * (1 + scale) + shift).to(out_ptr.dtype.element_ty), mask=mask)
+
 
     @triton.jit
     def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, b, s, row, x_sb, x_ss, x_sh, o_sb, o_ss, H, eps,
