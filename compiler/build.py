@@ -44,6 +44,7 @@ class BuildOptions:
     dump_ir: str | None = None
     transformer_only: bool = False
     encoders: str | None = None  # gpu | offload | cpu; default: gpu on a GPU target, cpu on the CPU target
+    recipe_overrides: tuple[tuple[str, object], ...] = ()  # (field, value) over the named recipe (benchmarks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,11 @@ def validate(opts: BuildOptions) -> Plan:
     if name not in RECIPES:
         raise FluxcError(f"Unknown recipe '{name}'.", "Use one of: " + ", ".join(RECIPES) + ".")
     recipe = RECIPES[name]()
+    if opts.recipe_overrides:
+        unknown = set(dict(opts.recipe_overrides)) - {f.name for f in dataclasses.fields(Recipe)}
+        if unknown:
+            raise FluxcError(f"Unknown recipe fields {sorted(unknown)}.", "See fluxc.recipes.Recipe for the fields.")
+        recipe = dataclasses.replace(recipe, **dict(opts.recipe_overrides))
     if recipe.precision is not precision:
         raise FluxcError(f"Recipe '{name}' is {recipe.precision.value}, not {precision.value}.",
                          "Drop --precision, or pick a recipe of that precision.")

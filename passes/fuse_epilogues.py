@@ -15,7 +15,9 @@ Rule "split_concat" (the single block's output projection over [attention, MLP])
     %part = aten.addmm(%proj_out_bias, aten.view(%view_15, [M, Ka]), aten.t(%proj_out_weight[1:0:Ka]))
     %addmm_5 = aten.addmm(%part, aten.view(%gelu, [M, Kb]), aten.t(%proj_out_weight[1:Ka:Ka+Kb]))
   The concatenation (a copy of both inputs) disappears; the second GEMM accumulates onto the first
-  through its C operand. The weight's column blocks are split at build time.
+  through its C operand. The weight's column blocks are split at build time. Only where the concatenation
+  would be a pure copy: a pointwise input (a GELU left out of the epilogue by recipe.qkv_with_mlp) is
+  written into it by the kernel that computes it anyway.
 
 Gate * y + residual stays where Inductor puts it: fused into the next LayerNorm kernel inside a block
 (`triton_red_fused_add_..._native_layer_norm`), a lone pointwise kernel at a block's end. cuBLASLt has
@@ -75,6 +77,12 @@ def check_split_concat(addmm: torch.fx.Node):
         raise NoMatch(cat, f"concatenates along dim {dim}, not the GEMM's K dimension", 3)
     if len(cat.users) > 1 or len(flat.users) > 1:
         raise NoMatch(cat, "the concatenation has other users", 4)
+    for part in parts:
+        src = part
+        while is_aten(src, *VIEWS, aten.permute.default):
+            src = src.args[0]
+        if isinstance(src.target, torch._ops.OpOverload) and torch.Tag.pointwise in src.target.tags:
+            raise NoMatch(cat, f"input {src.name} is pointwise: Inductor writes it straight into the concatenation", 5)
     return cat, parts
 
 

@@ -128,16 +128,19 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "resolution": f"{H}x{W}",
            "text_tokens": TEXT, "batch": 1, "model": "flux1-dev (seeded random weights, seed 0)", "precision": "bf16",
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+           "commit": os.environ.get("FLUXC_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                                   text=True).stdout.strip()}
     results, outputs = {}, {}
 
     # 1. fluxc, with and without its fusion passes: build, then load the written engine (hash-verified) and time it
     x = None
-    for label, recipe in (("fluxc bf16", "bf16"), ("fluxc bf16 unfused", "bf16_unfused")):
-        engine_path = os.path.join(args.workdir, f"flux1-dev-{recipe}.fluxe")
+    variants = (("fluxc bf16", "bf16", ()), ("fluxc bf16 unfused", "bf16_unfused", ()),
+                ("fluxc bf16 qkv+mlp", "bf16", (("qkv_with_mlp", True),)))
+    for label, recipe, overrides in variants:
+        engine_path = os.path.join(args.workdir, "flux1-dev.fluxe")
         t0 = time.perf_counter()
         manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision="bf16", recipe=recipe,
-                                      transformer_only=True))
+                                      recipe_overrides=overrides, transformer_only=True))
         total_build = time.perf_counter() - t0
         secs = manifest["build_seconds"]
         trace_compile = secs["trace"] + secs["passes"] + sum(v for k, v in secs.items() if k.startswith("compile"))

@@ -233,3 +233,16 @@ def test_verifier_rejects_broken_graphs(tiny_fp32):
     del node.meta["val"]
     with pytest.raises(ir.IRError, match="no meta"):
         ir.verify(seg.graph, "tail")
+
+
+def test_qkv_with_mlp_variant(tiny_fp32):
+    """recipe.qkv_with_mlp: the single block's MLP projection joins its QKV GEMM; its GELU then cannot be an
+    epilogue, and the output projection's concatenation stays (Inductor writes the GELU into it)."""
+    recipe = dataclasses.replace(reference(), qkv_with_mlp=True)
+    single = _segments(tiny_fp32)[2]
+    tensors = _tensors(single.graph)
+    expected = _run(_pipeline(_segments(tiny_fp32)[2], dataclasses.replace(recipe, fusion=False)).graph, tensors)
+    result = _pipeline(single, recipe)
+    assert result.counts["fuse_qkv"] == {"groups": 1, "linears": 4}
+    assert result.counts["fuse_epilogues"] == {"bias_gelu": 0, "split_concat": 0}
+    assert relative_error(_run(result.graph, tensors)[0], expected[0]) <= REWRITE_TOLERANCE[torch.float32]
