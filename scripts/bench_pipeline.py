@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from bench_transformer import free, phase_peak
+from bench_transformer import free, phase_peak, source_commit
 from fluxc.build import BuildOptions, build, parse_resolution
 from fluxc.components import diffusers_pipeline, load_components
 from fluxc.models import ARCHITECTURES, load_model
@@ -87,7 +87,7 @@ def main():
     h, w = parse_resolution(args.resolution)
     text_tokens = ARCHITECTURES[args.model][2]
     dev = torch.device("cuda")
-    rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "resolution": f"{h}x{w}",
+    rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(), "resolution": f"{h}x{w}",
            "text_tokens": text_tokens, "batch": 1, "steps": args.steps, "guidance": 3.5, "prompt": PROMPT,
            "model": f"{args.model} (seeded random weights, seed 0; tokenizers built in code)", "precision": "bf16"}
     results = {}

@@ -30,6 +30,12 @@ H = W = 1024
 TEXT = 512
 
 
+def source_commit() -> str:
+    """The commit measured: $FLUXC_COMMIT (the lab GPU gets a copy of the tree without its history), else git."""
+    return os.environ.get("FLUXC_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                            capture_output=True, text=True).stdout.strip()
+
+
 def cuda_ms(fn, warmup=3, iters=10) -> float:
     """Median of CUDA-event timings of fn() after warm-up."""
     for _ in range(warmup):
@@ -128,8 +134,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "resolution": f"{H}x{W}",
            "text_tokens": TEXT, "batch": 1, "model": "flux1-dev (seeded random weights, seed 0)", "precision": "bf16",
-           "commit": os.environ.get("FLUXC_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                                   text=True).stdout.strip()}
+           "commit": source_commit()}
     results, outputs = {}, {}
 
     # 1. fluxc, with and without its fusion passes: build, then load the written engine (hash-verified) and time it

@@ -5,6 +5,7 @@
 #   pipeline     text-to-image benchmark, FLUX.1-dev 1024x1024, 28 steps      -> $OUT/bench_pipeline.json
 #   transformer  per-step transformer benchmark, FLUX.1-dev 1024x1024          -> $OUT/bench_transformer.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
+# Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
