@@ -21,6 +21,17 @@ def test_manifest_lists_every_file_with_its_hash(tiny_engine_path):
     assert all(v["max_relative_error"] <= 1e-4 for v in m["numerics"].values())
 
 
+def test_engine_holds_only_the_rewritten_weights(tiny_engine_path):
+    """fuse_qkv's concatenated weights replace the separate ones in the weight file; --explain's record."""
+    m = json.load(open(os.path.join(tiny_engine_path, MANIFEST)))
+    weights = load_file(os.path.join(tiny_engine_path, "weights.safetensors"))
+    fused = "transformer_blocks.0.cat0(attn.to_q.weight,attn.to_k.weight,attn.to_v.weight)"
+    assert weights[fused].shape == (768, 256) and "transformer_blocks.0.attn.to_q.weight" not in weights
+    single = next(s for s in m["segments"] if s["kind"] == "single")
+    assert {f"{layer}.{w}" for layer in single["layers"] for w in single["weights"]} <= set(weights)
+    assert m["pass_explain"]["head-144x112"]["fuse_qkv"].endswith("no other linear reads its input view")
+
+
 def test_run_writes_latents_and_inspect_reads_the_engine(tiny_engine_path, tmp_path):
     out = str(tmp_path / "lat.safetensors")
     result = CliRunner().invoke(main, ["run", tiny_engine_path, "--steps", "2", "-o", out])
