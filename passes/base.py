@@ -10,6 +10,7 @@ from fluxc.ir import WeightSource, weight_placeholders
 from fluxc.recipes import Recipe
 
 aten = torch.ops.aten
+VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 # The traced attention kernels (CPU, flash, memory-efficient, cuDNN): q, k, v are their first three arguments.
 ATTENTION = (aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_flash_attention.default,
              aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default)

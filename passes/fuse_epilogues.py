@@ -33,12 +33,11 @@ activation dtype (bf16: relative error 2.9e-3 of the product at FLUX's shape on 
 import torch
 
 from fluxc.ir import WeightSource
-from fluxc.passes.base import (NoMatch, PassContext, PassResult, add_weight, aten, call, drop_unused_weights,
-                               expect, is_aten, rewrite_all)
+from fluxc.passes.base import (VIEWS, NoMatch, PassContext, PassResult, add_weight, aten, call,
+                               drop_unused_weights, expect, is_aten, rewrite_all)
 from fluxc.passes.fuse_qkv import linear_parts
 from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
-VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def check_bias_gelu(gelu: torch.fx.Node):

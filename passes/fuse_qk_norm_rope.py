@@ -24,11 +24,10 @@ import operator
 
 import torch
 
-from fluxc.passes.base import (ATTENTION, NoMatch, PassContext, PassResult, aten, call, expect, is_aten,
+from fluxc.passes.base import (VIEWS, ATTENTION, NoMatch, PassContext, PassResult, aten, call, expect, is_aten,
                                rewrite_all, strip_casts)
 from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
-VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def match_rms_norm(node: torch.fx.Node, depth: int):

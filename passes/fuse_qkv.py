@@ -23,7 +23,7 @@ product over K; only cuBLAS's kernel choice for the wider shape may change the s
 import torch
 
 from fluxc.ir import WeightSource
-from fluxc.passes.base import (NoMatch, PassContext, PassResult, Rejection, add_weight, aten, call,
+from fluxc.passes.base import (VIEWS, NoMatch, PassContext, PassResult, Rejection, add_weight, aten, call,
                                drop_unused_weights, is_aten)
 
 
@@ -43,8 +43,7 @@ def linear_parts(node: torch.fx.Node):
 
 
 def feeds_gelu(node: torch.fx.Node) -> bool:
-    views = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-    return any(is_aten(u, aten.gelu.default) or (is_aten(u, *views) and feeds_gelu(u)) for u in node.users)
+    return any(is_aten(u, aten.gelu.default) or (is_aten(u, *VIEWS) and feeds_gelu(u)) for u in node.users)
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -50,10 +50,10 @@ class PipelineResult:
     explain: dict[str, str]  # {pass that rewrote nothing: the check that rejected its nearest candidate}
 
 
-def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | None = None,
-                 segment_name: str = "") -> PipelineResult:
-    """Verify, run every pass, verify again."""
-    passes = resolve(ctx.recipe, ctx.target)
+def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | None = None, segment_name: str = "",
+                 passes: list[Pass] | None = None) -> PipelineResult:
+    """Verify, run every pass (default: the resolved pipeline), verifying after each."""
+    passes = resolve(ctx.recipe, ctx.target) if passes is None else passes
     ir.verify(gm, f"{segment_name} at pipeline entry")
     _dump(dump_dir, 0, "trace", segment_name, gm)
     counts, explain = {}, {}

@@ -60,7 +60,6 @@ def main():
     bo = torch.randn(C, device=dev, dtype=torch.bfloat16)
     woa, wom = wo[:, :C].contiguous(), wo[:, C:].contiguous()
     rec["ms_proj_out_cat"] = cuda_ms(lambda: torch.addmm(bo, torch.cat([a, h], 1), wo.t()))
-    rec["ms_proj_out_gemm_on_cat"] = cuda_ms(lambda: torch.addmm(bo, torch.cat([a, h], 1), wo.t()), warmup=1) 
     cat = torch.cat([a, h], 1)
     rec["ms_proj_out_gemm_only"] = cuda_ms(lambda: torch.addmm(bo, cat, wo.t()))
     rec["ms_proj_out_split"] = cuda_ms(lambda: torch.addmm(torch.addmm(bo, a, woa.t()), h, wom.t()))

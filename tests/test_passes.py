@@ -74,13 +74,7 @@ def _run(gm, tensors):
 def _pipeline(seg, recipe, only=None):
     """Run the pipeline; `only`: keep the canonicalize phase and just that fusion pass."""
     passes = [p for p in resolve(recipe, "cpu") if only is None or p.phase != "fuse" or p.name == only]
-    import fluxc.passes.pipeline as pipeline
-
-    original, pipeline.resolve = pipeline.resolve, lambda *_: passes
-    try:
-        return run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind), segment_name=seg.name)
-    finally:
-        pipeline.resolve = original
+    return run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind), segment_name=seg.name, passes=passes)
 
 
 def test_canonicalize_counts_are_pinned_and_exact(tiny_model):
