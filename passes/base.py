@@ -54,7 +54,8 @@ def is_aten(node, *targets) -> bool:
 def expect(node, *targets, depth: int = 0, what: str = "") -> torch.fx.Node:
     """`node` if it calls one of `targets`, else NoMatch naming what was found instead."""
     if not is_aten(node, *targets):
-        found = node.target if isinstance(node, torch.fx.Node) and node.op == "call_function" else getattr(node, "op", node)
+        is_call = isinstance(node, torch.fx.Node) and node.op == "call_function"
+        found = node.target if is_call else getattr(node, "op", node)
         names = " or ".join(str(t).removeprefix("aten.").removesuffix(".default") for t in targets)
         raise NoMatch(node, f"{what or 'expected'} {names}, found {found}", depth)
     return node

@@ -99,7 +99,8 @@ def split_concat(gm, addmm: torch.fx.Node) -> None:
             w = add_weight(gm, WeightSource.slice(weight.meta["weight"], 1, start, start + k), like)
             x = call(gm.graph, aten.view.default, part, [m, k])
             wt = call(gm.graph, aten.t.default, w)
-            acc = call(gm.graph, aten.addmm.default, acc, x, wt) if acc is not None else call(gm.graph, aten.mm.default, x, wt)
+            acc = (call(gm.graph, aten.addmm.default, acc, x, wt) if acc is not None
+                   else call(gm.graph, aten.mm.default, x, wt))
             start += k
     addmm.replace_all_uses_with(acc)
 

@@ -59,7 +59,8 @@ def _table(node: torch.fx.Node) -> torch.fx.Node | None:
 
 def _rotated_source(node: torch.fx.Node, depth: int) -> torch.fx.Node:
     """x of view(stack([-x[..., 1::2], x[..., ::2]], -1)), spelled with view + unbind, else NoMatch."""
-    stack = expect(expect(node, *VIEWS, depth=depth).args[0], aten.stack.default, depth=depth, what="rotation: expected")
+    flat = expect(node, *VIEWS, depth=depth)
+    stack = expect(flat.args[0], aten.stack.default, depth=depth, what="rotation: expected")
     neg, even = stack.args[0]
     odd = expect(neg, aten.neg.default, depth=depth).args[0]
     if not (is_aten(odd, operator.getitem) and is_aten(even, operator.getitem) and odd.args[0] is even.args[0]
@@ -108,7 +109,8 @@ def fuse(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> None:
     q_parts, k_parts, cos, sin, eps, outs = match(attention)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     with gm.graph.inserting_before(min(attention.args[:2], key=order.get)):
-        qk = call(gm.graph, torch.ops.fluxc.qk_norm_rope.default, [x for x, _, _ in q_parts], [x for x, _, _ in k_parts],
+        qk = call(gm.graph, torch.ops.fluxc.qk_norm_rope.default,
+                  [x for x, _, _ in q_parts], [x for x, _, _ in k_parts],
                   [w for _, w, _ in q_parts], [w for _, w, _ in k_parts], cos, sin, float(eps))
         for i, (arg, old) in enumerate(zip(attention.args[:2], outs)):
             arg.replace_input_with(old, call(gm.graph, operator.getitem, qk, i))

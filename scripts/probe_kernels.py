@@ -1,6 +1,6 @@
 """Probe on the GPU: the traced IR of a tiny block in bf16, and the kernel facts the fusion passes rely on.
 
-    python scripts/probe_kernels.py --out $OUT
+    cd scripts && python3 probe_kernels.py --out $OUT       (on the lab GPU; measured facts quoted in passes/)
 """
 
 import argparse
