@@ -64,11 +64,16 @@ def expect(node, *targets, depth: int = 0, what: str = "") -> torch.fx.Node:
 def strip_casts(node):
     """Follow dtype-only `_to_copy` nodes back to their source (bf16 traces wrap math in fp32 casts).
     Patterns matched through casts may round differently; every fusion states a tolerance, not exactness."""
-    while (is_aten(node, aten._to_copy.default) and set(node.kwargs) <= {"dtype", "layout", "device"}
-           and node.kwargs.get("layout", torch.strided) == torch.strided
-           and node.kwargs.get("device", node.args[0].meta["val"].device) == node.args[0].meta["val"].device):
+    while is_pure_cast(node):
         node = node.args[0]
     return node
+
+
+def is_pure_cast(node) -> bool:
+    """A `_to_copy` that changes at most the dtype (same device, strided layout)."""
+    return (is_aten(node, aten._to_copy.default) and set(node.kwargs) <= {"dtype", "layout", "device"}
+            and node.kwargs.get("layout", torch.strided) == torch.strided
+            and node.meta["val"].device == node.args[0].meta["val"].device)
 
 
 def replace_with(node: torch.fx.Node, replacement: torch.fx.Node) -> None:

@@ -39,7 +39,6 @@ from fluxc.passes.fuse_qkv import linear_parts
 from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
 
-
 def check_bias_gelu(gelu: torch.fx.Node):
     """(view or None, addmm) of `gelu(view(addmm(b, x, t(w))))`, else NoMatch."""
     if gelu.kwargs.get("approximate", "none") != "tanh":

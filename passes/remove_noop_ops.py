@@ -17,7 +17,7 @@ the narrow dtype is representable in the wide one.
 
 import torch
 
-from fluxc.passes.base import PassContext, PassResult, replace_with
+from fluxc.passes.base import PassContext, PassResult, is_pure_cast, replace_with
 
 aten = torch.ops.aten
 _RESHAPES = (aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default)
@@ -29,12 +29,6 @@ _EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float3
 
 def _val(n):
     return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
-
-
-def _is_pure_cast(node) -> bool:
-    """_to_copy that changes at most the dtype."""
-    return node.target == aten._to_copy.default and set(node.kwargs) <= {"dtype", "layout", "device"} and \
-        _val(node).device == _val(node.args[0]).device
 
 
 def match(node: torch.fx.Node):
@@ -50,10 +44,10 @@ def match(node: torch.fx.Node):
         return ("identity_view", src) if out.shape == inp.shape else (None, "shape changes")
     if node.target in _IDENTITIES and node.kwargs.get("memory_format") in (None, torch.preserve_format):
         return "identity_cast", src
-    if _is_pure_cast(node):
+    if is_pure_cast(node):
         if out.dtype == inp.dtype:
             return "identity_cast", src
-        if isinstance(src, torch.fx.Node) and src.op == "call_function" and _is_pure_cast(src):
+        if isinstance(src, torch.fx.Node) and src.op == "call_function" and is_pure_cast(src):
             orig = _val(src.args[0])
             if orig.dtype == out.dtype and (orig.dtype, inp.dtype) in _EXACT_WIDENING:
                 return "cast_roundtrip", src.args[0]

@@ -22,7 +22,7 @@ import operator
 
 import torch
 
-from fluxc.passes.base import PassContext, PassResult
+from fluxc.passes.base import PassContext, PassResult, call, replace_with
 
 aten = torch.ops.aten
 FLASH = aten._scaled_dot_product_flash_attention.default
@@ -68,14 +68,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         q, k, v = node.args[:3]
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(CUDNN, (q, k, v, None, False, 0.0, False, False),
-                                         {"scale": node.kwargs.get("scale")})
-        fake_mode = torch._guards.detect_fake_mode([q.meta["val"]])
-        with fake_mode:
-            new.meta["val"] = CUDNN(q.meta["val"], k.meta["val"], v.meta["val"], None, False, 0.0, False, False,
-                                    scale=node.kwargs.get("scale"))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+            new = call(gm.graph, CUDNN, q, k, v, None, False, 0.0, False, False, scale=node.kwargs.get("scale"))
+        replace_with(node, new)
         counts["to_cudnn"] += 1
     counts["cudnn"] = sum(n.target == CUDNN for n in gm.graph.nodes)
     gm.recompile()
