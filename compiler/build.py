@@ -23,8 +23,8 @@ from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WE
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import (COMPONENT_KINDS, component_modules, module_tensors, segment_modules, trace_components,
-                         trace_model)
+from fluxc.trace import (COMPONENT_KINDS, OUTPUTS, SCHEDULE_INPUTS, component_modules, module_tensors,
+                         schedule_segment, segment_modules, trace_components, trace_model)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -162,12 +162,15 @@ def build(opts: BuildOptions, report=None) -> dict:
         segments = trace_model(model, profiles, plan.device, plan.dtype)
         if comps:
             segments += trace_components(comps, profiles, plan.device, plan.dtype, plan.encoder_device)
-    pass_counts, explain = {}, {}
+    pass_counts, explain, schedule = {}, {}, {}
     with stages("passes"):
         for seg in segments:
-            ctx = PassContext(plan.recipe, plan.target, seg.kind)
+            ctx = PassContext(plan.recipe, plan.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()))
             result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
             seg.graph, pass_counts[seg.name], explain[seg.name] = result.graph, result.counts, result.explain
+            if result.hoisted:
+                _split_schedule(seg, result.hoisted, schedule)
+        segments = list(schedule.values()) + segments  # compiled (and run) before the segments they feed
     checkpoint = dict(model.module.state_dict())
     for kind in COMPONENT_KINDS if comps else ():
         module, (prefix,) = modules[kind]
@@ -180,14 +183,15 @@ def build(opts: BuildOptions, report=None) -> dict:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.output)}.partial-", dir=parent)
     try:
         backend = get_backend(opts.backend)
-        numerics, seg_entries = {}, []
+        numerics, seg_entries, compiled = {}, [], {}
         for seg in segments:
             with stages(f"compile {seg.name}"):
                 example = _inputs_for_layer(seg, weights, seg.layers[0])
-                compiled = backend.compile(seg.graph, example, os.path.join(tmp, "segments", seg.name),
-                                           dict(plan.recipe.inductor_options))
-            with stages(f"check {seg.name}"):
-                numerics[seg.name] = _check(compiled, modules[seg.kind][0], seg, example, plan.recipe)
+                compiled[seg.name] = backend.compile(seg.graph, example, os.path.join(tmp, "segments", seg.name),
+                                                     dict(plan.recipe.inductor_options))
+            if seg.kind in modules:  # a schedule segment is checked with the segment it feeds
+                with stages(f"check {seg.name}"):
+                    numerics[seg.name] = _check(compiled, modules[seg.kind][0], seg, weights, plan.recipe)
             seg_entries.append(_segment_entry(seg))
         with stages("write weights"):
             from safetensors.torch import save_file
@@ -224,6 +228,20 @@ def engine_weights(segments, checkpoint: dict[str, torch.Tensor]) -> dict[str, t
     return weights
 
 
+def _split_schedule(seg, hoisted, schedule: dict) -> None:
+    """Make the schedule segment hoist_schedule split off `seg` (one per kind: every profile's is the same
+    graph), and example values for the inputs it gave `seg`."""
+    made = schedule_segment(seg, hoisted)
+    first = schedule.setdefault(made.kind, made)
+    if ir.dump(first.graph) != ir.dump(made.graph):
+        raise ir.IRError(f"{seg.name}: its hoisted graph differs from another profile's")
+    seg.schedule = first
+    for node in seg.graph.graph.nodes:
+        if node.op == "placeholder" and node.name in hoisted.values:
+            v = node.meta["val"]
+            seg.example[node.name] = torch.randn(v.shape, dtype=v.dtype, device=seg.device)
+
+
 def _inputs_for_layer(seg, weights, layer) -> list[torch.Tensor]:
     prefix = f"{layer}." if layer else ""
     return [weights[prefix + w] for w in seg.weight_names] + [seg.example[n] for n in seg.inputs]
@@ -241,13 +259,27 @@ def _write_tokenizers(comps, plan, text_tokens: int, root: str) -> dict:
 
 
 @torch.no_grad()
-def _check(compiled, eager_module, seg, example, recipe) -> dict:
-    """Compiled segment vs the eager diffusers module it was traced from, on layer 0's weights."""
-    acts = example[len(seg.weight_names):]
-    expected = eager_module(*acts)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    got = compiled(*example)
-    errors = {name: relative_error(g, e) for name, g, e in zip(seg.outputs, got, expected)}
+def _check(compiled: dict, eager_module, seg, weights, recipe) -> dict:
+    """Compiled segment vs the eager diffusers module it was traced from, on layer 0's weights.
+
+    A segment with a hoisted schedule part runs after that part's compiled graph, on two windows of its
+    rows (the first and the last, which differ): a hoisted graph that mixed rows would fail here."""
+    layer0 = _inputs_for_layer(seg, weights, seg.layers[0])[:len(seg.weight_names)]
+    runs = [dict(seg.example)]
+    if seg.schedule is not None:
+        sched = seg.schedule
+        rows = compiled[sched.name](*_inputs_for_layer(sched, weights, seg.layers[0]))
+        by_row = sched.example | dict(zip(sched.outputs, rows))
+        b, n = seg.profile.batch, next(iter(sched.example.values())).shape[0]
+        runs = [seg.example | {k: v[lo:lo + b] for k, v in by_row.items()} for lo in (0, n - b)]
+    eager_inputs = [k for k in seg.example if seg.schedule is None or k not in seg.schedule.outputs]
+    errors = {}
+    for acts in runs:
+        expected = eager_module(*(acts[k] for k in eager_inputs))
+        expected = dict(zip(OUTPUTS[seg.kind], expected if isinstance(expected, tuple) else (expected,)))
+        got = acts | dict(zip(seg.outputs, compiled[seg.name](*layer0, *(acts[k] for k in seg.inputs))))
+        for name, want in expected.items():  # a hoisted output (the head's temb) comes from the schedule rows
+            errors[name] = max(errors.get(name, 0.0), relative_error(got[name], want))
     worst = max(errors.values())
     rtol = recipe.component_check_rtol if seg.kind in COMPONENT_KINDS and recipe.component_check_rtol else recipe.check_rtol
     if not worst <= rtol:
@@ -265,7 +297,7 @@ def _segment_entry(seg) -> dict:
     return {
         "name": seg.name, "kind": seg.kind, "profile": seg.profile and seg.profile.name, "dir": f"segments/{seg.name}",
         "device": seg.device.type,
-        "layers": seg.layers, "weights": seg.weight_names,
+        "layers": seg.layers, "weights": seg.weight_names, "schedule": seg.schedule and seg.schedule.name,
         "inputs": [describe(n) | {"name": name} for n, name in zip(placeholders[len(seg.weight_names):], seg.inputs)],
         "outputs": [describe(n) | {"name": name} for n, name in zip(outputs, seg.outputs)],
         "op_counts": ir.op_counts(seg.graph),

@@ -1,8 +1,9 @@
 """IR utilities: the verifier and the text dump.
 
 The IR is aten-level torch.fx: placeholders (weights, then activations), `call_function` nodes whose
-targets are aten OpOverloads (or operator.getitem), one output node. Every node carries
-`meta["val"]`, the fake tensor with its shape and dtype.
+targets are aten OpOverloads (or operator.getitem), one output node whose meta["names"] names the
+outputs. Every node carries `meta["val"]`, the fake tensor with its shape and dtype; weight placeholders
+carry meta["weight"], a WeightSource; an activation placeholder's name is the input's name.
 """
 
 import dataclasses
@@ -52,6 +53,11 @@ def weight_placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder" and "weight" in n.meta]
 
 
+def output_names(gm: torch.fx.GraphModule) -> list[str]:
+    """The names of a graph's outputs (the output node's meta["names"], set by the trace, kept by the passes)."""
+    return list(next(n for n in gm.graph.nodes if n.op == "output").meta["names"])
+
+
 class IRError(AssertionError):
     """A graph broke an IR invariant: a compiler bug, never a user error."""
 
@@ -67,6 +73,9 @@ def verify(gm: torch.fx.GraphModule, where: str = "") -> None:
     outputs = [n for n in graph.nodes if n.op == "output"]
     if len(outputs) != 1:
         raise IRError(f"{where}: expected one output node, found {len(outputs)}")
+    names = outputs[0].meta.get("names")
+    if names is None or len(names) != len(outputs[0].args[0]):
+        raise IRError(f"{where}: the output node's meta['names'] does not name its {len(outputs[0].args[0])} outputs")
     mutated_inputs = set()
     for node in graph.nodes:
         if node.op == "placeholder":

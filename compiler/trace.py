@@ -21,6 +21,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fluxc.components import CLIP_MAX_LENGTH
+from fluxc import ir
 from fluxc.ir import WeightSource
 from fluxc.models import LoadedModel
 from fluxc.runtime.errors import FluxcError
@@ -40,9 +41,17 @@ class Segment:
     graph: torch.fx.GraphModule
     weight_names: list[str]  # relative to each layer prefix, in placeholder order (refreshed after the passes)
     layers: list[str]  # state-dict prefixes of the layers this graph runs for ("" = top level)
-    inputs: list[str]  # activation names, after the weights
-    outputs: list[str]
     example: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)  # traced with these
+    schedule: "Segment | None" = None  # the graph hoist_schedule split off this one: its outputs feed this one
+
+    @property
+    def inputs(self) -> list[str]:
+        """Activation input names (the placeholders after the weights), as the graph has them now."""
+        return [n.name for n in self.graph.graph.nodes if n.op == "placeholder" and "weight" not in n.meta]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ir.output_names(self.graph)
 
     @property
     def device(self) -> torch.device:
@@ -212,6 +221,11 @@ def component_activations(comps, kind: str, profile: Profile, device, dtype) -> 
     return dict(latents=torch.randn(shape, device=device, dtype=dtype))
 
 
+# Activation inputs known for every step before the denoising loop starts (passes/hoist_schedule.py).
+SCHEDULE_INPUTS = {"head": ("timestep", "guidance", "pooled_projections"), "double": ("temb",), "single": ("temb",),
+                   "tail": ("temb",)}
+SCHEDULE_ROWS = 32  # hoisted graphs run over steps x batch rows, this many at a time
+
 OUTPUTS = {"head": ["hidden_states", "encoder_hidden_states", "temb"], "double": ["encoder_hidden_states", "hidden_states"],
            "single": ["joint_hidden_states"], "tail": ["noise_pred"],
            "clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "vae": ["image"]}
@@ -233,7 +247,31 @@ def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile
     _name_placeholders(gm, weight_names + list(activations))
     for node, name in zip(gm.graph.nodes, weight_names):
         node.meta["weight"] = WeightSource(name)
-    return Segment(kind, profile, gm, weight_names, layers, list(activations), OUTPUTS[kind], activations)
+    next(n for n in gm.graph.nodes if n.op == "output").meta["names"] = list(OUTPUTS[kind])
+    return Segment(kind, profile, gm, weight_names, layers, activations)
+
+
+def schedule_segment(seg: Segment, hoisted, rows: int = SCHEDULE_ROWS) -> Segment:
+    """The graph hoist_schedule split off `seg`, re-traced for `rows` rows (the runtime feeds steps x batch
+    rows). Example rows: the segment's own example first, then distinct random ones, so the build's check
+    sees rows that differ."""
+    g = torch.Generator().manual_seed(0)
+    acts = {}
+    for name in hoisted.inputs:
+        x = seg.example[name]
+        extra = torch.rand((rows - x.shape[0], *x.shape[1:]), generator=g).to(x) * x.abs().amax()
+        acts[name] = torch.cat([x, extra])
+    placeholders = [n for n in hoisted.graph.graph.nodes if n.op == "placeholder"]
+    weights = [n for n in placeholders if "weight" in n.meta]
+    with torch.no_grad():
+        gm = make_fx(hoisted.graph, tracing_mode="fake")(
+            *(torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=seg.device) for n in weights),
+            *acts.values())
+    _name_placeholders(gm, [n.name for n in placeholders])
+    for node, old in zip(gm.graph.nodes, weights):
+        node.meta["weight"] = old.meta["weight"]
+    next(n for n in gm.graph.nodes if n.op == "output").meta["names"] = list(hoisted.values)
+    return Segment(f"{seg.kind}_schedule", None, gm, [n.meta["weight"].name for n in weights], seg.layers, acts)
 
 
 def _name_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> None:

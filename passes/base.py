@@ -21,6 +21,7 @@ class PassContext:
     recipe: Recipe
     target: str  # "cpu" | "sm_90" | ...
     segment_kind: str  # "head" | "double" | "single" | "tail"
+    schedule_inputs: tuple[str, ...] = ()  # activation inputs known for every step before the loop (hoist_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class PassResult:
     graph: torch.fx.GraphModule
     counts: dict[str, int]  # rewrite counts by rule; pinned by tests/test_passes.py on `tiny`
     rejected: list[Rejection] = dataclasses.field(default_factory=list)
+    hoisted: object = None  # hoist_schedule.Hoisted: a graph the pass split off the segment
 
 
 class NoMatch(Exception):

@@ -36,6 +36,9 @@ class Recipe:
     # fuse_qkv: also fuse a single block's MLP input projection into its QKV GEMM (then its GELU runs as a
     # separate kernel instead of in the GEMM's epilogue; measured slower on the H200, see fuse_qkv.py).
     qkv_with_mlp: bool = False
+    # Hoist what depends only on the step schedule (time embedding, AdaLN modulation GEMVs) out of the
+    # denoising loop: computed once per generation for every step (passes/hoist_schedule.py).
+    hoist_schedule: bool = True
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -2,9 +2,11 @@
 denoising loop -> VAE decoder -> image.
 
 Imports torch, safetensors and tokenizers only (never diffusers, transformers or the compiler).
-On CUDA one whole step (head, every block, tail, Euler update) is captured as one CUDA graph per
-profile; the loop then only copies the step's timestep and sigma delta on the device and replays, so
-there is no host sync inside the loop. Segments have a static batch: more prompts than the engine's
+Before the loop, the engine's schedule segments (the graphs passes/hoist_schedule.py split off: time
+embedding, every block's AdaLN modulation) run once over all steps' rows and give one buffer of
+per-step values. On CUDA one whole step (head, every block, tail, Euler update) is captured as one CUDA
+graph per profile; the loop then only copies the step's row of that buffer, its timestep and its sigma
+delta on the device and replays, so there is no host sync inside the loop. Segments have a static batch: more prompts than the engine's
 batch run in chunks, the last one padded by repeating its last prompt.
 """
 
@@ -24,6 +26,7 @@ from fluxc.runtime.flux_math import Profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ENCODER_KINDS = ("clip", "t5")
+SCHEDULE = "_schedule"  # kind suffix of a segment hoist_schedule split off its kind's segment
 
 
 class Engine:
@@ -36,6 +39,10 @@ class Engine:
         self.components = manifest["components"]  # None: transformer only
         self.encoders = self._encoder_placement(encoders)
         self._segments: dict[tuple[str, str | None], tuple[dict, object]] = {}
+        # schedule segments in build order (the head's first: its temb feeds the others), and where each
+        # loop input they make lives in a step's row of the schedule buffer: (kind, layer, name) -> (offset, shape)
+        self._schedule = [s for s in manifest["segments"] if s["kind"].endswith(SCHEDULE)]
+        self._layout = _schedule_layout(manifest["segments"])
         self._weights: dict[str, list[torch.Tensor]] = {}
         self._graphs: dict[str, "_GraphedStep"] = {}
         self._tokenizers = {}
@@ -109,22 +116,58 @@ class Engine:
         cos, sin = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]))
         return cos.to(self.device), sin.to(self.device)
 
-    def _run(self, kind: str, profile: Profile | None, layer: str, acts: dict) -> list[torch.Tensor]:
+    def _run(self, kind: str, profile: Profile | None, layer: str, acts: dict) -> dict[str, torch.Tensor]:
+        """One segment for one layer: inputs by name from `acts` (or from the step's schedule row), outputs by name."""
         seg, fn = self._segments[(kind, profile and profile.name)]
-        return fn(*self._weights[f"{kind}:{layer}"], *(acts[i["name"]] for i in seg["inputs"]))
+        args = []
+        for i in seg["inputs"]:
+            where = self._layout.get((kind, layer, i["name"]))
+            args.append(acts[i["name"]] if where is None else acts["schedule"].narrow(0, where[0], math.prod(where[1]))
+                        .view(where[1]))
+        outs = fn(*self._weights[f"{kind}:{layer}"], *args)
+        return dict(zip((o["name"] for o in seg["outputs"]), outs))
+
+    def schedule(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        """Every step's schedule row at once: timestep [steps, B], guidance [B] (guidance-distilled models),
+        pooled [B, 768] -> [steps, row] (an empty row for an engine built without hoist_schedule)."""
+        steps = timestep.shape[0]
+        values = {"timestep": timestep.reshape(-1), "pooled_projections": pooled.repeat(steps, 1)}
+        if guidance is not None:
+            values["guidance"] = guidance.repeat(steps)
+        rows = {}
+        for seg in self._schedule:
+            names = [i["name"] for i in seg["inputs"]]
+            chunk = seg["inputs"][0]["shape"][0]  # compiled for this many rows: steps x batch run in chunks
+            loop_kind = seg["kind"].removesuffix(SCHEDULE)
+            for layer in seg["layers"]:
+                def run(*xs, kind=seg["kind"], layer=layer):
+                    return list(self._run(kind, None, layer, dict(zip(names, xs))).values())
+
+                for o, out in zip(seg["outputs"], _chunked(run, chunk, *(values[n] for n in names))):
+                    key = (loop_kind, layer, o["name"])
+                    if key in self._layout:
+                        rows[key] = out
+                    else:  # the head's temb: an input of the other schedule segments
+                        values[o["name"]] = out
+        if not self._layout:
+            return timestep.new_empty(steps, 0)
+        return torch.cat([rows[key].reshape(steps, -1) for key in self._layout], dim=1)
 
     def transformer(self, profile: Profile, acts: dict) -> torch.Tensor:
         """acts: hidden_states [B, S, 64], encoder_hidden_states [B, T, 4096], pooled_projections [B, 768],
-        timestep [B], guidance [B] (if the model is guidance-distilled), rope_cos/rope_sin [T+S, 128]."""
+        timestep [B], guidance [B] (if the model is guidance-distilled), rope_cos/rope_sin [T+S, 128];
+        optionally `schedule`, this step's row of Engine.schedule (else computed here)."""
         acts = dict(acts)
-        acts["hidden_states"], acts["encoder_hidden_states"], acts["temb"] = self._run("head", profile, "", acts)
+        if "schedule" not in acts:
+            acts["schedule"] = self.schedule(acts["timestep"][None], acts.get("guidance"), acts["pooled_projections"])[0]
+        acts |= self._run("head", profile, "", acts)
         for layer in self._segments[("double", profile.name)][0]["layers"]:
-            acts["encoder_hidden_states"], acts["hidden_states"] = self._run("double", profile, layer, acts)
+            acts |= self._run("double", profile, layer, acts)
         acts["joint_hidden_states"] = torch.cat([acts["encoder_hidden_states"], acts["hidden_states"]], dim=1)
         for layer in self._segments[("single", profile.name)][0]["layers"]:
-            (acts["joint_hidden_states"],) = self._run("single", profile, layer, acts)
+            acts |= self._run("single", profile, layer, acts)
         acts["hidden_states"] = acts["joint_hidden_states"][:, profile.text_tokens:]  # [B, S, C]
-        return self._run("tail", profile, "", acts)[0]
+        return self._run("tail", profile, "", acts)["noise_pred"]
 
     # ---- text to image ---------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], *, height: int | None = None, width: int | None = None,
@@ -170,10 +213,10 @@ class Engine:
         clip_ids, t5_ids = self._tokenizers["clip"](prompts), self._tokenizers["t5"](prompts)  # [N, 77], [N, T]
         batch = self._first.batch
         with self._encoders_loaded():
-            pooled, = _chunked(lambda ids: self._run("clip", None, "text_encoder", {"input_ids": ids}), batch,
-                               clip_ids.to(self._encoder_device))
-            embeds, = _chunked(lambda ids: self._run("t5", None, "text_encoder_2", {"input_ids": ids}), batch,
-                               t5_ids.to(self._encoder_device))
+            pooled, = _chunked(lambda ids: list(self._run("clip", None, "text_encoder", {"input_ids": ids}).values()),
+                               batch, clip_ids.to(self._encoder_device))
+            embeds, = _chunked(lambda ids: list(self._run("t5", None, "text_encoder_2", {"input_ids": ids}).values()),
+                               batch, t5_ids.to(self._encoder_device))
         return embeds.to(self.device), pooled.to(self.device)
 
     @property
@@ -198,7 +241,8 @@ class Engine:
         if self.components is None:
             raise _transformer_only_error()
         unpacked = flux_math.unpack_latents(latents, profile.height, profile.width)  # [N, 16, H/8, W/8]
-        images, = _chunked(lambda z: self._run("vae", profile, "vae", {"latents": z}), profile.batch, unpacked)
+        images, = _chunked(lambda z: list(self._run("vae", profile, "vae", {"latents": z}).values()), profile.batch,
+                           unpacked)
         return images.float().cpu()
 
     def _check_prompts(self, prompt) -> list[str]:
@@ -240,19 +284,19 @@ class Engine:
             latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype)
         sig = flux_math.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
-        per_step = {
-            "timestep": timesteps[:, None].expand(steps, profile.batch).to(self.device),
-            "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
-        }
         state = {
             "hidden_states": latents.to(self.device, self.dtype),
             "encoder_hidden_states": prompt_embeds.to(self.device, self.dtype),
             "pooled_projections": pooled_prompt_embeds.to(self.device, self.dtype),
-            "timestep": per_step["timestep"][0].clone(),
-            "dt": per_step["dt"][0].clone(),
         }
         if self.config["guidance_embeds"]:
             state["guidance"] = torch.full((profile.batch,), float(guidance), device=self.device)
+        per_step = {
+            "timestep": timesteps[:, None].expand(steps, profile.batch).to(self.device),
+            "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
+        }
+        per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state["pooled_projections"])
+        state |= {k: v[0].clone() for k, v in per_step.items()}
         state["rope_cos"], state["rope_sin"] = self.rope(profile)
 
         graphed = self._graphed_step(profile, state) if self.device.type == "cuda" and cuda_graph else None
@@ -287,6 +331,24 @@ class Engine:
                 raise FluxcError(f"{name} has shape {tuple(t.shape)}; this engine takes {want}.",
                                  "Encode prompts with the text encoders this engine's model was trained with, "
                                  "padded to the engine's text length.")
+
+
+def _schedule_layout(segments: list[dict]) -> dict[tuple[str, str, str], tuple[int, list[int]]]:
+    """(kind, layer, input name) -> (offset, shape) in a step's schedule row, for every loop-segment input a
+    schedule segment makes (the shape is the same in every profile: [batch, features])."""
+    made = {(s["kind"].removesuffix(SCHEDULE), o["name"]) for s in segments if s["kind"].endswith(SCHEDULE)
+            for o in s["outputs"]}
+    layout, offset, seen = {}, 0, set()
+    for seg in segments:
+        if seg["kind"] in seen or seg["kind"].endswith(SCHEDULE):
+            continue
+        seen.add(seg["kind"])
+        for layer in seg["layers"]:
+            for i in seg["inputs"]:
+                if (seg["kind"], i["name"]) in made:
+                    layout[(seg["kind"], layer, i["name"])] = (offset, i["shape"])
+                    offset += math.prod(i["shape"])
+    return layout
 
 
 def _check_steps(steps) -> None:

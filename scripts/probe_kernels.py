@@ -78,10 +78,45 @@ def main():
     rec["ms_cudnn_contig"] = cuda_ms(lambda: sdpa(cq, ck, cv, None, False, 0.0, False, False))
     bshd = torch.randn(1, S, 24, 128, device=dev, dtype=torch.bfloat16).permute(0, 2, 1, 3)
     rec["cudnn_out_stride_bshd_q"] = list(sdpa(bshd, bshd, bshd, None, False, 0.0, False, False)[0].stride())
+    step_levers(rec, dev)
     with open(os.path.join(args.out, "probe.json"), "w") as f:
         json.dump(rec, f, indent=1)
     for k_, v_ in rec.items():
         print(f"{k_:<36} {v_}")
+
+
+def step_levers(rec, dev):
+    """What is left in the bf16 step: attention input layouts, per-step modulation GEMVs against one GEMM
+    over every step's rows, and text+image GEMMs as one grouped GEMM."""
+    S, T, H, D, C = 4608, 512, 24, 128, 3072
+    sdpa = torch.ops.aten._scaled_dot_product_cudnn_attention
+    bshd = [torch.randn(1, S, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
+    bhsd = [t.contiguous() for t in bshd]
+    for name, (q, k, v) in (("bshd", bshd), ("bhsd", bhsd)):
+        rec[f"ms_cudnn_{name}"] = cuda_ms(lambda: sdpa(q, k, v, None, False, 0.0, False, False), iters=20)
+        rec[f"cudnn_out_stride_{name}"] = list(sdpa(q, k, v, None, False, 0.0, False, False)[0].stride())
+    mixed = (bshd[0], bshd[1], bhsd[2])  # q, k from fluxc.qk_norm_rope; v as torch's copy of a strided slice
+    rec["ms_cudnn_qk_bshd_v_bhsd"] = cuda_ms(lambda: sdpa(*mixed, None, False, 0.0, False, False), iters=20)
+    a = torch.randn(S, 4 * C, device=dev, dtype=torch.bfloat16)
+    wb = torch.randn(C, 4 * C, device=dev, dtype=torch.bfloat16)
+    rec["ms_gemm_k12288"] = cuda_ms(lambda: torch.mm(a, wb.t()), iters=20)
+    rec["ms_gemm_k12288_then_cudnn_bshd"] = cuda_ms(lambda: (torch.mm(a, wb.t()), sdpa(*bshd, None, False, 0.0, False, False)), iters=20)
+    w = torch.randn(12 * C, C, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(12 * C, device=dev, dtype=torch.bfloat16)
+    for rows in (1, 32):
+        x = torch.randn(rows, C, device=dev, dtype=torch.bfloat16)
+        rec[f"ms_modulation_gemm_rows{rows}"] = cuda_ms(lambda: torch.addmm(b, x, w.t()), iters=20)
+    if hasattr(torch, "_grouped_mm"):
+        x = torch.randn(S, C, device=dev, dtype=torch.bfloat16)
+        offs = torch.tensor([T, S], device=dev, dtype=torch.int32)
+        for n in (3 * C, 4 * C):
+            wg = torch.randn(2, n, C, device=dev, dtype=torch.bfloat16)
+            try:
+                rec[f"ms_grouped_mm_n{n}"] = cuda_ms(lambda: torch._grouped_mm(x, wg.transpose(1, 2), offs))
+            except Exception as e:  # noqa: BLE001 - a probe records what failed
+                rec[f"ms_grouped_mm_n{n}"] = repr(e)[:200]
+            rec[f"ms_two_mm_n{n}"] = cuda_ms(lambda: (torch.mm(x[:T], wg[0].t()), torch.mm(x[T:], wg[1].t())))
+            rec[f"ms_one_mm_n{n}"] = cuda_ms(lambda: torch.mm(x, wg[0].t()))
 
 
 if __name__ == "__main__":

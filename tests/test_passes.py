@@ -12,7 +12,7 @@ from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import resolve, run_pipeline
 from fluxc.recipes import bf16, reference
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import segment_modules, trace_model
+from fluxc.trace import SCHEDULE_INPUTS, schedule_segment, segment_modules, trace_model
 from torch.fx.experimental.proxy_tensor import make_fx
 
 # Pinned on `tiny` (per segment; the engine runs each block segment for 2 layers). Per double block: 4
@@ -132,6 +132,37 @@ def test_fused_segments_match_diffusers_eager(tiny_model):
             assert relative_error(g_, w_) <= floor, (seg.name, name, relative_error(g_, w_))
     cfg = model.config
     assert attention_fused == cfg["num_layers"] + cfg["num_single_layers"]  # every attention call fused
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_hoist_schedule_splits_exactly_and_row_by_row(tiny_model, fusion):
+    """The loop graph fed by the graph hoist_schedule split off equals the segment without hoisting, exactly;
+    that graph, re-traced for 5 rows as the build does, computes each row as it computes the row alone."""
+    model, recipe = tiny_model
+    recipe = dataclasses.replace(recipe, fusion=fusion)
+    dtype = next(model.module.parameters()).dtype
+    # one value per segment: the head's temb, each block's modulation GEMM (a double block's two when
+    # fuse_qkv is off), norm_out's in the tail
+    want_values = {"head": 1, "double": 1 if fusion else 2, "single": 1, "tail": 1}
+    for seg, plain in zip(_segments(model), _segments(model)):
+        tensors = _tensors(seg.graph)
+        expected = dict(zip(plain.outputs, _run(_pipeline(plain, recipe).graph, tensors)))
+        result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind, SCHEDULE_INPUTS[seg.kind]))
+        assert result.counts["hoist_schedule"] == {"values": want_values[seg.kind]}, seg.name
+        hoisted = result.hoisted
+        assert not set(SCHEDULE_INPUTS[seg.kind]) & set(seg.inputs)  # the loop no longer reads them
+        values = dict(zip(hoisted.values, _run(hoisted.graph, tensors)))
+        got = values | dict(zip(seg.outputs, _run(result.graph, tensors | values)))
+        assert seg.outputs == [n for n in plain.outputs if n not in hoisted.values]
+        for name, want in expected.items():
+            assert torch.equal(got[name], want), (seg.name, name)
+
+        rows = schedule_segment(seg, hoisted, rows=5)
+        batched = _run(rows.graph, tensors | rows.example)
+        for r in range(5):
+            alone = _run(hoisted.graph, tensors | {k: v[r:r + 1] for k, v in rows.example.items()})
+            for b, a in zip(batched, alone):
+                assert relative_error(b[r:r + 1], a) <= REWRITE_TOLERANCE[dtype], (seg.name, r)
 
 
 def test_qk_norm_rope_reference_equals_diffusers():
