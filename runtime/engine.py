@@ -373,7 +373,7 @@ def _chunked(fn, batch: int, *inputs: torch.Tensor) -> list[torch.Tensor]:
         if pad:
             chunk = [torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in chunk]
         outs.append([y[:batch - pad] for y in fn(*chunk)])
-    return [torch.cat(ys) for ys in zip(*outs)]
+    return [ys[0] if len(ys) == 1 else torch.cat(ys) for ys in zip(*outs)]
 
 
 def to_pil(images: torch.Tensor) -> list:

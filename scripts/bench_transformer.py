@@ -41,7 +41,7 @@ def source_commit() -> str:
                                                             capture_output=True, text=True).stdout.strip()
 
 
-def cuda_ms(fn, warmup=3, iters=10) -> float:
+def cuda_ms(fn, warmup=5, iters=20) -> float:
     """Median of CUDA-event timings of fn() after warm-up."""
     for _ in range(warmup):
         fn()
@@ -79,11 +79,19 @@ def kernel_breakdown(fn, iters: int = 3, top: int = 20) -> dict:
             fn()
         torch.cuda.synchronize()
     by_name: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
-            t = by_name.setdefault(e.name, [0.0, 0])
-            t[0] += e.device_time / 1000 / iters  # us -> ms per call
-            t[1] += 1 / iters
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0),
+                     key=lambda e: e.time_range.start)
+    for e in kernels:
+        t = by_name.setdefault(e.name, [0.0, 0])
+        t[0] += e.device_time / 1000 / iters  # us -> ms per call
+        t[1] += 1 / iters
+    # idle GPU time between kernels (the calls run back to back), charged to the kernel that ends the wait
+    idle_before: dict[str, float] = {}
+    busy_until = kernels[0].time_range.start if kernels else 0
+    for e in kernels:
+        if e.time_range.start > busy_until:
+            idle_before[e.name] = idle_before.get(e.name, 0.0) + (e.time_range.start - busy_until) / 1000 / iters
+        busy_until = max(busy_until, e.time_range.end)
     cats = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for name, (ms, _) in by_name.items():
         cats[kernel_category(name)] += ms
@@ -92,7 +100,10 @@ def kernel_breakdown(fn, iters: int = 3, top: int = 20) -> dict:
             "top_kernels": [{"name": n[:160], "category": kernel_category(n), "ms": round(ms, 3), "calls": round(c, 1)}
                             for n, (ms, c) in ranked[:top]],
             "top_other": [{"name": n[:160], "ms": round(ms, 3), "calls": round(c, 1)}
-                          for n, (ms, c) in ranked if kernel_category(n) == "other"][:top]}
+                          for n, (ms, c) in ranked if kernel_category(n) == "other"][:top],
+            "idle_ms": round(sum(idle_before.values()), 3),
+            "top_idle_before": [{"name": n[:160], "ms": round(ms, 3)}
+                                for n, ms in sorted(idle_before.items(), key=lambda kv: -kv[1])[:10]]}
 
 
 def inputs(cfg, seed=123):
@@ -197,6 +208,9 @@ def main():
                   f"attention {k['attention_ms']:.1f} other {k['other_ms']:.1f}")
             for t in k["top_kernels"][:14]:
                 print(f"  {t['ms']:8.3f} {t['calls']:6.1f}x {t['name'][:100]}")
+            print(f"  idle between kernels {k['idle_ms']:.2f} ms per call; most before:")
+            for t in k["top_idle_before"][:6]:
+                print(f"  {t['ms']:8.3f} {t['name'][:100]}")
         return
     # 2. diffusers eager on the same weights
     model = load_model("flux1-dev", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
@@ -232,12 +246,12 @@ def main():
         for k in r["kernels"]["top_kernels"]:
             print(f"  {k['ms']:8.3f} {k['calls']:6.1f}x {k['category']:<9} {k['name'][:110]}")
     print(f"\nfluxc ms/step = the graphed step + the schedule segments' time ({args.steps} steps at once) / {args.steps}")
-    print(f"\n{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'peak GiB':>10}{'GEMM':>8}{'attn':>8}{'other':>8}")
+    print(f"\n{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'peak GiB':>10}{'GEMM':>8}{'attn':>8}{'other':>8}{'idle':>7}")
     for name, r in results.items():
         k = r["kernels"]
         print(f"{name:<18}{r['ms_per_step']:>9.1f}{r['ratio_to_torch_compile']:>11.3f}"
               f"{r['relative_error_vs_eager']:>10.2e}{r['peak_gib']:>10.1f}"
-              f"{k['gemm_ms']:>8.1f}{k['attention_ms']:>8.1f}{k['other_ms']:>8.1f}")
+              f"{k['gemm_ms']:>8.1f}{k['attention_ms']:>8.1f}{k['other_ms']:>8.1f}{k['idle_ms']:>7.1f}")
     f = results["fluxc bf16"]
     print(f"fluxc build: trace+compile {f['build_trace_compile_s']:.1f} s, total {f['build_total_s']:.1f} s; "
           f"load {f['load_s']:.1f} s; {args.steps}-step denoise {f['denoise_s']:.2f} s; "
