@@ -6,8 +6,8 @@ Before the loop, the engine's schedule segments (the graphs passes/hoist_schedul
 embedding, every block's AdaLN modulation) run once over all steps' rows and give one buffer of
 per-step values. On CUDA one whole step (head, every block, tail, Euler update) is captured as one CUDA
 graph per profile; the loop then only copies the step's row of that buffer, its timestep and its sigma
-delta on the device and replays, so there is no host sync inside the loop. Segments have a static batch: more prompts than the engine's
-batch run in chunks, the last one padded by repeating its last prompt.
+delta on the device and replays, so there is no host sync inside the loop. Segments have a static batch:
+more prompts than the engine's batch run in chunks, the last one padded by repeating its last prompt.
 """
 
 import math
@@ -122,10 +122,17 @@ class Engine:
         args = []
         for i in seg["inputs"]:
             where = self._layout.get((kind, layer, i["name"]))
-            args.append(acts[i["name"]] if where is None else acts["schedule"].narrow(0, where[0], math.prod(where[1]))
-                        .view(where[1]))
+            if where is None:
+                args.append(acts[i["name"]])
+            else:
+                offset, shape = where
+                args.append(acts["schedule"].narrow(0, offset, math.prod(shape)).view(shape))
         outs = fn(*self._weights[f"{kind}:{layer}"], *args)
         return dict(zip((o["name"] for o in seg["outputs"]), outs))
+
+    def _rows(self, kind: str, profile: Profile | None, layer: str, names: list[str]):
+        """fn(*tensors) -> the segment's outputs as a list, the tensors being its inputs `names`: for _chunked."""
+        return lambda *xs: list(self._run(kind, profile, layer, dict(zip(names, xs))).values())
 
     def schedule(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
         """Every step's schedule row at once: timestep [steps, B], guidance [B] (guidance-distilled models),
@@ -140,10 +147,8 @@ class Engine:
             chunk = seg["inputs"][0]["shape"][0]  # compiled for this many rows: steps x batch run in chunks
             loop_kind = seg["kind"].removesuffix(SCHEDULE)
             for layer in seg["layers"]:
-                def run(*xs, kind=seg["kind"], layer=layer):
-                    return list(self._run(kind, None, layer, dict(zip(names, xs))).values())
-
-                for o, out in zip(seg["outputs"], _chunked(run, chunk, *(values[n] for n in names))):
+                outs = _chunked(self._rows(seg["kind"], None, layer, names), chunk, *(values[n] for n in names))
+                for o, out in zip(seg["outputs"], outs):
                     key = (loop_kind, layer, o["name"])
                     if key in self._layout:
                         rows[key] = out
@@ -213,10 +218,10 @@ class Engine:
         clip_ids, t5_ids = self._tokenizers["clip"](prompts), self._tokenizers["t5"](prompts)  # [N, 77], [N, T]
         batch = self._first.batch
         with self._encoders_loaded():
-            pooled, = _chunked(lambda ids: list(self._run("clip", None, "text_encoder", {"input_ids": ids}).values()),
-                               batch, clip_ids.to(self._encoder_device))
-            embeds, = _chunked(lambda ids: list(self._run("t5", None, "text_encoder_2", {"input_ids": ids}).values()),
-                               batch, t5_ids.to(self._encoder_device))
+            pooled, = _chunked(self._rows("clip", None, "text_encoder", ["input_ids"]), batch,
+                               clip_ids.to(self._encoder_device))
+            embeds, = _chunked(self._rows("t5", None, "text_encoder_2", ["input_ids"]), batch,
+                               t5_ids.to(self._encoder_device))
         return embeds.to(self.device), pooled.to(self.device)
 
     @property
@@ -241,8 +246,7 @@ class Engine:
         if self.components is None:
             raise _transformer_only_error()
         unpacked = flux_math.unpack_latents(latents, profile.height, profile.width)  # [N, 16, H/8, W/8]
-        images, = _chunked(lambda z: list(self._run("vae", profile, "vae", {"latents": z}).values()), profile.batch,
-                           unpacked)
+        images, = _chunked(self._rows("vae", profile, "vae", ["latents"]), profile.batch, unpacked)
         return images.float().cpu()
 
     def _check_prompts(self, prompt) -> list[str]:
