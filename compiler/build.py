@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -94,6 +95,10 @@ def validate(opts: BuildOptions) -> Plan:
                          "Drop --precision, or pick a recipe of that precision.")
     here = local_target()
     target = here if opts.target == "auto" else opts.target
+    sm = re.fullmatch(r"sm_(\d+)a?", target)
+    if precision is Precision.FP8 and sm and int(sm.group(1)) < 89:
+        raise FluxcError(f"--precision fp8 needs FP8 tensor cores (sm_89 or newer); {target} has none.",
+                         "Build --precision bf16 for this GPU, or target an sm_89+ GPU (L40S, H100, H200, B200).")
     if target != here:
         raise FluxcError(
             f"Cannot compile for {target} on this machine ({here}): engines are compiled on the GPU they run on.",
@@ -162,12 +167,13 @@ def build(opts: BuildOptions, report=None) -> dict:
         segments = trace_model(model, profiles, plan.device, plan.dtype)
         if comps:
             segments += trace_components(comps, profiles, plan.device, plan.dtype, plan.encoder_device)
-    pass_counts, explain, schedule = {}, {}, {}
+    pass_counts, explain, reports, schedule = {}, {}, {}, {}
     with stages("passes"):
         for seg in segments:
             ctx = PassContext(plan.recipe, plan.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()))
             result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
             seg.graph, pass_counts[seg.name], explain[seg.name] = result.graph, result.counts, result.explain
+            reports[seg.name] = result.reports
             if result.hoisted:
                 _split_schedule(seg, result.hoisted, schedule)
         segments = list(schedule.values()) + segments  # compiled (and run) before the segments they feed
@@ -200,8 +206,8 @@ def build(opts: BuildOptions, report=None) -> dict:
             components = _write_tokenizers(comps, plan, text_tokens, tmp) if comps else None
         with stages("hash"):
             files = {rel: sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
-        manifest = _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, backend,
-                             numerics, files, stages.seconds)
+        manifest = _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, reports,
+                             backend, numerics, files, stages.seconds)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _move_into_place(tmp, opts.output)
@@ -304,8 +310,8 @@ def _segment_entry(seg) -> dict:
     }
 
 
-def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, backend, numerics,
-              files, seconds) -> dict:
+def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, reports, backend,
+              numerics, files, seconds) -> dict:
     gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
     shaping = {
         "model": {"family": model.family, "config": _jsonable(model.config), "source": model.source},
@@ -322,7 +328,8 @@ def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts,
     cache_key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
     return {
         "format_version": FORMAT_VERSION, **shaping,
-        "pass_counts": pass_counts, "pass_explain": explain, "segments": seg_entries, "files": files,
+        "pass_counts": pass_counts, "pass_explain": explain, "pass_reports": reports, "segments": seg_entries,
+        "files": files,
         "build_seconds": seconds, "numerics": numerics, "cache_key": cache_key,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -16,13 +16,18 @@ _DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f1
                 torch.uint8: "u8"}
 
 
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightSource:
     """What a weight placeholder holds, relative to its layer's state-dict prefix (placeholder meta["weight"]).
 
     op "load": the checkpoint tensor `name`; "cat": `sources` concatenated along `dim`; "slice": rows
-    [start, stop) of `sources[0]` along `dim`. Passes that rewrite weights (fused QKV, split projections)
-    say here how to make the new tensor; the build makes it once per layer and writes it to the engine."""
+    [start, stop) of `sources[0]` along `dim`; "fp8" / "fp8_scale": `sources[0]` [N, K] quantized to
+    e4m3 with one scale per output channel (row), and those scales [N, 1] f32. Passes that rewrite weights
+    (fused QKV, split projections, quantization) say here how to make the new tensor; the build makes it
+    once per layer and writes it to the engine."""
 
     name: str
     op: str = "load"
@@ -46,6 +51,10 @@ class WeightSource:
         parts = [s.make(load) for s in self.sources]
         if self.op == "cat":
             return torch.cat(parts, self.dim)
+        if self.op in ("fp8", "fp8_scale"):
+            w = parts[0].float()
+            scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
+            return scale if self.op == "fp8_scale" else (w / scale).to(torch.float8_e4m3fn)
         return parts[0].narrow(self.dim, self.start, self.stop - self.start).contiguous()
 
 

@@ -12,6 +12,12 @@ RELATIVE_ERROR_FLOORS = {"fp32": 1e-4, "bf16": 2e-2}
 # Fusions only regroup the same math (concatenated GEMMs, epilogues, a norm + rotation in one kernel),
 # so they may move roundings, never add error beyond a few ulps of the activation dtype.
 REWRITE_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+# FP8 (quantize_fp8): each quantized linear against float64 math (e4m3 keeps 3 mantissa bits: ~29 dB per
+# operand), and a segment's output against the same segment in bf16 / diffusers eager at build time. On the
+# tiny model's random weights a double block's errors compound through attention to ~23 dB, hence the lower
+# segment floor (20 dB = 10% relative error).
+FP8_LINEAR_SQNR_DB = 25.0
+FP8_SEGMENT_SQNR_DB = 20.0
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

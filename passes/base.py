@@ -39,6 +39,7 @@ class PassResult:
     counts: dict[str, int]  # rewrite counts by rule; pinned by tests/test_passes.py on `tiny`
     rejected: list[Rejection] = dataclasses.field(default_factory=list)
     hoisted: object = None  # hoist_schedule.Hoisted: a graph the pass split off the segment
+    report: dict | None = None  # what the manifest records of this pass beyond counts (quantized layers)
 
 
 class NoMatch(Exception):

@@ -11,8 +11,10 @@ import torch
 
 from fluxc import ir
 from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_adaln, fuse_epilogues,
-                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, remove_noop_ops, select_attention)
+                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, quantize_fp8, remove_noop_ops,
+                          select_attention)
 from fluxc.passes.base import PassContext
+from fluxc.recipes import Precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,8 @@ def resolve(recipe, target: str) -> list[Pass]:
         ] if recipe.fusion else []),
         # lower: kernel choices for the target
         Pass("select_attention", "lower", select_attention.run),
+        # quantize: after fusion, so a fused QKV weight quantizes as one tensor
+        *([Pass("quantize_fp8", "quantize", quantize_fp8.run)] if recipe.precision is Precision.FP8 else []),
         # hoist: last, so the hoisted graph holds rewritten ops (the fused modulation GEMM)
         *([Pass("hoist_schedule", "hoist", hoist_schedule.run)] if recipe.hoist_schedule else []),
     ]
@@ -51,6 +55,7 @@ class PipelineResult:
     counts: dict[str, dict[str, int]]  # {pass: its rewrite counts}
     explain: dict[str, str]  # {pass that rewrote nothing: the check that rejected its nearest candidate}
     hoisted: object = None  # hoist_schedule.Hoisted, when that pass split a graph off
+    reports: dict[str, dict] = dataclasses.field(default_factory=dict)  # {pass: its report}, for the manifest
 
 
 def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | None = None, segment_name: str = "",
@@ -59,11 +64,13 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | Non
     passes = resolve(ctx.recipe, ctx.target) if passes is None else passes
     ir.verify(gm, f"{segment_name} at pipeline entry")
     _dump(dump_dir, 0, "trace", segment_name, gm)
-    counts, explain, hoisted = {}, {}, None
+    counts, explain, hoisted, reports = {}, {}, None, {}
     for i, p in enumerate(passes, start=1):
         result = p.run(gm, ctx)
         gm, counts[p.name] = result.graph, result.counts
         hoisted = result.hoisted or hoisted
+        if result.report is not None:
+            reports[p.name] = result.report
         if result.rejected and not any(result.counts.values()):
             nearest = max(result.rejected, key=lambda r: r.depth)
             explain[p.name] = f"%{nearest.node}: {nearest.reason}"
@@ -72,7 +79,7 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | Non
         if result.hoisted:
             ir.verify(result.hoisted.graph, f"{segment_name}, the graph {p.name} split off")
             _dump(dump_dir, i, p.name, segment_name + "-hoisted", result.hoisted.graph)
-    return PipelineResult(gm, counts, explain, hoisted)
+    return PipelineResult(gm, counts, explain, hoisted, reports)
 
 
 def _dump(dump_dir, index, pass_name, segment_name, gm) -> None:

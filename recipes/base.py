@@ -39,11 +39,14 @@ class Recipe:
     # Hoist what depends only on the step schedule (time embedding, AdaLN modulation GEMVs) out of the
     # denoising loop: computed once per generation for every step (passes/hoist_schedule.py).
     hoist_schedule: bool = True
+    # fp8: linears left in bf16, as fnmatch patterns over "segment kind:weight name" (passes/quantize_fp8.py).
+    fp8_exclude: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["precision"] = self.precision.value
         d["inductor_options"] = [list(kv) for kv in self.inductor_options]
+        d["fp8_exclude"] = list(self.fp8_exclude)
         return d
 
 
@@ -51,4 +54,5 @@ def recipe_from_dict(d: dict) -> Recipe:
     d = dict(d)
     d["precision"] = Precision(d["precision"])
     d["inductor_options"] = tuple(tuple(kv) for kv in d.get("inductor_options", ()))
+    d["fp8_exclude"] = tuple(d.get("fp8_exclude", ()))
     return Recipe(**d)

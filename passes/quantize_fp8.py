@@ -1,0 +1,97 @@
+"""Quantize linears to FP8: e4m3 weights with per-output-channel scales, activations per token at run time.
+
+Pattern (any linear whose weight is a weight input: addmm, mm, and fuse_epilogues' fluxc.linear_gelu):
+    %addmm = aten.addmm(%bias, %x, aten.t(%weight))                                       [M, N] bf16
+Rewrite:
+    %fp8(weight): f8e4m3[N, K] = input;  %fp8_scale(weight): f32[N, 1] = input            (made at build time)
+    %scale = aten.div(aten.clamp_min(aten._to_copy(aten.amax(aten.abs(%x), [-1], True), f32), 1e-12), 448)
+    %xq = aten._to_copy(aten.div(%x, %scale), f8e4m3)                                     [M, K], [M, 1]
+    %addmm = aten._scaled_mm(%xq, aten.t(%fp8(weight)), %scale, aten.t(%fp8_scale(weight)), %bias, None, bf16)
+    (fluxc.linear_gelu: the same, then aten.gelu(tanh); an addmm accumulating onto C: _scaled_mm, then + C)
+The activation's quantization is plain aten ops, so Inductor fuses the amax and the cast into the kernel
+that produces the activation where that kernel is its own (a LayerNorm, a residual add); after fluxc's
+custom kernels (adaln, the GELU epilogue, attention) it is one extra pass over the activation for now.
+Which layers stay bf16 is recipe.fp8_exclude: patterns over "segment kind:weight name" (default:
+the embedders and time embedding in the head, the final norm and projection in the tail, every AdaLN
+modulation GEMM, the text encoders and the VAE). The manifest lists both sets (pass_reports).
+Pre:  fusion passes ran (a fused QKV weight quantizes as one tensor; its channel scales are per row anyway).
+Post: counts["quantized"] linears call _scaled_mm; counts["excluded"] were left bf16 by the recipe.
+Numerics: per-output-channel weight and per-token activation scales, amax / 448 (e4m3's largest finite
+value, so nothing saturates): each quantized linear at or above numerics.FP8_LINEAR_SQNR_DB against
+float64 math, a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph.
+"""
+
+import fnmatch
+
+import torch
+
+from fluxc.ir import E4M3_MAX, WeightSource
+from fluxc.passes.base import (NoMatch, PassContext, PassResult, add_weight, aten, call, drop_unused_weights,
+                               is_aten)
+from fluxc.passes.fuse_qkv import linear_parts
+
+
+def _parts(node: torch.fx.Node):
+    """(x, weight placeholder, bias | None, accumulate | None, gelu?) of a quantizable linear, else NoMatch.
+    `accumulate`: the [M, N] C operand of an addmm that adds onto a partial product (fuse_epilogues'
+    split output projection)."""
+    if is_aten(node, torch.ops.fluxc.linear_gelu.default):
+        x, weight, bias = node.args
+        return x, weight, bias, None, True
+    if is_aten(node, aten.addmm.default) and len(node.args) == 3 and node.args[0].meta["val"].dim() == 2:
+        c, x, wt = node.args
+        if is_aten(wt, aten.t.default) and "weight" in wt.args[0].meta:
+            return x, wt.args[0], None, c, False
+    x, weight, bias = linear_parts(node)
+    return x, weight, bias, None, False
+
+
+def _names(source: WeightSource) -> list[str]:
+    """The checkpoint tensors a (possibly fused) weight is made from."""
+    return [source.name] if source.op == "load" else [n for s in source.sources for n in _names(s)]
+
+
+def quantize(gm: torch.fx.GraphModule, node: torch.fx.Node, x, weight, bias, accumulate, gelu: bool) -> None:
+    source = weight.meta["weight"]
+    val = weight.meta["val"]
+    w_fp8 = add_weight(gm, WeightSource(f"fp8({source.name})", "fp8", (source,)),
+                       val.new_empty(val.shape, dtype=torch.float8_e4m3fn))
+    w_scale = add_weight(gm, WeightSource(f"fp8_scale({source.name})", "fp8_scale", (source,)),
+                         val.new_empty(val.shape[0], 1, dtype=torch.float32))
+    g = gm.graph
+    with g.inserting_before(node):
+        amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, x), [-1], True),
+                    dtype=torch.float32)
+        scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default, amax, 1e-12), E4M3_MAX)
+        xq = call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn)
+        out = call(g, aten._scaled_mm.default, xq, call(g, aten.t.default, w_fp8), scale,
+                   call(g, aten.t.default, w_scale), bias, None, x.meta["val"].dtype)
+        if gelu:
+            out = call(g, aten.gelu.default, out, approximate="tanh")
+        if accumulate is not None:
+            out = call(g, aten.add.Tensor, out, accumulate)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    quantized, excluded, rejected = [], [], []
+    for node in list(gm.graph.nodes):
+        try:
+            x, weight, bias, accumulate, gelu = _parts(node)
+        except NoMatch as e:
+            if e.rejection.depth:
+                rejected.append(e.rejection)
+            continue
+        source = weight.meta["weight"]
+        keys = [f"{ctx.segment_kind}:{n}" for n in _names(source)]
+        if any(fnmatch.fnmatchcase(k, p) for k in keys for p in ctx.recipe.fp8_exclude):
+            excluded.append(source.name)
+            continue
+        quantize(gm, node, x, weight, bias, accumulate, gelu)
+        quantized.append(source.name)
+    drop_unused_weights(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return PassResult(gm, {"quantized": len(quantized), "excluded": len(excluded)}, rejected,
+                      report={"quantized": quantized, "excluded": excluded})

@@ -1,0 +1,20 @@
+"""Hopper (and Ada) recipes: FP8 GEMMs on sm_89+ (the CPU target runs them too, for tests)."""
+
+import dataclasses
+
+from fluxc.numerics import FP8_SEGMENT_SQNR_DB
+from fluxc.recipes.base import Precision
+from fluxc.recipes.generic import bf16
+
+# Left in bf16: what runs once per step or per generation and is small (embedders, the time embedding, every
+# AdaLN modulation GEMM, which hoist_schedule runs once per generation anyway), the final norm and projection
+# (their error lands on the prediction unaveraged), and the text encoders and the VAE.
+FP8_EXCLUDE = ("head:*", "tail:*", "*:norm1.linear.*", "*:norm1_context.linear.*", "*:norm.linear.*",
+               "clip:*", "t5:*", "vae:*")
+
+
+def sm90_fp8():
+    """bf16 activations, FP8 e4m3 GEMMs for every block linear (per-channel weight, per-token activation
+    scales, torch._scaled_mm rowwise); the build check holds each segment to the FP8 SQNR floor."""
+    return dataclasses.replace(bf16(), name="sm90_fp8", precision=Precision.FP8, fp8_exclude=FP8_EXCLUDE,
+                               check_rtol=10 ** (-FP8_SEGMENT_SQNR_DB / 20))

@@ -1,0 +1,117 @@
+"""FP8 (quantize_fp8, recipe sm90_fp8) on the tiny model: counts, SQNR floors, the engine, target checks."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fluxc.build import BuildOptions, build, validate
+from fluxc.ir import WeightSource
+from fluxc.numerics import FP8_LINEAR_SQNR_DB, FP8_SEGMENT_SQNR_DB, sqnr_db
+from fluxc.passes import quantize_fp8
+from fluxc.passes.base import PassContext
+from fluxc.passes.pipeline import run_pipeline
+from fluxc.recipes import RECIPES, bf16
+from fluxc.runtime.bundle import MANIFEST
+from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.flux_math import Profile
+from fluxc.trace import trace_model
+
+from conftest import TINY_TEXT, random_embeddings
+from test_passes import _run, _tensors
+
+# Per segment on `tiny`: every block linear is quantized (a double block's fused img/txt QKV, both output
+# projections, both MLPs; a single block's QKV, MLP and both halves of its split output projection), the
+# AdaLN modulation GEMMs and the whole head and tail are left bf16 by the recipe.
+GOLDEN = {"head": {"quantized": 0, "excluded": 8}, "double": {"quantized": 8, "excluded": 1},
+          "single": {"quantized": 4, "excluded": 1}, "tail": {"quantized": 0, "excluded": 2}}
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16():
+    from fluxc.models import load_model
+
+    return load_model("tiny", dtype=torch.bfloat16, device=torch.device("cpu"), seed=0)
+
+
+def _segments(model):
+    return trace_model(model, [Profile(144, 112, TINY_TEXT)], torch.device("cpu"), torch.bfloat16)
+
+
+def test_quantize_fp8_counts_and_segment_sqnr(tiny_bf16):
+    """Each segment in fp8 against the same segment through the bf16 pipeline, on the same inputs."""
+    recipe = RECIPES["sm90_fp8"]()
+    for seg, plain in zip(_segments(tiny_bf16), _segments(tiny_bf16)):
+        tensors = _tensors(seg.graph)
+        want = _run(run_pipeline(plain.graph, PassContext(bf16(), "cpu", seg.kind)).graph, tensors)
+        result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind))
+        assert result.counts["quantize_fp8"] == GOLDEN[seg.kind], seg.name
+        report = result.reports["quantize_fp8"]
+        assert len(report["quantized"]) == GOLDEN[seg.kind]["quantized"]
+        for got, expected, name in zip(_run(result.graph, tensors), want, seg.outputs):
+            assert sqnr_db(got, expected) >= FP8_SEGMENT_SQNR_DB, (seg.name, name, sqnr_db(got, expected))
+
+
+def _one_linear(weight: torch.Tensor, bias: torch.Tensor, rows: int) -> torch.fx.GraphModule:
+    gm = make_fx(lambda w, b, x: [torch.addmm(b, x, w.t())], tracing_mode="fake")(
+        weight, bias, torch.empty(rows, weight.shape[1], dtype=weight.dtype))
+    for node, name in zip(gm.graph.nodes, ("w", "b")):
+        node.meta["weight"] = WeightSource(name)
+    next(n for n in gm.graph.nodes if n.op == "output").meta["names"] = ["y"]
+    return gm
+
+
+def test_every_block_linear_meets_the_fp8_floor(tiny_bf16):
+    """Each linear of a double and a single block, quantized alone, against float64 math on its real weight."""
+    blocks = {"double": tiny_bf16.module.transformer_blocks[0], "single": tiny_bf16.module.single_transformer_blocks[0]}
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for kind, block in blocks.items():
+        for name, linear in block.named_modules():
+            if not isinstance(linear, torch.nn.Linear) or "norm" in name:
+                continue
+            w, b = linear.weight.detach(), linear.bias.detach()
+            x = torch.randn(37, w.shape[1], generator=g).to(torch.bfloat16)
+            gm = _one_linear(w, b, 37)
+            result = quantize_fp8.run(gm, PassContext(RECIPES["sm90_fp8"](), "cpu", kind))
+            assert result.counts == {"quantized": 1, "excluded": 0}, name
+            (got,) = _run(result.graph, {"w": w, "b": b, "x_1": x})
+            want = x.double() @ w.double().t() + b.double()
+            assert sqnr_db(got, want) >= FP8_LINEAR_SQNR_DB, (kind, name, sqnr_db(got, want))
+            checked += 1
+    assert checked == 12 + 5  # double: q, k, v, out, added q, k, v, out, 2 + 2 MLP; single: q, k, v, MLP, out
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tmp_path_factory):
+    """Tiny CPU transformer-only engines in bf16 and fp8 (same weights, one profile)."""
+    paths = {}
+    for precision in ("bf16", "fp8"):
+        paths[precision] = str(tmp_path_factory.mktemp("engines") / f"tiny-{precision}.fluxe")
+        build(BuildOptions(model="tiny", output=paths[precision], target="cpu", precision=precision,
+                           resolutions=((144, 112),), text_tokens=TINY_TEXT, transformer_only=True))
+    return paths
+
+
+def test_fp8_engine_lists_its_layers_and_denoises_close_to_bf16(tiny_engines):
+    """End to end: 8 denoising steps of the fp8 engine against the bf16 engine's, from the same noise."""
+    from fluxc.runtime import Engine
+
+    m = json.load(open(os.path.join(tiny_engines["fp8"], MANIFEST)))
+    assert m["precision"] == "fp8" and m["recipe"]["name"] == "sm90_fp8"
+    double = m["pass_reports"]["double-144x112"]["quantize_fp8"]
+    assert "attn.to_out.0.weight" in double["quantized"]
+    assert double["excluded"] == ["cat0(norm1.linear.weight,norm1_context.linear.weight)"]
+    pe, pooled = random_embeddings(dtype=torch.bfloat16)
+    got, want = (Engine.load(tiny_engines[p]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
+                 for p in ("fp8", "bf16"))
+    sqnr = sqnr_db(got, want)
+    print(f"tiny fp8 engine, 8-step latents against the bf16 engine: {sqnr:.1f} dB")  # 34.5 dB when written
+    assert sqnr >= FP8_SEGMENT_SQNR_DB
+
+
+def test_fp8_below_sm89_is_refused(tmp_path):
+    with pytest.raises(FluxcError, match="sm_89"):
+        validate(BuildOptions(model="tiny", output=str(tmp_path / "e.fluxe"), target="sm_80", precision="fp8"))
