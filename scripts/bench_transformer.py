@@ -26,6 +26,7 @@ import torch
 from fluxc.build import BuildOptions, build
 from fluxc.models import load_model
 from fluxc.numerics import relative_error
+from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 from fluxc.runtime.flux_math import Profile, position_ids
 
@@ -35,7 +36,8 @@ AUTOTUNE = (("emulate_precision_casts", True), ("max_autotune_gemm", True), ("co
 # --variants: label -> (recipe, recipe overrides)
 VARIANTS = {"fluxc bf16": ("bf16", ()), "fluxc bf16 no hoist": ("bf16", (("hoist_schedule", False),)),
             "fluxc bf16 unfused": ("bf16_unfused", ()),
-            "fluxc bf16 autotune": ("bf16", (("inductor_options", AUTOTUNE),))}
+            "fluxc bf16 autotune": ("bf16", (("inductor_options", AUTOTUNE),)),
+            "fluxc fp8": ("sm90_fp8", ())}
 
 
 def source_commit() -> str:
@@ -167,7 +169,8 @@ def main():
         recipe, overrides = VARIANTS[label]
         engine_path = os.path.join(args.workdir, "flux1-dev.fluxe")
         t0 = time.perf_counter()
-        manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision="bf16", recipe=recipe,
+        manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision=RECIPES[recipe]().precision.value,
+                                      recipe=recipe,
                                       recipe_overrides=overrides, transformer_only=True))
         total_build = time.perf_counter() - t0
         secs = manifest["build_seconds"]
