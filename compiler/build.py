@@ -299,7 +299,7 @@ def _segment_entry(seg) -> dict:
         return {"name": node.name, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
 
     placeholders = [n for n in seg.graph.graph.nodes if n.op == "placeholder"]
-    outputs = next(n for n in seg.graph.graph.nodes if n.op == "output").args[0]
+    outputs = seg.graph.graph.output_node().args[0]
     return {
         "name": seg.name, "kind": seg.kind, "profile": seg.profile and seg.profile.name, "dir": f"segments/{seg.name}",
         "device": seg.device.type,

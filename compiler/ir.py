@@ -64,7 +64,7 @@ def weight_placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 def output_names(gm: torch.fx.GraphModule) -> list[str]:
     """The names of a graph's outputs (the output node's meta["names"], set by the trace, kept by the passes)."""
-    return list(next(n for n in gm.graph.nodes if n.op == "output").meta["names"])
+    return list(gm.graph.output_node().meta["names"])
 
 
 class IRError(AssertionError):

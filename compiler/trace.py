@@ -247,7 +247,7 @@ def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile
     _name_placeholders(gm, weight_names + list(activations))
     for node, name in zip(gm.graph.nodes, weight_names):
         node.meta["weight"] = WeightSource(name)
-    next(n for n in gm.graph.nodes if n.op == "output").meta["names"] = list(OUTPUTS[kind])
+    gm.graph.output_node().meta["names"] = list(OUTPUTS[kind])
     return Segment(kind, profile, gm, weight_names, layers, activations)
 
 
@@ -270,7 +270,7 @@ def schedule_segment(seg: Segment, hoisted, rows: int = SCHEDULE_ROWS) -> Segmen
     _name_placeholders(gm, [n.name for n in placeholders])
     for node, old in zip(gm.graph.nodes, weights):
         node.meta["weight"] = old.meta["weight"]
-    next(n for n in gm.graph.nodes if n.op == "output").meta["names"] = list(hoisted.values)
+    gm.graph.output_node().meta["names"] = list(hoisted.values)
     return Segment(f"{seg.kind}_schedule", None, gm, [n.meta["weight"].name for n in weights], seg.layers, acts)
 
 

@@ -75,7 +75,7 @@ def _hoistable(gm: torch.fx.GraphModule, schedule: set[str], returned: set[torch
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output = gm.graph.output_node()
     names = list(output.meta["names"])
     region = _hoistable(gm, set(ctx.schedule_inputs), set(output.args[0]))
     frontier = [n for n in gm.graph.nodes if n in region and any(u not in region for u in n.users)]
