@@ -8,27 +8,33 @@ Rewrite:
     %xq = aten._to_copy(aten.div(%x, %scale), f8e4m3)                                     [M, K], [M, 1]
     %addmm = aten._scaled_mm(%xq, aten.t(%fp8(weight)), %scale, aten.t(%fp8_scale(weight)), %bias, None, bf16)
     (fluxc.linear_gelu: the same, then aten.gelu(tanh); an addmm accumulating onto C: _scaled_mm, then + C)
-The activation's quantization is plain aten ops, so Inductor fuses the amax and the cast into the kernel
-that produces the activation where that kernel is its own (a LayerNorm, a residual add); after fluxc's
-custom kernels (adaln, the GELU epilogue, attention) it is one extra pass over the activation for now.
+The activation is quantized inside the kernel that produces it:
+    %x = view(fluxc.adaln(...))  ->  %xq, %scale = view(fluxc.adaln_fp8(...))     (the AdaLN norms)
+    %x = aten.gelu(%y, tanh)     ->  %xq, %scale = fluxc.gelu_fp8(%y)             (the MLP's GELU epilogue)
+and otherwise as the aten ops above, which Inductor fuses into the kernel that produces the activation
+where that kernel is its own (a LayerNorm after a residual add, the attention output's layout copy).
 Which layers stay bf16 is recipe.fp8_exclude: patterns over "segment kind:weight name" (default:
 the embedders and time embedding in the head, the final norm and projection in the tail, every AdaLN
 modulation GEMM, the text encoders and the VAE). The manifest lists both sets (pass_reports).
 Pre:  fusion passes ran (a fused QKV weight quantizes as one tensor; its channel scales are per row anyway).
-Post: counts["quantized"] linears call _scaled_mm; counts["excluded"] were left bf16 by the recipe.
+Post: counts["quantized"] linears call _scaled_mm, counts["fused_inputs"] of them with the input quantized
+by its producer (2 AdaLN + 2 GELU per double block, 1 + 1 per single block); counts["excluded"] were left
+bf16 by the recipe.
 Numerics: per-output-channel weight and per-token activation scales, amax / 448 (e4m3's largest finite
 value, so nothing saturates): each quantized linear at or above numerics.FP8_LINEAR_SQNR_DB against
 float64 math, a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph.
 """
 
 import fnmatch
+import operator
 
 import torch
 
 from fluxc.ir import E4M3_MAX, WeightSource
-from fluxc.passes.base import (NoMatch, PassContext, PassResult, add_weight, aten, call, drop_unused_weights,
-                               is_aten)
+from fluxc.passes.base import (VIEWS, NoMatch, PassContext, PassResult, add_weight, aten, call,
+                               drop_unused_weights, is_aten)
 from fluxc.passes.fuse_qkv import linear_parts
+from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
 
 def _parts(node: torch.fx.Node):
@@ -51,34 +57,70 @@ def _names(source: WeightSource) -> list[str]:
     return [source.name] if source.op == "load" else [n for s in source.sources for n in _names(s)]
 
 
-def quantize(gm: torch.fx.GraphModule, node: torch.fx.Node, x, weight, bias, accumulate, gelu: bool) -> None:
-    source = weight.meta["weight"]
-    val = weight.meta["val"]
-    w_fp8 = add_weight(gm, WeightSource(f"fp8({source.name})", "fp8", (source,)),
-                       val.new_empty(val.shape, dtype=torch.float8_e4m3fn))
-    w_scale = add_weight(gm, WeightSource(f"fp8_scale({source.name})", "fp8_scale", (source,)),
-                         val.new_empty(val.shape[0], 1, dtype=torch.float32))
+def _producer(x: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    """The node that computes x through views, and those views (x's own last); each view before x has one user."""
+    views, node = [], x
+    while is_aten(node, *VIEWS) and (node is x or len(node.users) == 1):
+        views.insert(0, node)
+        node = node.args[0]
+    return node, views
+
+
+def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[torch.fx.Node, torch.fx.Node, bool]:
+    """(x in e4m3, its per-token scales [M, 1] f32, fused?) for `readers` linears on x: quantized by x's producer
+    where a fluxc kernel does both and nothing else reads x, else by aten ops."""
+    producer, views = _producer(x)
+    sole = len(x.users) == readers and (producer is x or len(producer.users) == 1)
+    fused = None
+    if sole and is_aten(producer, torch.ops.fluxc.adaln.default):
+        fused = call(g, torch.ops.fluxc.adaln_fp8.default, *producer.args)
+    elif sole and is_aten(producer, aten.gelu.default) and producer.kwargs.get("approximate") == "tanh":
+        fused = call(g, torch.ops.fluxc.gelu_fp8.default, producer.args[0])
+    if fused is not None:
+        xq, scale = (call(g, operator.getitem, fused, i) for i in (0, 1))
+        for view in views:  # x's views, applied to the fp8 tensor and (all but the last dim) to its scales
+            shape = list(view.args[1])
+            xq = call(g, view.target, xq, shape)
+            scale = call(g, view.target, scale, shape[:-1] + [1])
+        return xq, scale, True
+    amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, x), [-1], True),
+                dtype=torch.float32)
+    scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default, amax, 1e-12), E4M3_MAX)
+    return call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn), scale, False
+
+
+def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node]) -> bool:
+    """Rewrite linears that share one input (in graph order), quantizing that input once; True when the
+    quantization was fused into the kernel that produces the input."""
     g = gm.graph
-    with g.inserting_before(node):
-        amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, x), [-1], True),
-                    dtype=torch.float32)
-        scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default, amax, 1e-12), E4M3_MAX)
-        xq = call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn)
-        out = call(g, aten._scaled_mm.default, xq, call(g, aten.t.default, w_fp8), scale,
-                   call(g, aten.t.default, w_scale), bias, None, x.meta["val"].dtype)
-        if gelu:
-            out = call(g, aten.gelu.default, out, approximate="tanh")
-        if accumulate is not None:
-            out = call(g, aten.add.Tensor, out, accumulate)
-    node.replace_all_uses_with(out)
-    g.erase_node(node)
+    x = _parts(linears[0])[0]  # read now: rewriting an earlier linear may have replaced x's producer
+    with g.inserting_before(linears[0]):
+        xq, scale, fused = _quantize_input(g, x, len(linears))
+    for node in linears:
+        _, weight, bias, accumulate, gelu = _parts(node)
+        source, val = weight.meta["weight"], weight.meta["val"]
+        w_fp8 = add_weight(gm, WeightSource(f"fp8({source.name})", "fp8", (source,)),
+                           val.new_empty(val.shape, dtype=torch.float8_e4m3fn))
+        w_scale = add_weight(gm, WeightSource(f"fp8_scale({source.name})", "fp8_scale", (source,)),
+                             val.new_empty(val.shape[0], 1, dtype=torch.float32))
+        with g.inserting_before(node):
+            out = call(g, aten._scaled_mm.default, xq, call(g, aten.t.default, w_fp8), scale,
+                       call(g, aten.t.default, w_scale), bias, None, x.meta["val"].dtype)
+            if gelu:
+                out = call(g, aten.gelu.default, out, approximate="tanh")
+            if accumulate is not None:
+                out = call(g, aten.add.Tensor, out, accumulate)
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+    return fused
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     quantized, excluded, rejected = [], [], []
-    for node in list(gm.graph.nodes):
+    by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # linear input -> the linears quantized on it
+    for node in gm.graph.nodes:
         try:
-            x, weight, bias, accumulate, gelu = _parts(node)
+            x, weight, *_ = _parts(node)
         except NoMatch as e:
             if e.rejection.depth:
                 rejected.append(e.rejection)
@@ -88,10 +130,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if any(fnmatch.fnmatchcase(k, p) for k in keys for p in ctx.recipe.fp8_exclude):
             excluded.append(source.name)
             continue
-        quantize(gm, node, x, weight, bias, accumulate, gelu)
+        by_input.setdefault(x, []).append(node)
         quantized.append(source.name)
+    fused = sum(quantize(gm, linears) for linears in by_input.values())
     drop_unused_weights(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return PassResult(gm, {"quantized": len(quantized), "excluded": len(excluded)}, rejected,
-                      report={"quantized": quantized, "excluded": excluded})
+    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": fused, "excluded": len(excluded)}
+    return PassResult(gm, counts, rejected, report={"quantized": quantized, "excluded": excluded})

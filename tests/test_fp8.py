@@ -25,8 +25,13 @@ from test_passes import _run, _tensors
 # Per segment on `tiny`: every block linear is quantized (a double block's fused img/txt QKV, both output
 # projections, both MLPs; a single block's QKV, MLP and both halves of its split output projection), the
 # AdaLN modulation GEMMs and the whole head and tail are left bf16 by the recipe.
-GOLDEN = {"head": {"quantized": 0, "excluded": 8}, "double": {"quantized": 8, "excluded": 1},
-          "single": {"quantized": 4, "excluded": 1}, "tail": {"quantized": 0, "excluded": 2}}
+# Each distinct input is quantized once; the AdaLN outputs (into a double block's QKV, a single block's
+# QKV and MLP) and the GELU outputs (into the MLP output projections) by the kernels that produce them
+# (fluxc.adaln_fp8, fluxc.gelu_fp8).
+GOLDEN = {"head": {"quantized": 0, "inputs": 0, "fused_inputs": 0, "excluded": 8},
+          "double": {"quantized": 8, "inputs": 8, "fused_inputs": 4, "excluded": 1},
+          "single": {"quantized": 4, "inputs": 3, "fused_inputs": 2, "excluded": 1},
+          "tail": {"quantized": 0, "inputs": 0, "fused_inputs": 0, "excluded": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ def test_every_block_linear_meets_the_fp8_floor(tiny_bf16):
             x = torch.randn(37, w.shape[1], generator=g).to(torch.bfloat16)
             gm = _one_linear(w, b, 37)
             result = quantize_fp8.run(gm, PassContext(RECIPES["sm90_fp8"](), "cpu", kind))
-            assert result.counts == {"quantized": 1, "excluded": 0}, name
+            assert result.counts == {"quantized": 1, "inputs": 1, "fused_inputs": 0, "excluded": 0}, name
             (got,) = _run(result.graph, {"w": w, "b": b, "x_1": x})
             want = x.double() @ w.double().t() + b.double()
             assert sqnr_db(got, want) >= FP8_LINEAR_SQNR_DB, (kind, name, sqnr_db(got, want))
