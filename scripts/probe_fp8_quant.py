@@ -1,0 +1,90 @@
+"""Probe on the GPU: per-token FP8 quantization kernels for the MLP's GELU output (4608 x 12288 bf16).
+
+    cd scripts && python3 probe_fp8_quant.py --out $OUT
+Times fluxc.gelu_fp8, Inductor's kernel for the same aten ops, and looped two-pass Triton variants
+(the row re-read from L2 in the second pass) over (rows per program, chunk, warps); prints GB/s.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from bench_transformer import cuda_ms
+from fluxc.runtime import kernels
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1 + libdevice.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+@triton.jit
+def _gelu_fp8_looped(x_ptr, out_ptr, scale_ptr, M, N, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    rmask = rows < M
+    amax = tl.zeros((ROWS, CHUNK), tl.float32)
+    for start in range(0, N, CHUNK):
+        n = start + tl.arange(0, CHUNK)[None, :]
+        m = rmask & (n < N)
+        x = tl.load(x_ptr + rows * N + n, mask=m, other=0.0).to(tl.float32)
+        y = _gelu(x).to(x_ptr.dtype.element_ty).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = tl.maximum(tl.max(amax, axis=1, keep_dims=True), 1e-12) / 448.0
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    for start in range(0, N, CHUNK):
+        n = start + tl.arange(0, CHUNK)[None, :]
+        m = rmask & (n < N)
+        x = tl.load(x_ptr + rows * N + n, mask=m, other=0.0).to(tl.float32)
+        y = _gelu(x).to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + rows * N + n, tl.math.div_rn(y, scale).to(tl.float8e4nv), mask=m)
+
+
+def looped(x, rows, chunk, warps):
+    m, n = x.shape
+    out = x.new_empty(x.shape, dtype=torch.float8_e4m3fn)
+    scale = x.new_empty(m, 1, dtype=torch.float32)
+    _gelu_fp8_looped[(triton.cdiv(m, rows),)](x, out, scale, m, n, ROWS=rows, CHUNK=chunk, num_warps=warps)
+    return out, scale
+
+
+def aten_ops(x):
+    y = F.gelu(x, approximate="tanh")
+    scale = y.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448.0
+    return (y / scale).to(torch.float8_e4m3fn), scale
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    x = torch.randn(4608, 12288, device="cuda", dtype=torch.bfloat16) * 2
+    want = kernels.quantize_rows(F.gelu(x, approximate="tanh"))
+    nbytes = x.numel() * 3  # bf16 in, e4m3 out
+    rec = {}
+
+    def time(name, fn):
+        q, s = fn()
+        same = (q.float() == want[0].float()).float().mean().item()
+        ms = cuda_ms(fn, warmup=5, iters=10, calls=20)
+        rec[name] = {"us": ms * 1e3, "GB/s": nbytes / ms / 1e6, "codes_equal": same}
+        print(f"{name:32s} {ms * 1e3:8.1f} us {nbytes / ms / 1e6:8.0f} GB/s  equal {same:.4f}", flush=True)
+
+    time("fluxc.gelu_fp8 (row in registers)", lambda: torch.ops.fluxc.gelu_fp8(x))
+    time("inductor aten ops", torch.compile(aten_ops))
+    for rows, chunk, warps in [(1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8),
+                               (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 4), (8, 512, 8)]:
+        time(f"looped rows={rows} chunk={chunk} w={warps}", lambda: looped(x, rows, chunk, warps))
+    with open(os.path.join(args.out, "probe_fp8_quant.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
