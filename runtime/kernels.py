@@ -28,7 +28,6 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
 except ImportError:  # CPU-only installs: the reference implementations serve
     triton = None
 
@@ -188,10 +187,18 @@ if triton is not None:
 
     @triton.jit
     def _store_fp8_row(y, mask, out_ptrs, row_scale_ptr):
-        """Store the fp32 row y (already rounded to the activation dtype) as e4m3 with its scale amax / 448."""
+        """Store the fp32 row y (already rounded to the activation dtype) as e4m3 with its scale amax / 448.
+        y * (1 / scale) may differ from torch's y / scale in the last fp32 bit, which moves an e4m3 rounding
+        only at an exact tie; one reciprocal per row instead of an IEEE division per element."""
         row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), 1e-12) / 448.0
         tl.store(row_scale_ptr, row_scale)
-        tl.store(out_ptrs, tl.math.div_rn(y, row_scale).to(tl.float8e4nv), mask=mask)  # IEEE division, as torch's
+        tl.store(out_ptrs, (y * (1.0 / row_scale)).to(tl.float8e4nv), mask=mask)
+
+    @triton.jit
+    def gelu_tanh(x):
+        """0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3): one ex2 and one
+        reciprocal (to ~2 fp32 ulp, below bf16 rounding) where libdevice's tanh made the kernel compute-bound."""
+        return tl.fdiv(x, 1 + tl.exp2(-2.302208198144325 * (x + 0.044715 * x * x * x)), ieee_rounding=False)
 
     @triton.jit
     def _adaln_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, row_scale_ptr, S, C, scale_stride, shift_stride, eps,
@@ -219,8 +226,7 @@ if triton is not None:
         n = tl.arange(0, BLOCK)
         mask = n < N
         x = tl.load(x_ptr + row * N + n, mask=mask, other=0.0).to(tl.float32)
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
-        y = (0.5 * x * (1 + libdevice.tanh(inner))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
         _store_fp8_row(y, mask, out_ptr + row * N + n, row_scale_ptr + row)
 
 
