@@ -25,7 +25,10 @@ class WeightSource:
 
     op "load": the checkpoint tensor `name`; "cat": `sources` concatenated along `dim`; "slice": rows
     [start, stop) of `sources[0]` along `dim`; "fp8" / "fp8_scale": `sources[0]` [N, K] quantized to
-    e4m3 with one scale per output channel (row), and those scales [N, 1] f32. Passes that rewrite weights
+    e4m3 with one scale per output channel (row), and those scales [N, 1] f32; "rms_fp8_scale": a bound on
+    |RMSNorm(x) * w| over the norm weights `sources` (sqrt(D) max |w|: a normed row has norm sqrt(D)) / 448,
+    as [1, 1, 1, 1] f32, the static e4m3 scale of normed q or k (rotary embedding keeps pair norms; 1% over,
+    for the bf16 rounding of the normed values). Passes that rewrite weights
     (fused QKV, split projections, quantization) say here how to make the new tensor; the build makes it
     once per layer and writes it to the engine."""
 
@@ -51,6 +54,9 @@ class WeightSource:
         parts = [s.make(load) for s in self.sources]
         if self.op == "cat":
             return torch.cat(parts, self.dim)
+        if self.op == "rms_fp8_scale":
+            bound = max(float(p.float().abs().max()) for p in parts) * parts[0].shape[-1] ** 0.5 * 1.01
+            return torch.full((1, 1, 1, 1), bound / E4M3_MAX, device=parts[0].device)
         if self.op in ("fp8", "fp8_scale"):
             w = parts[0].float()
             scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / E4M3_MAX

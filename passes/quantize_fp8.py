@@ -31,8 +31,8 @@ import operator
 import torch
 
 from fluxc.ir import E4M3_MAX, WeightSource
-from fluxc.passes.base import (VIEWS, NoMatch, PassContext, PassResult, add_weight, aten, call,
-                               drop_unused_weights, is_aten)
+from fluxc.passes.base import (ATTENTION, VIEWS, NoMatch, PassContext, PassResult, add_weight, aten, call,
+                               drop_unused_weights, expect, is_aten, rewrite_all)
 from fluxc.passes.fuse_qkv import linear_parts
 from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
@@ -66,9 +66,68 @@ def _producer(x: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
     return node, views
 
 
+# Ops that only move elements: replayed on an e4m3 tensor they give the e4m3 form of their bf16 result.
+LAYOUT = (*VIEWS, aten.permute.default, aten.transpose.int, aten.slice.Tensor, aten.split_with_sizes.default,
+          aten.split.Tensor, aten.clone.default, operator.getitem)
+
+
+def _attention_output(x: torch.fx.Node):
+    """(e4m3 attention output, its scale, the layout ops from it to x) when x is a fluxc.attention_fp8 output
+    dequantized (see quantize_attention) and then only moved, else None."""
+    chain = []
+    while is_aten(x, *LAYOUT):
+        chain.insert(0, x)
+        x = x.args[0]
+    if (is_aten(x, aten.mul.Tensor) and is_aten(x.args[0], aten._to_copy.default)
+            and is_aten(x.args[0].args[0], torch.ops.fluxc.attention_fp8.default)):
+        return x.args[0].args[0], x.args[1], chain
+    return None
+
+
+def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """attention(q, k, v) over fluxc.qk_norm_rope's q and k -> fluxc.attention_fp8 on e4m3 q, k (static scales
+    from the norm weights, quantized by qk_norm_rope_fp8) and v (scale amax / 448 at run time); the output is
+    dequantized for its readers, and quantized linears reading it take the e4m3 output directly."""
+    q, k, v = node.args[:3]
+    qg, kg = (expect(t, aten.permute.default, depth=0, what="q/k: expected").args[0] for t in (q, k))
+    rope = qg.args[0] if is_aten(qg, operator.getitem) else None
+    if not (is_aten(rope, torch.ops.fluxc.qk_norm_rope.default) and kg.args[0] is rope
+            and (qg.args[1], kg.args[1]) == (0, 1) and q.args[1] == k.args[1] == [0, 2, 1, 3]):
+        raise NoMatch(node, "q and k are not fluxc.qk_norm_rope's outputs as [B, H, S, D]", 1)
+    out = [u for u in node.users if u.args[1] == 0]
+    g = gm.graph
+    q_parts, k_parts, q_weights, k_weights, cos, sin, eps = rope.args
+    scales = []
+    for weights in (q_weights, k_weights):
+        sources = tuple(w.meta["weight"] for w in weights)
+        name = f"rms_fp8_scale({','.join(s.name for s in sources)})"
+        scales.append(add_weight(gm, WeightSource(name, "rms_fp8_scale", sources),
+                                 weights[0].meta["val"].new_empty(1, 1, 1, 1, dtype=torch.float32)))
+    with g.inserting_before(node):
+        rope8 = call(g, torch.ops.fluxc.qk_norm_rope_fp8.default, *rope.args, *scales)
+        q8, k8 = (call(g, aten.permute.default, call(g, operator.getitem, rope8, i), [0, 2, 1, 3]) for i in (0, 1))
+        amax = call(g, aten.amax.default, call(g, aten.abs.default, v), [0, 1, 2, 3], True)
+        v_scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default,
+                                                call(g, aten._to_copy.default, amax, dtype=torch.float32), 1e-12),
+                       E4M3_MAX)
+        v8 = call(g, aten._to_copy.default, call(g, aten.div.Tensor, v, v_scale), dtype=torch.float8_e4m3fn)
+        softmax_scale = node.kwargs.get("scale") or q.meta["val"].shape[-1] ** -0.5
+        o8 = call(g, torch.ops.fluxc.attention_fp8.default, q8, k8, v8, *scales, v_scale, float(softmax_scale))
+        o = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, o8, dtype=q.meta["val"].dtype), v_scale)
+    for user in out:
+        user.replace_all_uses_with(o)
+
+
 def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[torch.fx.Node, torch.fx.Node, bool]:
     """(x in e4m3, its per-token scales [M, 1] f32, fused?) for `readers` linears on x: quantized by x's producer
     where a fluxc kernel does both and nothing else reads x, else by aten ops."""
+    attention = _attention_output(x)
+    if attention is not None:
+        xq, scale, chain = attention
+        for node in chain:
+            xq = call(g, node.target, xq, *node.args[1:], **node.kwargs)
+        rows = call(g, aten.expand.default, call(g, aten.view.default, scale, [1, 1]), [x.meta["val"].shape[0], 1])
+        return xq, call(g, aten.clone.default, rows, memory_format=torch.contiguous_format), True
     producer, views = _producer(x)
     sole = len(x.users) == readers and (producer is x or len(producer.users) == 1)
     fused = None
@@ -117,6 +176,10 @@ def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node]) -> bool:
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     quantized, excluded, rejected = [], [], []
+    attention = 0
+    if ctx.recipe.fp8_attention:
+        attention, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
+                                          lambda n: quantize_attention(gm, n))
     by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # linear input -> the linears quantized on it
     for node in gm.graph.nodes:
         try:
@@ -137,4 +200,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": fused, "excluded": len(excluded)}
+    if ctx.recipe.fp8_attention:
+        counts["attention"] = attention
     return PassResult(gm, counts, rejected, report={"quantized": quantized, "excluded": excluded})

@@ -41,6 +41,8 @@ class Recipe:
     hoist_schedule: bool = True
     # fp8: linears left in bf16, as fnmatch patterns over "segment kind:weight name" (passes/quantize_fp8.py).
     fp8_exclude: tuple[str, ...] = ()
+    # fp8: attention on e4m3 q, k, v through cuDNN's FP8 SDPA (sm_90+; passes/quantize_fp8.py).
+    fp8_attention: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from fluxc.numerics import FP8_SEGMENT_SQNR_DB
+from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB, FP8_SEGMENT_SQNR_DB
 from fluxc.recipes.base import Precision
 from fluxc.recipes.generic import bf16
 
@@ -18,3 +18,10 @@ def sm90_fp8():
     scales, torch._scaled_mm rowwise); the build check holds each segment to the FP8 SQNR floor."""
     return dataclasses.replace(bf16(), name="sm90_fp8", precision=Precision.FP8, fp8_exclude=FP8_EXCLUDE,
                                check_rtol=10 ** (-FP8_SEGMENT_SQNR_DB / 20))
+
+
+def sm90_fp8_attn():
+    """sm90_fp8 with attention in FP8 too: e4m3 q and k (static scales bounded by the RMSNorm weights), v
+    (a per-tensor scale at run time) and output, through cuDNN's FP8 SDPA; held to a lower segment floor."""
+    return dataclasses.replace(sm90_fp8(), name="sm90_fp8_attn", fp8_attention=True,
+                               check_rtol=10 ** (-FP8_ATTENTION_SEGMENT_SQNR_DB / 20))

@@ -18,12 +18,20 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
         row's amax / 448 as its scale, the row divided by it and rounded to e4m3. The row is held in
         registers, so the activation is read once and written once, in fp8. (Inductor's GELU + amax +
         cast kernel ran at 170-200 us per 4608x12288 call on the H200, ~5x its memory traffic.)
+    qk_norm_rope_fp8(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale) -> (q, k) e4m3
+        qk_norm_rope's rows divided by static per-tensor scales [1, 1, 1, 1] and rounded to e4m3, in its kernel.
+    attention_fp8(q, k, v [B, H, S, D] e4m3, q_scale, k_scale, v_scale [1, 1, 1, 1], softmax_scale) -> o e4m3
+        softmax(q k^T * softmax_scale) v over the dequantized inputs, o stored / v_scale (|o| <= max |v|, so
+        it shares v's scale). CUDA: cuDNN's FP8 SDPA through the cudnn frontend (per-tensor scales; the
+        softmax probabilities are held in e4m3 too, scaled by 448), one built graph per shape.
 
 Engines that use these ops need this module imported before their segments load; the runtime does that.
 """
 
 import torch
 import torch.nn.functional as F
+
+from fluxc.runtime.errors import FluxcError
 
 try:
     import triton
@@ -80,22 +88,49 @@ def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
     return q_parts[0].new_empty(b, s, h, d), k_parts[0].new_empty(b, s, h, d)
 
 
-@qk_norm_rope.register_kernel("cuda")
-def _qk_norm_rope_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
+def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, dtype, scales=None):
     b, _, h, d = q_parts[0].shape
     total = sum(p.shape[1] for p in q_parts)
-    q_out = q_parts[0].new_empty(b, total, h, d)  # [B, S, H, D]
+    q_out = q_parts[0].new_empty(b, total, h, d, dtype=dtype)  # [B, S, H, D]
     k_out = torch.empty_like(q_out)
     cos, sin = cos.contiguous(), sin.contiguous()
+    q_scale, k_scale = scales or (cos, cos)  # unread unless QUANT
     row0 = 0
     for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
         q, k = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k))  # rows may be strided (fused QKV)
         s = q.shape[1]
         _qk_norm_rope_kernel[(b * s,)](
-            q, k, qw, kw, q_out, k_out, cos, sin, s, row0, *q.stride()[:3], *k.stride()[:3],
-            q_out.stride(0), q_out.stride(1), h, eps, D=d, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+            q, k, qw, kw, q_out, k_out, cos, sin, q_scale, k_scale, s, row0, *q.stride()[:3], *k.stride()[:3],
+            q_out.stride(0), q_out.stride(1), h, eps, QUANT=scales is not None, D=d,
+            BLOCK_H=triton.next_power_of_2(h), num_warps=4)
         row0 += s
     return q_out, k_out
+
+
+@qk_norm_rope.register_kernel("cuda")
+def _qk_norm_rope_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
+    return _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_parts[0].dtype)
+
+
+@torch.library.custom_op("fluxc::qk_norm_rope_fp8", mutates_args=())
+def qk_norm_rope_fp8(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_weights: list[torch.Tensor],
+                     k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                     q_scale: torch.Tensor, k_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple((norm_rope_reference(parts, weights, cos, sin, eps).float() / scale).to(torch.float8_e4m3fn)
+                 for parts, weights, scale in ((q_parts, q_weights, q_scale), (k_parts, k_weights, k_scale)))
+
+
+@qk_norm_rope_fp8.register_fake
+def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
+    b, _, h, d = q_parts[0].shape
+    s = sum(p.shape[1] for p in q_parts)
+    return tuple(q_parts[0].new_empty(b, s, h, d, dtype=torch.float8_e4m3fn) for _ in range(2))
+
+
+@qk_norm_rope_fp8.register_kernel("cuda")
+def _qk_norm_rope_fp8_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
+    return _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, torch.float8_e4m3fn,
+                                (q_scale, k_scale))
 
 
 # ---- AdaLN: LayerNorm + (1 + scale) * x + shift -------------------------------------------------------
@@ -183,6 +218,95 @@ def _gelu_fp8_cuda(x):
     return out, row_scale
 
 
+# ---- FP8 attention --------------------------------------------------------------------------------
+def attention_fp8_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale: float) -> torch.Tensor:
+    qf, kf, vf = (t.float() * s for t, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
+    o = torch.softmax(qf @ kf.transpose(-1, -2) * softmax_scale, dim=-1) @ vf
+    return _bshd_like(q, (o / v_scale).to(torch.float8_e4m3fn))
+
+
+def _bshd_like(q: torch.Tensor, o: torch.Tensor | None = None) -> torch.Tensor:
+    """o (or a new e4m3 tensor) [B, H, S, D] laid out as [B, S, H, D] in memory, like FLUX's heads."""
+    b, h, s, d = q.shape
+    out = q.new_empty(b, s, h, d, dtype=torch.float8_e4m3fn).permute(0, 2, 1, 3)
+    return out if o is None else out.copy_(o)
+
+
+@torch.library.custom_op("fluxc::attention_fp8", mutates_args=())
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                  v_scale: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    return attention_fp8_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale)
+
+
+@attention_fp8.register_fake
+def _(q, k, v, q_scale, k_scale, v_scale, softmax_scale):
+    return _bshd_like(q)
+
+
+class _CudnnFp8Attention:
+    """cuDNN's FP8 SDPA graph for one (shapes, strides, scale), built on first use (a warm-up run, outside
+    CUDA graph capture) and then only executed: on torch's current stream, so it is captured with the step."""
+
+    _cache: dict = {}
+
+    @classmethod
+    def get(cls, q, k, v, softmax_scale):
+        key = (q.device, *(tuple(t.shape) + t.stride() for t in (q, k, v)), softmax_scale)
+        if key not in cls._cache:
+            cls._cache[key] = cls(q, k, v, softmax_scale)
+        return cls._cache[key]
+
+    def __init__(self, q, k, v, softmax_scale):
+        try:
+            import cudnn
+        except ImportError as e:
+            raise FluxcError("This engine runs attention in FP8 through cuDNN's Python frontend, which is not "
+                             "installed.", "pip install nvidia-cudnn-frontend, or build with --recipe sm90_fp8.") from e
+        e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        self.handle = cudnn.create_handle()
+        self.graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32,
+                                   handle=self.handle)
+        qt, kt, vt = (self.graph.tensor(name=n, dim=list(t.shape), stride=list(t.stride()), data_type=e4m3)
+                      for n, t in zip("qkv", (q, k, v)))
+        one = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+        self.scales = [self.graph.tensor(name=n, **one)
+                       for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
+        o, _, amax_s, amax_o = self.graph.sdpa_fp8(
+            q=qt, k=kt, v=vt, descale_q=self.scales[0], descale_k=self.scales[1], descale_v=self.scales[2],
+            descale_s=self.scales[3], scale_s=self.scales[4], scale_o=self.scales[5], attn_scale=softmax_scale,
+            use_causal_mask=False, generate_stats=False, name="sdpa_fp8")
+        like = _bshd_like(q)
+        o.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride())).set_data_type(e4m3)
+        for t in (amax_s, amax_o):
+            t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+        self.graph.validate()
+        self.graph.build_operation_graph()
+        self.graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        self.graph.check_support()
+        self.graph.build_plans()
+        self.tensors = qt, kt, vt, o, amax_s, amax_o
+        self.workspace = torch.empty(self.graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
+        self.amaxes = torch.empty(2, 1, 1, 1, 1, device=q.device)
+        # P in [0, 1] is held as e4m3 scaled by 448
+        self.p_scales = torch.tensor([1 / E4M3_MAX, E4M3_MAX], device=q.device).reshape(2, 1, 1, 1, 1)
+        self.cudnn = cudnn
+
+    def __call__(self, q, k, v, q_scale, k_scale, v_scale):
+        out = _bshd_like(q)
+        qt, kt, vt, o, amax_s, amax_o = self.tensors
+        pack = {qt: q, kt: k, vt: v, o: out, amax_s: self.amaxes[0], amax_o: self.amaxes[1]}
+        values = (q_scale, k_scale, v_scale, self.p_scales[0], self.p_scales[1], 1 / v_scale)
+        pack.update(zip(self.scales, values))
+        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+        self.graph.execute(pack, self.workspace, handle=self.handle)
+        return out
+
+
+@attention_fp8.register_kernel("cuda")
+def _attention_fp8_cuda(q, k, v, q_scale, k_scale, v_scale, softmax_scale):
+    return _CudnnFp8Attention.get(q, k, v, softmax_scale)(q, k, v, q_scale, k_scale, v_scale)
+
+
 if triton is not None:
 
     @triton.jit
@@ -231,28 +355,30 @@ if triton is not None:
 
 
     @triton.jit
-    def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, b, s, row, x_sb, x_ss, x_sh, o_sb, o_ss, H, eps,
-                       D: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, b, s, row, x_sb, x_ss, x_sh, o_sb, o_ss,
+                       H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, D)[None, :]
         mask = h < H
         x = tl.load(x_ptr + b * x_sb + s * x_ss + h * x_sh + d, mask=mask, other=0.0).to(tl.float32)  # [H, D]
         rstd = tl.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
         w = tl.load(w_ptr + d).to(tl.float32)
-        y = (x * rstd * w).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded like the unfused norm output
+        y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded like the unfused norm output
         y_even, y_odd = tl.split(tl.reshape(y, (BLOCK_H, D // 2, 2)))
         c_even, c_odd = tl.split(tl.reshape(tl.load(cos_ptr + row * D + d), (1, D // 2, 2)))
         s_even, s_odd = tl.split(tl.reshape(tl.load(sin_ptr + row * D + d), (1, D // 2, 2)))
         out = tl.reshape(tl.join(y_even * c_even - y_odd * s_even, y_odd * c_odd + y_even * s_odd), (BLOCK_H, D))
+        if QUANT:  # rounded to the activation dtype first, as the reference does
+            out = out.to(x_ptr.dtype.element_ty).to(tl.float32) * (1.0 / tl.load(scale_ptr))
         tl.store(out_ptr + b * o_sb + row * o_ss + h * D + d, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, S, row0,
-                             q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, o_sb, o_ss, H, eps,
-                             D: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
+                             S, row0, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, o_sb, o_ss, H, eps,
+                             QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
         pid = tl.program_id(0)  # one token of this part: all heads of q and of k
         b, s = pid // S, pid % S
-        _norm_rope_row(q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, b, s, row0 + s, q_sb, q_ss, q_sh, o_sb, o_ss, H, eps,
-                       D, BLOCK_H)
-        _norm_rope_row(k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, b, s, row0 + s, k_sb, k_ss, k_sh, o_sb, o_ss, H, eps,
-                       D, BLOCK_H)
+        _norm_rope_row(q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, q_scale_ptr, b, s, row0 + s, q_sb, q_ss, q_sh, o_sb,
+                       o_ss, H, eps, QUANT, D, BLOCK_H)
+        _norm_rope_row(k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, k_scale_ptr, b, s, row0 + s, k_sb, k_ss, k_sh, o_sb,
+                       o_ss, H, eps, QUANT, D, BLOCK_H)

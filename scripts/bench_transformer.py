@@ -37,7 +37,7 @@ AUTOTUNE = (("emulate_precision_casts", True), ("max_autotune_gemm", True), ("co
 VARIANTS = {"fluxc bf16": ("bf16", ()), "fluxc bf16 no hoist": ("bf16", (("hoist_schedule", False),)),
             "fluxc bf16 unfused": ("bf16_unfused", ()),
             "fluxc bf16 autotune": ("bf16", (("inductor_options", AUTOTUNE),)),
-            "fluxc fp8": ("sm90_fp8", ())}
+            "fluxc fp8": ("sm90_fp8", ()), "fluxc fp8 attn": ("sm90_fp8_attn", ())}
 
 
 def source_commit() -> str:

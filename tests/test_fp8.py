@@ -9,7 +9,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from fluxc.build import BuildOptions, build, validate
 from fluxc.ir import WeightSource
-from fluxc.numerics import FP8_LINEAR_SQNR_DB, FP8_SEGMENT_SQNR_DB, sqnr_db
+from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB, FP8_LINEAR_SQNR_DB, FP8_SEGMENT_SQNR_DB, sqnr_db
+from fluxc.runtime.kernels import norm_rope_reference
 from fluxc.passes import quantize_fp8
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import run_pipeline
@@ -57,6 +58,41 @@ def test_quantize_fp8_counts_and_segment_sqnr(tiny_bf16):
         assert len(report["quantized"]) == GOLDEN[seg.kind]["quantized"]
         for got, expected, name in zip(_run(result.graph, tensors), want, seg.outputs):
             assert sqnr_db(got, expected) >= FP8_SEGMENT_SQNR_DB, (seg.name, name, sqnr_db(got, expected))
+
+
+def test_fp8_attention_counts_and_segment_sqnr(tiny_bf16):
+    """sm90_fp8_attn: each block's attention runs on e4m3 q, k, v, and its output feeds the output projections
+    in e4m3 directly; segments against bf16 at the FP8-attention floor."""
+    recipe = RECIPES["sm90_fp8_attn"]()
+    for seg, plain in zip(_segments(tiny_bf16), _segments(tiny_bf16)):
+        tensors = _tensors(seg.graph)
+        want = _run(run_pipeline(plain.graph, PassContext(bf16(), "cpu", seg.kind)).graph, tensors)
+        result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind))
+        attention_outputs = {"double": 2, "single": 1}.get(seg.kind, 0)  # to_out + to_add_out; proj_out's half
+        assert result.counts["quantize_fp8"] == {**GOLDEN[seg.kind], "attention": int(attention_outputs > 0),
+                                                 "fused_inputs": GOLDEN[seg.kind]["fused_inputs"] + attention_outputs}
+        ops = {n.target for n in result.graph.graph.nodes}
+        assert (torch.ops.fluxc.attention_fp8.default in ops) == (attention_outputs > 0)
+        for got, expected, name in zip(_run(result.graph, tensors), want, seg.outputs):
+            assert sqnr_db(got, expected) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, name, sqnr_db(got, expected))
+
+
+def test_rms_fp8_scale_bounds_normed_rotated_rows():
+    """The static q/k scale (sqrt(D) max|w| / 448) holds every RMSNorm + rotary output below e4m3's 448, and is
+    nearly tight: a one-hot row puts all of its norm on one element."""
+    g = torch.Generator().manual_seed(0)
+    h, d = 4, 128
+    weights = [(torch.rand(d, generator=g) * 2 - 1).to(torch.bfloat16) for _ in range(2)]
+    one_hot = torch.zeros(1, d, h, d)
+    for i in range(d):
+        one_hot[0, i, :, i] = 1.0
+    parts = [torch.cat([one_hot, torch.randn(1, 64, h, d, generator=g) * 50], 1).to(torch.bfloat16) for _ in weights]
+    angles = torch.rand(2 * (d + 64), d // 2, generator=g).repeat_interleave(2, dim=1) * 6.3
+    scale = WeightSource("s", "rms_fp8_scale", (WeightSource("a"), WeightSource("b"))).make(
+        dict(zip("ab", weights)).__getitem__)
+    y = norm_rope_reference(parts, weights, angles.cos(), angles.sin(), 1e-6)
+    ratio = float(y.float().abs().max() / (scale * 448))
+    assert 0.95 < ratio <= 1.0, ratio
 
 
 def _one_linear(weight: torch.Tensor, bias: torch.Tensor, rows: int) -> torch.fx.GraphModule:

@@ -186,3 +186,67 @@ def test_gelu_fp8_kernel_matches_its_reference():
     want = torch.ops.fluxc.gelu_fp8(x)
     got = torch.ops.fluxc.gelu_fp8(x.cuda())
     _assert_fp8_rows_match(got, want, torch.nn.functional.gelu(x.double(), approximate="tanh"))
+
+
+def test_qk_norm_rope_fp8_kernel_matches_its_reference():
+    g = torch.Generator().manual_seed(0)
+    b, t, s, h, d = 1, 7, 37, 3, 128
+    qkv = [torch.randn(b, n, 3, h, d, generator=g).to(torch.bfloat16) for n in (t, s)]
+    q_parts, k_parts = [x[:, :, 0] for x in qkv], [x[:, :, 1] for x in qkv]
+    weights = [(torch.rand(d, generator=g) + 0.5).to(torch.bfloat16) for _ in range(4)]
+    angles = torch.randn(t + s, d // 2, generator=g).repeat_interleave(2, dim=1)
+    scales = [torch.full((1, 1, 1, 1), 1.6 * d ** 0.5 / 448) for _ in range(2)]
+    args = (weights[:2], weights[2:], angles.cos(), angles.sin(), 1e-6)
+    want = torch.ops.fluxc.qk_norm_rope_fp8(q_parts, k_parts, *args, *scales)
+    cuda = lambda xs: [x.cuda() for x in xs]  # noqa: E731
+    got = torch.ops.fluxc.qk_norm_rope_fp8(cuda(q_parts), cuda(k_parts), cuda(args[0]), cuda(args[1]),
+                                           args[2].cuda(), args[3].cuda(), 1e-6, *cuda(scales))
+    for gt, wt in zip(got, want):
+        assert (gt.cpu().float() == wt.float()).float().mean() > 0.99
+
+
+def test_fp8_attention_kernel_against_float64_and_in_a_cuda_graph():
+    """cuDNN's FP8 SDPA (fluxc.attention_fp8) against float64 attention over the same dequantized inputs, at the
+    stated floor; and captured in a CUDA graph, as the engine's step runs it, replaying to the same output."""
+    pytest.importorskip("cudnn")
+    from fluxc.numerics import FP8_ATTENTION_SQNR_DB
+
+    g = torch.Generator().manual_seed(0)
+    b, s, h, d = 1, 333, 3, 128
+    scales = [torch.tensor(x).reshape(1, 1, 1, 1).cuda() for x in (1.5 * d ** 0.5 / 448, 1.5 * d ** 0.5 / 448, 4 / 448)]
+    q, k, v = ((torch.randn(b, s, h, d, generator=g) * 1.5).clamp(-4, 4).cuda() for _ in range(3))
+    q8, k8, v8 = ((t / sc).to(torch.float8_e4m3fn).permute(0, 2, 1, 3) for t, sc in zip((q, k, v), scales))
+    run = lambda: torch.ops.fluxc.attention_fp8(q8, k8, v8, *scales, d ** -0.5)  # noqa: E731
+    got = run()
+    assert got.dtype == torch.float8_e4m3fn and got.shape == (b, h, s, d)
+    deq = [t.double() * sc.double() for t, sc in zip((q8, k8, v8), scales)]
+    want = torch.softmax(deq[0] @ deq[1].transpose(-1, -2) * d ** -0.5, -1) @ deq[2]
+    assert sqnr_db(got.double() * scales[2].double(), want) >= FP8_ATTENTION_SQNR_DB
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.view(torch.uint8), got.view(torch.uint8))
+
+
+def test_fp8_attention_engine_denoises_close_to_bf16_on_gpu(tmp_path):
+    """The tiny transformer built with sm90_fp8_attn runs its CUDA-graphed loop near the bf16 engine's."""
+    pytest.importorskip("cudnn")
+    from fluxc.build import BuildOptions, build
+    from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB
+    from fluxc.runtime import Engine
+
+    paths = {}
+    for recipe in ("bf16", "sm90_fp8_attn"):
+        paths[recipe] = str(tmp_path / f"{recipe}.fluxe")
+        build(BuildOptions(model="tiny", output=paths[recipe], precision="fp8" if "fp8" in recipe else "bf16",
+                           recipe=recipe, resolutions=((144, 112),), text_tokens=13, transformer_only=True))
+    counts = Engine.load(paths["sm90_fp8_attn"]).manifest["pass_counts"]
+    assert counts["double-144x112"]["quantize_fp8"]["attention"] == 1
+    pe, pooled = (t.cuda() for t in random_embeddings(dtype=torch.bfloat16))
+    got, want = (Engine.load(paths[r]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
+                 for r in ("sm90_fp8_attn", "bf16"))
+    sqnr = sqnr_db(got, want)
+    print(f"tiny sm90_fp8_attn engine, 8-step latents against bf16 on the GPU: {sqnr:.1f} dB")
+    assert sqnr >= FP8_ATTENTION_SEGMENT_SQNR_DB
