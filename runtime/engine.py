@@ -47,6 +47,11 @@ class Engine:
         self._graphs: dict[str, "_GraphedStep"] = {}
         self._tokenizers = {}
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights loaded so far (every segment's, once a generation has run)."""
+        return sum(t.numel() * t.element_size() for ts in self._weights.values() for t in ts)
+
     @classmethod
     def load(cls, path: str, verify: bool = True, encoders: str | None = None) -> "Engine":
         """Validate (format, files and hashes, GPU arch, torch version), then load weights and segments.

@@ -14,6 +14,7 @@ end-to-end seconds (median of --repeats calls after one warm-up call) and the se
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -26,9 +27,16 @@ from fluxc.build import BuildOptions, build, parse_resolution
 from fluxc.components import diffusers_pipeline, load_components
 from fluxc.models import ARCHITECTURES, load_model
 from fluxc.numerics import relative_error
+from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, dramatic light, 35mm film"
+
+
+def psnr_db(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of float images in [0, 1]: 10 log10(1 / MSE)."""
+    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def seconds(fn):
@@ -82,6 +90,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="Noise seed (weights use seed 0).")
     ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--recipes", default="bf16", help="comma-separated fluxc recipes, e.g. bf16,sm90_fp8,sm90_fp8_attn")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     h, w = parse_resolution(args.resolution)
@@ -89,7 +98,7 @@ def main():
     dev = torch.device("cuda")
     rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(), "resolution": f"{h}x{w}",
            "text_tokens": text_tokens, "batch": 1, "steps": args.steps, "guidance": 3.5, "prompt": PROMPT,
-           "model": f"{args.model} (seeded random weights, seed 0; tokenizers built in code)", "precision": "bf16"}
+           "model": f"{args.model} (seeded random weights, seed 0; tokenizers built in code)", "precision": "bf16 (diffusers); fluxc per recipe"}
     results = {}
     call = dict(height=h, width=w, num_inference_steps=args.steps, guidance_scale=3.5,
                 max_sequence_length=text_tokens)
@@ -108,36 +117,47 @@ def main():
     del pipe
     free()
 
-    # 2. fluxc: build the whole-pipeline engine, load it (hash-verified), generate
-    engine_path = os.path.join(args.workdir, f"{args.model}-bf16-pipeline.fluxe")
-    manifest, build_s = seconds(lambda: build(BuildOptions(model=args.model, output=engine_path, precision="bf16",
-                                                           resolutions=((h, w),), text_tokens=text_tokens)))
-    free()
-    engine, load_s = seconds(lambda: Engine.load(engine_path))
-    embeds, pooled = engine.encode_prompt([PROMPT])
-    stages = []
+    # 2. fluxc, per recipe: build the whole-pipeline engine, load it (hash-verified), generate
+    for recipe in args.recipes.split(","):
+        engine_path = os.path.join(args.workdir, f"{args.model}-{recipe}-pipeline.fluxe")
+        precision = RECIPES[recipe]().precision.value
+        manifest, build_s = seconds(lambda: build(BuildOptions(
+            model=args.model, output=engine_path, precision=precision, recipe=recipe, resolutions=((h, w),),
+            text_tokens=text_tokens)))
+        free()
+        engine, load_s = seconds(lambda: Engine.load(engine_path))
+        embeds, pooled = engine.encode_prompt([PROMPT])
+        stages = []
 
-    def run():
-        stages.append({})
-        return engine.generate(PROMPT, steps=args.steps, guidance=3.5, seed=args.seed, output_type="np",
-                               timings=stages[-1])
+        def run():
+            stages.append({})
+            return engine.generate(PROMPT, steps=args.steps, guidance=3.5, seed=args.seed, output_type="np",
+                                   timings=stages[-1])
 
-    first, e2e, image, peak = timed_calls(run, args.repeats)
-    results["fluxc bf16"] = {
-        "e2e_s": e2e, "first_call_s": first, "peak_gib": peak, "image": image,
-        "stages_s": {k: statistics.median(s[k] for s in stages[1:]) for k in stages[-1]},
-        "build_s": build_s, "build_stages_s": manifest["build_seconds"], "load_s": load_s,
-        "segment_numerics": manifest["numerics"],
-        "prompt_embeds_relative_error": relative_error(embeds.float(), ref_embeds.float()),
-        "pooled_relative_error": relative_error(pooled.float(), ref_pooled.float()),
-    }
+        first, e2e, image, peak = timed_calls(run, args.repeats)
+        results[f"fluxc {recipe}"] = {
+            "e2e_s": e2e, "first_call_s": first, "peak_gib": peak, "image": image,
+            "stages_s": {k: statistics.median(s[k] for s in stages[1:]) for k in stages[-1]},
+            "build_s": build_s, "build_stages_s": manifest["build_seconds"], "load_s": load_s,
+            "segment_numerics": manifest["numerics"], "weights_gb": engine.weight_bytes / 1e9,
+            "prompt_embeds_relative_error": relative_error(embeds.float(), ref_embeds.float()),
+            "pooled_relative_error": relative_error(pooled.float(), ref_pooled.float()),
+        }
+        del engine
+        free()
+        shutil.rmtree(engine_path)
 
+    # images: against diffusers eager, and each fluxc image's PSNR against the fluxc bf16 engine's (same seed)
     eager = results["diffusers eager"]["image"]
+    bf16_image = results.get("fluxc bf16", {}).get("image")
     base = results["diffusers + torch.compile"]["e2e_s"]
     for r in results.values():
         img = r.pop("image")
         r["image_max_abs_vs_eager"] = float(np.abs(img - eager).max())
         r["image_mean_abs_vs_eager"] = float(np.abs(img - eager).mean())
+        r["image_psnr_db_vs_eager"] = psnr_db(img, eager)
+        if bf16_image is not None:
+            r["image_psnr_db_vs_fluxc_bf16"] = psnr_db(img, bf16_image)
         r["ratio_to_torch_compile_pipeline"] = r["e2e_s"] / base
     rec["results"] = results
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -145,12 +165,14 @@ def main():
         json.dump(rec, f, indent=1)
 
     print(f"\n{rec['gpu']}, torch {rec['torch']}, {args.model} random weights, {h}x{w}, {args.steps} steps, batch 1")
-    print(f"{'path':<27}{'e2e s':>7}{'x compile':>10}{'encode':>8}{'denoise':>9}{'decode':>8}{'peak GiB':>9}{'img mean|d|':>12}")
+    print(f"{'path':<27}{'e2e s':>7}{'x compile':>10}{'encode':>8}{'denoise':>9}{'decode':>8}{'peak GiB':>9}{'img mean|d|':>12}"
+          f"{'PSNR vs bf16':>13}")
     for name, r in results.items():
         s = r["stages_s"]
         print(f"{name:<27}{r['e2e_s']:>7.2f}{r['ratio_to_torch_compile_pipeline']:>10.3f}{s['encode']:>8.3f}"
-              f"{s['denoise']:>9.3f}{s['decode']:>8.3f}{r['peak_gib']:>9.1f}{r['image_mean_abs_vs_eager']:>12.2e}")
-    f = results["fluxc bf16"]
+              f"{s['denoise']:>9.3f}{s['decode']:>8.3f}{r['peak_gib']:>9.1f}{r['image_mean_abs_vs_eager']:>12.2e}"
+              f"{r.get('image_psnr_db_vs_fluxc_bf16', float('nan')):>13.1f}")
+    f = results[f"fluxc {args.recipes.split(',')[0]}"]
     print(f"fluxc: build {f['build_s']:.0f} s, load {f['load_s']:.0f} s, prompt_embeds rel.err "
           f"{f['prompt_embeds_relative_error']:.2e}, pooled rel.err {f['pooled_relative_error']:.2e}; "
           f"torch.compile first call {results['diffusers + torch.compile']['first_call_s']:.0f} s")

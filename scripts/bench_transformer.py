@@ -25,7 +25,7 @@ import torch
 
 from fluxc.build import BuildOptions, build
 from fluxc.models import load_model
-from fluxc.numerics import relative_error
+from fluxc.numerics import relative_error, sqnr_db
 from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 from fluxc.runtime.flux_math import Profile, position_ids
@@ -196,7 +196,7 @@ def main():
         timesteps = torch.linspace(1, 1 / args.steps, args.steps, device="cuda").to(torch.bfloat16)[:, None]
         schedule_ms = cuda_ms(lambda: engine.schedule(timesteps, x["guidance"], x["pooled_projections"]))
         results[label] = {"ms_per_step": loop_ms / args.steps, "graph_ms_per_step": graph_ms, "schedule_ms": schedule_ms,
-                          "peak_gib": peak, "denoise_s": loop_ms / 1000,
+                          "peak_gib": peak, "denoise_s": loop_ms / 1000, "weights_gb": engine.weight_bytes / 1e9,
                           "build_trace_compile_s": trace_compile, "build_total_s": total_build,
                           "build_stages_s": secs, "load_s": load_s, "segment_numerics": manifest["numerics"],
                           "pass_counts": manifest["pass_counts"], "kernels": breakdown}
@@ -237,6 +237,7 @@ def main():
 
     for name, out in outputs.items():
         results[name]["relative_error_vs_eager"] = relative_error(out, eager_out)
+        results[name]["sqnr_db_vs_eager"] = sqnr_db(out, eager_out)
     base = results["torch.compile"]["ms_per_step"]
     for r in results.values():
         r["ratio_to_torch_compile"] = r["ms_per_step"] / base
@@ -251,12 +252,14 @@ def main():
         for k in r["kernels"]["top_kernels"]:
             print(f"  {k['ms']:8.3f} {k['calls']:6.1f}x {k['category']:<9} {k['name'][:110]}")
     print(f"\nms/step: fluxc's {args.steps}-step denoising loop / {args.steps}; diffusers: back-to-back transformer calls")
-    print(f"\n{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'peak GiB':>10}{'GEMM':>8}{'attn':>8}{'other':>8}{'idle':>7}")
+    print(f"\n{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'SQNR dB':>9}{'peak GiB':>10}{'GEMM':>8}{'attn':>8}"
+          f"{'other':>8}{'idle':>7}{'weights GB':>11}")
     for name, r in results.items():
         k = r["kernels"]
         print(f"{name:<18}{r['ms_per_step']:>9.1f}{r['ratio_to_torch_compile']:>11.3f}"
-              f"{r['relative_error_vs_eager']:>10.2e}{r['peak_gib']:>10.1f}"
-              f"{k['gemm_ms']:>8.1f}{k['attention_ms']:>8.1f}{k['other_ms']:>8.1f}{k['idle_ms']:>7.1f}")
+              f"{r['relative_error_vs_eager']:>10.2e}{r['sqnr_db_vs_eager']:>9.1f}{r['peak_gib']:>10.1f}"
+              f"{k['gemm_ms']:>8.1f}{k['attention_ms']:>8.1f}{k['other_ms']:>8.1f}{k['idle_ms']:>7.1f}"
+              f"{r.get('weights_gb', float('nan')):>11.2f}")
     f = results["fluxc bf16"]
     print(f"fluxc build: trace+compile {f['build_trace_compile_s']:.1f} s, total {f['build_total_s']:.1f} s; "
           f"load {f['load_s']:.1f} s; {args.steps}-step denoise {f['denoise_s']:.2f} s; "
