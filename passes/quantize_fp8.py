@@ -14,12 +14,17 @@ The activation is quantized inside the kernel that produces it:
 and otherwise as the aten ops above, which Inductor fuses into the kernel that produces the activation
 where that kernel is its own (a LayerNorm after a residual add, the attention output's layout copy).
 Which layers stay bf16 is recipe.fp8_exclude: patterns over "segment kind:weight name" (default:
-the embedders and time embedding in the head, the final norm and projection in the tail, every AdaLN
-modulation GEMM, the text encoders and the VAE). The manifest lists both sets (pass_reports).
+the embedders and time embedding in the head, the final norm and projection in the tail, the text
+encoders and the VAE); recipe.fp8_weight_only keeps a linear's math in bf16 on its e4m3 weight,
+dequantized in the graph (default: the AdaLN modulation GEMMs, which hoist_schedule runs once per
+generation). The manifest lists all three sets (pass_reports).
+With recipe.fp8_attention, attention over fluxc.qk_norm_rope's q and k becomes fluxc.attention_fp8
+(quantize_attention), and the output projections read its e4m3 output through the layout ops between.
 Pre:  fusion passes ran (a fused QKV weight quantizes as one tensor; its channel scales are per row anyway).
-Post: counts["quantized"] linears call _scaled_mm, counts["fused_inputs"] of them with the input quantized
-by its producer (2 AdaLN + 2 GELU per double block, 1 + 1 per single block); counts["excluded"] were left
-bf16 by the recipe.
+Post: counts["quantized"] linears call _scaled_mm on counts["inputs"] distinct quantized activations,
+counts["fused_inputs"] of them quantized by their producer (2 AdaLN + 2 GELU per double block, 1 + 1 per
+single block, + the attention outputs with fp8_attention); counts["weight_only"] and counts["excluded"]
+as the recipe says; counts["attention"] attention calls in FP8 (with fp8_attention).
 Numerics: per-output-channel weight and per-token activation scales, amax / 448 (e4m3's largest finite
 value, so nothing saturates): each quantized linear at or above numerics.FP8_LINEAR_SQNR_DB against
 float64 math, a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph.
@@ -157,11 +162,7 @@ def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node]) -> bool:
         xq, scale, fused = _quantize_input(g, x, len(linears))
     for node in linears:
         _, weight, bias, accumulate, gelu = _parts(node)
-        source, val = weight.meta["weight"], weight.meta["val"]
-        w_fp8 = add_weight(gm, WeightSource(f"fp8({source.name})", "fp8", (source,)),
-                           val.new_empty(val.shape, dtype=torch.float8_e4m3fn))
-        w_scale = add_weight(gm, WeightSource(f"fp8_scale({source.name})", "fp8_scale", (source,)),
-                             val.new_empty(val.shape[0], 1, dtype=torch.float32))
+        w_fp8, w_scale = _fp8_weights(gm, weight)
         with g.inserting_before(node):
             out = call(g, aten._scaled_mm.default, xq, call(g, aten.t.default, w_fp8), scale,
                        call(g, aten.t.default, w_scale), bias, None, x.meta["val"].dtype)
@@ -174,8 +175,31 @@ def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node]) -> bool:
     return fused
 
 
+def _fp8_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """New weight inputs: `weight` [N, K] in e4m3 and its per-output-channel scales [N, 1] f32."""
+    source, val = weight.meta["weight"], weight.meta["val"]
+    return (add_weight(gm, WeightSource(f"fp8({source.name})", "fp8", (source,)),
+                       val.new_empty(val.shape, dtype=torch.float8_e4m3fn)),
+            add_weight(gm, WeightSource(f"fp8_scale({source.name})", "fp8_scale", (source,)),
+                       val.new_empty(val.shape[0], 1, dtype=torch.float32)))
+
+
+def quantize_weight_only(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.fx.Node) -> None:
+    """The linear keeps its bf16 math on the e4m3 weight dequantized in the graph (w8 * scale, rounded to bf16)."""
+    w8, scale = _fp8_weights(gm, weight)
+    g = gm.graph
+    with g.inserting_before(node):
+        w = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, w8, dtype=torch.float32), scale)
+        node.replace_input_with(weight, call(g, aten._to_copy.default, w, dtype=weight.meta["val"].dtype))
+
+
+def _matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
+    keys = [f"{ctx.segment_kind}:{n}" for n in _names(source)]
+    return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
+
+
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    quantized, excluded, rejected = [], [], []
+    quantized, weight_only, excluded, rejected = [], [], [], []
     attention = 0
     if ctx.recipe.fp8_attention:
         attention, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
@@ -189,9 +213,12 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 rejected.append(e.rejection)
             continue
         source = weight.meta["weight"]
-        keys = [f"{ctx.segment_kind}:{n}" for n in _names(source)]
-        if any(fnmatch.fnmatchcase(k, p) for k in keys for p in ctx.recipe.fp8_exclude):
+        if _matches(ctx, source, ctx.recipe.fp8_exclude):
             excluded.append(source.name)
+            continue
+        if _matches(ctx, source, ctx.recipe.fp8_weight_only):
+            quantize_weight_only(gm, node, weight)
+            weight_only.append(source.name)
             continue
         by_input.setdefault(x, []).append(node)
         quantized.append(source.name)
@@ -199,7 +226,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     drop_unused_weights(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": fused, "excluded": len(excluded)}
+    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": fused,
+              "weight_only": len(weight_only), "excluded": len(excluded)}
     if ctx.recipe.fp8_attention:
         counts["attention"] = attention
-    return PassResult(gm, counts, rejected, report={"quantized": quantized, "excluded": excluded})
+    return PassResult(gm, counts, rejected, report={"quantized": quantized, "weight_only": weight_only,
+                                                        "excluded": excluded})

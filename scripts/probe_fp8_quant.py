@@ -42,6 +42,25 @@ def _gelu_fp8_looped(x_ptr, out_ptr, scale_ptr, M, N, ROWS: tl.constexpr, CHUNK:
         tl.store(out_ptr + rows * N + n, (y * (1.0 / scale)).to(tl.float8e4nv), mask=m)
 
 
+@triton.jit
+def _gelu_fp8_persistent(x_ptr, out_ptr, scale_ptr, M, N, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    n = tl.arange(0, BLOCK)
+    mask = n < N
+    for row in tl.range(tl.program_id(0), M, tl.num_programs(0), num_stages=STAGES):
+        offs = row.to(tl.int64) * N + n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _gelu(x).to(x_ptr.dtype.element_ty).to(tl.float32)
+        kernels._store_fp8_row(y, mask, out_ptr + offs, scale_ptr + row)
+
+
+def persistent(x, programs, warps, stages):
+    m, n = x.shape
+    out, scale = kernels._empty_fp8(x)
+    _gelu_fp8_persistent[(programs,)](x, out, scale, m, n, BLOCK=triton.next_power_of_2(n), STAGES=stages,
+                                      num_warps=warps)
+    return out, scale
+
+
 def looped(x, rows, chunk, warps):
     m, n = x.shape
     out = x.new_empty(x.shape, dtype=torch.float8_e4m3fn)
@@ -90,8 +109,10 @@ def main():
         print(f"{name:32s} {ms * 1e3:8.1f} us", flush=True)
     compiled = torch.compile(aten_ops)
     time("inductor aten ops", lambda: compiled(x))
-    for rows, chunk, warps in [(1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (1, 4096, 16), (2, 1024, 4),
-                               (2, 2048, 8), (4, 1024, 8)]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for per_sm, warps, stages in [(1, 8, 1), (1, 8, 2), (1, 8, 3), (1, 16, 2), (2, 8, 2), (2, 4, 2), (4, 4, 2)]:
+        time(f"persistent {per_sm}/SM w={warps} stages={stages}", lambda: persistent(x, per_sm * sms, warps, stages))
+    for rows, chunk, warps in [(1, 2048, 8)]:
         time(f"looped rows={rows} chunk={chunk} w={warps}", lambda: looped(x, rows, chunk, warps))
     with open(os.path.join(args.out, "probe_fp8_quant.json"), "w") as f:
         json.dump(rec, f, indent=1)
