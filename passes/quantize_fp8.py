@@ -184,13 +184,14 @@ def _fp8_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> tuple[torch
                        val.new_empty(val.shape[0], 1, dtype=torch.float32)))
 
 
-def quantize_weight_only(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.fx.Node) -> None:
+def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> None:
     """The linear keeps its bf16 math on the e4m3 weight dequantized in the graph (w8 * scale, rounded to bf16)."""
     w8, scale = _fp8_weights(gm, weight)
     g = gm.graph
-    with g.inserting_before(node):
+    first_user = next(n for n in g.nodes if n in weight.users)
+    with g.inserting_before(first_user):
         w = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, w8, dtype=torch.float32), scale)
-        node.replace_input_with(weight, call(g, aten._to_copy.default, w, dtype=weight.meta["val"].dtype))
+        weight.replace_all_uses_with(call(g, aten._to_copy.default, w, dtype=weight.meta["val"].dtype))
 
 
 def _matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
@@ -217,14 +218,14 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             excluded.append(source.name)
             continue
         if _matches(ctx, source, ctx.recipe.fp8_weight_only):
-            quantize_weight_only(gm, node, weight)
+            quantize_weight_only(gm, weight)
             weight_only.append(source.name)
             continue
         by_input.setdefault(x, []).append(node)
         quantized.append(source.name)
     fused = sum(quantize(gm, linears) for linears in by_input.values())
-    drop_unused_weights(gm)
     gm.graph.eliminate_dead_code()
+    drop_unused_weights(gm)
     gm.recompile()
     counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": fused,
               "weight_only": len(weight_only), "excluded": len(excluded)}

@@ -122,6 +122,8 @@ def test_every_block_linear_meets_the_fp8_floor(tiny_bf16):
             full = "norm" not in name
             assert result.counts == {"quantized": int(full), "inputs": int(full), "fused_inputs": 0,
                                      "weight_only": int(not full), "excluded": 0}, name
+            made = [n.meta["weight"].op for n in result.graph.graph.nodes if "weight" in n.meta]
+            assert sorted(made) == ["fp8", "fp8_scale", "load"], (name, made)  # e4m3 weight, its scales, bias
             (got,) = _run(result.graph, {f"{name}.weight": w, f"{name}.bias": b, "x_1": x})
             want = x.double() @ w.double().t() + b.double()
             assert sqnr_db(got, want) >= FP8_LINEAR_SQNR_DB, (kind, name, sqnr_db(got, want))
@@ -150,6 +152,8 @@ def test_fp8_engine_lists_its_layers_and_denoises_close_to_bf16(tiny_engines):
     double = m["pass_reports"]["double-144x112"]["quantize_fp8"]
     assert "attn.to_out.0.weight" in double["quantized"]
     assert double["weight_only"] == ["cat0(norm1.linear.weight,norm1_context.linear.weight)"]
+    schedule = next(s for s in m["segments"] if s["kind"] == "double_schedule")
+    assert "fp8(cat0(norm1.linear.weight,norm1_context.linear.weight))" in schedule["weights"]
     assert double["excluded"] == [] and m["pass_reports"]["tail-144x112"]["quantize_fp8"]["excluded"]
     pe, pooled = random_embeddings(dtype=torch.bfloat16)
     got, want = (Engine.load(tiny_engines[p]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
