@@ -159,7 +159,7 @@ def test_fp8_engine_lists_its_layers_and_denoises_close_to_bf16(tiny_engines):
     got, want = (Engine.load(tiny_engines[p]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
                  for p in ("fp8", "bf16"))
     sqnr = sqnr_db(got, want)
-    print(f"tiny fp8 engine, 8-step latents against the bf16 engine: {sqnr:.1f} dB")  # 34.5 dB when written
+    print(f"tiny fp8 engine, 8-step latents against the bf16 engine: {sqnr:.1f} dB")  # 34.5 dB when written; 32.4 with weight-only modulation
     assert sqnr >= FP8_SEGMENT_SQNR_DB
 
 
