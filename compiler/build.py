@@ -99,6 +99,9 @@ def validate(opts: BuildOptions) -> Plan:
     if precision is Precision.FP8 and sm and int(sm.group(1)) < 89:
         raise FluxcError(f"--precision fp8 needs FP8 tensor cores (sm_89 or newer); {target} has none.",
                          "Build --precision bf16 for this GPU, or target an sm_89+ GPU (L40S, H100, H200, B200).")
+    if recipe.fp8_attention and sm and int(sm.group(1)) < 90:
+        raise FluxcError(f"Recipe '{recipe.name}' runs attention through cuDNN's FP8 SDPA, which needs sm_90 or "
+                         f"newer; {target} is older.", "Use --recipe sm90_fp8 (FP8 GEMMs, bf16 attention) there.")
     if target != here:
         raise FluxcError(
             f"Cannot compile for {target} on this machine ({here}): engines are compiled on the GPU they run on.",

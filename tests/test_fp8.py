@@ -164,3 +164,9 @@ def test_fp8_engine_lists_its_layers_and_denoises_close_to_bf16(tiny_engines):
 def test_fp8_below_sm89_is_refused(tmp_path):
     with pytest.raises(FluxcError, match="sm_89"):
         validate(BuildOptions(model="tiny", output=str(tmp_path / "e.fluxe"), target="sm_80", precision="fp8"))
+
+
+def test_fp8_attention_below_sm90_is_refused(tmp_path):
+    with pytest.raises(FluxcError, match="sm_90"):
+        validate(BuildOptions(model="tiny", output=str(tmp_path / "e.fluxe"), target="sm_89", precision="fp8",
+                              recipe="sm90_fp8_attn"))
