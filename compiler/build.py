@@ -14,6 +14,7 @@ import torch
 
 from fluxc import FORMAT_VERSION, __version__, ir
 from fluxc.backends import get_backend
+from fluxc.calibrate import calibrate
 from fluxc.components import CLIP_MAX_LENGTH, load_components
 from fluxc.models import check_source, load_model
 from fluxc.numerics import relative_error
@@ -46,6 +47,7 @@ class BuildOptions:
     transformer_only: bool = False
     encoders: str | None = None  # gpu | offload | cpu; default: gpu on a GPU target, cpu on the CPU target
     recipe_overrides: tuple[tuple[str, object], ...] = ()  # (field, value) over the named recipe (benchmarks)
+    calibrate: int = 0  # fp8: static activation scales from this many calibration samples (compiler/calibrate.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,12 @@ def validate(opts: BuildOptions) -> Plan:
     if precision is Precision.FP8 and sm and int(sm.group(1)) < 89:
         raise FluxcError(f"--precision fp8 needs FP8 tensor cores (sm_89 or newer); {target} has none.",
                          "Build --precision bf16 for this GPU, or target an sm_89+ GPU (L40S, H100, H200, B200).")
+    if opts.calibrate and precision is not Precision.FP8:
+        raise FluxcError(f"--calibrate sets static FP8 activation scales; this build is {precision.value}.",
+                         "Add --precision fp8, or drop --calibrate.")
+    if opts.calibrate < 0:
+        raise FluxcError(f"--calibrate {opts.calibrate}: the number of calibration samples cannot be negative.",
+                         "Use --calibrate N with N >= 1 (or leave it out for per-token scales at run time).")
     if recipe.fp8_attention and sm and int(sm.group(1)) < 90:
         raise FluxcError(f"Recipe '{recipe.name}' runs attention through cuDNN's FP8 SDPA, which needs sm_90 or "
                          f"newer; {target} is older.", "Use --recipe sm90_fp8 (FP8 GEMMs, bf16 attention) there.")
@@ -170,17 +178,27 @@ def build(opts: BuildOptions, report=None) -> dict:
         segments = trace_model(model, profiles, plan.device, plan.dtype)
         if comps:
             segments += trace_components(comps, profiles, plan.device, plan.dtype, plan.encoder_device)
+    calibration, amaxes = None, {}
+    if opts.calibrate:
+        with stages("calibrate"):
+            amaxes, examples, source = calibrate(model, comps, profiles[0], opts.calibrate, plan.device, plan.dtype)
+            calibration = {"samples": opts.calibrate, "how": source, "linears": len(amaxes)}
+            for seg in segments:  # check the first profile's blocks on calibration activations, not noise
+                if seg.profile == profiles[0] and seg.kind in examples:
+                    b = seg.profile.batch
+                    seg.example = {k: (v if k.startswith("rope") else v.expand(b, *v.shape[1:]).contiguous())
+                                   .to(seg.example[k].dtype) for k, v in examples[seg.kind].items()}
     pass_counts, explain, reports, schedule = {}, {}, {}, {}
     with stages("passes"):
         for seg in segments:
-            ctx = PassContext(plan.recipe, plan.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()))
+            ctx = PassContext(plan.recipe, plan.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()), bool(amaxes))
             result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
             seg.graph, pass_counts[seg.name], explain[seg.name] = result.graph, result.counts, result.explain
             reports[seg.name] = result.reports
             if result.hoisted:
                 _split_schedule(seg, result.hoisted, schedule)
         segments = list(schedule.values()) + segments  # compiled (and run) before the segments they feed
-    checkpoint = dict(model.module.state_dict())
+    checkpoint = dict(model.module.state_dict()) | amaxes
     for kind in COMPONENT_KINDS if comps else ():
         module, (prefix,) = modules[kind]
         checkpoint.update({f"{prefix}.{n}": t for n, t in module_tensors(module).items()})
@@ -210,7 +228,7 @@ def build(opts: BuildOptions, report=None) -> dict:
         with stages("hash"):
             files = {rel: sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
         manifest = _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, reports,
-                             backend, numerics, files, stages.seconds)
+                             backend, numerics, files, stages.seconds, calibration)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _move_into_place(tmp, opts.output)
@@ -314,7 +332,7 @@ def _segment_entry(seg) -> dict:
 
 
 def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, reports, backend,
-              numerics, files, seconds) -> dict:
+              numerics, files, seconds, calibration) -> dict:
     gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
     shaping = {
         "model": {"family": model.family, "config": _jsonable(model.config), "source": model.source},
@@ -325,6 +343,7 @@ def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts,
         "backend": {"name": backend.name, **backend.versions()},
         "profiles": [dataclasses.asdict(p) | {"name": p.name, "image_tokens": p.image_tokens} for p in profiles],
         "cache": {"mode": "none"},
+        "calibration": calibration,  # None: FP8 activation scales per token at run time
         "components": components,  # None: a transformer-only engine
         "fluxc_version": __version__,
     }

@@ -17,6 +17,7 @@ _DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f1
 
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
+AMAX_SUFFIX = ":act_amax"  # a checkpoint entry f"{linear}.weight{AMAX_SUFFIX}": that linear's calibrated input amax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,8 @@ class WeightSource:
     e4m3 with one scale per output channel (row), and those scales [N, 1] f32; "rms_fp8_scale": a bound on
     |RMSNorm(x) * w| over the norm weights `sources` (sqrt(D) max |w|: a normed row has norm sqrt(D)) / 448,
     as [1, 1, 1, 1] f32, the static e4m3 scale of normed q or k (rotary embedding keeps pair norms; 1% over,
-    for the bf16 rounding of the normed values). Passes that rewrite weights
+    for the bf16 rounding of the normed values); "act_scale": the static activation scale [1, 1] f32 of the
+    linears whose weights are `sources`: their calibrated input amax (compiler/calibrate.py) / 448. Passes that rewrite weights
     (fused QKV, split projections, quantization) say here how to make the new tensor; the build makes it
     once per layer and writes it to the engine."""
 
@@ -47,10 +49,17 @@ class WeightSource:
     def slice(cls, source, dim: int, start: int, stop: int) -> "WeightSource":
         return cls(f"{source.name}[{dim}:{start}:{stop}]", "slice", (source,), dim, start, stop)
 
+    def checkpoint_names(self) -> list[str]:
+        """The checkpoint tensors this one is made from."""
+        return [self.name] if self.op == "load" else [n for s in self.sources for n in s.checkpoint_names()]
+
     def make(self, load) -> torch.Tensor:
         """The tensor, given load(name) -> checkpoint tensor."""
         if self.op == "load":
             return load(self.name)
+        if self.op == "act_scale":
+            amax = torch.stack([load(n + AMAX_SUFFIX) for n in self.checkpoint_names()]).amax().float()
+            return (amax.clamp_min(1e-12) / E4M3_MAX).reshape(1, 1)
         parts = [s.make(load) for s in self.sources]
         if self.op == "cat":
             return torch.cat(parts, self.dim)

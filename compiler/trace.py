@@ -253,13 +253,15 @@ def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile
 
 def schedule_segment(seg: Segment, hoisted, rows: int = SCHEDULE_ROWS) -> Segment:
     """The graph hoist_schedule split off `seg`, re-traced for `rows` rows (the runtime feeds steps x batch
-    rows). Example rows: the segment's own example first, then distinct random ones, so the build's check
-    sees rows that differ."""
+    rows). Example rows: the segment's own example first, then its rows each scaled elementwise by a random
+    factor in [0.75, 1.25), so the build's check sees rows that differ but stay like the example (with
+    calibrated FP8 scales, rows unlike any real one would saturate)."""
     g = torch.Generator().manual_seed(0)
     acts = {}
     for name in hoisted.inputs:
         x = seg.example[name]
-        extra = torch.rand((rows - x.shape[0], *x.shape[1:]), generator=g).to(x) * x.abs().amax()
+        base = x[torch.arange(rows - x.shape[0]) % x.shape[0]]
+        extra = base * (0.75 + 0.5 * torch.rand(base.shape, generator=g)).to(x)
         acts[name] = torch.cat([x, extra])
     placeholders = [n for n in hoisted.graph.graph.nodes if n.op == "placeholder"]
     weights = [n for n in placeholders if "weight" in n.meta]

@@ -22,6 +22,7 @@ class PassContext:
     target: str  # "cpu" | "sm_90" | ...
     segment_kind: str  # "head" | "double" | "single" | "tail"
     schedule_inputs: tuple[str, ...] = ()  # activation inputs known for every step before the loop (hoist_schedule)
+    calibrated: bool = False  # the build calibrated static FP8 activation scales (quantize_fp8, --calibrate)
 
 
 @dataclasses.dataclass(frozen=True)

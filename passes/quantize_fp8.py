@@ -18,12 +18,15 @@ the embedders and time embedding in the head, the final norm and projection in t
 encoders and the VAE); recipe.fp8_weight_only keeps a linear's math in bf16 on its e4m3 weight,
 dequantized in the graph (default: the AdaLN modulation GEMMs, which hoist_schedule runs once per
 generation). The manifest lists all three sets (pass_reports).
+Built with --calibrate, each input is quantized on a static per-tensor scale stored per layer (weight
+op "act_scale": the calibrated amax / 448; x / scale saturates at 448) instead of per-token scales.
 With recipe.fp8_attention, attention over fluxc.qk_norm_rope's q and k becomes fluxc.attention_fp8
 (quantize_attention), and the output projections read its e4m3 output through the layout ops between.
 Pre:  fusion passes ran (a fused QKV weight quantizes as one tensor; its channel scales are per row anyway).
 Post: counts["quantized"] linears call _scaled_mm on counts["inputs"] distinct quantized activations,
 counts["fused_inputs"] of them quantized by their producer (2 AdaLN + 2 GELU per double block, 1 + 1 per
-single block, + the attention outputs with fp8_attention); counts["weight_only"] and counts["excluded"]
+single block, + the attention outputs with fp8_attention), counts["static_inputs"] on calibrated scales
+(every input, when built with --calibrate); counts["weight_only"] and counts["excluded"]
 as the recipe says; counts["attention"] attention calls in FP8 (with fp8_attention).
 Numerics: per-output-channel weight and per-token activation scales, amax / 448 (e4m3's largest finite
 value, so nothing saturates): each quantized linear at or above numerics.FP8_LINEAR_SQNR_DB against
@@ -55,11 +58,6 @@ def _parts(node: torch.fx.Node):
             return x, wt.args[0], None, c, False
     x, weight, bias = linear_parts(node)
     return x, weight, bias, None, False
-
-
-def _names(source: WeightSource) -> list[str]:
-    """The checkpoint tensors a (possibly fused) weight is made from."""
-    return [source.name] if source.op == "load" else [n for s in source.sources for n in _names(s)]
 
 
 def _producer(x: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
@@ -153,13 +151,31 @@ def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[
     return call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn), scale, False
 
 
-def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node]) -> bool:
-    """Rewrite linears that share one input (in graph order), quantizing that input once; True when the
-    quantization was fused into the kernel that produces the input."""
+def _static_input(gm: torch.fx.GraphModule, x: torch.fx.Node, linears) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """(x in e4m3 on its calibrated per-tensor scale, saturating at 448; that scale as rows [M, 1])."""
+    sources = tuple(_parts(n)[1].meta["weight"] for n in linears)
+    scale = add_weight(gm, WeightSource(f"act_scale({','.join(s.name for s in sources)})", "act_scale", sources),
+                       x.meta["val"].new_empty(1, 1, dtype=torch.float32))
+    g = gm.graph
+    with g.inserting_before(linears[0]):
+        xs = call(g, aten.clamp.default, call(g, aten.div.Tensor, x, scale), -E4M3_MAX, E4M3_MAX)
+        rows = call(g, aten.expand.default, scale, [x.meta["val"].shape[0], 1])
+        return (call(g, aten._to_copy.default, xs, dtype=torch.float8_e4m3fn),
+                call(g, aten.clone.default, rows, memory_format=torch.contiguous_format))
+
+
+def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], calibrated: bool) -> str:
+    """Rewrite linears that share one input (in graph order), quantizing that input once. Returns how:
+    "fused" into the kernel that produces it, "static" on its calibrated scale (every input but the FP8
+    attention output, which keeps v's scale), or "aten" (per-token scales by aten ops)."""
     g = gm.graph
     x = _parts(linears[0])[0]  # read now: rewriting an earlier linear may have replaced x's producer
-    with g.inserting_before(linears[0]):
-        xq, scale, fused = _quantize_input(g, x, len(linears))
+    if calibrated and _attention_output(x) is None:
+        (xq, scale), fused = _static_input(gm, x, linears), "static"
+    else:
+        with g.inserting_before(linears[0]):
+            xq, scale, by_producer = _quantize_input(g, x, len(linears))
+        fused = "fused" if by_producer else "aten"
     for node in linears:
         _, weight, bias, accumulate, gelu = _parts(node)
         w_fp8, w_scale = _fp8_weights(gm, weight)
@@ -195,7 +211,7 @@ def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> Non
 
 
 def _matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
-    keys = [f"{ctx.segment_kind}:{n}" for n in _names(source)]
+    keys = [f"{ctx.segment_kind}:{n}" for n in source.checkpoint_names()]
     return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
 
 
@@ -223,12 +239,12 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         by_input.setdefault(x, []).append(node)
         quantized.append(source.name)
-    fused = sum(quantize(gm, linears) for linears in by_input.values())
+    how = [quantize(gm, linears, ctx.calibrated) for linears in by_input.values()]
     gm.graph.eliminate_dead_code()
     drop_unused_weights(gm)
     gm.recompile()
-    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": fused,
-              "weight_only": len(weight_only), "excluded": len(excluded)}
+    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": how.count("fused"),
+              "static_inputs": how.count("static"), "weight_only": len(weight_only), "excluded": len(excluded)}
     if ctx.recipe.fp8_attention:
         counts["attention"] = attention
     return PassResult(gm, counts, rejected, report={"quantized": quantized, "weight_only": weight_only,

@@ -33,11 +33,12 @@ from fluxc.runtime.flux_math import Profile, position_ids
 H = W = 1024
 TEXT = 512
 AUTOTUNE = (("emulate_precision_casts", True), ("max_autotune_gemm", True), ("coordinate_descent_tuning", True))
-# --variants: label -> (recipe, recipe overrides)
-VARIANTS = {"fluxc bf16": ("bf16", ()), "fluxc bf16 no hoist": ("bf16", (("hoist_schedule", False),)),
-            "fluxc bf16 unfused": ("bf16_unfused", ()),
-            "fluxc bf16 autotune": ("bf16", (("inductor_options", AUTOTUNE),)),
-            "fluxc fp8": ("sm90_fp8", ()), "fluxc fp8 attn": ("sm90_fp8_attn", ())}
+# --variants: label -> (recipe, recipe overrides, calibration samples)
+VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("hoist_schedule", False),), 0),
+            "fluxc bf16 unfused": ("bf16_unfused", (), 0),
+            "fluxc bf16 autotune": ("bf16", (("inductor_options", AUTOTUNE),), 0),
+            "fluxc fp8": ("sm90_fp8", (), 0), "fluxc fp8 attn": ("sm90_fp8_attn", (), 0),
+            "fluxc fp8 calibrated": ("sm90_fp8", (), 4)}
 
 
 def source_commit() -> str:
@@ -166,12 +167,12 @@ def main():
     # 1. fluxc, with and without its fusion passes: build, then load the written engine (hash-verified) and time it
     x = None
     for label in args.variants.split(","):
-        recipe, overrides = VARIANTS[label]
+        recipe, overrides, calibrate = VARIANTS[label]
         engine_path = os.path.join(args.workdir, "flux1-dev.fluxe")
         t0 = time.perf_counter()
         manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision=RECIPES[recipe]().precision.value,
                                       recipe=recipe,
-                                      recipe_overrides=overrides, transformer_only=True))
+                                      recipe_overrides=overrides, calibrate=calibrate, transformer_only=True))
         total_build = time.perf_counter() - t0
         secs = manifest["build_seconds"]
         trace_compile = secs["trace"] + secs["passes"] + sum(v for k, v in secs.items() if k.startswith("compile"))

@@ -30,10 +30,10 @@ from test_passes import _run, _tensors
 # QKV and MLP) and the GELU outputs (into the MLP output projections) by the kernels that produce them
 # (fluxc.adaln_fp8, fluxc.gelu_fp8).
 # The AdaLN modulation GEMM (one fused weight per double block) keeps bf16 math on an e4m3 weight.
-GOLDEN = {"head": {"quantized": 0, "inputs": 0, "fused_inputs": 0, "weight_only": 0, "excluded": 8},
-          "double": {"quantized": 8, "inputs": 8, "fused_inputs": 4, "weight_only": 1, "excluded": 0},
-          "single": {"quantized": 4, "inputs": 3, "fused_inputs": 2, "weight_only": 1, "excluded": 0},
-          "tail": {"quantized": 0, "inputs": 0, "fused_inputs": 0, "weight_only": 0, "excluded": 2}}
+GOLDEN = {"head": {"quantized": 0, "inputs": 0, "fused_inputs": 0, "static_inputs": 0, "weight_only": 0, "excluded": 8},
+          "double": {"quantized": 8, "inputs": 8, "fused_inputs": 4, "static_inputs": 0, "weight_only": 1, "excluded": 0},
+          "single": {"quantized": 4, "inputs": 3, "fused_inputs": 2, "static_inputs": 0, "weight_only": 1, "excluded": 0},
+          "tail": {"quantized": 0, "inputs": 0, "fused_inputs": 0, "static_inputs": 0, "weight_only": 0, "excluded": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_every_block_linear_meets_the_fp8_floor(tiny_bf16):
             gm = _one_linear(w, b, 37, name)
             result = quantize_fp8.run(gm, PassContext(RECIPES["sm90_fp8"](), "cpu", kind))
             full = "norm" not in name
-            assert result.counts == {"quantized": int(full), "inputs": int(full), "fused_inputs": 0,
+            assert result.counts == {"quantized": int(full), "inputs": int(full), "fused_inputs": 0, "static_inputs": 0,
                                      "weight_only": int(not full), "excluded": 0}, name
             made = [n.meta["weight"].op for n in result.graph.graph.nodes if "weight" in n.meta]
             assert sorted(made) == ["fp8", "fp8_scale", "load"], (name, made)  # e4m3 weight, its scales, bias
@@ -132,11 +132,12 @@ def test_every_block_linear_meets_the_fp8_floor(tiny_bf16):
 
 @pytest.fixture(scope="module")
 def tiny_engines(tmp_path_factory):
-    """Tiny CPU transformer-only engines in bf16 and fp8 (same weights, one profile)."""
+    """Tiny CPU transformer-only engines in bf16, fp8, and fp8 with static scales from 2 calibration samples
+    (same weights, one profile)."""
     paths = {}
-    for precision in ("bf16", "fp8"):
-        paths[precision] = str(tmp_path_factory.mktemp("engines") / f"tiny-{precision}.fluxe")
-        build(BuildOptions(model="tiny", output=paths[precision], target="cpu", precision=precision,
+    for name, precision, calibrate in (("bf16", "bf16", 0), ("fp8", "fp8", 0), ("fp8-calibrated", "fp8", 2)):
+        paths[name] = str(tmp_path_factory.mktemp("engines") / f"tiny-{name}.fluxe")
+        build(BuildOptions(model="tiny", output=paths[name], target="cpu", precision=precision, calibrate=calibrate,
                            resolutions=((144, 112),), text_tokens=TINY_TEXT, transformer_only=True))
     return paths
 
@@ -170,3 +171,34 @@ def test_fp8_attention_below_sm90_is_refused(tmp_path):
     with pytest.raises(FluxcError, match="sm_90"):
         validate(BuildOptions(model="tiny", output=str(tmp_path / "e.fluxe"), target="sm_89", precision="fp8",
                               recipe="sm90_fp8_attn"))
+
+
+def test_calibrated_fp8_engine_stores_static_scales_and_denoises_close_to_bf16(tiny_engines):
+    """--calibrate: every block linear's input on a static scale stored per layer (no per-token scales at run
+    time), and the engine's 8-step latents at the fp8 floor against the bf16 engine's."""
+    from safetensors.torch import load_file
+
+    from fluxc.runtime import Engine
+    from fluxc.runtime.bundle import WEIGHTS
+
+    m = json.load(open(os.path.join(tiny_engines["fp8-calibrated"], MANIFEST)))
+    assert m["calibration"]["samples"] == 2 and "random prompt embeddings" in m["calibration"]["how"]
+    for kind in ("double", "single"):
+        counts = m["pass_counts"][f"{kind}-144x112"]["quantize_fp8"]
+        assert counts["static_inputs"] == counts["inputs"] == GOLDEN[kind]["inputs"] and counts["fused_inputs"] == 0
+    weights = load_file(os.path.join(tiny_engines["fp8-calibrated"], WEIGHTS))
+    qkv = [weights[f"transformer_blocks.{i}.act_scale(cat0(attn.to_q.weight,attn.to_k.weight,attn.to_v.weight))"]
+           for i in range(2)]
+    assert all(s.shape == (1, 1) and s.item() > 0 for s in qkv) and qkv[0].item() != qkv[1].item()  # per layer
+    pe, pooled = random_embeddings(dtype=torch.bfloat16)
+    got, want = (Engine.load(tiny_engines[p]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
+                 for p in ("fp8-calibrated", "bf16"))
+    sqnr = sqnr_db(got, want)
+    print(f"tiny calibrated fp8 engine, 8-step latents against the bf16 engine: {sqnr:.1f} dB")
+    assert sqnr >= FP8_SEGMENT_SQNR_DB
+
+
+def test_calibrate_needs_fp8(tmp_path):
+    with pytest.raises(FluxcError, match="--calibrate"):
+        validate(BuildOptions(model="tiny", output=str(tmp_path / "e.fluxe"), target="cpu", precision="bf16",
+                              calibrate=4))

@@ -16,11 +16,14 @@ import click
 @click.option("--encoders", type=click.Choice(["gpu", "offload", "cpu"]), default=None,
               help="Text encoders: resident on the GPU, parked in CPU memory between prompts, or run on the CPU "
                    "(default: gpu; cpu for the CPU target).")
+@click.option("--calibrate", type=int, default=0, metavar="N",
+              help="fp8: static activation scales from N calibration prompts (stored in the engine) instead of "
+                   "per-token scales at run time.")
 @click.option("--explain", is_flag=True, help="For each pass that rewrote nothing in a segment, print the check "
                                              "that rejected its nearest candidate.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, explain, output):
+            encoders, calibrate, explain, output):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -30,7 +33,7 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
     opts = BuildOptions(model=model, output=output, target=target, precision=precision, recipe=recipe,
                         resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
                         batch=batch, seed=seed, dump_ir=dump_ir,
-                        transformer_only=transformer_only, encoders=encoders)
+                        transformer_only=transformer_only, encoders=encoders, calibrate=calibrate)
 
     def report(stage, done):
         if done:

@@ -1,0 +1,99 @@
+"""Static FP8 calibration (`fluxc build --calibrate N`): the largest |input| each block linear sees.
+
+The eager model runs N short denoising loops (the Euler loop FluxPipeline runs, CALIBRATION_STEPS steps at
+the first profile, guidance 3.5), each from its own seeded noise and prompt embeddings, with a forward
+pre-hook on every linear in the double and single blocks. Prompt embeddings: the engine's own text
+encoders over N prompts from PROMPTS when the build has them, else seeded random embeddings (a
+transformer-only build has no encoders; say so in the manifest). quantize_fp8 turns each amax into a
+static per-tensor activation scale (amax / 448) stored in the engine per layer, in place of per-token
+scales computed at run time. The first double and single block's inputs at the middle step of the first
+sample are kept as those segments' example activations: the build checks the compiled segments on
+layer 0's weights, and a static scale is only as good as the activations it is checked on.
+"""
+
+import torch
+
+from fluxc.ir import AMAX_SUFFIX
+from fluxc.runtime import flux_math
+from fluxc.runtime.flux_math import Profile
+
+CALIBRATION_STEPS = 8
+PROMPTS = ("a photo of an astronaut riding a horse on the moon", "a bowl of ramen on a wooden table, steam rising",
+           "a watercolor painting of a lighthouse at dawn", "portrait of an old fisherman, dramatic light",
+           "a city street at night in the rain, neon signs", "a red fox in fresh snow, telephoto",
+           "an isometric illustration of a tiny island village", "macro photo of a dew-covered spider web")
+BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def _embeddings(model, comps, profile: Profile, n: int, device, dtype):
+    """[(prompt embeddings [1, T, D], pooled [1, P])] for n calibration samples, and where they came from."""
+    cfg = model.config
+    if comps is None:
+        g = torch.Generator().manual_seed(1234)
+        return [(torch.randn(1, profile.text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+                 torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device, dtype)) for _ in range(n)], \
+            "seeded random prompt embeddings (transformer-only build)"
+    from fluxc.components import diffusers_pipeline
+
+    pipe = diffusers_pipeline(model.module, comps)
+    out = []
+    for i in range(n):
+        embeds, pooled, _ = pipe.encode_prompt(PROMPTS[i % len(PROMPTS)], prompt_2=None,
+                                               max_sequence_length=profile.text_tokens)
+        out.append((embeds.to(device, dtype), pooled.to(device, dtype)))
+    return out, f"the engine's text encoders over {n} built-in prompts"
+
+
+def _as_example(kind: str, kwargs: dict) -> dict[str, torch.Tensor]:
+    """A block's forward kwargs as its traced segment's activation inputs (compiler/trace.py)."""
+    cos, sin = kwargs["image_rotary_emb"]
+    rope = dict(temb=kwargs["temb"], rope_cos=cos.float(), rope_sin=sin.float())
+    if kind == "double":
+        return dict(hidden_states=kwargs["hidden_states"], encoder_hidden_states=kwargs["encoder_hidden_states"], **rope)
+    return dict(joint_hidden_states=torch.cat([kwargs["encoder_hidden_states"], kwargs["hidden_states"]], 1), **rope)
+
+
+@torch.no_grad()
+def calibrate(model, comps, profile: Profile, samples: int, device, dtype):
+    """({f"{linear}.weight{AMAX_SUFFIX}": amax as a 0-d f32 tensor} over every block linear,
+    {"double" | "single": example activations}, a description)."""
+    module, cfg = model.module, model.config
+    amax: dict[str, float] = {}
+    examples: dict[str, dict] = {}
+    capture = [False]
+
+    def keep(kind):
+        def record(_, args, kwargs):
+            if capture[0] and kind not in examples:
+                examples[kind] = _as_example(kind, dict(zip(("hidden_states", "encoder_hidden_states", "temb"), args))
+                                             | kwargs)
+        return record
+
+    def hook(name):
+        def record(_, args):
+            amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().max()))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in module.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith(BLOCKS)]
+    handles += [blocks[0].register_forward_pre_hook(keep(kind), with_kwargs=True)
+                for kind, blocks in (("double", module.transformer_blocks), ("single", module.single_transformer_blocks))]
+    ids = flux_math.position_ids(profile).to(device)
+    embeddings, source = _embeddings(model, comps, profile, samples, device, dtype)
+    sig = flux_math.sigmas(CALIBRATION_STEPS, profile.image_tokens)
+    try:
+        for i, (embeds, pooled) in enumerate(embeddings):
+            z = flux_math.initial_noise(1, profile, cfg["in_channels"] // 4, i, dtype).to(device)
+            for step in range(CALIBRATION_STEPS):
+                capture[0] = i == 0 and step == CALIBRATION_STEPS // 2
+                t = (sig[step] * 1000).to(dtype) / 1000  # rounded as FluxPipeline rounds it
+                guidance = torch.full((1,), 3.5, device=device) if cfg["guidance_embeds"] else None
+                v = module(hidden_states=z, encoder_hidden_states=embeds, pooled_projections=pooled,
+                           timestep=t.reshape(1).to(device), guidance=guidance, txt_ids=ids[:profile.text_tokens],
+                           img_ids=ids[profile.text_tokens:], return_dict=False)[0]
+                z = (z.float() + (sig[step + 1] - sig[step]) * v.float()).to(dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    amaxes = {f"{name}.weight{AMAX_SUFFIX}": torch.tensor(a, device=device) for name, a in amax.items()}
+    return amaxes, examples, f"{samples} samples x {CALIBRATION_STEPS} steps at {profile.height}x{profile.width}; {source}"
