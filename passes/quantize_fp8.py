@@ -129,8 +129,7 @@ def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[
         xq, scale, chain = attention
         for node in chain:
             xq = call(g, node.target, xq, *node.args[1:], **node.kwargs)
-        rows = call(g, aten.expand.default, call(g, aten.view.default, scale, [1, 1]), [x.meta["val"].shape[0], 1])
-        return xq, call(g, aten.clone.default, rows, memory_format=torch.contiguous_format), True
+        return xq, _per_row(g, call(g, aten.view.default, scale, [1, 1]), x), True
     producer, views = _producer(x)
     sole = len(x.users) == readers and (producer is x or len(producer.users) == 1)
     fused = None
@@ -151,6 +150,12 @@ def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[
     return call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn), scale, False
 
 
+def _per_row(g: torch.fx.Graph, scale: torch.fx.Node, x: torch.fx.Node) -> torch.fx.Node:
+    """A per-tensor scale [1, 1] as _scaled_mm's rowwise scales of x: [M, 1], contiguous."""
+    rows = call(g, aten.expand.default, scale, [x.meta["val"].shape[0], 1])
+    return call(g, aten.clone.default, rows, memory_format=torch.contiguous_format)
+
+
 def _static_input(gm: torch.fx.GraphModule, x: torch.fx.Node, linears) -> tuple[torch.fx.Node, torch.fx.Node]:
     """(x in e4m3 on its calibrated per-tensor scale, saturating at 448; that scale as rows [M, 1])."""
     sources = tuple(_parts(n)[1].meta["weight"] for n in linears)
@@ -159,9 +164,7 @@ def _static_input(gm: torch.fx.GraphModule, x: torch.fx.Node, linears) -> tuple[
     g = gm.graph
     with g.inserting_before(linears[0]):
         xs = call(g, aten.clamp.default, call(g, aten.div.Tensor, x, scale), -E4M3_MAX, E4M3_MAX)
-        rows = call(g, aten.expand.default, scale, [x.meta["val"].shape[0], 1])
-        return (call(g, aten._to_copy.default, xs, dtype=torch.float8_e4m3fn),
-                call(g, aten.clone.default, rows, memory_format=torch.contiguous_format))
+        return call(g, aten._to_copy.default, xs, dtype=torch.float8_e4m3fn), _per_row(g, scale, x)
 
 
 def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], calibrated: bool) -> str:
