@@ -81,17 +81,17 @@ def calibrate(model, comps, profile: Profile, samples: int, device, dtype):
     ids = flux_math.position_ids(profile).to(device)
     embeddings, source = _embeddings(model, comps, profile, samples, device, dtype)
     sig = flux_math.sigmas(CALIBRATION_STEPS, profile.image_tokens)
+    guidance = torch.full((1,), 3.5, device=device) if cfg["guidance_embeds"] else None
     try:
         for i, (embeds, pooled) in enumerate(embeddings):
             z = flux_math.initial_noise(1, profile, cfg["in_channels"] // 4, i, dtype).to(device)
             for step in range(CALIBRATION_STEPS):
                 capture[0] = i == 0 and step == CALIBRATION_STEPS // 2
                 t = (sig[step] * 1000).to(dtype) / 1000  # rounded as FluxPipeline rounds it
-                guidance = torch.full((1,), 3.5, device=device) if cfg["guidance_embeds"] else None
                 v = module(hidden_states=z, encoder_hidden_states=embeds, pooled_projections=pooled,
                            timestep=t.reshape(1).to(device), guidance=guidance, txt_ids=ids[:profile.text_tokens],
                            img_ids=ids[profile.text_tokens:], return_dict=False)[0]
-                z = (z.float() + (sig[step + 1] - sig[step]) * v.float()).to(dtype)
+                z = flux_math.euler_step(z, v.float(), sig[step + 1] - sig[step])
     finally:
         for h in handles:
             h.remove()

@@ -11,12 +11,13 @@ import operator
 
 import torch
 
+from fluxc.runtime.kernels import E4M3_MAX  # noqa: F401  (re-exported: the passes take it from here)
+
 _DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64",
                 torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3",
                 torch.uint8: "u8"}
 
 
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 AMAX_SUFFIX = ":act_amax"  # a checkpoint entry f"{linear}.weight{AMAX_SUFFIX}": that linear's calibrated input amax
 
 

@@ -99,7 +99,7 @@ def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         raise NoMatch(node, "q and k are not fluxc.qk_norm_rope's outputs as [B, H, S, D]", 1)
     out = [u for u in node.users if u.args[1] == 0]
     g = gm.graph
-    q_parts, k_parts, q_weights, k_weights, cos, sin, eps = rope.args
+    q_weights, k_weights = rope.args[2:4]
     scales = []
     for weights in (q_weights, k_weights):
         sources = tuple(w.meta["weight"] for w in weights)
@@ -109,11 +109,7 @@ def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     with g.inserting_before(node):
         rope8 = call(g, torch.ops.fluxc.qk_norm_rope_fp8.default, *rope.args, *scales)
         q8, k8 = (call(g, aten.permute.default, call(g, operator.getitem, rope8, i), [0, 2, 1, 3]) for i in (0, 1))
-        amax = call(g, aten.amax.default, call(g, aten.abs.default, v), [0, 1, 2, 3], True)
-        v_scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default,
-                                                call(g, aten._to_copy.default, amax, dtype=torch.float32), 1e-12),
-                       E4M3_MAX)
-        v8 = call(g, aten._to_copy.default, call(g, aten.div.Tensor, v, v_scale), dtype=torch.float8_e4m3fn)
+        v8, v_scale = _quantize_by_amax(g, v, [0, 1, 2, 3])
         softmax_scale = node.kwargs.get("scale") or q.meta["val"].shape[-1] ** -0.5
         o8 = call(g, torch.ops.fluxc.attention_fp8.default, q8, k8, v8, *scales, v_scale, float(softmax_scale))
         o = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, o8, dtype=q.meta["val"].dtype), v_scale)
@@ -144,10 +140,15 @@ def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[
             xq = call(g, view.target, xq, shape)
             scale = call(g, view.target, scale, shape[:-1] + [1])
         return xq, scale, True
-    amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, x), [-1], True),
+    return (*_quantize_by_amax(g, x, [-1]), False)
+
+
+def _quantize_by_amax(g: torch.fx.Graph, x: torch.fx.Node, dims: list[int]) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """(x / scale in e4m3, scale) as aten ops, scale = amax of |x| over `dims` (kept) in f32 / 448."""
+    amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, x), dims, True),
                 dtype=torch.float32)
     scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default, amax, 1e-12), E4M3_MAX)
-    return call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn), scale, False
+    return call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn), scale
 
 
 def _per_row(g: torch.fx.Graph, scale: torch.fx.Node, x: torch.fx.Node) -> torch.fx.Node:

@@ -324,8 +324,7 @@ class Engine:
     def _euler_step(self, profile: Profile, state: dict) -> None:
         noise_pred = self.transformer(profile, state)
         latents = state["hidden_states"]
-        # FlowMatchEulerDiscreteScheduler.step: f32 sample + dt * prediction, back to the model dtype
-        latents.copy_((latents.float() + state["dt"] * noise_pred).to(latents.dtype))
+        latents.copy_(flux_math.euler_step(latents, noise_pred, state["dt"]))
 
     def _graphed_step(self, profile: Profile, state: dict) -> "_GraphedStep":
         if profile.name not in self._graphs:

@@ -87,6 +87,11 @@ def sigmas(steps: int, image_tokens: int) -> torch.Tensor:
     return torch.tensor(out + [0.0], dtype=torch.float32)
 
 
+def euler_step(latents: torch.Tensor, noise_pred: torch.Tensor, dt) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler.step: f32 sample + dt * prediction, back to the latents' dtype."""
+    return (latents.float() + dt * noise_pred).to(latents.dtype)
+
+
 def initial_noise(n: int, profile: Profile, channels: int, seed: "int | torch.Generator", dtype: torch.dtype) -> torch.Tensor:
     """Packed noise [n, S, C*4] as FluxPipeline draws it: one randn of [n, C, H/8, W/8] from the generator
     (a CPU generator seeded with `seed` when given an int), on the generator's device."""

@@ -81,18 +81,21 @@ def qk_norm_rope(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_wei
             norm_rope_reference(k_parts, k_weights, cos, sin, eps))
 
 
-@qk_norm_rope.register_fake
-def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
+def _joined_qk(q_parts, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """New q and k [B, S, H, D] over the parts' tokens joined along S."""
     b, _, h, d = q_parts[0].shape
     s = sum(p.shape[1] for p in q_parts)
-    return q_parts[0].new_empty(b, s, h, d), k_parts[0].new_empty(b, s, h, d)
+    return q_parts[0].new_empty(b, s, h, d, dtype=dtype), q_parts[0].new_empty(b, s, h, d, dtype=dtype)
+
+
+@qk_norm_rope.register_fake
+def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
+    return _joined_qk(q_parts, q_parts[0].dtype)
 
 
 def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, dtype, scales=None):
     b, _, h, d = q_parts[0].shape
-    total = sum(p.shape[1] for p in q_parts)
-    q_out = q_parts[0].new_empty(b, total, h, d, dtype=dtype)  # [B, S, H, D]
-    k_out = torch.empty_like(q_out)
+    q_out, k_out = _joined_qk(q_parts, dtype)
     cos, sin = cos.contiguous(), sin.contiguous()
     q_scale, k_scale = scales or (cos, cos)  # unread unless QUANT
     row0 = 0
@@ -122,9 +125,7 @@ def qk_norm_rope_fp8(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q
 
 @qk_norm_rope_fp8.register_fake
 def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
-    b, _, h, d = q_parts[0].shape
-    s = sum(p.shape[1] for p in q_parts)
-    return tuple(q_parts[0].new_empty(b, s, h, d, dtype=torch.float8_e4m3fn) for _ in range(2))
+    return _joined_qk(q_parts, torch.float8_e4m3fn)
 
 
 @qk_norm_rope_fp8.register_kernel("cuda")
