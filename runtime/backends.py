@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from fluxc.runtime import kernels  # noqa: F401  (segments call torch.ops.fluxc.*; register them before loading)
+from fluxc.runtime import kernels, nvfp4  # noqa: F401  (segments call torch.ops.fluxc.*; register them before loading)
 from fluxc.runtime.errors import FluxcError
 
 INDUCTOR_ARTIFACT = "artifact.bin"
