@@ -5,8 +5,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 
@@ -19,8 +17,10 @@ from fluxc.components import CLIP_MAX_LENGTH, load_components
 from fluxc.models import check_source, load_model
 from fluxc.numerics import relative_error
 from fluxc.passes.base import PassContext
-from fluxc.passes.pipeline import resolve, run_pipeline
-from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe
+from fluxc.passes.lower_nvfp4 import mode as nvfp4_mode
+from fluxc.passes.pipeline import LOWER, resolve, run_pipeline
+from fluxc.plan import Prepared, atomic_directory, read_plan, verify_plan, write_plan
+from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe, recipe_from_dict
 from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
@@ -48,10 +48,12 @@ class BuildOptions:
     encoders: str | None = None  # gpu | offload | cpu; default: gpu on a GPU target, cpu on the CPU target
     recipe_overrides: tuple[tuple[str, object], ...] = ()  # (field, value) over the named recipe (benchmarks)
     calibrate: int = 0  # fp8: static activation scales from this many calibration samples (compiler/calibrate.py)
+    stage: str = "engine"  # "plan": stop before the target-specific lowering and write a portable plan
+    from_plan: str | None = None  # finish this plan (compiler/plan.py) into an engine for the target
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Settings:
     """Validated options: everything a build needs, decided before any work starts."""
 
     recipe: Recipe
@@ -73,17 +75,67 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return h, w
 
 
-def validate(opts: BuildOptions) -> Plan:
+def validate(opts: BuildOptions) -> Settings:
     """Check target x precision x recipe x shapes in one place, before loading anything."""
+    if opts.stage not in ("engine", "plan"):
+        raise FluxcError(f"Unknown stage '{opts.stage}'.", "Use --stage engine (the default) or --stage plan.")
+    recipe = _recipe(opts)
+    here = local_target()
+    target = here if opts.target == "auto" else opts.target
+    _check_target(recipe, target)
+    if opts.calibrate and recipe.precision is not Precision.FP8:
+        raise FluxcError(f"--calibrate sets static FP8 activation scales; this build is {recipe.precision.value}.",
+                         "Add --precision fp8, or drop --calibrate.")
+    if opts.calibrate < 0:
+        raise FluxcError(f"--calibrate {opts.calibrate}: the number of calibration samples cannot be negative.",
+                         "Use --calibrate N with N >= 1 (or leave it out for per-token scales at run time).")
+    if target != here and opts.stage != "plan":
+        raise FluxcError(
+            f"Cannot compile for {target} on this machine ({here}): engines are compiled on the GPU they run on.",
+            f"Build on a {target} machine or use --target {here} (or auto); or write a portable plan here with "
+            f"--stage plan and finish it on the {target} machine with fluxc build --from PLAN.")
+    for h, w in opts.resolutions:
+        if h <= 0 or w <= 0 or h % 16 or w % 16:
+            raise FluxcError(f"Resolution {h}x{w} is not a positive multiple of 16 in both sides.",
+                             f"Use e.g. {max(16, h // 16 * 16)}x{max(16, w // 16 * 16)}: FLUX packs 2x2 latents of 8x8 pixels.")
+    if opts.batch < 1:
+        raise FluxcError(f"Batch size {opts.batch} is less than 1.", "Use --batch 1 or more.")
+    source_kind = check_source(opts.model)
+    encoders = None if opts.transformer_only else _encoder_placement(opts, target, source_kind)
+    _check_output(opts.output)
+    # traced (and, for an engine, compiled) here: a plan for another target is traced on this machine
+    return Settings(recipe, target, target_device(here), TORCH_DTYPES[recipe.precision.activation_dtype], encoders)
+
+
+def validate_finish(opts: BuildOptions, header: dict) -> Settings:
+    """Check that the plan verify_plan read can be finished into an engine for opts.target on this machine."""
+    if opts.stage != "engine":
+        raise FluxcError("--from finishes a plan into an engine; --stage plan does not apply to it.", "Drop --stage.")
+    recipe = recipe_from_dict(header["recipe"])
+    here = local_target()
+    target = here if opts.target == "auto" else opts.target
+    if target != here:
+        raise FluxcError(f"Cannot finish a plan for {target} on this machine ({here}): engines are compiled on the "
+                         "GPU they run on.", f"Run fluxc build --from on a {target} machine, or use --target {here}.")
+    _check_target(recipe, target)
+    device = target_device(target)
+    traced = "cuda" if any(s["device"] == "cuda" for s in header["segments"]) else "cpu"
+    if traced != device.type:
+        raise FluxcError(f"Plan '{opts.from_plan}' was traced on a {traced} machine; it finishes into engines for "
+                         f"{traced} targets only, and {target} is not one.",
+                         "Write the plan on a machine of the target's kind (a GPU for a GPU target).")
+    _check_output(opts.output)
+    encoders = header["components"] and header["components"]["encoders"]
+    return Settings(recipe, target, device, TORCH_DTYPES[recipe.precision.activation_dtype], encoders)
+
+
+def _recipe(opts: BuildOptions) -> Recipe:
     try:
         precision = Precision(opts.precision)
     except ValueError:
         raise FluxcError(f"Unknown precision '{opts.precision}'.",
                          "Use one of: " + ", ".join(p.value for p in Precision) + ".") from None
-    name = opts.recipe or DEFAULT_FOR_PRECISION.get(precision)
-    if name is None:
-        raise FluxcError(f"Precision {precision.value} is not implemented in this fluxc yet.",
-                         "Build with --precision bf16 or fp32.")
+    name = opts.recipe or DEFAULT_FOR_PRECISION[precision]
     if name not in RECIPES:
         raise FluxcError(f"Unknown recipe '{name}'.", "Use one of: " + ", ".join(RECIPES) + ".")
     recipe = RECIPES[name]()
@@ -95,37 +147,29 @@ def validate(opts: BuildOptions) -> Plan:
     if recipe.precision is not precision:
         raise FluxcError(f"Recipe '{name}' is {recipe.precision.value}, not {precision.value}.",
                          "Drop --precision, or pick a recipe of that precision.")
-    here = local_target()
-    target = here if opts.target == "auto" else opts.target
+    return recipe
+
+
+def _check_target(recipe: Recipe, target: str) -> None:
+    """The precision and the recipe's kernels against the target's SM (the CPU target emulates everything)."""
     sm = re.fullmatch(r"sm_(\d+)a?", target)
-    if precision is Precision.FP8 and sm and int(sm.group(1)) < 89:
+    sm = int(sm.group(1)) if sm else None
+    if recipe.precision is Precision.FP8 and sm is not None and sm < 89:
         raise FluxcError(f"--precision fp8 needs FP8 tensor cores (sm_89 or newer); {target} has none.",
                          "Build --precision bf16 for this GPU, or target an sm_89+ GPU (L40S, H100, H200, B200).")
-    if opts.calibrate and precision is not Precision.FP8:
-        raise FluxcError(f"--calibrate sets static FP8 activation scales; this build is {precision.value}.",
-                         "Add --precision fp8, or drop --calibrate.")
-    if opts.calibrate < 0:
-        raise FluxcError(f"--calibrate {opts.calibrate}: the number of calibration samples cannot be negative.",
-                         "Use --calibrate N with N >= 1 (or leave it out for per-token scales at run time).")
-    if recipe.fp8_attention and sm and int(sm.group(1)) < 90:
+    if recipe.precision is Precision.NVFP4 and sm is not None and sm < 89:
+        raise FluxcError(f"--precision nvfp4 runs natively on sm_100 and newer, and its emulation needs FP8 "
+                         f"conversions (sm_89 or newer); {target} has neither.",
+                         "Build --precision bf16 for this GPU, or target an sm_89+ GPU.")
+    if recipe.fp8_attention and sm is not None and sm < 90:
         raise FluxcError(f"Recipe '{recipe.name}' runs attention through cuDNN's FP8 SDPA, which needs sm_90 or "
                          f"newer; {target} is older.", "Use --recipe sm90_fp8 (FP8 GEMMs, bf16 attention) there.")
-    if target != here:
-        raise FluxcError(
-            f"Cannot compile for {target} on this machine ({here}): engines are compiled on the GPU they run on.",
-            f"Build on a {target} machine, or use --target {here} (or auto).")
-    for h, w in opts.resolutions:
-        if h <= 0 or w <= 0 or h % 16 or w % 16:
-            raise FluxcError(f"Resolution {h}x{w} is not a positive multiple of 16 in both sides.",
-                             f"Use e.g. {max(16, h // 16 * 16)}x{max(16, w // 16 * 16)}: FLUX packs 2x2 latents of 8x8 pixels.")
-    if opts.batch < 1:
-        raise FluxcError(f"Batch size {opts.batch} is less than 1.", "Use --batch 1 or more.")
-    source_kind = check_source(opts.model)
-    encoders = None if opts.transformer_only else _encoder_placement(opts, target, source_kind)
-    parent = os.path.dirname(os.path.abspath(opts.output))
+
+
+def _check_output(output: str) -> None:
+    parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
-    return Plan(recipe, target, target_device(target), TORCH_DTYPES[precision.activation_dtype], encoders)
 
 
 def _encoder_placement(opts: BuildOptions, target: str, source_kind: str) -> str:
@@ -161,27 +205,46 @@ class Stages:
 
 
 def build(opts: BuildOptions, report=None) -> dict:
-    """Build the engine at opts.output; returns its manifest. Nothing is left behind on failure."""
-    plan = validate(opts)
+    """Build the engine at opts.output (with opts.stage "plan", a portable plan); returns its manifest (or
+    plan.json). Nothing is left behind on failure."""
     stages = Stages(report)
+    if opts.from_plan:
+        header = verify_plan(opts.from_plan)
+        settings = validate_finish(opts, header)
+        with stages("read plan"):
+            prepared = read_plan(opts.from_plan, header, settings.device)
+    else:
+        settings = validate(opts)
+        prepared = prepare(opts, settings, stages)
+    if opts.stage == "plan":
+        with stages("write plan"):
+            return write_plan(prepared, opts.output)
+    return finish(prepared, settings, opts, stages)
+
+
+def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
+    """Load, trace, calibrate, run the portable passes, transform the weights and record diffusers eager's
+    outputs for the numerics check: everything before the target-specific lowering."""
     with stages("load"):
-        model = load_model(opts.model, dtype=plan.dtype, device=plan.device, seed=opts.seed)
+        model = load_model(opts.model, dtype=settings.dtype, device=settings.device, seed=opts.seed)
         comps = None
-        if plan.encoders is not None:
-            comps = load_components(opts.model, model.family, dtype=plan.dtype, device=plan.device, seed=opts.seed)
+        if settings.encoders is not None:
+            comps = load_components(opts.model, model.family, dtype=settings.dtype, device=settings.device,
+                                    seed=opts.seed)
             for encoder in (comps.clip, comps.t5):
-                encoder.to(plan.encoder_device)
+                encoder.to(settings.encoder_device)
     text_tokens = opts.text_tokens or model.default_text_tokens
     profiles = [Profile(h, w, text_tokens, opts.batch) for h, w in opts.resolutions]
     modules = segment_modules(model, text_tokens) | (component_modules(comps) if comps else {})
     with stages("trace"):
-        segments = trace_model(model, profiles, plan.device, plan.dtype)
+        segments = trace_model(model, profiles, settings.device, settings.dtype)
         if comps:
-            segments += trace_components(comps, profiles, plan.device, plan.dtype, plan.encoder_device)
+            segments += trace_components(comps, profiles, settings.device, settings.dtype, settings.encoder_device)
     calibration, amaxes = None, {}
     if opts.calibrate:
         with stages("calibrate"):
-            amaxes, examples, source = calibrate(model, comps, profiles[0], opts.calibrate, plan.device, plan.dtype)
+            amaxes, examples, source = calibrate(model, comps, profiles[0], opts.calibrate, settings.device,
+                                                 settings.dtype)
             calibration = {"samples": opts.calibrate, "how": source, "linears": len(amaxes)}
             for seg in segments:  # check the first profile's blocks on calibration activations, not noise
                 if seg.profile == profiles[0] and seg.kind in examples:
@@ -189,15 +252,21 @@ def build(opts: BuildOptions, report=None) -> dict:
                     seg.example = {k: (v if k.startswith("rope") else v.expand(b, *v.shape[1:]).contiguous())
                                    .to(seg.example[k].dtype) for k, v in examples[seg.kind].items()}
     pass_counts, explain, reports, schedule = {}, {}, {}, {}
+    portable = [p for p in resolve(settings.recipe, settings.target) if p.phase != LOWER]
     with stages("passes"):
         for seg in segments:
-            ctx = PassContext(plan.recipe, plan.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()), bool(amaxes))
-            result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name)
+            ctx = PassContext(settings.recipe, settings.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()),
+                              bool(amaxes))
+            result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name, portable)
             seg.graph, pass_counts[seg.name], explain[seg.name] = result.graph, result.counts, result.explain
             reports[seg.name] = result.reports
             if result.hoisted:
                 _split_schedule(seg, result.hoisted, schedule)
         segments = list(schedule.values()) + segments  # compiled (and run) before the segments they feed
+    with stages("reference outputs"):
+        for seg in segments:
+            if seg.kind in modules:  # a schedule segment is checked with the segment it feeds
+                seg.expected = _eager_outputs(modules[seg.kind][0], seg)
     checkpoint = dict(model.module.state_dict()) | amaxes
     for kind in COMPONENT_KINDS if comps else ():
         module, (prefix,) = modules[kind]
@@ -205,42 +274,57 @@ def build(opts: BuildOptions, report=None) -> dict:
     with stages("transform weights"):
         weights = engine_weights(segments, checkpoint)
     del checkpoint
+    components, tokenizers = _tokenizers(comps, settings, text_tokens) if comps else (None, {})
+    model_entry = {"family": model.family, "config": _jsonable(model.config), "source": model.source}
+    return Prepared(settings.recipe, settings.target, model_entry, profiles, segments, weights, components, tokenizers,
+                    pass_counts, explain, reports, calibration, dict(stages.seconds))
 
-    parent = os.path.dirname(os.path.abspath(opts.output))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.output)}.partial-", dir=parent)
-    try:
-        backend = get_backend(opts.backend)
+
+def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) -> dict:
+    """Lower for the target, compile, check against the recorded eager outputs, write the engine atomically."""
+    lower = [ps for ps in resolve(p.recipe, settings.target) if ps.phase == LOWER]
+    with stages("lower"):
+        for seg in p.segments:
+            ctx = PassContext(p.recipe, settings.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()))
+            result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name, lower)
+            seg.graph = result.graph
+            if seg.name in p.pass_counts:  # schedule segments hold no attention or quantized GEMMs
+                p.pass_counts[seg.name] |= result.counts
+                p.explain[seg.name] |= result.explain
+    with stages("transform weights"):
+        weights = engine_weights(p.segments, p.weights)  # the lowering may read new layouts (swizzled scales)
+    backend = get_backend(opts.backend)
+    with atomic_directory(opts.output) as tmp:
         numerics, seg_entries, compiled = {}, [], {}
-        for seg in segments:
+        for seg in p.segments:
             with stages(f"compile {seg.name}"):
                 example = _inputs_for_layer(seg, weights, seg.layers[0])
                 compiled[seg.name] = backend.compile(seg.graph, example, os.path.join(tmp, "segments", seg.name),
-                                                     dict(plan.recipe.inductor_options))
-            if seg.kind in modules:  # a schedule segment is checked with the segment it feeds
+                                                     dict(p.recipe.inductor_options))
+            if seg.expected:
                 with stages(f"check {seg.name}"):
-                    numerics[seg.name] = _check(compiled, modules[seg.kind][0], seg, weights, plan.recipe)
+                    numerics[seg.name] = _check(compiled, seg, weights, p.recipe)
             seg_entries.append(_segment_entry(seg))
         with stages("write weights"):
             from safetensors.torch import save_file
 
             save_file({k: v.cpu() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS))
-            components = _write_tokenizers(comps, plan, text_tokens, tmp) if comps else None
+            for rel, text in p.tokenizers.items():
+                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                with open(os.path.join(tmp, rel), "w") as f:
+                    f.write(text)
         with stages("hash"):
             files = {rel: sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
-        manifest = _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, reports,
-                             backend, numerics, files, stages.seconds, calibration)
+        manifest = _manifest(p, settings, seg_entries, backend, numerics, files, stages.seconds)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        _move_into_place(tmp, opts.output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
-def engine_weights(segments, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def engine_weights(segments, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor the rewritten segments read, per layer: checkpoint tensors, and the ones passes made
-    from them (fused QKV, split projections). Refreshes each segment's weight names from its graph."""
+    from them (fused QKV, split projections, quantized forms), from `tensors` (the checkpoint, or a plan's
+    weights). Refreshes each segment's weight names from its graph."""
     weights, by_kind = {}, {}
     for seg in segments:
         sources = [n.meta["weight"] for n in ir.weight_placeholders(seg.graph)]
@@ -251,8 +335,27 @@ def engine_weights(segments, checkpoint: dict[str, torch.Tensor]) -> dict[str, t
             prefix = f"{layer}." if layer else ""
             for src in sources:
                 if prefix + src.name not in weights:
-                    weights[prefix + src.name] = src.make(lambda name: checkpoint[prefix + name]).detach().contiguous()
+                    try:
+                        made = src.make(_Prefixed(tensors, prefix))
+                    except ValueError as e:  # a weight the format cannot hold (NaN / Inf for NVFP4)
+                        raise FluxcError(f"Cannot make {prefix}{src.name}: {e}.",
+                                         "Check the checkpoint (it holds values no quantized format can store), or "
+                                         "build --precision bf16.") from None
+                    weights[prefix + src.name] = made.detach().contiguous()
     return weights
+
+
+class _Prefixed:
+    """One layer's view of a flat tensor dict: name -> tensors[prefix + name]."""
+
+    def __init__(self, tensors: dict, prefix: str):
+        self.tensors, self.prefix = tensors, prefix
+
+    def __contains__(self, name: str) -> bool:
+        return self.prefix + name in self.tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[self.prefix + name]
 
 
 def _split_schedule(seg, hoisted, schedule: dict) -> None:
@@ -274,36 +377,55 @@ def _inputs_for_layer(seg, weights, layer) -> list[torch.Tensor]:
     return [weights[prefix + w] for w in seg.weight_names] + [seg.example[n] for n in seg.inputs]
 
 
-def _write_tokenizers(comps, plan, text_tokens: int, root: str) -> dict:
-    """tokenizers/<name>.json for the `tokenizers` library, and what the runtime needs to pad them as FLUX does."""
-    os.makedirs(os.path.join(root, TOKENIZER_DIR))
-    tokenizers = {}
+def _tokenizers(comps, settings: Settings, text_tokens: int) -> tuple[dict, dict[str, str]]:
+    """(the manifest's components entry, {tokenizers/<name>.json: its text}) for the `tokenizers` library, and
+    what the runtime needs to pad them as FLUX does."""
+    entries, files = {}, {}
     for name, tok, max_length in (("clip", comps.clip_tokenizer, CLIP_MAX_LENGTH), ("t5", comps.t5_tokenizer, text_tokens)):
         rel = f"{TOKENIZER_DIR}/{name}.json"
-        tok.tokenizer.save(os.path.join(root, rel))
-        tokenizers[name] = {"file": rel, "max_length": max_length, "pad_id": tok.pad_id, "pad_token": tok.pad_token}
-    return {"encoders": plan.encoders, "tokenizers": tokenizers, "vae": comps.vae_factors}
+        files[rel] = tok.tokenizer.to_str()
+        entries[name] = {"file": rel, "max_length": max_length, "pad_id": tok.pad_id, "pad_token": tok.pad_token}
+    return {"encoders": settings.encoders, "tokenizers": entries, "vae": comps.vae_factors}, files
+
+
+def _windows(seg) -> list[slice]:
+    """The schedule rows each check run takes: for a segment with a hoisted schedule part, the first and the
+    last window of its rows (they differ: a hoisted graph that mixed rows fails the check)."""
+    if seg.schedule is None:
+        return [slice(None)]
+    b, n = seg.profile.batch, next(iter(seg.schedule.example.values())).shape[0]
+    return [slice(0, b), slice(n - b, n)]
+
+
+def _run_inputs(seg, window: slice, rows: dict) -> dict:
+    return seg.example | {k: v[window] for k, v in rows.items()}
 
 
 @torch.no_grad()
-def _check(compiled: dict, eager_module, seg, weights, recipe) -> dict:
-    """Compiled segment vs the eager diffusers module it was traced from, on layer 0's weights.
+def _eager_outputs(eager_module, seg) -> list[dict[str, torch.Tensor]]:
+    """The diffusers module's outputs for each check run (the segment's expected outputs)."""
+    names = [k for k in seg.example if seg.schedule is None or k not in seg.schedule.outputs]
+    rows = seg.schedule.example if seg.schedule is not None else {}
+    runs = []
+    for window in _windows(seg):
+        acts = _run_inputs(seg, window, rows)
+        out = eager_module(*(acts[k] for k in names))
+        runs.append(dict(zip(OUTPUTS[seg.kind], out if isinstance(out, tuple) else (out,))))
+    return runs
 
-    A segment with a hoisted schedule part runs after that part's compiled graph, on two windows of its
-    rows (the first and the last, which differ): a hoisted graph that mixed rows would fail here."""
+
+@torch.no_grad()
+def _check(compiled: dict, seg, weights, recipe) -> dict:
+    """Compiled segment vs the eager diffusers module it was traced from (seg.expected), on layer 0's weights.
+    A segment with a hoisted schedule part runs after that part's compiled graph."""
     layer0 = _inputs_for_layer(seg, weights, seg.layers[0])[:len(seg.weight_names)]
-    runs = [dict(seg.example)]
+    rows = {}
     if seg.schedule is not None:
         sched = seg.schedule
-        rows = compiled[sched.name](*_inputs_for_layer(sched, weights, seg.layers[0]))
-        by_row = sched.example | dict(zip(sched.outputs, rows))
-        b, n = seg.profile.batch, next(iter(sched.example.values())).shape[0]
-        runs = [seg.example | {k: v[lo:lo + b] for k, v in by_row.items()} for lo in (0, n - b)]
-    eager_inputs = [k for k in seg.example if seg.schedule is None or k not in seg.schedule.outputs]
+        rows = sched.example | dict(zip(sched.outputs, compiled[sched.name](*_inputs_for_layer(sched, weights, seg.layers[0]))))
     errors = {}
-    for acts in runs:
-        expected = eager_module(*(acts[k] for k in eager_inputs))
-        expected = dict(zip(OUTPUTS[seg.kind], expected if isinstance(expected, tuple) else (expected,)))
+    for window, expected in zip(_windows(seg), seg.expected):
+        acts = _run_inputs(seg, window, rows)
         got = acts | dict(zip(seg.outputs, compiled[seg.name](*layer0, *(acts[k] for k in seg.inputs))))
         for name, want in expected.items():  # a hoisted output (the head's temb) comes from the schedule rows
             errors[name] = max(errors.get(name, 0.0), relative_error(got[name], want))
@@ -331,42 +453,33 @@ def _segment_entry(seg) -> dict:
     }
 
 
-def _manifest(opts, plan, model, profiles, components, seg_entries, pass_counts, explain, reports, backend,
-              numerics, files, seconds, calibration) -> dict:
-    gpu = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
+def _manifest(p: Prepared, settings: Settings, seg_entries, backend, numerics, files, seconds) -> dict:
+    gpu = torch.cuda.get_device_name(settings.device) if settings.device.type == "cuda" else "cpu"
     shaping = {
-        "model": {"family": model.family, "config": _jsonable(model.config), "source": model.source},
-        "target": {"sm": plan.target, "device": gpu},
-        "precision": plan.recipe.precision.value,
-        "recipe": plan.recipe.to_dict(),
-        "passes": [p.name for p in resolve(plan.recipe, plan.target)],
+        "model": p.model,
+        "target": {"sm": settings.target, "device": gpu},
+        "precision": p.recipe.precision.value,
+        # how the precision runs here: "emulated" for NVFP4 below sm_100 (quantize-dequantize, bf16 GEMMs)
+        "precision_mode": nvfp4_mode(settings.target) if p.recipe.precision is Precision.NVFP4 else "native",
+        "recipe": p.recipe.to_dict(),
+        "passes": [ps.name for ps in resolve(p.recipe, settings.target)],
         "backend": {"name": backend.name, **backend.versions()},
-        "profiles": [dataclasses.asdict(p) | {"name": p.name, "image_tokens": p.image_tokens} for p in profiles],
+        "profiles": [dataclasses.asdict(prof) | {"name": prof.name, "image_tokens": prof.image_tokens}
+                     for prof in p.profiles],
         "cache": {"mode": "none"},
-        "calibration": calibration,  # None: FP8 activation scales per token at run time
-        "components": components,  # None: a transformer-only engine
+        "calibration": p.calibration,  # None: FP8 activation scales per token at run time
+        "components": p.components,  # None: a transformer-only engine
         "fluxc_version": __version__,
     }
     cache_key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
     return {
         "format_version": FORMAT_VERSION, **shaping,
-        "pass_counts": pass_counts, "pass_explain": explain, "pass_reports": reports, "segments": seg_entries,
-        "files": files,
-        "build_seconds": seconds, "numerics": numerics, "cache_key": cache_key,
+        "pass_counts": p.pass_counts, "pass_explain": p.explain, "pass_reports": p.reports, "segments": seg_entries,
+        "files": files, "from_plan": p.source,
+        "build_seconds": p.seconds | seconds, "numerics": numerics, "cache_key": cache_key,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def _jsonable(config: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
-
-
-def _move_into_place(tmp: str, output: str) -> None:
-    """Rename the finished bundle into place; an existing engine there is replaced only now."""
-    if os.path.exists(output):
-        old = tmp + ".old"
-        os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, output)

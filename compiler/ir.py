@@ -11,13 +11,15 @@ import operator
 
 import torch
 
+from fluxc.runtime import nvfp4
 from fluxc.runtime.kernels import E4M3_MAX  # noqa: F401  (re-exported: the passes take it from here)
 
 _DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64",
                 torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3",
-                torch.uint8: "u8"}
+                torch.uint8: "u8", torch.float4_e2m1fn_x2: "f4e2m1x2"}
 
 
+NVFP4_OPS = ("nvfp4", "nvfp4_scale", "nvfp4_global")  # WeightSource ops: NVFP4 codes, block scales, global
 AMAX_SUFFIX = ":act_amax"  # a checkpoint entry f"{linear}.weight{AMAX_SUFFIX}": that linear's calibrated input amax
 
 
@@ -31,9 +33,12 @@ class WeightSource:
     |RMSNorm(x) * w| over the norm weights `sources` (sqrt(D) max |w|: a normed row has norm sqrt(D)) / 448,
     as [1, 1, 1, 1] f32, the static e4m3 scale of normed q or k (rotary embedding keeps pair norms; 1% over,
     for the bf16 rounding of the normed values); "act_scale": the static activation scale [1, 1] f32 of the
-    linears whose weights are `sources`: their calibrated input amax (compiler/calibrate.py) / 448. Passes that rewrite weights
-    (fused QKV, split projections, quantization) say here how to make the new tensor; the build makes it
-    once per layer and writes it to the engine."""
+    linears whose weights are `sources`: their calibrated input amax (compiler/calibrate.py) / 448;
+    "nvfp4" / "nvfp4_scale" / "nvfp4_global": `sources[0]` [N, K] as NVFP4 e2m1 codes [N, K/2] u8, e4m3 block
+    scales [N, K/16] and its global scale [1] f32 (runtime/nvfp4.py); "nvfp4_swizzled": block scales
+    `sources[0]` in cuBLASLt's swizzled layout. Passes that rewrite weights (fused QKV, split projections,
+    quantization) say here how to make the new tensor; the build makes it once per layer and writes it to
+    the engine."""
 
     name: str
     op: str = "load"
@@ -54,14 +59,15 @@ class WeightSource:
         """The checkpoint tensors this one is made from."""
         return [self.name] if self.op == "load" else [n for s in self.sources for n in s.checkpoint_names()]
 
-    def make(self, load) -> torch.Tensor:
-        """The tensor, given load(name) -> checkpoint tensor."""
-        if self.op == "load":
-            return load(self.name)
+    def make(self, tensors) -> torch.Tensor:
+        """The tensor, from `tensors` (name -> tensor: the checkpoint, or a plan's weights, which hold made
+        tensors under their names too)."""
+        if self.name in tensors or self.op == "load":
+            return tensors[self.name]
         if self.op == "act_scale":
-            amax = torch.stack([load(n + AMAX_SUFFIX) for n in self.checkpoint_names()]).amax().float()
+            amax = torch.stack([tensors[n + AMAX_SUFFIX] for n in self.checkpoint_names()]).amax().float()
             return (amax.clamp_min(1e-12) / E4M3_MAX).reshape(1, 1)
-        parts = [s.make(load) for s in self.sources]
+        parts = [s.make(tensors) for s in self.sources]
         if self.op == "cat":
             return torch.cat(parts, self.dim)
         if self.op == "rms_fp8_scale":
@@ -71,6 +77,10 @@ class WeightSource:
             w = parts[0].float()
             scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
             return scale if self.op == "fp8_scale" else (w / scale).to(torch.float8_e4m3fn)
+        if self.op in NVFP4_OPS:
+            return nvfp4.quantize_weight(parts[0])[NVFP4_OPS.index(self.op)]
+        if self.op == "nvfp4_swizzled":
+            return nvfp4.swizzle_scales(parts[0])
         return parts[0].narrow(self.dim, self.start, self.stop - self.start).contiguous()
 
 
@@ -164,3 +174,101 @@ def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
             key = "getitem" if node.target is operator.getitem else str(node.target)
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# ---- serialization (portable plans: compiler/plan.py) -------------------------------------------------
+def to_json(gm: torch.fx.GraphModule) -> dict:
+    """The graph as JSON: nodes in order with their targets and arguments; placeholders with shape, dtype and
+    WeightSource. Fake values are not stored: from_json propagates them again from the placeholders."""
+    nodes = []
+    for node in gm.graph.nodes:
+        entry = {"name": node.name, "op": node.op}
+        if node.op == "placeholder":
+            v = node.meta["val"]
+            entry |= {"target": node.target, "shape": list(v.shape), "stride": list(v.stride()),
+                      "dtype": _encode(v.dtype)}
+            if "weight" in node.meta:
+                entry["weight"] = dataclasses.asdict(node.meta["weight"])
+        elif node.op == "call_function":
+            entry |= {"target": "getitem" if node.target is operator.getitem else str(node.target),
+                      "args": _encode(node.args), "kwargs": {k: _encode(v) for k, v in node.kwargs.items()}}
+        else:
+            entry |= {"args": _encode(node.args), "names": list(node.meta["names"])}
+        nodes.append(entry)
+    return {"nodes": nodes}
+
+
+def from_json(data: dict, device: torch.device) -> torch.fx.GraphModule:
+    """The graph to_json wrote, with its tensors (and device arguments other than the CPU) on `device`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    graph, env, fakes = torch.fx.Graph(), {}, []
+    mode = FakeTensorMode()
+    for entry in data["nodes"]:
+        op, name = entry["op"], entry["name"]
+        if op == "placeholder":
+            node = graph.create_node("placeholder", entry["target"], name=name)
+            if "weight" in entry:
+                node.meta["weight"] = _weight_source(entry["weight"])
+            with mode:
+                fakes.append(torch.empty_strided(entry["shape"], entry["stride"], dtype=_decode(entry["dtype"], env, device),
+                                                 device=device))
+        elif op == "call_function":
+            target = operator.getitem if entry["target"] == "getitem" else _op(entry["target"])
+            node = graph.create_node(op, target, _decode(entry["args"], env, device),
+                                     {k: _decode(v, env, device) for k, v in entry["kwargs"].items()}, name=name)
+        else:
+            node = graph.output(_decode(entry["args"], env, device)[0])
+            node.meta["names"] = entry["names"]
+        env[name] = node
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    return gm
+
+
+def _op(name: str) -> torch._ops.OpOverload:
+    namespace, packet, overload = name.split(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
+    except AttributeError:
+        raise IRError(f"unknown operator {name} (a plan from another fluxc or torch version?)") from None
+
+
+def _weight_source(d: dict) -> WeightSource:
+    return WeightSource(**(d | {"sources": tuple(_weight_source(s) for s in d["sources"])}))
+
+
+_SCALAR_TYPES = {"dtype": torch.dtype, "memory_format": torch.memory_format, "layout": torch.layout}
+
+
+def _encode(a):
+    if isinstance(a, torch.fx.Node):
+        return {"node": a.name}
+    if isinstance(a, tuple):
+        return {"tuple": [_encode(x) for x in a]}
+    if isinstance(a, list):
+        return [_encode(x) for x in a]
+    if isinstance(a, torch.device):
+        return {"device": a.type}
+    for key, kind in _SCALAR_TYPES.items():
+        if isinstance(a, kind):
+            return {key: str(a).removeprefix("torch.")}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    raise IRError(f"cannot serialize argument {a!r} of type {type(a).__name__}")
+
+
+def _decode(a, env: dict, device: torch.device):
+    if isinstance(a, list):
+        return [_decode(x, env, device) for x in a]
+    if not isinstance(a, dict):
+        return a
+    (key, value), = a.items()
+    if key == "node":
+        return env[value]
+    if key == "tuple":
+        return tuple(_decode(x, env, device) for x in value)
+    if key == "device":
+        return torch.device("cpu") if value == "cpu" else device
+    return getattr(torch, value)  # dtype, memory_format, layout

@@ -43,6 +43,8 @@ class Segment:
     layers: list[str]  # state-dict prefixes of the layers this graph runs for ("" = top level)
     example: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)  # traced with these
     schedule: "Segment | None" = None  # the graph hoist_schedule split off this one: its outputs feed this one
+    # diffusers eager's outputs on the example, one dict per check run (compiler/build.py: the numerics check)
+    expected: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def inputs(self) -> list[str]:

@@ -11,8 +11,8 @@ import torch
 
 from fluxc import ir
 from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_adaln, fuse_epilogues,
-                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, quantize_fp8, remove_noop_ops,
-                          select_attention)
+                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, lower_nvfp4, quantize_fp8, quantize_nvfp4,
+                          remove_noop_ops, select_attention)
 from fluxc.passes.base import PassContext
 from fluxc.recipes import Precision
 
@@ -24,9 +24,12 @@ class Pass:
     run: Callable
 
 
+LOWER = "lower"  # the target-specific phase: a plan (--stage plan) stops before it, --from PLAN runs it
+
+
 def resolve(recipe, target: str) -> list[Pass]:
     """The passes a build with this recipe and target runs, in order."""
-    del target  # select_attention decides per target inside; quantize/cache phases will branch here
+    del target  # the lower phase's passes decide per target inside
     return [
         # canonicalize: make the traced graph small and pure before any pattern matching
         Pass("functionalize_inplace", "canonicalize", functionalize_inplace.run),  # first: others assume purity
@@ -40,12 +43,14 @@ def resolve(recipe, target: str) -> list[Pass]:
             Pass("fuse_qk_norm_rope", "fuse", fuse_qk_norm_rope.run),  # q/k may be fuse_qkv's column slices
             Pass("fuse_adaln", "fuse", fuse_adaln.run),  # scale/shift may be fuse_qkv's slices of the fused GEMV
         ] if recipe.fusion else []),
-        # lower: kernel choices for the target
-        Pass("select_attention", "lower", select_attention.run),
         # quantize: after fusion, so a fused QKV weight quantizes as one tensor
         *([Pass("quantize_fp8", "quantize", quantize_fp8.run)] if recipe.precision is Precision.FP8 else []),
-        # hoist: last, so the hoisted graph holds rewritten ops (the fused modulation GEMM)
+        *([Pass("quantize_nvfp4", "quantize", quantize_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),
+        # hoist: after quantize, so the hoisted graph holds rewritten ops (the fused modulation GEMM)
         *([Pass("hoist_schedule", "hoist", hoist_schedule.run)] if recipe.hoist_schedule else []),
+        # lower: kernel choices for the target (last: everything before it is portable across targets)
+        Pass("select_attention", LOWER, select_attention.run),
+        *([Pass("lower_nvfp4", LOWER, lower_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),
     ]
 
 

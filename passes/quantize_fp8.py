@@ -13,9 +13,9 @@ The activation is quantized inside the kernel that produces it:
     %x = aten.gelu(%y, tanh)     ->  %xq, %scale = fluxc.gelu_fp8(%y)             (the MLP's GELU epilogue)
 and otherwise as the aten ops above, which Inductor fuses into the kernel that produces the activation
 where that kernel is its own (a LayerNorm after a residual add, the attention output's layout copy).
-Which layers stay bf16 is recipe.fp8_exclude: patterns over "segment kind:weight name" (default:
+Which layers stay bf16 is recipe.quant_exclude: patterns over "segment kind:weight name" (default:
 the embedders and time embedding in the head, the final norm and projection in the tail, the text
-encoders and the VAE); recipe.fp8_weight_only keeps a linear's math in bf16 on its e4m3 weight,
+encoders and the VAE); recipe.quant_weight_only keeps a linear's math in bf16 on its e4m3 weight,
 dequantized in the graph (default: the AdaLN modulation GEMMs, which hoist_schedule runs once per
 generation). The manifest lists all three sets (pass_reports).
 Built with --calibrate, each input is quantized on a static per-tensor scale stored per layer (weight
@@ -45,7 +45,7 @@ from fluxc.passes.fuse_qkv import linear_parts
 from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
 
-def _parts(node: torch.fx.Node):
+def linear_operands(node: torch.fx.Node):
     """(x, weight placeholder, bias | None, accumulate | None, gelu?) of a quantizable linear, else NoMatch.
     `accumulate`: the [M, N] C operand of an addmm that adds onto a partial product (fuse_epilogues'
     split output projection)."""
@@ -159,7 +159,7 @@ def _per_row(g: torch.fx.Graph, scale: torch.fx.Node, x: torch.fx.Node) -> torch
 
 def _static_input(gm: torch.fx.GraphModule, x: torch.fx.Node, linears) -> tuple[torch.fx.Node, torch.fx.Node]:
     """(x in e4m3 on its calibrated per-tensor scale, saturating at 448; that scale as rows [M, 1])."""
-    sources = tuple(_parts(n)[1].meta["weight"] for n in linears)
+    sources = tuple(linear_operands(n)[1].meta["weight"] for n in linears)
     scale = add_weight(gm, WeightSource(f"act_scale({','.join(s.name for s in sources)})", "act_scale", sources),
                        x.meta["val"].new_empty(1, 1, dtype=torch.float32))
     g = gm.graph
@@ -173,7 +173,7 @@ def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], calibrated:
     "fused" into the kernel that produces it, "static" on its calibrated scale (every input but the FP8
     attention output, which keeps v's scale), or "aten" (per-token scales by aten ops)."""
     g = gm.graph
-    x = _parts(linears[0])[0]  # read now: rewriting an earlier linear may have replaced x's producer
+    x = linear_operands(linears[0])[0]  # read now: rewriting an earlier linear may have replaced x's producer
     if calibrated and _attention_output(x) is None:
         (xq, scale), fused = _static_input(gm, x, linears), "static"
     else:
@@ -181,7 +181,7 @@ def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], calibrated:
             xq, scale, by_producer = _quantize_input(g, x, len(linears))
         fused = "fused" if by_producer else "aten"
     for node in linears:
-        _, weight, bias, accumulate, gelu = _parts(node)
+        _, weight, bias, accumulate, gelu = linear_operands(node)
         w_fp8, w_scale = _fp8_weights(gm, weight)
         with g.inserting_before(node):
             out = call(g, aten._scaled_mm.default, xq, call(g, aten.t.default, w_fp8), scale,
@@ -207,14 +207,21 @@ def _fp8_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> tuple[torch
 def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> None:
     """The linear keeps its bf16 math on the e4m3 weight dequantized in the graph (w8 * scale, rounded to bf16)."""
     w8, scale = _fp8_weights(gm, weight)
+    replace_weight(gm, weight, lambda g: call(g, aten.mul.Tensor,
+                                              call(g, aten._to_copy.default, w8, dtype=torch.float32), scale))
+
+
+def replace_weight(gm: torch.fx.GraphModule, weight: torch.fx.Node, dequantize) -> None:
+    """Weight-only quantization: every use of `weight` reads dequantize(graph) (f32 nodes, inserted before the
+    weight's first user) rounded to the weight's dtype."""
     g = gm.graph
     first_user = next(n for n in g.nodes if n in weight.users)
     with g.inserting_before(first_user):
-        w = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, w8, dtype=torch.float32), scale)
-        weight.replace_all_uses_with(call(g, aten._to_copy.default, w, dtype=weight.meta["val"].dtype))
+        weight.replace_all_uses_with(call(g, aten._to_copy.default, dequantize(g), dtype=weight.meta["val"].dtype))
 
 
-def _matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
+def matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
+    """Whether a linear's weight is named by recipe patterns over "segment kind:checkpoint name"."""
     keys = [f"{ctx.segment_kind}:{n}" for n in source.checkpoint_names()]
     return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
 
@@ -228,16 +235,16 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # linear input -> the linears quantized on it
     for node in gm.graph.nodes:
         try:
-            x, weight, *_ = _parts(node)
+            x, weight, *_ = linear_operands(node)
         except NoMatch as e:
             if e.rejection.depth:
                 rejected.append(e.rejection)
             continue
         source = weight.meta["weight"]
-        if _matches(ctx, source, ctx.recipe.fp8_exclude):
+        if matches(ctx, source, ctx.recipe.quant_exclude):
             excluded.append(source.name)
             continue
-        if _matches(ctx, source, ctx.recipe.fp8_weight_only):
+        if matches(ctx, source, ctx.recipe.quant_weight_only):
             quantize_weight_only(gm, weight)
             weight_only.append(source.name)
             continue

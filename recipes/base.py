@@ -39,10 +39,11 @@ class Recipe:
     # Hoist what depends only on the step schedule (time embedding, AdaLN modulation GEMVs) out of the
     # denoising loop: computed once per generation for every step (passes/hoist_schedule.py).
     hoist_schedule: bool = True
-    # fp8: linears left in bf16, as fnmatch patterns over "segment kind:weight name" (passes/quantize_fp8.py).
-    fp8_exclude: tuple[str, ...] = ()
-    # fp8: linears whose weights are stored in e4m3 but multiply in bf16 (dequantized in the graph), same patterns.
-    fp8_weight_only: tuple[str, ...] = ()
+    # fp8 / nvfp4: linears left in bf16, as fnmatch patterns over "segment kind:weight name"
+    # (passes/quantize_fp8.py, passes/quantize_nvfp4.py).
+    quant_exclude: tuple[str, ...] = ()
+    # fp8 / nvfp4: linears whose weights are stored quantized but multiply in bf16 (dequantized in the graph).
+    quant_weight_only: tuple[str, ...] = ()
     # fp8: attention on e4m3 q, k, v through cuDNN's FP8 SDPA (sm_90+; passes/quantize_fp8.py).
     fp8_attention: bool = False
 
@@ -50,7 +51,7 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["precision"] = self.precision.value
         d["inductor_options"] = [list(kv) for kv in self.inductor_options]
-        d["fp8_exclude"], d["fp8_weight_only"] = list(self.fp8_exclude), list(self.fp8_weight_only)
+        d["quant_exclude"], d["quant_weight_only"] = list(self.quant_exclude), list(self.quant_weight_only)
         return d
 
 
@@ -58,5 +59,5 @@ def recipe_from_dict(d: dict) -> Recipe:
     d = dict(d)
     d["precision"] = Precision(d["precision"])
     d["inductor_options"] = tuple(tuple(kv) for kv in d.get("inductor_options", ()))
-    d["fp8_exclude"], d["fp8_weight_only"] = tuple(d.get("fp8_exclude", ())), tuple(d.get("fp8_weight_only", ()))
+    d["quant_exclude"], d["quant_weight_only"] = tuple(d.get("quant_exclude", ())), tuple(d.get("quant_weight_only", ()))
     return Recipe(**d)

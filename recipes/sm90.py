@@ -8,18 +8,18 @@ from fluxc.recipes.generic import bf16
 
 # Left in bf16: what is small and runs once per step (embedders, the time embedding), the final norm and
 # projection (their error lands on the prediction unaveraged), and the text encoders and the VAE.
-FP8_EXCLUDE = ("head:*", "tail:*", "clip:*", "t5:*", "vae:*")
+QUANT_EXCLUDE = ("head:*", "tail:*", "clip:*", "t5:*", "vae:*")
 # Weight-only: every block's AdaLN modulation GEMM. hoist_schedule runs them once per generation, so their
 # time hardly counts, but their weights do: 3.2 B parameters, 6.4 GB in bf16 (FLUX.1-dev). Stored in e4m3
 # they halve, and their activations (the time embedding) stay bf16.
-FP8_WEIGHT_ONLY = ("*:norm1.linear.*", "*:norm1_context.linear.*", "*:norm.linear.*")
+QUANT_WEIGHT_ONLY = ("*:norm1.linear.*", "*:norm1_context.linear.*", "*:norm.linear.*")
 
 
 def sm90_fp8():
     """bf16 activations, FP8 e4m3 GEMMs for every block linear (per-channel weight, per-token activation
     scales, torch._scaled_mm rowwise); the build check holds each segment to the FP8 SQNR floor."""
-    return dataclasses.replace(bf16(), name="sm90_fp8", precision=Precision.FP8, fp8_exclude=FP8_EXCLUDE,
-                               fp8_weight_only=FP8_WEIGHT_ONLY,
+    return dataclasses.replace(bf16(), name="sm90_fp8", precision=Precision.FP8, quant_exclude=QUANT_EXCLUDE,
+                               quant_weight_only=QUANT_WEIGHT_ONLY,
                                check_rtol=10 ** (-FP8_SEGMENT_SQNR_DB / 20))
 
 

@@ -63,11 +63,16 @@ def test_bad_resolution(tmp_path, res):
                       "1024" if res != "big" else "HEIGHTxWIDTH")
 
 
-def test_unimplemented_precision_and_foreign_target(tmp_path):
-    assert_user_error(["build", "--model", "tiny", "--precision", "nvfp4", "-o", str(tmp_path / "e")], "not implemented")
+def test_foreign_target_and_plan_arguments(tmp_path):
     if not torch.cuda.is_available():
-        assert_user_error(["build", "--model", "tiny", "--target", "sm_100", "-o", str(tmp_path / "e")],
-                          "engines are compiled on the GPU they run on")
+        assert_user_error(["build", "--model", "tiny", "--target", "sm_100", "--precision", "nvfp4",
+                           "-o", str(tmp_path / "e")], "--stage plan")
+    assert_user_error(["build", "--model", "tiny", "--target", "sm_80", "--precision", "nvfp4", "--stage", "plan",
+                       "-o", str(tmp_path / "p")], "sm_89")
+    assert_user_error(["build", "-o", str(tmp_path / "e")], "exactly one of --model")
+    assert_user_error(["build", "--model", "tiny", "--from", str(tmp_path), "-o", str(tmp_path / "e")], "exactly one")
+    assert_user_error(["build", "--from", str(tmp_path), "-o", str(tmp_path / "e")], "is not a fluxc plan")
+    assert not os.listdir(tmp_path)
 
 
 def _edit_manifest(path, edit):

@@ -66,7 +66,7 @@ def _tensors(gm) -> dict[str, torch.Tensor]:
 
 def _run(gm, tensors):
     """Call a (possibly rewritten) graph: weights made from their sources, as the build makes them."""
-    args = [n.meta["weight"].make(tensors.__getitem__) if "weight" in n.meta else tensors[n.name]
+    args = [n.meta["weight"].make(tensors) if "weight" in n.meta else tensors[n.name]
             for n in gm.graph.nodes if n.op == "placeholder"]
     return gm(*args)
 

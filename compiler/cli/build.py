@@ -2,7 +2,7 @@ import click
 
 
 @click.command("build")
-@click.option("--model", required=True, help="Diffusers folder, BFL .safetensors file, or tiny|flux1-dev|flux1-schnell|flux2-dev|tiny-flux2.")
+@click.option("--model", default=None, help="Diffusers folder, BFL .safetensors file, or tiny|flux1-dev|flux1-schnell|flux2-dev|tiny-flux2.")
 @click.option("--target", default="auto", show_default=True, help="cpu, sm_90, sm_100, sm_120 or auto (this machine).")
 @click.option("--precision", default="bf16", show_default=True, help="fp32 | bf16 | fp8 | nvfp4.")
 @click.option("--recipe", default=None, help="Named recipe (default: the precision's).")
@@ -19,21 +19,35 @@ import click
 @click.option("--calibrate", type=int, default=0, metavar="N",
               help="fp8: static activation scales from N calibration prompts (stored in the engine) instead of "
                    "per-token scales at run time.")
+@click.option("--stage", type=click.Choice(["engine", "plan"]), default="engine", show_default=True,
+              help="plan: stop before the target-specific lowering and write a portable plan (any --target), to "
+                   "finish on the target with --from.")
+@click.option("--from", "from_plan", type=click.Path(), default=None,
+              help="Finish this plan (written by --stage plan) into an engine for this machine's GPU (or --target cpu).")
 @click.option("--explain", is_flag=True, help="For each pass that rewrote nothing in a segment, print the check "
                                              "that rejected its nearest candidate.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, calibrate, explain, output):
+            encoders, calibrate, stage, from_plan, explain, output):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
+
+    For a GPU you do not have here: fluxc build --model flux1-dev --target sm_100 --precision nvfp4 --stage plan
+    -o dev.fluxp, then on the B200: fluxc build --from dev.fluxp -o dev.fluxe
     """
     from fluxc.build import BuildOptions, build, parse_resolution
+    from fluxc.runtime.errors import FluxcError
+
+    if (model is None) == (from_plan is None):
+        raise FluxcError("Give exactly one of --model (compile a model) and --from (finish a plan).",
+                         "fluxc build --model flux1-dev ... or fluxc build --from PLAN ...")
 
     opts = BuildOptions(model=model, output=output, target=target, precision=precision, recipe=recipe,
                         resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
                         batch=batch, seed=seed, dump_ir=dump_ir,
-                        transformer_only=transformer_only, encoders=encoders, calibrate=calibrate)
+                        transformer_only=transformer_only, encoders=encoders, calibrate=calibrate, stage=stage,
+                        from_plan=from_plan)
 
     def report(stage, done):
         if done:
@@ -42,10 +56,15 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
             click.echo(f"[build] {stage} ...", err=True)
 
     manifest = build(opts, report)
+    if stage == "plan":
+        click.echo(f"wrote plan {output}: {manifest['precision']} for {manifest['target']}, "
+                   f"{len(manifest['segments'])} segments; finish it with fluxc build --from {output} -o ENGINE")
+        return
     if explain:
         for segment, passes in manifest["pass_explain"].items():
             for name, why in passes.items():
                 click.echo(f"  {segment:<16} {name:<20} matched nothing: {why}")
     worst = max(v["max_relative_error"] for v in manifest["numerics"].values())
-    click.echo(f"wrote {output}: {manifest['precision']} for {manifest['target']['sm']}, "
+    mode = " (emulated)" if manifest["precision_mode"] == "emulated" else ""
+    click.echo(f"wrote {output}: {manifest['precision']}{mode} for {manifest['target']['sm']}, "
                f"{len(manifest['segments'])} segments, max segment relative error {worst:.2e}")

@@ -21,7 +21,8 @@ def command(engine, as_json):
     click.echo(f"engine       {engine}  (format {m['format_version']}, fluxc {m['fluxc_version']})")
     click.echo(f"model        {m['model']['family']} from {m['model']['source']}  "
                f"{cfg['num_layers']} double + {cfg['num_single_layers']} single blocks")
-    click.echo(f"target       {m['target']['sm']} ({m['target']['device']})   precision {m['precision']}   "
+    mode = " (emulated)" if m.get("precision_mode") == "emulated" else ""
+    click.echo(f"target       {m['target']['sm']} ({m['target']['device']})   precision {m['precision']}{mode}   "
                f"recipe {m['recipe']['name']}")
     b = m["backend"]
     click.echo(f"backend      {b['name']}  torch {b['torch']}  triton {b['triton']}  cuda {b['cuda']}  cudnn {b['cudnn']}")

@@ -1,0 +1,168 @@
+"""Portable plans: a build stopped before its target-specific lowering (`fluxc build --stage plan`) and
+finished on the target by `fluxc build --from PLAN`.
+
+A plan is a directory (`*.fluxp`, written atomically like an engine):
+    plan.json            format version, model, target, recipe, profiles, components, pass counts and reports,
+                         each segment's rewritten graph (ir.to_json) and how the runtime feeds it, and the
+                         sha256 of every other file
+    weights.safetensors  the transformed weights (packed NVFP4, e4m3, fused QKV ...), per layer
+    checks.safetensors   each segment's example inputs and diffusers eager's outputs on them: the finished
+                         engine's numerics check, without the model
+    tokenizers/          the tokenizer.json files of a whole-pipeline plan
+Nothing in a plan is pickled; the graphs are JSON over aten (and fluxc) operator names.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+
+from fluxc import __version__, ir
+from fluxc.recipes import Recipe, recipe_from_dict
+from fluxc.runtime.bundle import sha256_file
+from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.flux_math import Profile
+from fluxc.trace import Segment
+
+PLAN_FORMAT = 1
+PLAN_JSON, WEIGHTS, CHECKS = "plan.json", "weights.safetensors", "checks.safetensors"
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A build up to the target-specific lowering: what a plan holds, and what finishing an engine needs."""
+
+    recipe: Recipe
+    target: str  # the target the plan was made for
+    model: dict  # family, config, source
+    profiles: list[Profile]
+    segments: list[Segment]  # schedule segments first; graphs after the portable passes; examples, expected outputs
+    weights: dict[str, torch.Tensor]  # every tensor the segments read, per layer prefix
+    components: dict | None  # encoders placement, tokenizer files, VAE factors; None: transformer-only
+    tokenizers: dict[str, str]  # relative path -> tokenizer.json text
+    pass_counts: dict
+    explain: dict
+    reports: dict
+    calibration: dict | None
+    seconds: dict[str, float]  # the preparing stages' times
+    source: dict | None = None  # {"plan": path, "plan_json_sha256": ...} when finished from a plan
+
+
+@contextmanager
+def atomic_directory(output: str):
+    """Yield a temporary directory beside `output`, renamed into place when the block succeeds (an existing
+    directory there is replaced only then); removed on any failure."""
+    parent = os.path.dirname(os.path.abspath(output))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(output):
+            old = tmp + ".old"
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_plan(p: Prepared, output: str) -> dict:
+    """Write the plan directory; returns its plan.json."""
+    from safetensors.torch import save_file
+
+    checks = {}
+    for seg in p.segments:
+        checks |= {f"{seg.name}/example/{k}": v for k, v in seg.example.items()}
+        for i, outputs in enumerate(seg.expected):
+            checks |= {f"{seg.name}/expected/{i}/{k}": v for k, v in outputs.items()}
+    with atomic_directory(output) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in p.weights.items()}, os.path.join(tmp, WEIGHTS))
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in checks.items()}, os.path.join(tmp, CHECKS))
+        for rel, text in p.tokenizers.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            with open(os.path.join(tmp, rel), "w") as f:
+                f.write(text)
+        header = {
+            "format": "fluxc-plan", "format_version": PLAN_FORMAT, "fluxc_version": __version__,
+            "torch": torch.__version__, "target": p.target, "precision": p.recipe.precision.value,
+            "recipe": p.recipe.to_dict(), "model": p.model,
+            "profiles": [dataclasses.asdict(prof) for prof in p.profiles], "components": p.components,
+            "calibration": p.calibration, "pass_counts": p.pass_counts, "pass_explain": p.explain,
+            "pass_reports": p.reports, "build_seconds": p.seconds,
+            "segments": [_segment_entry(seg) for seg in p.segments],
+            "files": {rel: sha256_file(os.path.join(tmp, rel)) for rel in [WEIGHTS, CHECKS, *p.tokenizers]},
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with open(os.path.join(tmp, PLAN_JSON), "w") as f:
+            json.dump(header, f)
+    return header
+
+
+def _segment_entry(seg: Segment) -> dict:
+    return {"kind": seg.kind, "profile": seg.profile and dataclasses.asdict(seg.profile), "layers": seg.layers,
+            "weights": seg.weight_names, "schedule": seg.schedule and seg.schedule.name,
+            "device": seg.device.type, "example": list(seg.example), "checks": len(seg.expected),
+            "graph": ir.to_json(seg.graph)}
+
+
+def verify_plan(path: str) -> dict:
+    """plan.json of the plan at `path`, after checking its format and every file's sha256; FluxcError if not."""
+    remedy = "Write the plan again with fluxc build --stage plan."
+    manifest = os.path.join(path, PLAN_JSON)
+    if not os.path.isfile(manifest):
+        raise FluxcError(f"'{path}' is not a fluxc plan (no {PLAN_JSON}).", "Pass the directory --stage plan wrote.")
+    try:
+        with open(manifest) as f:
+            header = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FluxcError(f"{manifest} is unreadable: {e}", remedy) from None
+    if header.get("format") != "fluxc-plan" or header.get("format_version") != PLAN_FORMAT:
+        raise FluxcError(f"'{path}' has plan format {header.get('format_version')}; this fluxc reads {PLAN_FORMAT}.",
+                         remedy)
+    for rel, digest in header["files"].items():
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file) or sha256_file(file) != digest:
+            raise FluxcError(f"Plan file {rel} is missing or changed since the plan was written (sha256 mismatch).",
+                             remedy)
+    return header
+
+
+def read_plan(path: str, header: dict, device: torch.device) -> Prepared:
+    """The plan verify_plan checked, its tensors on `device` (segments traced on the CPU stay there)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, WEIGHTS))
+    checks = load_file(os.path.join(path, CHECKS))
+    segments: dict[str, Segment] = {}
+    for entry in header["segments"]:
+        dev = torch.device("cpu") if entry["device"] == "cpu" else device
+        profile = entry["profile"] and Profile(**entry["profile"])
+        seg = Segment(entry["kind"], profile, ir.from_json(entry["graph"], dev), entry["weights"], entry["layers"],
+                      schedule=segments.get(entry["schedule"]))
+        seg.example = {k: checks[f"{seg.name}/example/{k}"].to(dev) for k in entry["example"]}
+        seg.expected = [{k.split("/")[-1]: v.to(dev) for k, v in checks.items() if k.startswith(f"{seg.name}/expected/{i}/")}
+                        for i in range(entry["checks"])]
+        ir.verify(seg.graph, f"plan segment {seg.name}")
+        for layer in seg.layers:  # weights live with the segments that read them
+            prefix = f"{layer}." if layer else ""
+            for name in seg.weight_names:
+                weights[prefix + name] = weights[prefix + name].to(dev)
+        segments[seg.name] = seg
+    tokenizers = {}
+    for rel in header["files"]:
+        if rel not in (WEIGHTS, CHECKS):
+            with open(os.path.join(path, rel)) as f:
+                tokenizers[rel] = f.read()
+    digest = sha256_file(os.path.join(path, PLAN_JSON))
+    return Prepared(recipe_from_dict(header["recipe"]), header["target"], header["model"],
+                    [Profile(**prof) for prof in header["profiles"]], list(segments.values()), weights,
+                    header["components"], tokenizers, header["pass_counts"], header["pass_explain"],
+                    header["pass_reports"], header["calibration"], header["build_seconds"],
+                    source={"plan": os.path.basename(os.path.abspath(path)), "plan_json_sha256": digest})

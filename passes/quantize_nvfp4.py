@@ -1,0 +1,87 @@
+"""Quantize linears to NVFP4: weights packed at build time, activations per 16-element block at run time.
+
+Pattern (the linears quantize_fp8 matches: addmm, mm, fuse_epilogues' fluxc.linear_gelu and split addmm):
+    %addmm = aten.addmm(%bias, %x, aten.t(%weight))                                          [M, N] bf16
+Rewrite:
+    %nvfp4(weight): u8[N, K/2] = input; %nvfp4_scale(weight): f8e4m3[N, K/16] = input;
+    %nvfp4_global(weight): f32[1] = input                                                    (made at build time)
+    %addmm = fluxc.nvfp4_linear(%x, %nvfp4(weight), %nvfp4_scale(weight), %nvfp4_global(weight), %bias)
+    (fluxc.linear_gelu: the same, then aten.gelu(tanh); an addmm accumulating onto C: the same, then + C)
+fluxc.nvfp4_linear is target-independent: a plan (`fluxc build --stage plan`) stores it, and
+passes/lower_nvfp4.py picks its kernel (native sm_100 GEMM or exact emulation) when the engine is finished.
+Weight-only linears (recipe.quant_weight_only: the AdaLN modulation GEMMs, run once per generation by
+hoist_schedule) read their weight dequantized in the graph: nvfp4_dequantize(codes, scales) * global, in bf16.
+Excluded (recipe.quant_exclude), as for FP8 and as NVIDIA's ModelOpt FLUX recipe keeps them in higher precision:
+the head's embedders and time embedding, the tail's final norm and projection, the text encoders and the VAE.
+They are 0.3% of FLUX.1-dev's weights; the final projection's error would land on the prediction unaveraged.
+Linears whose K is not a multiple of 16 stay bf16 too (rejected, with the reason).
+Pre:  fusion passes ran (a fused QKV weight quantizes as one tensor: one global scale over the fused rows).
+Post: counts["quantized"] fluxc.nvfp4_linear calls, counts["weight_only"], counts["excluded"] as the recipe says.
+Numerics (runtime/nvfp4.py): per-block scales keep each 16-element block within e2m1's grid, ~20 dB per
+operand on Gaussian data; each quantized linear at or above numerics.NVFP4_LINEAR_SQNR_DB against float64
+math, a segment at or above numerics.NVFP4_SEGMENT_SQNR_DB against its bf16 graph.
+"""
+
+import torch
+
+from fluxc.ir import NVFP4_OPS, WeightSource
+from fluxc.passes.base import NoMatch, PassContext, PassResult, Rejection, add_weight, aten, call, drop_unused_weights
+from fluxc.passes.quantize_fp8 import linear_operands, matches, replace_weight
+from fluxc.runtime import nvfp4
+
+def nvfp4_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> list[torch.fx.Node]:
+    """New weight inputs: `weight` [N, K] as e2m1 codes [N, K/2] u8, e4m3 block scales [N, K/16], global f32 [1]."""
+    source, val = weight.meta["weight"], weight.meta["val"]
+    n, k = val.shape
+    likes = (val.new_empty(n, k // 2, dtype=torch.uint8), val.new_empty(n, k // nvfp4.BLOCK, dtype=torch.float8_e4m3fn),
+             val.new_empty(1, dtype=torch.float32))
+    return [add_weight(gm, WeightSource(f"{op}({source.name})", op, (source,)), like) for op, like in zip(NVFP4_OPS, likes)]
+
+
+def quantize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    x, weight, bias, accumulate, gelu = linear_operands(node)
+    codes, scales, global_ = nvfp4_weights(gm, weight)
+    g = gm.graph
+    with g.inserting_before(node):
+        out = call(g, torch.ops.fluxc.nvfp4_linear.default, x, codes, scales, global_, bias)
+        if gelu:
+            out = call(g, aten.gelu.default, out, approximate="tanh")
+        if accumulate is not None:
+            out = call(g, aten.add.Tensor, out, accumulate)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> None:
+    codes, scales, global_ = nvfp4_weights(gm, weight)
+    replace_weight(gm, weight, lambda g: call(g, aten.mul.Tensor, call(
+        g, torch.ops.fluxc.nvfp4_dequantize.default, codes, scales, torch.float32), global_))
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    quantized, weight_only, excluded, rejected = [], [], [], []
+    for node in list(gm.graph.nodes):
+        try:
+            _, weight, *_ = linear_operands(node)
+        except NoMatch as e:
+            if e.rejection.depth:
+                rejected.append(e.rejection)
+            continue
+        source = weight.meta["weight"]
+        k = weight.meta["val"].shape[-1]
+        if matches(ctx, source, ctx.recipe.quant_exclude) or k % nvfp4.BLOCK:
+            if k % nvfp4.BLOCK:
+                rejected.append(Rejection(node.name, f"K = {k} is not a multiple of {nvfp4.BLOCK}", 2))
+            excluded.append(source.name)
+        elif matches(ctx, source, ctx.recipe.quant_weight_only):
+            quantize_weight_only(gm, weight)
+            weight_only.append(source.name)
+        else:
+            quantize(gm, node)
+            quantized.append(source.name)
+    gm.graph.eliminate_dead_code()
+    drop_unused_weights(gm)
+    gm.recompile()
+    counts = {"quantized": len(quantized), "weight_only": len(weight_only), "excluded": len(excluded)}
+    return PassResult(gm, counts, rejected, report={"quantized": quantized, "weight_only": weight_only,
+                                                        "excluded": excluded})
