@@ -4,6 +4,7 @@
 #   smoke        bench_pipeline.py on the tiny pipeline (a minute; checks the script before a long run)
 #   pipeline     text-to-image benchmark, FLUX.1-dev 1024x1024, 28 steps      -> $OUT/bench_pipeline.json
 #   transformer  per-step transformer benchmark, FLUX.1-dev 1024x1024          -> $OUT/bench_transformer.json
+#   nvfp4        NVFP4 emulated engine, per-layer SQNR, sm_100 plan (FLUX.1-dev)  -> $OUT/bench_nvfp4.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -16,11 +17,12 @@ python3 -c "import transformers, tokenizers; print('transformers', transformers.
 rc=0
 for job in "${@:-tests}"; do
   case $job in
-    tests) python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    tests) python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
     smoke) python3 scripts/bench_pipeline.py --model tiny --resolution 144x112 --steps 2 --repeats 1 \
              --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" || rc=1 ;;
     pipeline) python3 scripts/bench_pipeline.py --out "$OUT/bench_pipeline.json" 2>&1 | tee "$OUT/bench_pipeline.log" || rc=1 ;;
     transformer) python3 scripts/bench_transformer.py --out "$OUT/bench_transformer.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    nvfp4) python3 scripts/bench_nvfp4.py --out "$OUT/bench_nvfp4.json" 2>&1 | tee "$OUT/bench_nvfp4.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
