@@ -96,7 +96,7 @@ def test_rms_fp8_scale_bounds_normed_rotated_rows():
 
 def _one_linear(weight: torch.Tensor, bias: torch.Tensor, rows: int, layer: str) -> torch.fx.GraphModule:
     gm = make_fx(lambda w, b, x: [torch.addmm(b, x, w.t())], tracing_mode="fake")(
-        weight, bias, torch.empty(rows, weight.shape[1], dtype=weight.dtype))
+        weight, bias, weight.new_empty(rows, weight.shape[1]))
     for node, name in zip(gm.graph.nodes, ("weight", "bias")):
         node.meta["weight"] = WeightSource(f"{layer}.{name}")
     next(n for n in gm.graph.nodes if n.op == "output").meta["names"] = ["y"]
