@@ -226,6 +226,24 @@ def matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
     return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
 
 
+def recipe_linears(gm: torch.fx.GraphModule, ctx: PassContext):
+    """([(linear, its weight placeholder, "exclude" | "weight_only" | "quantize" as the recipe says)] in graph
+    order, the rejections of near misses). Shared by quantize_fp8 and quantize_nvfp4."""
+    linears, rejected = [], []
+    for node in list(gm.graph.nodes):
+        try:
+            _, weight, *_ = linear_operands(node)
+        except NoMatch as e:
+            if e.rejection.depth:
+                rejected.append(e.rejection)
+            continue
+        source = weight.meta["weight"]
+        how = ("exclude" if matches(ctx, source, ctx.recipe.quant_exclude)
+               else "weight_only" if matches(ctx, source, ctx.recipe.quant_weight_only) else "quantize")
+        linears.append((node, weight, how))
+    return linears, rejected
+
+
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     quantized, weight_only, excluded, rejected = [], [], [], []
     attention = 0
@@ -233,23 +251,18 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         attention, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
                                           lambda n: quantize_attention(gm, n))
     by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # linear input -> the linears quantized on it
-    for node in gm.graph.nodes:
-        try:
-            x, weight, *_ = linear_operands(node)
-        except NoMatch as e:
-            if e.rejection.depth:
-                rejected.append(e.rejection)
-            continue
-        source = weight.meta["weight"]
-        if matches(ctx, source, ctx.recipe.quant_exclude):
-            excluded.append(source.name)
-            continue
-        if matches(ctx, source, ctx.recipe.quant_weight_only):
+    linears, near_misses = recipe_linears(gm, ctx)
+    rejected += near_misses
+    for node, weight, how in linears:
+        name = weight.meta["weight"].name
+        if how == "exclude":
+            excluded.append(name)
+        elif how == "weight_only":
             quantize_weight_only(gm, weight)
-            weight_only.append(source.name)
-            continue
-        by_input.setdefault(x, []).append(node)
-        quantized.append(source.name)
+            weight_only.append(name)
+        else:
+            by_input.setdefault(linear_operands(node)[0], []).append(node)
+            quantized.append(name)
     how = [quantize(gm, linears, ctx.calibrated) for linears in by_input.values()]
     gm.graph.eliminate_dead_code()
     drop_unused_weights(gm)

@@ -25,8 +25,8 @@ math, a segment at or above numerics.NVFP4_SEGMENT_SQNR_DB against its bf16 grap
 import torch
 
 from fluxc.ir import NVFP4_OPS, WeightSource
-from fluxc.passes.base import NoMatch, PassContext, PassResult, Rejection, add_weight, aten, call, drop_unused_weights
-from fluxc.passes.quantize_fp8 import linear_operands, matches, replace_weight
+from fluxc.passes.base import PassContext, PassResult, Rejection, add_weight, aten, call, drop_unused_weights
+from fluxc.passes.quantize_fp8 import linear_operands, recipe_linears, replace_weight
 from fluxc.runtime import nvfp4
 
 def nvfp4_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> list[torch.fx.Node]:
@@ -59,26 +59,21 @@ def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> Non
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    quantized, weight_only, excluded, rejected = [], [], [], []
-    for node in list(gm.graph.nodes):
-        try:
-            _, weight, *_ = linear_operands(node)
-        except NoMatch as e:
-            if e.rejection.depth:
-                rejected.append(e.rejection)
-            continue
-        source = weight.meta["weight"]
-        k = weight.meta["val"].shape[-1]
-        if matches(ctx, source, ctx.recipe.quant_exclude) or k % nvfp4.BLOCK:
-            if k % nvfp4.BLOCK:
-                rejected.append(Rejection(node.name, f"K = {k} is not a multiple of {nvfp4.BLOCK}", 2))
-            excluded.append(source.name)
-        elif matches(ctx, source, ctx.recipe.quant_weight_only):
+    quantized, weight_only, excluded = [], [], []
+    linears, rejected = recipe_linears(gm, ctx)
+    for node, weight, how in linears:
+        name, k = weight.meta["weight"].name, weight.meta["val"].shape[-1]
+        if how != "exclude" and k % nvfp4.BLOCK:
+            rejected.append(Rejection(node.name, f"K = {k} is not a multiple of {nvfp4.BLOCK}", 2))
+            how = "exclude"
+        if how == "exclude":
+            excluded.append(name)
+        elif how == "weight_only":
             quantize_weight_only(gm, weight)
-            weight_only.append(source.name)
+            weight_only.append(name)
         else:
             quantize(gm, node)
-            quantized.append(source.name)
+            quantized.append(name)
     gm.graph.eliminate_dead_code()
     drop_unused_weights(gm)
     gm.recompile()
