@@ -181,18 +181,26 @@ def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], calibrated:
             xq, scale, by_producer = _quantize_input(g, x, len(linears))
         fused = "fused" if by_producer else "aten"
     for node in linears:
-        _, weight, bias, accumulate, gelu = linear_operands(node)
+        _, weight, bias, *_ = linear_operands(node)
         w_fp8, w_scale = _fp8_weights(gm, weight)
-        with g.inserting_before(node):
-            out = call(g, aten._scaled_mm.default, xq, call(g, aten.t.default, w_fp8), scale,
-                       call(g, aten.t.default, w_scale), bias, None, x.meta["val"].dtype)
-            if gelu:
-                out = call(g, aten.gelu.default, out, approximate="tanh")
-            if accumulate is not None:
-                out = call(g, aten.add.Tensor, out, accumulate)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        replace_linear(gm, node, lambda g: call(g, aten._scaled_mm.default, xq, call(g, aten.t.default, w_fp8), scale,
+                                                call(g, aten.t.default, w_scale), bias, None, x.meta["val"].dtype))
     return fused
+
+
+def replace_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, matmul) -> None:
+    """Replace the linear `node` (linear_operands) by matmul(graph), the new [M, N] product with its bias, followed
+    by the linear's GELU epilogue and its accumulation onto C where it has them."""
+    _, _, _, accumulate, gelu = linear_operands(node)
+    g = gm.graph
+    with g.inserting_before(node):
+        out = matmul(g)
+        if gelu:
+            out = call(g, aten.gelu.default, out, approximate="tanh")
+        if accumulate is not None:
+            out = call(g, aten.add.Tensor, out, accumulate)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
 
 
 def _fp8_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:

@@ -26,7 +26,7 @@ import torch
 
 from fluxc.ir import NVFP4_OPS, WeightSource
 from fluxc.passes.base import PassContext, PassResult, Rejection, add_weight, aten, call, drop_unused_weights
-from fluxc.passes.quantize_fp8 import linear_operands, recipe_linears, replace_weight
+from fluxc.passes.quantize_fp8 import linear_operands, recipe_linears, replace_linear, replace_weight
 from fluxc.runtime import nvfp4
 
 def nvfp4_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> list[torch.fx.Node]:
@@ -39,17 +39,9 @@ def nvfp4_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> list[torch
 
 
 def quantize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
-    x, weight, bias, accumulate, gelu = linear_operands(node)
+    x, weight, bias, *_ = linear_operands(node)
     codes, scales, global_ = nvfp4_weights(gm, weight)
-    g = gm.graph
-    with g.inserting_before(node):
-        out = call(g, torch.ops.fluxc.nvfp4_linear.default, x, codes, scales, global_, bias)
-        if gelu:
-            out = call(g, aten.gelu.default, out, approximate="tanh")
-        if accumulate is not None:
-            out = call(g, aten.add.Tensor, out, accumulate)
-    node.replace_all_uses_with(out)
-    g.erase_node(node)
+    replace_linear(gm, node, lambda g: call(g, torch.ops.fluxc.nvfp4_linear.default, x, codes, scales, global_, bias))
 
 
 def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> None:

@@ -85,6 +85,18 @@ def random_embeddings(batch=1, text=TINY_TEXT, seed=7, dim=64, pooled=32, dtype=
             torch.randn(batch, pooled, generator=g, dtype=dtype))
 
 
+def denoised_sqnr(engine_path: str, reference_path: str, steps: int = 8, seed: int = 5) -> float:
+    """SQNR of one tiny transformer-only engine's latents after `steps` denoising steps against another
+    engine's, from the same prompt embeddings and noise."""
+    from fluxc.numerics import sqnr_db
+    from fluxc.runtime import Engine
+
+    pe, pooled = random_embeddings(dtype=torch.bfloat16)
+    got, want = (Engine.load(p).denoise(pe, pooled, height=144, width=112, steps=steps, seed=seed)
+                 for p in (engine_path, reference_path))
+    return sqnr_db(got, want)
+
+
 @pytest.fixture
 def engine_copy(tiny_engine_path, tmp_path):
     """A writable copy of the tiny engine, for tests that damage it."""

@@ -20,7 +20,7 @@ from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
 from fluxc.trace import trace_model
 
-from conftest import TINY_TEXT, random_embeddings
+from conftest import TINY_TEXT, denoised_sqnr
 from test_passes import _run, _tensors
 
 # Per segment on `tiny`: every block linear is quantized (a double block's fused img/txt QKV, both output
@@ -144,8 +144,6 @@ def tiny_engines(tmp_path_factory):
 
 def test_fp8_engine_lists_its_layers_and_denoises_close_to_bf16(tiny_engines):
     """End to end: 8 denoising steps of the fp8 engine against the bf16 engine's, from the same noise."""
-    from fluxc.runtime import Engine
-
     m = json.load(open(os.path.join(tiny_engines["fp8"], MANIFEST)))
     assert m["precision"] == "fp8" and m["recipe"]["name"] == "sm90_fp8"
     double = m["pass_reports"]["double-144x112"]["quantize_fp8"]
@@ -154,10 +152,7 @@ def test_fp8_engine_lists_its_layers_and_denoises_close_to_bf16(tiny_engines):
     schedule = next(s for s in m["segments"] if s["kind"] == "double_schedule")
     assert "fp8(cat0(norm1.linear.weight,norm1_context.linear.weight))" in schedule["weights"]
     assert double["excluded"] == [] and m["pass_reports"]["tail-144x112"]["quantize_fp8"]["excluded"]
-    pe, pooled = random_embeddings(dtype=torch.bfloat16)
-    got, want = (Engine.load(tiny_engines[p]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
-                 for p in ("fp8", "bf16"))
-    sqnr = sqnr_db(got, want)
+    sqnr = denoised_sqnr(tiny_engines["fp8"], tiny_engines["bf16"])
     print(f"tiny fp8 engine, 8-step latents against the bf16 engine: {sqnr:.1f} dB")  # 34.5 dB when written; 32.4 with weight-only modulation
     assert sqnr >= FP8_SEGMENT_SQNR_DB
 
@@ -178,7 +173,6 @@ def test_calibrated_fp8_engine_stores_static_scales_and_denoises_close_to_bf16(t
     time), and the engine's 8-step latents at the fp8 floor against the bf16 engine's."""
     from safetensors.torch import load_file
 
-    from fluxc.runtime import Engine
     from fluxc.runtime.bundle import WEIGHTS
 
     m = json.load(open(os.path.join(tiny_engines["fp8-calibrated"], MANIFEST)))
@@ -190,10 +184,7 @@ def test_calibrated_fp8_engine_stores_static_scales_and_denoises_close_to_bf16(t
     qkv = [weights[f"transformer_blocks.{i}.act_scale(cat0(attn.to_q.weight,attn.to_k.weight,attn.to_v.weight))"]
            for i in range(2)]
     assert all(s.shape == (1, 1) and s.item() > 0 for s in qkv) and qkv[0].item() != qkv[1].item()  # per layer
-    pe, pooled = random_embeddings(dtype=torch.bfloat16)
-    got, want = (Engine.load(tiny_engines[p]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
-                 for p in ("fp8-calibrated", "bf16"))
-    sqnr = sqnr_db(got, want)
+    sqnr = denoised_sqnr(tiny_engines["fp8-calibrated"], tiny_engines["bf16"])
     print(f"tiny calibrated fp8 engine, 8-step latents against the bf16 engine: {sqnr:.1f} dB")
     assert sqnr >= FP8_SEGMENT_SQNR_DB
 
