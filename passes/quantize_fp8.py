@@ -271,12 +271,12 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             by_input.setdefault(linear_operands(node)[0], []).append(node)
             quantized.append(name)
-    how = [quantize(gm, linears, ctx.calibrated) for linears in by_input.values()]
+    input_ways = [quantize(gm, group, ctx.calibrated) for group in by_input.values()]  # "fused" | "static" | "aten"
     gm.graph.eliminate_dead_code()
     drop_unused_weights(gm)
     gm.recompile()
-    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": how.count("fused"),
-              "static_inputs": how.count("static"), "weight_only": len(weight_only), "excluded": len(excluded)}
+    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": input_ways.count("fused"),
+              "static_inputs": input_ways.count("static"), "weight_only": len(weight_only), "excluded": len(excluded)}
     if ctx.recipe.fp8_attention:
         counts["attention"] = attention
     return PassResult(gm, counts, rejected, report={"quantized": quantized, "weight_only": weight_only,
