@@ -21,11 +21,12 @@ from fluxc.passes.lower_nvfp4 import mode as nvfp4_mode
 from fluxc.passes.pipeline import LOWER, resolve, run_pipeline
 from fluxc.plan import Prepared, atomic_directory, read_plan, verify_plan, write_plan
 from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe, recipe_from_dict
+from fluxc.runtime.cache import PROBE_SUFFIX
 from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import (COMPONENT_KINDS, OUTPUTS, SCHEDULE_INPUTS, component_modules, module_tensors,
+from fluxc.trace import (COMPONENT_KINDS, OUTPUTS, SCHEDULE_INPUTS, component_modules, module_tensors, probe_segment,
                          schedule_segment, segment_modules, trace_components, trace_model)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -50,6 +51,7 @@ class BuildOptions:
     calibrate: int = 0  # fp8: static activation scales from this many calibration samples (compiler/calibrate.py)
     stage: str = "engine"  # "plan": stop before the target-specific lowering and write a portable plan
     from_plan: str | None = None  # finish this plan (compiler/plan.py) into an engine for the target
+    cache: dict | None = None  # CacheConfig fields over the recipe's default step-skipping policy (--cache ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,8 @@ def _recipe(opts: BuildOptions) -> Recipe:
         if unknown:
             raise FluxcError(f"Unknown recipe fields {sorted(unknown)}.", "See fluxc.recipes.Recipe for the fields.")
         recipe = dataclasses.replace(recipe, **dict(opts.recipe_overrides))
+    if opts.cache:
+        recipe = dataclasses.replace(recipe, cache=recipe.cache.with_overrides(**opts.cache))
     if recipe.precision is not precision:
         raise FluxcError(f"Recipe '{name}' is {recipe.precision.value}, not {precision.value}.",
                          "Drop --precision, or pick a recipe of that precision.")
@@ -251,7 +255,7 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
                     b = seg.profile.batch
                     seg.example = {k: (v if k.startswith("rope") else v.expand(b, *v.shape[1:]).contiguous())
                                    .to(seg.example[k].dtype) for k, v in examples[seg.kind].items()}
-    pass_counts, explain, reports, schedule = {}, {}, {}, {}
+    pass_counts, explain, reports, schedule, probes = {}, {}, {}, {}, []
     portable = [p for p in resolve(settings.recipe, settings.target) if p.phase != LOWER]
     with stages("passes"):
         for seg in segments:
@@ -262,7 +266,9 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
             reports[seg.name] = result.reports
             if result.hoisted:
                 _split_schedule(seg, result.hoisted, schedule)
-        segments = list(schedule.values()) + segments  # compiled (and run) before the segments they feed
+            if result.probe:
+                probes.append(probe_segment(seg, result.probe))
+        segments = list(schedule.values()) + segments + probes  # schedules compiled (and run) before the segments they feed
     with stages("reference outputs"):
         for seg in segments:
             if seg.kind in modules:  # a schedule segment is checked with the segment it feeds
@@ -466,7 +472,7 @@ def _manifest(p: Prepared, settings: Settings, seg_entries, backend, numerics, f
         "backend": {"name": backend.name, **backend.versions()},
         "profiles": [dataclasses.asdict(prof) | {"name": prof.name, "image_tokens": prof.image_tokens}
                      for prof in p.profiles],
-        "cache": {"mode": "none"},
+        "cache": _cache_points(p),
         "calibration": p.calibration,  # None: FP8 activation scales per token at run time
         "components": p.components,  # None: a transformer-only engine
         "fluxc_version": __version__,
@@ -479,6 +485,20 @@ def _manifest(p: Prepared, settings: Settings, seg_entries, backend, numerics, f
         "build_seconds": p.seconds | seconds, "numerics": numerics, "cache_key": cache_key,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _cache_points(p: Prepared) -> dict:
+    """The manifest's cache section: the default policy, the cut and the probes (passes/insert_cache_points.py)."""
+    doubles = [s for s in p.segments if s.kind == "double"]
+    probe = next((s for s in p.segments if s.kind == "double" + PROBE_SUFFIX), None)
+    points = {"config": p.recipe.cache.to_dict()}
+    if doubles:
+        points |= {"cut": {"after_kind": "double", "after_layer": doubles[0].layers[0]},
+                   "probes": {"residual": "first double block's hidden_states output - input (runtime)",
+                              "modulated": probe and probe.kind}}
+        if probe is None:
+            points["why_no_probe"] = p.explain[doubles[0].name].get("insert_cache_points", "no probe was split off")
+    return points
 
 
 def _jsonable(config: dict) -> dict:

@@ -24,6 +24,7 @@ from fluxc.components import CLIP_MAX_LENGTH
 from fluxc import ir
 from fluxc.ir import WeightSource
 from fluxc.models import LoadedModel
+from fluxc.runtime.cache import PROBE_SUFFIX
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
 
@@ -276,6 +277,13 @@ def schedule_segment(seg: Segment, hoisted, rows: int = SCHEDULE_ROWS) -> Segmen
         node.meta["weight"] = old.meta["weight"]
     gm.graph.output_node().meta["names"] = list(hoisted.values)
     return Segment(f"{seg.kind}_schedule", None, gm, [n.meta["weight"].name for n in weights], seg.layers, acts)
+
+
+def probe_segment(seg: Segment, probe) -> Segment:
+    """The cache probe insert_cache_points split off `seg` (a double block), run for its first layer only."""
+    weights = [n for n in probe.graph.graph.nodes if n.op == "placeholder" and "weight" in n.meta]
+    return Segment(seg.kind + PROBE_SUFFIX, seg.profile, probe.graph, [n.meta["weight"].name for n in weights],
+                   seg.layers[:1], {name: seg.example[name] for name in probe.inputs})
 
 
 def _name_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> None:

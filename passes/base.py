@@ -40,6 +40,7 @@ class PassResult:
     counts: dict[str, int]  # rewrite counts by rule; pinned by tests/test_passes.py on `tiny`
     rejected: list[Rejection] = dataclasses.field(default_factory=list)
     hoisted: object = None  # hoist_schedule.Hoisted: a graph the pass split off the segment
+    probe: object = None  # insert_cache_points.Probe: the cache probe graph split off the first double block
     report: dict | None = None  # what the manifest records of this pass beyond counts (quantized layers)
 
 
@@ -93,6 +94,26 @@ def call(graph: torch.fx.Graph, target, *args, **kwargs) -> torch.fx.Node:
     with fake_mode:
         node.meta["val"] = target(*vals[0], **vals[1])
     return node
+
+
+def copy_backward_slice(gm: torch.fx.GraphModule, roots) -> tuple[torch.fx.Graph, dict, list[torch.fx.Node]]:
+    """A new graph holding copies of `roots` and every node they depend on, in gm's order, its placeholders
+    first (weights before activations, as segments order them). Returns it, the map from gm's nodes to the
+    copies, and gm's placeholders it copied."""
+    needed: set[torch.fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    ordered = [n for n in gm.graph.nodes if n in needed]
+    placeholders = sorted((n for n in ordered if n.op == "placeholder"), key=lambda n: "weight" not in n.meta)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in placeholders + [n for n in ordered if n.op != "placeholder"]:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    return graph, env, placeholders
 
 
 def add_weight(gm: torch.fx.GraphModule, source: WeightSource, like: torch.Tensor) -> torch.fx.Node:

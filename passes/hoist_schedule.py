@@ -32,7 +32,8 @@ import operator
 import torch
 
 from fluxc.ir import weight_placeholders
-from fluxc.passes.base import VIEWS, PassContext, PassResult, Rejection, aten, is_aten, is_pure_cast
+from fluxc.passes.base import (VIEWS, PassContext, PassResult, Rejection, aten, copy_backward_slice, is_aten,
+                               is_pure_cast)
 
 # Ops that only reinterpret their input: left in the loop graph when they are at the hoisted region's edge.
 VIEW_LIKE = VIEWS + (aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.slice.Tensor,
@@ -104,21 +105,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _split_off(gm: torch.fx.GraphModule, frontier: list[torch.fx.Node], values: list[str]) -> Hoisted:
-    """A new graph computing `frontier` from what it depends on (placeholders first, weights before activations)."""
-    needed: set[torch.fx.Node] = set()
-    stack = list(frontier)
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    ordered = [n for n in gm.graph.nodes if n in needed]
-    placeholders = [n for n in ordered if n.op == "placeholder"]
-    placeholders.sort(key=lambda n: "weight" not in n.meta)  # stable: weights, then activations
-    for node in placeholders + [n for n in ordered if n.op != "placeholder"]:
-        env[node] = graph.node_copy(node, env.__getitem__)
+    """A new graph computing `frontier` from what it depends on."""
+    graph, env, placeholders = copy_backward_slice(gm, frontier)
     out = graph.output([env[n] for n in frontier])
     out.meta["names"] = list(values)
     inputs = [n.name for n in placeholders if "weight" not in n.meta]

@@ -11,7 +11,7 @@ import torch
 
 from fluxc import ir
 from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_adaln, fuse_epilogues,
-                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, lower_nvfp4, quantize_fp8, quantize_nvfp4,
+                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, insert_cache_points, lower_nvfp4, quantize_fp8, quantize_nvfp4,
                           remove_noop_ops, select_attention)
 from fluxc.passes.base import PassContext
 from fluxc.recipes import Precision
@@ -48,6 +48,8 @@ def resolve(recipe, target: str) -> list[Pass]:
         *([Pass("quantize_nvfp4", "quantize", quantize_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),
         # hoist: after quantize, so the hoisted graph holds rewritten ops (the fused modulation GEMM)
         *([Pass("hoist_schedule", "hoist", hoist_schedule.run)] if recipe.hoist_schedule else []),
+        # cache points: after hoist, so the TeaCache probe reads the block's schedule values, not its GEMV
+        Pass("insert_cache_points", "cache", insert_cache_points.run),
         # lower: kernel choices for the target (last: everything before it is portable across targets)
         Pass("select_attention", LOWER, select_attention.run),
         *([Pass("lower_nvfp4", LOWER, lower_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),
@@ -60,6 +62,7 @@ class PipelineResult:
     counts: dict[str, dict[str, int]]  # {pass: its rewrite counts}
     explain: dict[str, str]  # {pass that rewrote nothing: the check that rejected its nearest candidate}
     hoisted: object = None  # hoist_schedule.Hoisted, when that pass split a graph off
+    probe: object = None  # insert_cache_points.Probe, when that pass split the TeaCache probe off
     reports: dict[str, dict] = dataclasses.field(default_factory=dict)  # {pass: its report}, for the manifest
 
 
@@ -69,11 +72,11 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | Non
     passes = resolve(ctx.recipe, ctx.target) if passes is None else passes
     ir.verify(gm, f"{segment_name} at pipeline entry")
     _dump(dump_dir, 0, "trace", segment_name, gm)
-    counts, explain, hoisted, reports = {}, {}, None, {}
+    counts, explain, hoisted, probe, reports = {}, {}, None, None, {}
     for i, p in enumerate(passes, start=1):
         result = p.run(gm, ctx)
         gm, counts[p.name] = result.graph, result.counts
-        hoisted = result.hoisted or hoisted
+        hoisted, probe = result.hoisted or hoisted, result.probe or probe
         if result.report is not None:
             reports[p.name] = result.report
         if result.rejected and not any(result.counts.values()):
@@ -84,7 +87,7 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | Non
         if result.hoisted:
             ir.verify(result.hoisted.graph, f"{segment_name}, the graph {p.name} split off")
             _dump(dump_dir, i, p.name, segment_name + "-hoisted", result.hoisted.graph)
-    return PipelineResult(gm, counts, explain, hoisted, reports)
+    return PipelineResult(gm, counts, explain, hoisted, probe, reports)
 
 
 def _dump(dump_dir, index, pass_name, segment_name, gm) -> None:

@@ -3,6 +3,8 @@
 import dataclasses
 import enum
 
+from fluxc.runtime.cache import CacheConfig, cache_config_from_dict
+
 
 class Precision(str, enum.Enum):
     FP32 = "fp32"
@@ -46,12 +48,16 @@ class Recipe:
     quant_weight_only: tuple[str, ...] = ()
     # fp8: attention on e4m3 q, k, v through cuDNN's FP8 SDPA (sm_90+; passes/quantize_fp8.py).
     fp8_attention: bool = False
+    # The step-skipping policy the engine runs by default (runtime/cache.py; `fluxc run --cache` overrides it).
+    # Every fused engine carries the cache points both policies need (passes/insert_cache_points.py).
+    cache: CacheConfig = CacheConfig()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["precision"] = self.precision.value
         d["inductor_options"] = [list(kv) for kv in self.inductor_options]
         d["quant_exclude"], d["quant_weight_only"] = list(self.quant_exclude), list(self.quant_weight_only)
+        d["cache"] = self.cache.to_dict()
         return d
 
 
@@ -60,4 +66,5 @@ def recipe_from_dict(d: dict) -> Recipe:
     d["precision"] = Precision(d["precision"])
     d["inductor_options"] = tuple(tuple(kv) for kv in d.get("inductor_options", ()))
     d["quant_exclude"], d["quant_weight_only"] = tuple(d.get("quant_exclude", ())), tuple(d.get("quant_weight_only", ()))
+    d["cache"] = cache_config_from_dict(d.get("cache"))
     return Recipe(**d)

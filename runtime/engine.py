@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fluxc.runtime import flux_math
+from fluxc.runtime import cache, flux_math
 from fluxc.runtime.backends import LOADERS
 from fluxc.runtime.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
 from fluxc.runtime.device import check_runs_here
@@ -44,7 +44,7 @@ class Engine:
         self._schedule = [s for s in manifest["segments"] if s["kind"].endswith(SCHEDULE)]
         self._layout = _schedule_layout(manifest["segments"])
         self._weights: dict[str, list[torch.Tensor]] = {}
-        self._graphs: dict[str, "_GraphedStep"] = {}
+        self._graphs: dict[tuple, "_Step"] = {}  # captured steps by (profile, cache policy)
         self._tokenizers = {}
 
     @property
@@ -126,7 +126,7 @@ class Engine:
         seg, fn = self._segments[(kind, profile and profile.name)]
         args = []
         for i in seg["inputs"]:
-            where = self._layout.get((kind, layer, i["name"]))
+            where = self._layout.get((kind.removesuffix(cache.PROBE_SUFFIX), layer, i["name"]))  # a probe reads its block's row
             if where is None:
                 args.append(acts[i["name"]])
             else:
@@ -171,25 +171,34 @@ class Engine:
         if "schedule" not in acts:
             acts["schedule"] = self.schedule(acts["timestep"][None], acts.get("guidance"), acts["pooled_projections"])[0]
         acts |= self._run("head", profile, "", acts)
-        for layer in self._segments[("double", profile.name)][0]["layers"]:
+        self._blocks(profile, acts)
+        return self._run("tail", profile, "", acts)["noise_pred"]
+
+    def _double_layers(self, profile: Profile) -> list[str]:
+        return self._segments[("double", profile.name)][0]["layers"]
+
+    def _blocks(self, profile: Profile, acts: dict, first: int = 0) -> None:
+        """The block stack from double layer `first` on: acts' streams in, acts["hidden_states"] [B, S, C] out."""
+        for layer in self._double_layers(profile)[first:]:
             acts |= self._run("double", profile, layer, acts)
         acts["joint_hidden_states"] = torch.cat([acts["encoder_hidden_states"], acts["hidden_states"]], dim=1)
         for layer in self._segments[("single", profile.name)][0]["layers"]:
             acts |= self._run("single", profile, layer, acts)
-        acts["hidden_states"] = acts["joint_hidden_states"][:, profile.text_tokens:]  # [B, S, C]
-        return self._run("tail", profile, "", acts)["noise_pred"]
+        acts["hidden_states"] = acts["joint_hidden_states"][:, profile.text_tokens:]
 
     # ---- text to image ---------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], *, height: int | None = None, width: int | None = None,
                  steps: int = 28, guidance: float = 3.5, seed: int = 0, generator: torch.Generator | None = None,
-                 max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None):
+                 max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None,
+                 cache_config: "cache.CacheConfig | None" = None, report: dict | None = None):
         """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them.
 
         height/width default to the engine's first profile; the initial noise for all prompts is drawn at
         once from `generator` (default: a CPU generator seeded with `seed`), so an engine of any batch size
         gives the same images as FluxPipeline with the whole list. output_type: "pil" (list of PIL images),
         "np" (float32 [N, H, W, 3] in [0, 1]) or "pt" (the same as a tensor). `timings`, if given, receives
-        the seconds of each stage (encode, denoise, decode)."""
+        the seconds of each stage (encode, denoise, decode). cache_config and `report`: as in Engine.denoise
+        (with more prompts than the engine's batch, the report describes the last chunk)."""
         prompts = self._check_prompts(prompt)
         profile = self.profile_for(height, width)
         self._check_sampling(steps, guidance, max_sequence_length, output_type)
@@ -201,7 +210,8 @@ class Engine:
             noise = flux_math.initial_noise(len(prompts), profile, channels, seed if generator is None else generator,
                                              self.dtype)
             latents = _chunked(lambda e, p, z: [self.denoise(e, p, height=profile.height, width=profile.width,
-                                                             steps=steps, guidance=guidance, latents=z)],
+                                                             steps=steps, guidance=guidance, latents=z,
+                                                             cache_config=cache_config, report=report)],
                                profile.batch, prompt_embeds, pooled, noise)[0]
         with stage("decode"):
             images = self.decode(latents, profile)
@@ -281,14 +291,19 @@ class Engine:
     # ---- the denoising loop --------------------------------------------------------------------
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, *, height: int, width: int,
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
-                cuda_graph: bool = True) -> torch.Tensor:
+                cuda_graph: bool = True, cache_config: "cache.CacheConfig | None" = None,
+                report: dict | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent").
 
         latents: the packed initial noise [B, S, 64] (default: drawn from `seed`).
-        cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph)."""
+        cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph).
+        cache_config: the step-skipping policy (default: the engine's, see Engine.cache_config); `report`, if
+        given, receives report["cache"]: the policy and which steps it skipped."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         _check_steps(steps)
+        config = cache_config or self.cache_config()
+        self._check_cache(config)
         if latents is None:
             latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype)
         sig = flux_math.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
@@ -305,31 +320,104 @@ class Engine:
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
         per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state["pooled_projections"])
+        if config.on:
+            per_step["cache_mode"] = cache.step_modes(config, steps).to(self.device)
+            state |= cache.initial_state(self._stream_like(profile))
         state |= {k: v[0].clone() for k, v in per_step.items()}
         state["rope_cos"], state["rope_sin"] = self.rope(profile)
 
-        graphed = self._graphed_step(profile, state) if self.device.type == "cuda" and cuda_graph else None
-        if graphed is not None:
-            graphed.load(state)
-            state = graphed.static
+        step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph)
+        skipped = []
         for i in range(steps):
             for k, v in per_step.items():
-                state[k].copy_(v[i])  # device to device: no host sync
-            if graphed is not None:
-                graphed.graph.replay()
-            else:
-                self._euler_step(profile, state)
-        return state["hidden_states"].clone()
+                step.state[k].copy_(v[i])  # device to device: no host sync
+            if step.run():
+                skipped.append(i)
+        if report is not None and config.on:
+            report["cache"] = config.to_dict() | {"threshold": config.limit, "skipped_steps": skipped,
+                                                  "full_steps": steps - len(skipped)}
+        return step.state["hidden_states"].clone()
 
+    def cache_config(self, **overrides) -> "cache.CacheConfig":
+        """The engine's step-skipping policy (built with `fluxc build --cache`), with fields overridden:
+        policy, threshold, warmup_steps, max_consecutive_skips, schedule (None keeps a field)."""
+        config = cache.cache_config_from_dict(self.manifest.get("cache", {}).get("config")).with_overrides(**overrides)
+        tuned = sorted(k for k, v in overrides.items() if k != "policy" and v is not None)
+        if tuned and not config.on:
+            raise FluxcError(f"Cache settings {tuned} were given, but no cache policy is on (this engine's default "
+                             "is none).", "Add --cache fbcache or --cache teacache.")
+        return config
+
+    def _check_cache(self, config: "cache.CacheConfig") -> None:
+        points = self.manifest.get("cache", {})
+        if config.on and "cut" not in points:
+            raise FluxcError("This engine has no cache points (built before fluxc had them).",
+                             "Rebuild it with this fluxc, or run with --cache none.")
+        if config.policy == "teacache" and not points.get("probes", {}).get("modulated"):
+            raise FluxcError("This engine has no TeaCache probe: " + points.get("why_no_probe", "it was not built"),
+                             "Use --cache fbcache, or rebuild with a fused recipe.")
+
+    def _stream_like(self, profile: Profile) -> torch.Tensor:
+        """An empty image-stream activation [B, S, C], the shape the cache probes have."""
+        channels = self.config["num_attention_heads"] * self.config["attention_head_dim"]
+        return torch.empty(profile.batch, profile.image_tokens, channels, device=self.device, dtype=self.dtype)
+
+    def _step(self, profile: Profile, config: "cache.CacheConfig", state: dict, graphed: bool) -> "_Step":
+        """The step runner for this profile and policy; captured ones are kept for the next generation."""
+        kind = _CachedStep if config.on else _Step
+        if not graphed:
+            return kind(self, profile, config, state, graphed=False)
+        key = self.graph_key(profile, config)
+        if key not in self._graphs:
+            self._graphs[key] = kind(self, profile, config, state, graphed=True)
+        step = self._graphs[key]
+        step.load(state)
+        return step
+
+    @staticmethod
+    def graph_key(profile: Profile, config: "cache.CacheConfig") -> tuple:
+        """Which captured step serves this profile and policy (the schedule and warm-up are per-step inputs;
+        the rest of a policy is baked into its graphs)."""
+        if not config.on:
+            return (profile.name,)
+        return (profile.name, config.policy, config.limit, config.max_consecutive_skips)
+
+    # one step in pieces: the whole step, or (cached) the head up to the cut + decision, then the rest or the reuse
     def _euler_step(self, profile: Profile, state: dict) -> None:
-        noise_pred = self.transformer(profile, state)
+        self._finish_step(state, self.transformer(profile, state))
+
+    def _finish_step(self, state: dict, noise_pred: torch.Tensor) -> None:
         latents = state["hidden_states"]
         latents.copy_(flux_math.euler_step(latents, noise_pred, state["dt"]))
 
-    def _graphed_step(self, profile: Profile, state: dict) -> "_GraphedStep":
-        if profile.name not in self._graphs:
-            self._graphs[profile.name] = _GraphedStep(self, profile, state)
-        return self._graphs[profile.name]
+    def _cache_head(self, profile: Profile, config: "cache.CacheConfig", state: dict) -> tuple[dict, torch.Tensor]:
+        """Head (and FBCache's first block), the probe and the decision. Returns the streams at the cut and the probe."""
+        acts = dict(state)
+        acts |= self._run("head", profile, "", acts)
+        first = self._double_layers(profile)[0]
+        if config.policy == "fbcache":
+            before = acts["hidden_states"]
+            acts |= self._run("double", profile, first, acts)
+            probe = acts["hidden_states"] - before  # the first block's residual
+        else:
+            probe = self._run("double" + cache.PROBE_SUFFIX, profile, first, acts)[cache.PROBE_OUTPUT]  # its modulated input
+        cache.decide(config, state, probe)
+        return acts, probe
+
+    def _cache_rest(self, profile: Profile, config: "cache.CacheConfig", state: dict, cut: dict,
+                    probe: torch.Tensor) -> None:
+        """The rest of the stack from the cut; remembers its residual (and FBCache's probe) for later skips."""
+        acts = dict(cut)
+        self._blocks(profile, acts, first=1 if config.policy == "fbcache" else 0)
+        state["cache_tail"].copy_(acts["hidden_states"] - cut["hidden_states"])
+        if config.policy == "fbcache":
+            state["cache_prev"].copy_(probe)
+        self._finish_step(state, self._run("tail", profile, "", acts)["noise_pred"])
+
+    def _cache_reuse(self, profile: Profile, state: dict, cut: dict) -> None:
+        """A skipped step: the stream at the cut plus the remembered residual of the rest, then the tail."""
+        acts = dict(cut, hidden_states=cut["hidden_states"] + state["cache_tail"])
+        self._finish_step(state, self._run("tail", profile, "", acts)["noise_pred"])
 
     def _check_embeddings(self, profile: Profile, prompt_embeds, pooled) -> None:
         want_t = (profile.batch, profile.text_tokens, self.config["joint_attention_dim"])
@@ -408,22 +496,69 @@ class _StageClock:
             self.timings[name] = time.perf_counter() - start
 
 
-class _GraphedStep:
-    """One Euler step captured as a CUDA graph over static input buffers."""
+class _Step:
+    """One Euler step as a list of pieces over the loop's state buffers, each captured as a CUDA graph (all in
+    one memory pool) when `graphed`, else run as is. run() runs the step; it returns whether the step skipped."""
 
-    def __init__(self, engine: Engine, profile: Profile, state: dict):
-        self.static = {k: v.clone() for k, v in state.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up outside capture: lazy init, autotuning
-            for _ in range(2):
-                engine._euler_step(profile, self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            engine._euler_step(profile, self.static)
+    def __init__(self, engine: Engine, profile: Profile, config, state: dict, graphed: bool):
+        self.engine, self.profile, self.config = engine, profile, config
+        self.state = {k: v.clone() for k, v in state.items()} if graphed else state
+        self.pieces = self._pieces()
+        self.graphs = _capture(self.pieces) if graphed else None
+
+    def _pieces(self) -> list:
+        return [lambda: self.engine._euler_step(self.profile, self.state)]
+
+    def _piece(self, i: int) -> None:
+        if self.graphs is None:
+            self.pieces[i]()
+        else:
+            self.graphs[i].replay()
+
+    def run(self) -> bool:
+        self._piece(0)
+        return False
 
     def load(self, state: dict) -> None:
         """Copy the caller's inputs into the captured buffers (the warm-up changed them)."""
         for k, v in state.items():
-            self.static[k].copy_(v)
+            self.state[k].copy_(v)
+
+
+class _CachedStep(_Step):
+    """A step with a cache policy: the head up to the cut with the decision, then the rest of the stack or
+    the reuse of its remembered residual, picked by reading the decision's flag (one host sync per step)."""
+
+    def _pieces(self) -> list:
+        e, profile, config, state = self.engine, self.profile, self.config, self.state
+
+        def head():
+            self.cut, self.probe = e._cache_head(profile, config, state)
+
+        return [head, lambda: e._cache_rest(profile, config, state, self.cut, self.probe),
+                lambda: e._cache_reuse(profile, state, self.cut)]
+
+    def run(self) -> bool:
+        self._piece(0)
+        skip = bool(self.state["cache_skip"])  # the flag read
+        self._piece(2 if skip else 1)
+        return skip
+
+
+def _capture(pieces: list) -> list[torch.cuda.CUDAGraph]:
+    """CUDA graphs of `pieces`, sharing one memory pool (later pieces read earlier pieces' outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside capture: lazy init, autotuning
+        for _ in range(2):
+            for piece in pieces:
+                piece()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs, pool = [], None
+    for piece in pieces:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            piece()
+        pool = pool or graph.pool()
+        graphs.append(graph)
+    return graphs

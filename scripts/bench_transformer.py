@@ -191,9 +191,9 @@ def main():
         z = torch.randn(1, profile.image_tokens, cfg["in_channels"], device="cuda", dtype=torch.bfloat16)
         loop_ms, peak = phase_peak(lambda: cuda_ms(
             lambda: engine.denoise(*emb, height=H, width=W, steps=args.steps, latents=z), warmup=2, iters=5))
-        graphed = engine._graphs[profile.name]
-        graph_ms = cuda_ms(graphed.graph.replay, warmup=1, iters=5, calls=10)
-        breakdown = kernel_breakdown(graphed.graph.replay)
+        graphed = engine._graphs[(profile.name,)].graphs[0]  # the no-cache step's one graph
+        graph_ms = cuda_ms(graphed.replay, warmup=1, iters=5, calls=10)
+        breakdown = kernel_breakdown(graphed.replay)
         timesteps = torch.linspace(1, 1 / args.steps, args.steps, device="cuda").to(torch.bfloat16)[:, None]
         schedule_ms = cuda_ms(lambda: engine.schedule(timesteps, x["guidance"], x["pooled_projections"]))
         results[label] = {"ms_per_step": loop_ms / args.steps, "graph_ms_per_step": graph_ms, "schedule_ms": schedule_ms,

@@ -16,9 +16,11 @@ def test_manifest_lists_every_file_with_its_hash(tiny_engine_path):
     assert sorted(m["files"]) == bundle_files(tiny_engine_path)
     assert all(sha256_file(os.path.join(tiny_engine_path, f)) == h for f, h in m["files"].items())
     assert [p["name"] for p in m["profiles"]] == ["144x112", "128x96"]
-    # 4 kinds x 2 profiles, and the 4 schedule segments hoist_schedule split off (one each, for every profile)
+    # 4 kinds and the TeaCache probe (insert_cache_points) x 2 profiles, and the 4 schedule segments
+    # hoist_schedule split off (one each, for every profile)
     kinds = sorted((s["kind"], s["profile"]) for s in m["segments"])
-    assert kinds == sorted([(k, p) for k in ("head", "double", "single", "tail") for p in ("144x112", "128x96")]
+    assert kinds == sorted([(k, p) for k in ("head", "double", "single", "tail", "double_probe")
+                            for p in ("144x112", "128x96")]
                            + [(f"{k}_schedule", None) for k in ("head", "double", "single", "tail")])
     assert sum(f.endswith(".safetensors") for f in m["files"]) == 1
     assert m["target"]["sm"] == "cpu" and m["precision"] == "fp32" and len(m["cache_key"]) == 64

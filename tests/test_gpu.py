@@ -60,6 +60,27 @@ def test_graphed_loop_equals_eager_loop_on_gpu(tiny_bf16_cuda):
     assert torch.equal(graphed, again)
 
 
+@pytest.mark.parametrize("policy, threshold", [("fbcache", 0.6), ("teacache", 1.0)])
+def test_cached_graphed_loop_equals_cached_eager_loop_on_gpu(tiny_bf16_cuda, policy, threshold):
+    """The cached step's three CUDA graphs (head + decision, rest, reuse) replay what the eager pieces compute,
+    with the same decisions; threshold 0 skips nothing and equals the plain graphed loop."""
+    from fluxc.runtime.cache import CacheConfig
+
+    emb = random_embeddings(dtype=torch.bfloat16)
+    run = dict(height=144, width=112, steps=8, seed=3)
+    reports = [{}, {}, {}]
+    config = CacheConfig(policy, threshold)
+    graphed = tiny_bf16_cuda.denoise(*emb, **run, cache_config=config, report=reports[0])
+    eager = tiny_bf16_cuda.denoise(*emb, **run, cache_config=config, report=reports[1], cuda_graph=False)
+    again = tiny_bf16_cuda.denoise(*emb, **run, cache_config=config, report=reports[2])  # graph reuse
+    assert reports[0]["cache"]["skipped_steps"] == reports[1]["cache"]["skipped_steps"] == \
+        reports[2]["cache"]["skipped_steps"]
+    assert 0 < len(reports[0]["cache"]["skipped_steps"]) < 7
+    assert torch.equal(graphed, eager) and torch.equal(graphed, again)
+    plain = tiny_bf16_cuda.denoise(*emb, **run)
+    assert torch.equal(tiny_bf16_cuda.denoise(*emb, **run, cache_config=CacheConfig(policy, 0.0)), plain)
+
+
 def test_bf16_engine_matches_diffusers_pipeline_on_gpu(tiny_bf16_cuda):
     from fluxc.models import load_model
     from fluxc.numerics import assert_close_report

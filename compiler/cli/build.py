@@ -1,5 +1,7 @@
 import click
 
+from fluxc.cli.cache_options import cache_options, cache_overrides
+
 
 @click.command("build")
 @click.option("--model", default=None, help="Diffusers folder, BFL .safetensors file, or tiny|flux1-dev|flux1-schnell|flux2-dev|tiny-flux2.")
@@ -26,9 +28,10 @@ import click
               help="Finish this plan (written by --stage plan) into an engine for this machine's GPU (or --target cpu).")
 @click.option("--explain", is_flag=True, help="For each pass that rewrote nothing in a segment, print the check "
                                              "that rejected its nearest candidate.")
+@cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, calibrate, stage, from_plan, explain, output):
+            encoders, calibrate, stage, from_plan, explain, output, **cache):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -47,7 +50,7 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
                         resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
                         batch=batch, seed=seed, dump_ir=dump_ir,
                         transformer_only=transformer_only, encoders=encoders, calibrate=calibrate, stage=stage,
-                        from_plan=from_plan)
+                        from_plan=from_plan, cache=cache_overrides(**cache))
 
     def report(stage, done):
         if done:

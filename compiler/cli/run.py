@@ -1,5 +1,7 @@
 import click
 
+from fluxc.cli.cache_options import cache_options, cache_overrides
+
 
 @click.command("run")
 @click.argument("engine", type=click.Path())
@@ -16,35 +18,52 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--encoders", type=click.Choice(["gpu", "offload", "cpu"]), default=None,
               help="Where the text encoders stay between prompts (default: as built).")
+@cache_options
+@click.option("--cache-schedule", default=None, metavar="STEPS",
+              help="Measurement: skip exactly these steps (e.g. 2,4,6) instead of the policy's decisions.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print which steps the cache skipped.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
-def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, output):
+def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
+            verbose, output, **cache):
     """Generate images from prompts with an engine (or latents from prompt embeddings).
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
     """
+    from fluxc.runtime.cache import parse_schedule
     from fluxc.runtime.errors import FluxcError
 
+    overrides = cache_overrides(**cache, schedule=parse_schedule(cache_schedule))
     if prompt is not None and prompts_file is not None:
         raise FluxcError("Both --prompt and --prompts were given.", "Pass one of them.")
     if (prompt is not None or prompts_file is not None) and embeddings is not None:
         raise FluxcError("--embeddings replaces the text encoders; it cannot be combined with a prompt.",
                          "Pass either a prompt or --embeddings.")
     if prompt is None and prompts_file is None:
-        return _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output)
+        return _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output, overrides,
+                                        verbose)
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     paths = _image_paths(output, len(prompts))
 
     from fluxc.runtime import Engine
 
     eng = Engine.load(engine, encoders=encoders)
-    timings = {}
+    timings, report = {}, {}
     images = eng.generate(prompts, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
-                          timings=timings)
+                          timings=timings, cache_config=eng.cache_config(**overrides), report=report)
     for image, path in zip(images, paths):
         _save_atomically(path, image.save)
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
     click.echo(f"wrote {len(paths)} image(s) ({paths[0]}{' ...' if len(paths) > 1 else ''}): {steps} steps, {stages}")
+    _echo_cache(report, verbose)
+
+
+def _echo_cache(report: dict, verbose: bool) -> None:
+    if "cache" in report:
+        r = report["cache"]
+        click.echo(f"cache {r['policy']} (threshold {r['threshold']:g}): {len(r['skipped_steps'])} of "
+                   f"{len(r['skipped_steps']) + r['full_steps']} steps skipped"
+                   + (f": {r['skipped_steps']}" if verbose else ""))
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -90,7 +109,7 @@ def _save_atomically(path: str, save) -> None:
             os.remove(tmp)
 
 
-def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output):
+def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output, overrides, verbose):
     import time
 
     import torch
@@ -102,9 +121,9 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     eng = Engine.load(engine)
     profile = eng.profile_for(height, width)
     prompt_embeds, pooled = _embeddings(embeddings, eng, profile, seed)
-    start = time.perf_counter()
+    start, report = time.perf_counter(), {}
     packed = eng.denoise(prompt_embeds, pooled, height=profile.height, width=profile.width, steps=steps,
-                         guidance=guidance, seed=seed)
+                         guidance=guidance, seed=seed, cache_config=eng.cache_config(**overrides), report=report)
     if packed.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -113,6 +132,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     meta = {"height": str(profile.height), "width": str(profile.width), "steps": str(steps)}
     _save_atomically(output, lambda path: save_file(tensors, path, metadata=meta))
     click.echo(f"wrote {output}: {steps} steps at {profile.name} in {seconds:.2f} s")
+    _echo_cache(report, verbose)
 
 
 def _embeddings(path, eng, profile, seed):

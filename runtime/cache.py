@@ -1,0 +1,155 @@
+"""Step skipping: First Block Cache and TeaCache, decided on the GPU.
+
+Both policies cut the block stack after the first double block's input (TeaCache) or output (FBCache),
+look at a probe there, and either run the rest of the stack or add the residual the rest of the stack
+made at the last step that ran it (the "tail residual"). The engine's manifest records the cut and the
+probes (passes/insert_cache_points.py); the state lives in the runtime loop as device tensors.
+
+FBCache, with the semantics of diffusers' FirstBlockCacheConfig(threshold) (hooks/first_block_cache.py):
+    probe r = first block's output hidden_states - its input hidden_states          [B, S, C]
+    skip   iff not (mean|r - r_prev| / mean|r_prev| > threshold), where r_prev is the probe of the last
+           step that ran the whole stack (never at the first step: there is no r_prev yet)
+    skipped step: hidden_states = first block's output + tail residual
+TeaCache, as the TeaCache authors' TeaCache4FLUX (github.com/ali-vilab/TeaCache, teacache_flux.py):
+    probe m = first block's AdaLN-modulated image input                               [B, S, C]
+    acc += poly(mean|m - m_prev| / mean|m_prev|), m_prev being the previous step's probe; skip iff
+    acc < threshold, else run the stack and reset acc to 0. The first and the last step always run.
+    skipped step: hidden_states = head's hidden_states + tail residual (the first block does not run)
+Both, as fluxc's knobs: the first `warmup_steps` steps always run; after `max_consecutive_skips` skips in
+a row the next step runs. A forced schedule (`schedule`, for measuring the mechanism) replaces the
+decision: exactly the listed steps skip.
+
+The decision is a handful of scalar ops on the device; the loop reads one flag per step to pick the
+graph to launch (the only host sync a cached loop has).
+"""
+
+import dataclasses
+
+import torch
+
+from fluxc.runtime.errors import FluxcError
+
+POLICIES = ("none", "fbcache", "teacache")
+PROBE_SUFFIX = "_probe"  # kind suffix of the TeaCache probe segment split off the double block
+PROBE_OUTPUT = "cache_modulated"  # its output (passes/insert_cache_points.py)
+DEFAULT_THRESHOLD = {"fbcache": 0.05,  # diffusers' FirstBlockCacheConfig default
+                     "teacache": 0.25}  # the TeaCache authors' FLUX setting for ~1.5x (0.4: 1.8x, 0.6: 2.0x, 0.8: 2.25x)
+# TeaCache4FLUX's rescaling polynomial of the relative L1 distance, highest power first (numpy.poly1d order)
+TEACACHE_FLUX_COEFFICIENTS = (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01)
+# per-step modes, decided on the host before the loop
+RUN, DECIDE, SKIP = 0.0, 1.0, 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    policy: str = "none"
+    threshold: float | None = None  # None: the policy's default
+    warmup_steps: int = 0
+    max_consecutive_skips: int | None = None  # None: unlimited
+    schedule: tuple[int, ...] | None = None  # forced: exactly these steps skip (for measurement)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise FluxcError(f"Unknown cache policy '{self.policy}'.", "Use one of: " + ", ".join(POLICIES) + ".")
+        if self.threshold is not None and not (self.threshold >= 0 and self.threshold < float("inf")):
+            raise FluxcError(f"The cache threshold must be a finite number >= 0, got {self.threshold!r}.",
+                             "Use e.g. --cache-threshold 0.05 (fbcache) or 0.25 (teacache).")
+        if self.warmup_steps < 0 or (self.max_consecutive_skips is not None and self.max_consecutive_skips < 1):
+            raise FluxcError("--cache-warmup-steps must be >= 0 and --cache-max-consecutive-skips >= 1.",
+                             "Leave them out for the policy's defaults (no warm-up, no limit).")
+
+    @property
+    def on(self) -> bool:
+        return self.policy != "none"
+
+    @property
+    def limit(self) -> float:
+        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLD.get(self.policy, 0.0)
+
+    def with_overrides(self, **overrides) -> "CacheConfig":
+        """This config with the given fields replaced (None leaves a field as is)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["schedule"] = None if self.schedule is None else list(self.schedule)
+        return d
+
+
+def cache_config_from_dict(d: dict | None) -> CacheConfig:
+    d = dict(d or {})
+    if d.get("schedule") is not None:
+        d["schedule"] = tuple(d["schedule"])
+    return CacheConfig(**{k: v for k, v in d.items() if k in CacheConfig.__dataclass_fields__})
+
+
+def parse_schedule(text: str | None) -> tuple[int, ...] | None:
+    """'3,5,7' -> (3, 5, 7): the steps a forced schedule skips."""
+    if text is None:
+        return None
+    try:
+        return tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise FluxcError(f"--cache-schedule takes step numbers separated by commas, got '{text}'.",
+                         "Use e.g. --cache-schedule 2,4,6 (step 0 is the first).") from None
+
+
+def step_modes(config: CacheConfig, steps: int) -> torch.Tensor:
+    """[steps] f32: RUN, DECIDE or SKIP per step."""
+    if config.schedule is not None:
+        bad = [s for s in config.schedule if not 0 < s < steps]
+        if bad:
+            raise FluxcError(f"--cache-schedule cannot skip step(s) {bad} of {steps}: step 0 has no cached "
+                             "residual yet, and steps run 0 to steps-1.", f"Use steps 1 to {steps - 1}.")
+        return torch.tensor([SKIP if i in config.schedule else RUN for i in range(steps)])
+    modes = torch.full((steps,), DECIDE)
+    modes[:max(1, config.warmup_steps)] = RUN  # step 0: nothing cached yet
+    if config.policy == "teacache":
+        modes[-1] = RUN
+    return modes
+
+
+def relative_l1(probe: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """mean|probe - prev| / mean|prev| in fp32, a 0-d tensor (NaN before there is a prev)."""
+    p, q = probe.float(), prev.float()
+    return (p - q).abs().mean() / q.abs().mean()
+
+
+def decide(config: CacheConfig, state: dict, probe: torch.Tensor) -> None:
+    """Set state["cache_skip"] (0-d bool) for this step and update the policy's running state, on the device.
+    state: cache_mode (this step's RUN/DECIDE/SKIP), cache_prev (last probe compared against),
+    cache_acc (TeaCache's accumulated distance), cache_run (skips in a row)."""
+    distance = relative_l1(probe, state["cache_prev"])
+    if config.policy == "teacache":
+        acc = state["cache_acc"] + _poly(TEACACHE_FLUX_COEFFICIENTS, distance)
+        wanted = acc < config.limit
+    else:
+        wanted = ~(distance > config.limit)  # as diffusers: skip unless the distance exceeds the threshold
+    if config.max_consecutive_skips is not None:
+        wanted = wanted & (state["cache_run"] < config.max_consecutive_skips)
+    mode = state["cache_mode"]
+    skip = (mode == SKIP) | ((mode == DECIDE) & wanted)
+    state["cache_skip"].copy_(skip)
+    state["cache_run"].copy_(torch.where(skip, state["cache_run"] + 1, 0))
+    if config.policy == "teacache":
+        state["cache_acc"].copy_(torch.where(skip, acc, 0))
+        state["cache_prev"].copy_(probe)  # TeaCache compares consecutive steps; FBCache updates after a full run
+
+
+def _poly(coefficients, x: torch.Tensor) -> torch.Tensor:
+    y = torch.zeros_like(x)
+    for c in coefficients:  # Horner, highest power first
+        y = y * x + c
+    return y
+
+
+def initial_state(like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The cache state buffers for a loop over activations shaped like `like` [B, S, C]."""
+    scalar = dict(device=like.device, dtype=torch.float32)
+    return {
+        "cache_prev": torch.zeros_like(like),  # the probe the next decision compares against
+        "cache_tail": torch.zeros_like(like),  # the rest of the stack's residual at the last full step
+        "cache_acc": torch.zeros((), **scalar),
+        "cache_run": torch.zeros((), **scalar),
+        "cache_skip": torch.zeros((), device=like.device, dtype=torch.bool),
+    }
