@@ -5,6 +5,8 @@
 #   pipeline     text-to-image benchmark, FLUX.1-dev 1024x1024, 28 steps      -> $OUT/bench_pipeline.json
 #   transformer  per-step transformer benchmark, FLUX.1-dev 1024x1024          -> $OUT/bench_transformer.json
 #   nvfp4        NVFP4 emulated engine, per-layer SQNR, sm_100 plan (FLUX.1-dev)  -> $OUT/bench_nvfp4.json
+#   cache        cache points: skipped-step cost, forced 12/28 schedule ($CACHE_RECIPES, default bf16,sm90_fp8)
+#                                                                               -> $OUT/bench_cache.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -23,6 +25,8 @@ for job in "${@:-tests}"; do
     pipeline) python3 scripts/bench_pipeline.py --out "$OUT/bench_pipeline.json" 2>&1 | tee "$OUT/bench_pipeline.log" || rc=1 ;;
     transformer) python3 scripts/bench_transformer.py --out "$OUT/bench_transformer.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     nvfp4) python3 scripts/bench_nvfp4.py --out "$OUT/bench_nvfp4.json" 2>&1 | tee "$OUT/bench_nvfp4.log" || rc=1 ;;
+    cache) python3 scripts/bench_cache.py --recipes "${CACHE_RECIPES:-bf16,sm90_fp8}" --out "$OUT/bench_cache.json" \
+             2>&1 | tee "$OUT/bench_cache.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
