@@ -8,6 +8,8 @@ natural skip rates meaningless (issue 7), so the mechanism is measured with forc
   <policy> 12/28    --cache-schedule skipping 12 of 28 steps (every other step from 2 to 24): speedup vs no cache
   <policy> 27/28    every step but the first skipped: (loop - one full step) / 27 is a skipped step's cost
 and the pieces alone (CUDA-graph replays, back to back): head+decision, the rest of the stack, the reuse.
+flag_read_ms_per_step: a threshold-0 loop step minus its head and rest graphs replayed back to back: the
+flag's host round trip (the GPU idles until the next graph launches) plus the step's input copies.
 Checks first: threshold 0 must equal the no-cache latents bit for bit; the 12/28 latents' SQNR against
 no cache is reported (quality is a real-checkpoint question).
 
