@@ -172,3 +172,36 @@ def test_build_and_run_cache_flags(tmp_path):
     assert off.exit_code == 0 and "skipped" not in off.output
     bad = CliRunner().invoke(main, run + ["--cache", "none", "--cache-threshold", "0.1"])
     assert bad.exit_code == 1 and "no cache policy is on" in bad.output
+
+
+def test_engines_without_cache_points_say_so(tiny_engine_path):
+    """An engine from before cache points, and one whose double block had no fused AdaLN (no TeaCache probe)."""
+    from fluxc.runtime import Engine
+
+    engine = Engine.load(tiny_engine_path)
+    pe, pooled = random_embeddings(seed=SEED)
+    engine.manifest = dict(engine.manifest, cache={"mode": "none"})
+    with pytest.raises(FluxcError, match="no cache points"):
+        _run_fluxc(engine, pe, pooled, CacheConfig("fbcache"))
+    engine.manifest = dict(engine.manifest, cache={"cut": {}, "probes": {"modulated": None}, "why_no_probe": "fused?"})
+    with pytest.raises(FluxcError, match="no TeaCache probe: fused"):
+        _run_fluxc(engine, pe, pooled, CacheConfig("teacache"))
+
+
+def test_unfused_double_block_gets_no_teacache_probe(tiny_fp32):
+    """insert_cache_points on the traced (unfused) double block: no probe, and the reason names fuse_adaln."""
+    import dataclasses
+
+    from fluxc.passes.base import PassContext
+    from fluxc.passes.pipeline import resolve, run_pipeline
+    from fluxc.recipes import RECIPES
+    from fluxc.runtime.flux_math import Profile
+    from fluxc.trace import trace_model
+
+    recipe = dataclasses.replace(RECIPES["reference"](), fusion=False)
+    double = next(s for s in trace_model(tiny_fp32, [Profile(144, 112, 13)], torch.device("cpu"), torch.float32)
+                  if s.kind == "double")
+    passes = [p for p in resolve(recipe, "cpu") if p.phase != "lower"]
+    result = run_pipeline(double.graph, PassContext(recipe, "cpu", "double"), passes=passes)
+    assert result.counts["insert_cache_points"] == {"probes": 0} and result.probe is None
+    assert "fuse_adaln off" in result.explain["insert_cache_points"]

@@ -32,8 +32,15 @@ def command(engine, as_json):
     click.echo("segments")
     for s in m["segments"]:
         check = m["numerics"].get(s["name"])  # a schedule segment is checked with the segments it feeds
-        err = f"rel.err {check['max_relative_error']:.1e}" if check else "once per generation, all steps"
+        unchecked = "TeaCache probe, per step" if s["kind"].endswith("_probe") else "once per generation, all steps"
+        err = f"rel.err {check['max_relative_error']:.1e}" if check else unchecked
         click.echo(f"  {s['name']:<24} x{len(s['layers']):<3} {len(s['weights'])} weights  "
                    f"in {[i['name'] for i in s['inputs']]}  {err}")
+    cache = m.get("cache", {})
+    if "cut" in cache:
+        config = cache["config"]
+        policy = config["policy"] + (f" threshold {config['threshold']}" if config["threshold"] is not None else "")
+        click.echo(f"cache        default {policy}; cut after {cache['cut']['after_layer']}; probes: residual"
+                   + (", modulated input" if cache["probes"]["modulated"] else f" (no TeaCache: {cache['why_no_probe']})"))
     click.echo("build time   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["build_seconds"].items()))
     click.echo(f"cache key    {m['cache_key'][:16]}")
