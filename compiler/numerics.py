@@ -4,6 +4,7 @@ The reference passed in must come from an independent path (diffusers eager, flo
 from the code under test.
 """
 
+import numpy as np
 import torch
 
 # Floors per precision against diffusers eager in that precision (DESIGN.md "Precisions").
@@ -55,3 +56,23 @@ def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, *, name: s
             f"{name}: relative error {err:.3e} > {rtol:.1e}; max |diff| {diff.max():.3e} at flat index {worst} "
             f"(got {actual.flatten()[worst]:.6g}, expected {expected.flatten()[worst]:.6g}); "
             f"{int((diff > rtol * expected.abs().double().max()).sum())} of {diff.numel()} elements off")
+
+
+def psnr_db(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of float images in [0, 1]: 10 log10(1 / mean squared error)."""
+    mse = float(np.mean((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def ssim(image: np.ndarray, reference: np.ndarray, window: int = 11, sigma: float = 1.5) -> float:
+    """Structural similarity (Wang et al. 2004) of float images [H, W, C] in [0, 1]: Gaussian window 11,
+    sigma 1.5, K1 0.01, K2 0.03, population statistics, averaged over the valid region and the channels."""
+    x, y = (torch.as_tensor(np.asarray(a, np.float64)).permute(2, 0, 1)[:, None] for a in (image, reference))
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - window // 2) ** 2) / (2 * sigma**2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]  # [1, 1, k, k], sums to 1
+    mean = lambda t: torch.nn.functional.conv2d(t, w)
+    mx, my = mean(x), mean(y)
+    vx, vy, cxy = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(s.mean())

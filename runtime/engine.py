@@ -292,13 +292,14 @@ class Engine:
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, *, height: int, width: int,
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: "cache.CacheConfig | None" = None,
-                report: dict | None = None) -> torch.Tensor:
+                report: dict | None = None, step_ms: list | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent").
 
         latents: the packed initial noise [B, S, 64] (default: drawn from `seed`).
         cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph).
         cache_config: the step-skipping policy (default: the engine's, see Engine.cache_config); `report`, if
-        given, receives report["cache"]: the policy and which steps it skipped."""
+        given, receives report["cache"]: the policy and which steps it skipped. `step_ms`, if given, receives
+        each step's milliseconds (CUDA events on a GPU, no sync inside the loop; wall clock on the CPU)."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         _check_steps(steps)
@@ -327,12 +328,16 @@ class Engine:
         state["rope_cos"], state["rope_sin"] = self.rope(profile)
 
         step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph)
-        skipped = []
+        skipped, clock = [], _StepClock(self.device) if step_ms is not None else None
         for i in range(steps):
+            if clock:
+                clock.tick()
             for k, v in per_step.items():
                 step.state[k].copy_(v[i])  # device to device: no host sync
             if step.run():
                 skipped.append(i)
+        if clock:
+            step_ms.extend(clock.done())
         if report is not None and config.on:
             report["cache"] = config.to_dict() | {"threshold": config.limit, "skipped_steps": skipped,
                                                   "full_steps": steps - len(skipped)}
@@ -478,6 +483,29 @@ def to_pil(images: torch.Tensor) -> list:
 
     pixels = (images * 255).round().to(torch.uint8).numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+class _StepClock:
+    """Milliseconds between ticks (and from the last tick to done()): CUDA events recorded on the stream, read
+    once at the end, on a GPU; the wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def tick(self) -> None:
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def done(self) -> list[float]:
+        self.tick()
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 class _StageClock:

@@ -26,17 +26,11 @@ from bench_transformer import free, phase_peak, source_commit
 from fluxc.build import BuildOptions, build, parse_resolution
 from fluxc.components import diffusers_pipeline, load_components
 from fluxc.models import ARCHITECTURES, load_model
-from fluxc.numerics import relative_error
+from fluxc.numerics import psnr_db, relative_error
 from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, dramatic light, 35mm film"
-
-
-def psnr_db(image: np.ndarray, reference: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of float images in [0, 1]: 10 log10(1 / MSE)."""
-    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def seconds(fn):

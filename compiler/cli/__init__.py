@@ -41,9 +41,9 @@ def main():
 
 
 def _register():
-    from fluxc.cli import build, inspect, passes, run
+    from fluxc.cli import bench, build, compare, doctor, evaluate, inspect, passes, run
 
-    for module in (build, inspect, passes, run):
+    for module in (build, run, inspect, passes, bench, evaluate, compare, doctor):
         main.add_command(module.command)
 
 

@@ -1,0 +1,52 @@
+"""`fluxc doctor`: what this machine can build and run."""
+
+import importlib.util
+import re
+
+from fluxc.records import machine_info, software_info
+from fluxc.runtime.device import local_target
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _sm(target: str) -> int | None:
+    m = re.fullmatch(r"sm_(\d+)a?", target)
+    return int(m.group(1)) if m else None
+
+
+def precisions(target: str) -> dict[str, str]:
+    """precision -> how an engine for `target` runs it ("native", "emulated", or why not)."""
+    sm = _sm(target)
+    if sm is None:  # the CPU target emulates FP8 GEMMs and NVFP4 in plain torch
+        return {"fp32": "native", "bf16": "native", "fp8": "emulated (CPU _scaled_mm)", "nvfp4": "emulated"}
+    fp8 = "native" if sm >= 89 else "no: FP8 needs sm_89 or newer"
+    nvfp4 = "native" if sm >= 100 else ("emulated (quality preview)" if sm >= 89 else "no: needs sm_89 or newer")
+    return {"fp32": "native", "bf16": "native", "fp8": fp8, "nvfp4": nvfp4}
+
+
+def report() -> list[tuple[str, str]]:
+    """(topic, finding) lines."""
+    machine, software = machine_info(), software_info()
+    target = local_target()
+    if machine["gpu"]:
+        gpu = f"{machine['gpu']} ({target}, {machine['memory_gib']:.0f} GiB, driver {machine.get('driver') or '?'})"
+    else:
+        gpu = f"none: CPU only ({machine['cpu'] or 'unknown CPU'}, {machine['cores']} cores); builds --target cpu"
+    lines = [("GPU", gpu),
+             ("software", ", ".join(f"{k} {v}" for k, v in software.items() if v is not None))]
+    lines += [(f"precision {p}", how) for p, how in precisions(target).items()]
+    fp8_attention = _sm(target) is not None and _sm(target) >= 90 and _has("cudnn")
+    lines += [
+        ("fp8 attention", "yes (cuDNN FP8 SDPA)" if fp8_attention else
+         "no: needs sm_90+ and the nvidia-cudnn-frontend package (pip install -e '.[fp8-attention]')"),
+        ("backend inductor", "yes (standalone_compile, the default)"),
+        ("compiler extras", "yes" if _has("diffusers") and _has("transformers") else
+         "no: fluxc build needs diffusers and transformers (pip install -e '.[compiler]'); running engines does not"),
+        ("onnx", "yes" if _has("onnx") else "no (pip install onnx)"),
+        ("onnxruntime", "yes" if _has("onnxruntime") else "no (pip install onnxruntime)"),
+        ("TensorRT", "yes" if _has("tensorrt") else "no: the TensorRT path stops at a validated ONNX file here"),
+        ("other targets", "--stage plan writes a portable plan for any target; finish it there with --from"),
+    ]
+    return lines

@@ -1,0 +1,69 @@
+"""Records for `fluxc compare` from the lab GPU: FLUX.1-dev whole-pipeline engines per recipe, each benched and
+(except the reference) evaluated against the reference engine, through the same functions as `fluxc bench` and
+`fluxc eval` (compiler/records.py), in one process so each engine loads once.
+
+Engines are built into --workdir unless one is there already (a warm device keeps an ignored folder of the
+tree between calls), so the work can be split over calls; --drop deletes an engine after its records.
+
+    python3 scripts/bench_engines.py --recipes bf16,sm90_fp8 --drop sm90_fp8 --workdir .engines --out $OUT
+    python3 scripts/bench_engines.py --recipes sm100_nvfp4 --workdir .engines --out $OUT
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from fluxc.build import BuildOptions, build
+from fluxc.cli.records_io import write_record
+from fluxc.records import bench, evaluate
+from fluxc.recipes import RECIPES
+from fluxc.runtime import Engine
+
+LABELS = {"bf16": "h200-bf16", "sm90_fp8": "h200-fp8", "sm90_fp8_attn": "h200-fp8-attn",
+          "sm100_nvfp4": "h200-nvfp4-emulated"}
+
+
+def engine(recipe: str, workdir: str) -> Engine:
+    path = os.path.join(workdir, f"{recipe}.fluxe")
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        build(BuildOptions(model="flux1-dev", output=path, recipe=recipe, precision=RECIPES[recipe]().precision.value))
+    return Engine.load(path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", required=True)
+    ap.add_argument("--reference", default="bf16", help="the recipe every other engine is evaluated against")
+    ap.add_argument("--drop", default="", help="recipes whose engine is deleted after its records")
+    ap.add_argument("--workdir", default=".engines")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    reference = None
+    for recipe in args.recipes.split(","):
+        start = time.perf_counter()
+        eng = engine(recipe, args.workdir)
+        load_s = time.perf_counter() - start  # the build too, when it ran here
+        name = LABELS.get(recipe, recipe)
+        rec = bench(eng, steps=args.steps, warmup=1, repeat=2, name=name, load_s=load_s)
+        write_record(os.path.join(args.out, f"{name}-bench.json"), rec)
+        print(f"{name}: {rec['speed']['ms_per_step']['median']:.2f} ms/step, e2e {rec['speed']['e2e_s']['total']:.2f} s",
+              flush=True)
+        if recipe == args.reference:
+            reference = eng
+            continue
+        reference = reference or engine(args.reference, args.workdir)
+        q = evaluate(eng, reference, steps=args.steps, name=name)
+        write_record(os.path.join(args.out, f"{name}-eval.json"), q)
+        print(f"{name} vs {args.reference}: {json.dumps(q['quality']['mean'])}", flush=True)
+        del eng
+        if recipe in args.drop.split(","):
+            shutil.rmtree(os.path.join(args.workdir, f"{recipe}.fluxe"))
+
+
+if __name__ == "__main__":
+    main()
