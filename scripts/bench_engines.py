@@ -25,11 +25,13 @@ LABELS = {"bf16": "h200-bf16", "sm90_fp8": "h200-fp8", "sm90_fp8_attn": "h200-fp
           "sm100_nvfp4": "h200-nvfp4-emulated"}
 
 
-def engine(recipe: str, workdir: str) -> Engine:
+def engine(recipe: str, workdir: str) -> tuple[Engine, float]:
+    """The engine (built first unless the workdir has it) and its load seconds."""
     path = os.path.join(workdir, f"{recipe}.fluxe")
     if not os.path.exists(os.path.join(path, "manifest.json")):
         build(BuildOptions(model="flux1-dev", output=path, recipe=recipe, precision=RECIPES[recipe]().precision.value))
-    return Engine.load(path)
+    start = time.perf_counter()
+    return Engine.load(path), time.perf_counter() - start
 
 
 def main():
@@ -45,9 +47,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     reference = None
     for recipe in args.recipes.split(","):
-        start = time.perf_counter()
-        eng = engine(recipe, args.workdir)
-        load_s = time.perf_counter() - start  # the build too, when it ran here
+        eng, load_s = engine(recipe, args.workdir)
         name = LABELS.get(recipe, recipe)
         rec = bench(eng, steps=args.steps, warmup=1, repeat=2, name=name, load_s=load_s)
         write_record(os.path.join(args.out, f"{name}-bench.json"), rec)
@@ -56,7 +56,7 @@ def main():
         if recipe == args.reference:
             reference = eng
             continue
-        reference = reference or engine(args.reference, args.workdir)
+        reference = reference or engine(args.reference, args.workdir)[0]
         q = evaluate(eng, reference, steps=args.steps, name=name)
         write_record(os.path.join(args.out, f"{name}-eval.json"), q)
         print(f"{name} vs {args.reference}: {json.dumps(q['quality']['mean'])}", flush=True)
