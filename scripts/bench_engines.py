@@ -10,10 +10,13 @@ tree between calls), so the work can be split over calls; --drop deletes an engi
 """
 
 import argparse
+import gc
 import json
 import os
 import shutil
 import time
+
+import torch
 
 from fluxc.build import BuildOptions, build
 from fluxc.cli.records_io import write_record
@@ -45,25 +48,24 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
-    reference = None
     for recipe in args.recipes.split(","):
         eng, load_s = engine(recipe, args.workdir)
         name = LABELS.get(recipe, recipe)
-        rec = bench(eng, steps=args.steps, warmup=1, repeat=2, name=name, load_s=load_s)
+        rec = bench(eng, steps=args.steps, warmup=1, repeat=2, name=name, load_s=load_s)  # alone on the GPU
         write_record(os.path.join(args.out, f"{name}-bench.json"), rec)
         print(f"{name}: {rec['speed']['ms_per_step']['median']:.2f} ms/step, e2e {rec['speed']['e2e_s']['total']:.2f} s",
               flush=True)
-        if recipe == args.reference:
-            reference = eng
-            continue
-        reference = reference or engine(args.reference, args.workdir)[0]
-        q = evaluate(eng, reference, steps=args.steps, name=name)
-        write_record(os.path.join(args.out, f"{name}-eval.json"), q)
-        print(f"{name} vs {args.reference}: {json.dumps(q['quality']['mean'])}", flush=True)
+        if recipe != args.reference:
+            reference = engine(args.reference, args.workdir)[0]
+            q = evaluate(eng, reference, steps=args.steps, name=name)
+            write_record(os.path.join(args.out, f"{name}-eval.json"), q)
+            print(f"{name} vs {args.reference}: {json.dumps(q['quality']['mean'])}", flush=True)
+            del reference
         del eng
+        gc.collect()
+        torch.cuda.empty_cache()  # the next engine's peak memory is its own
         if recipe in args.drop.split(","):
             shutil.rmtree(os.path.join(args.workdir, f"{recipe}.fluxe"))
-
 
 if __name__ == "__main__":
     main()
