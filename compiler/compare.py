@@ -141,13 +141,16 @@ def plot(table: list[dict], path: str) -> None:
         note = f"{r['ratio']:.2f}x" if "ratio" in r else "not compared"
         ax.annotate(note, (i, ms[i]["p90"]), ha="center", va="bottom", xytext=(0, 4), textcoords="offset points")
     ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylim(0, 1.25 * max(m["p90"] for m in ms))  # room for the ratio labels and the legend
     ax.set_ylabel("ms per denoising step (median; p10-p90)")
     quality = [(i, r["quality"]["image_psnr_db"]) for i, r in enumerate(timed) if "quality" in r]
     if quality:
         ax2 = ax.twinx()
         ax2.plot([i for i, _ in quality], [q for _, q in quality], "D", color="#dd8452", label="image PSNR dB")
         ax2.set_ylabel("image PSNR vs reference (dB)")
-        ax2.legend(loc="upper right")
+        lo, hi = min(q for _, q in quality), max(q for _, q in quality)
+        ax2.set_ylim(lo - 5, hi + 5)
+        ax2.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     tmp = f"{path}.partial.png"
     fig.savefig(tmp, dpi=120)
