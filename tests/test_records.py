@@ -177,3 +177,14 @@ def test_doctor_reports_precisions_and_tensorrt():
     assert precisions("sm_80")["fp8"].startswith("no") and precisions("sm_90")["nvfp4"].startswith("emulated")
     assert precisions("sm_100")["nvfp4"] == "native"
     assert torch.cuda.is_available() or "CPU only" in result.output
+
+
+def test_eval_against_eager_diffusers(tiny_pipeline_engine_path, tmp_path):
+    """--reference eager: diffusers' FluxPipeline in bf16 from the engine's model source (here a diffusers folder)."""
+    out = tmp_path / "eager.json"
+    result = CliRunner().invoke(main, ["eval", tiny_pipeline_engine_path, "--reference", "eager", "--steps", "3",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rec = json.loads(out.read_text())
+    assert rec["reference"]["name"] == "eager" and len(rec["quality"]["items"]) == 2
+    assert all(np.isfinite(i["image_psnr_db"]) and 0 < i["ssim"] <= 1 for i in rec["quality"]["items"])
