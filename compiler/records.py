@@ -167,10 +167,11 @@ def _eager_runner(engine: Engine, profile, steps: int, guidance: float):
     from fluxc.models import load_model
 
     source = engine.manifest["model"]["source"]
-    where = source.get("name") or source.get("path")
     if source["kind"] not in ("random", "diffusers"):
         raise FluxcError(f"--reference eager needs a diffusers folder or a named architecture; this engine was "
                          f"built from a {source['kind']} checkpoint.", "Pass --reference ENGINE instead.")
+    # a diffusers source records its transformer/ folder; the pipeline root holds the other components
+    where = source["name"] if source["kind"] == "random" else os.path.dirname(source["path"])
     kw = dict(dtype=torch.bfloat16, device=engine.device, seed=source.get("seed", 0))
     model = load_model(where, **kw)
     pipe = diffusers_pipeline(model.module, load_components(where, model.family, **kw))
