@@ -6,8 +6,11 @@ Before the loop, the engine's schedule segments (the graphs passes/hoist_schedul
 embedding, every block's AdaLN modulation) run once over all steps' rows and give one buffer of
 per-step values. On CUDA one whole step (head, every block, tail, Euler update) is captured as one CUDA
 graph per profile; the loop then only copies the step's row of that buffer, its timestep and its sigma
-delta on the device and replays, so there is no host sync inside the loop. Segments have a static batch:
-more prompts than the engine's batch run in chunks, the last one padded by repeating its last prompt.
+delta on the device and replays, so there is no host sync inside the loop. With a cache policy
+(runtime/cache.py) a step is three graphs instead: the head up to the cut with the skip decision, then
+either the rest of the stack or the reuse of its remembered residual, picked by one flag read per step.
+Segments have a static batch: more prompts than the engine's batch run in chunks, the last one padded by
+repeating its last prompt.
 """
 
 import math
