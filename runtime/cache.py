@@ -97,16 +97,20 @@ def parse_schedule(text: str | None) -> tuple[int, ...] | None:
 def step_modes(config: CacheConfig, steps: int) -> torch.Tensor:
     """[steps] f32: RUN, DECIDE or SKIP per step."""
     if config.schedule is not None:
-        bad = [s for s in config.schedule if not 0 < s < steps]
-        if bad:
-            raise FluxcError(f"--cache-schedule cannot skip step(s) {bad} of {steps}: step 0 has no cached "
-                             "residual yet, and steps run 0 to steps-1.", f"Use steps 1 to {steps - 1}.")
+        check_schedule(config.schedule, steps)
         return torch.tensor([SKIP if i in config.schedule else RUN for i in range(steps)])
     modes = torch.full((steps,), DECIDE)
     modes[:max(1, config.warmup_steps)] = RUN  # step 0: nothing cached yet
     if config.policy == "teacache":
         modes[-1] = RUN
     return modes
+
+
+def check_schedule(schedule: tuple[int, ...], steps: int) -> None:
+    bad = [s for s in schedule if not 0 < s < steps]
+    if bad:
+        raise FluxcError(f"--cache-schedule cannot skip step(s) {bad} of {steps}: step 0 has no cached "
+                         "residual yet, and steps run 0 to steps-1.", f"Use steps 1 to {steps - 1}.")
 
 
 def relative_l1(probe: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,8 @@ def test_build_and_run_cache_flags(tmp_path):
     assert off.exit_code == 0 and "skipped" not in off.output
     bad = CliRunner().invoke(main, run + ["--cache", "none", "--cache-threshold", "0.1"])
     assert bad.exit_code == 1 and "no cache policy is on" in bad.output
+    early = CliRunner().invoke(main, run + ["--cache-schedule", "6"])  # checked before the engine loads
+    assert early.exit_code == 1 and "cannot skip step(s) [6] of 6" in early.output
 
 
 def test_engines_without_cache_points_say_so(tiny_engine_path):

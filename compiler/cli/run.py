@@ -30,10 +30,12 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
     """
-    from fluxc.runtime.cache import parse_schedule
+    from fluxc.runtime.cache import check_schedule, parse_schedule
     from fluxc.runtime.errors import FluxcError
 
     overrides = cache_overrides(**cache, schedule=parse_schedule(cache_schedule))
+    if "schedule" in overrides:
+        check_schedule(overrides["schedule"], steps)  # before any loading
     if prompt is not None and prompts_file is not None:
         raise FluxcError("Both --prompt and --prompts were given.", "Pass one of them.")
     if (prompt is not None or prompts_file is not None) and embeddings is not None:
