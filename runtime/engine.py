@@ -193,15 +193,17 @@ class Engine:
     def generate(self, prompt: str | list[str], *, height: int | None = None, width: int | None = None,
                  steps: int = 28, guidance: float = 3.5, seed: int = 0, generator: torch.Generator | None = None,
                  max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None,
-                 cache_config: "cache.CacheConfig | None" = None, report: dict | None = None):
+                 cache_config: "cache.CacheConfig | None" = None, report: dict | None = None,
+                 step_ms: list | None = None):
         """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them.
 
         height/width default to the engine's first profile; the initial noise for all prompts is drawn at
         once from `generator` (default: a CPU generator seeded with `seed`), so an engine of any batch size
         gives the same images as FluxPipeline with the whole list. output_type: "pil" (list of PIL images),
         "np" (float32 [N, H, W, 3] in [0, 1]) or "pt" (the same as a tensor). `timings`, if given, receives
-        the seconds of each stage (encode, denoise, decode). cache_config and `report`: as in Engine.denoise
-        (with more prompts than the engine's batch, the report describes the last chunk)."""
+        the seconds of each stage (encode, denoise, decode). cache_config, `report` and `step_ms`: as in
+        Engine.denoise (with more prompts than the engine's batch, the report describes the last chunk and
+        step_ms holds every chunk's steps)."""
         prompts = self._check_prompts(prompt)
         profile = self.profile_for(height, width)
         self._check_sampling(steps, guidance, max_sequence_length, output_type)
@@ -214,7 +216,8 @@ class Engine:
                                              self.dtype)
             latents = _chunked(lambda e, p, z: [self.denoise(e, p, height=profile.height, width=profile.width,
                                                              steps=steps, guidance=guidance, latents=z,
-                                                             cache_config=cache_config, report=report)],
+                                                             cache_config=cache_config, report=report,
+                                                             step_ms=step_ms)],
                                profile.batch, prompt_embeds, pooled, noise)[0]
         with stage("decode"):
             images = self.decode(latents, profile)
