@@ -22,6 +22,10 @@ class Backend(Protocol):
 
 def get_backend(name: str) -> Backend:
     from fluxc.backends.inductor import InductorBackend
+    from fluxc.backends.onnx import OnnxBackend
+    from fluxc.runtime.errors import FluxcError
 
-    backends = {"inductor": InductorBackend}
+    backends = {"inductor": InductorBackend, "onnx": OnnxBackend}
+    if name not in backends:
+        raise FluxcError(f"Unknown backend '{name}'.", "Use one of: " + ", ".join(backends) + ".")
     return backends[name]()

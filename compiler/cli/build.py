@@ -28,10 +28,12 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
               help="Finish this plan (written by --stage plan) into an engine for this machine's GPU (or --target cpu).")
 @click.option("--explain", is_flag=True, help="For each pass that rewrote nothing in a segment, print the check "
                                              "that rejected its nearest candidate.")
+@click.option("--backend", type=click.Choice(["inductor", "onnx"]), default="inductor", show_default=True,
+              help="inductor: compiled kernels; onnx: one opset-23 model per segment, run by ONNX Runtime (fp32 on CPU).")
 @cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, calibrate, stage, from_plan, explain, output, **cache):
+            encoders, calibrate, stage, from_plan, explain, backend, output, **cache):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -50,7 +52,7 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
                         resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
                         batch=batch, seed=seed, dump_ir=dump_ir,
                         transformer_only=transformer_only, encoders=encoders, calibrate=calibrate, stage=stage,
-                        from_plan=from_plan, cache=cache_overrides(**cache))
+                        from_plan=from_plan, backend=backend, cache=cache_overrides(**cache))
 
     def report(stage, done):
         if done:
