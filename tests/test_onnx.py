@@ -58,16 +58,58 @@ def test_onnx_engine_image_matches_flux_pipeline(onnx_engine_path, tiny_pipeline
     assert np.abs(got - ref).max() <= 1e-3 and ref.std() > 0.05
 
 
-def test_a_model_onnx_runtime_cannot_run_is_a_clear_error(tmp_path):
-    from onnx import TensorProto, helper
+def _one_op_model(path, op_type: str, elem_type: int) -> None:
+    from onnx import helper
 
+    x, y = (helper.make_tensor_value_info(n, elem_type, [64]) for n in ("x", "y"))
+    graph = helper.make_graph([helper.make_node(op_type, ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), str(path / "segment.onnx"))
+
+
+def test_bf16_models_run_widened_and_rounded_like_bf16(tmp_path):
+    """ONNX Runtime's CPU provider has no bf16 Sigmoid: the loader runs it in float32 and rounds to bf16."""
+    from fluxc.runtime.backends import load_onnx
+
+    _one_op_model(tmp_path, "Sigmoid", onnx.TensorProto.BFLOAT16)
+    x = torch.randn(64).to(torch.bfloat16)
+    got, = load_onnx(str(tmp_path))(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.sigmoid(x.float()).to(torch.bfloat16))
+
+
+def test_a_model_onnx_runtime_cannot_run_is_a_clear_error(tmp_path):
     from fluxc.runtime.backends import load_onnx
     from fluxc.runtime.errors import FluxcError
 
-    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [4])
-    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [4])
-    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "g", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
-    onnx.save(model, str(tmp_path / "segment.onnx"))
+    _one_op_model(tmp_path, "Gelu", onnx.TensorProto.DOUBLE)  # no float64 Gelu kernel in ONNX Runtime's CPU provider
     with pytest.raises(FluxcError, match="cannot run segment"):
         load_onnx(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def transformer_engines(tmp_path_factory):
+    """Tiny transformer-only CPU engines in bf16 and fp8, each from both backends (same weights, one profile)."""
+    from fluxc.build import BuildOptions, build
+
+    paths = {}
+    for precision in ("bf16", "fp8"):
+        for backend in ("inductor", "onnx"):
+            paths[precision, backend] = str(tmp_path_factory.mktemp("engines") / f"tiny-{precision}-{backend}.fluxe")
+            build(BuildOptions(model="tiny", output=paths[precision, backend], target="cpu", precision=precision,
+                               resolutions=((144, 112),), text_tokens=TINY_TEXT, transformer_only=True, backend=backend))
+    return paths
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_onnx_runtime_reproduces_the_torch_engine(transformer_engines, precision):
+    """ONNX Runtime on the CPU (bf16 values widened to float32 but rounded to bf16 after every op; float8
+    GEMMs as DequantizeLinear + MatMul) against the Inductor engine of the same precision: 8 denoising steps."""
+    from conftest import denoised_sqnr
+
+    onnx_path = transformer_engines[precision, "onnx"]
+    assert denoised_sqnr(onnx_path, transformer_engines[precision, "inductor"]) >= 35.0  # ~40-45 dB measured
+    if precision == "fp8":  # the quantized GEMMs are ONNX's float8 Q/DQ, not a custom op
+        model = onnx.load(os.path.join(onnx_path, "segments", "double-144x112", "segment.onnx"))
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("DequantizeLinear") == 2 * ops.count("MatMul") and "QuantizeLinear" in ops
+        f8 = onnx.TensorProto.FLOAT8E4M3FN
+        assert any(i.type.tensor_type.elem_type == f8 for i in model.graph.input)  # e4m3 weights

@@ -31,9 +31,11 @@ class OnnxBackend:
         try:
             program = torch.onnx.export(gm, tuple(example_inputs), dynamo=True, opset_version=OPSET, verbose=False,
                                         custom_translation_table=onnx_ops.table())
-        except Exception as e:  # the exporter names the op it has no translation for
-            raise FluxcError(f"ONNX export of segment {os.path.basename(out_dir)} failed: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}", "Build this precision with --backend inductor.") from None
+        except Exception as e:  # the exporter's summary names the op it has no translation for
+            lines = str(e).splitlines()
+            why = next((line for line in lines if "No ONNX function found" in line or "Error" in line[:40]), lines[0])
+            raise FluxcError(f"ONNX export of segment {os.path.basename(out_dir)} failed: {why.strip()}",
+                             "Build this precision with --backend inductor.") from None
         program.save(path, external_data=sum(t.numel() * t.element_size() for t in example_inputs) > 1 << 30)
         onnx.checker.check_model(path, full_check=True)
         return load_onnx(out_dir)

@@ -6,13 +6,22 @@ Gelu with approximate="tanh", Attention), so TensorRT's parser sees the fusion t
     fluxc.linear_gelu(x, w, b)             Gelu(MatMul(x, w^T) + b, approximate="tanh")
     fluxc.qk_norm_rope(q, k, ..., eps)     RMSNormalization per part, Concat along S, then the interleaved
                                            rotary embedding in float32 (y*cos + rotate_pairs(y)*sin)
-    aten SDPA (CPU flash / cuDNN forms)    Attention(q, k, v, scale)
+    aten SDPA (CPU flash / cuDNN forms)    Attention(q, k, v, mask, is_causal, scale)
+FP8 (quantize_fp8) in the Q/DQ form TensorRT's parser fuses, with per-token scales as blocked quantization
+(opset 21+: one scale per row, block size = the row):
+    fluxc.adaln_fp8 / fluxc.gelu_fp8       the op above, then scale = max(amax(|y|), 1e-12) / 448 per row
+                                           and QuantizeLinear(y, scale, axis=-1, block_size=C) to float8e4m3fn
+    aten._scaled_mm(a, b, sa, sb, bias)    MatMul(DequantizeLinear(a, sa), DequantizeLinear(b, sb)) + bias,
+                                           each scale per tensor, per row of a or per column of b
 """
+
+import math
 
 import torch
 from onnxscript import opset23 as op
 
-FLOAT = 1  # onnx.TensorProto.FLOAT
+FLOAT, FLOAT8E4M3FN = 1, 17  # onnx.TensorProto
+E4M3_MAX = 448.0
 
 
 def adaln(x, scale, shift, eps: float):
@@ -61,9 +70,41 @@ def sdpa_cudnn(q, k, v, attn_bias=None, compute_log_sumexp: bool = False, dropou
     return (_attention(q, k, v, attn_bias, is_causal, scale),) + (unused,) * 8
 
 
+def _quantize_rows(y, width: int):
+    """(y / scale rounded to e4m3, scale [..., 1] f32), scale = max(amax over the last dim, 1e-12) / 448;
+    `width`: y's last dim (the exporter knows the op inputs' shapes, not those of values made here)."""
+    wide = op.Cast(y, to=FLOAT)
+    amax = op.ReduceMax(op.Abs(wide), op.Constant(value_ints=[-1]), keepdims=1)
+    scale = op.Max(amax, op.Constant(value_float=1e-12)) / op.Constant(value_float=E4M3_MAX)
+    return op.QuantizeLinear(wide, scale, axis=-1, block_size=width, output_dtype=FLOAT8E4M3FN), scale
+
+
+def adaln_fp8(x, scale, shift, eps: float):
+    return _quantize_rows(adaln(x, scale, shift, eps), x.shape[-1])
+
+
+def gelu_fp8(x):
+    return _quantize_rows(op.Gelu(x, approximate="tanh"), x.shape[-1])
+
+
+def _dequantize(q, scale, axis: int):
+    """q [M, N] float8 with a scale per tensor ([] or [1, 1]) or per row / column ([M, 1] / [1, N])."""
+    if math.prod(scale.shape) == 1:
+        return op.DequantizeLinear(q, op.Reshape(scale, op.Constant(value_ints=[])))
+    return op.DequantizeLinear(q, scale, axis=axis, block_size=q.shape[axis])
+
+
+def scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum: bool = False):
+    out = op.MatMul(_dequantize(a, scale_a, 1), _dequantize(b, scale_b, 0))
+    if bias is not None:
+        out = out + op.Cast(bias, to=FLOAT)
+    return op.CastLike(out, bias) if bias is not None else op.Cast(out, to=16)  # bf16: the only out dtype used
+
+
 def table() -> dict:
     aten = torch.ops.aten
     return {torch.ops.fluxc.adaln.default: adaln, torch.ops.fluxc.linear_gelu.default: linear_gelu,
-            torch.ops.fluxc.qk_norm_rope.default: qk_norm_rope,
+            torch.ops.fluxc.qk_norm_rope.default: qk_norm_rope, torch.ops.fluxc.adaln_fp8.default: adaln_fp8,
+            torch.ops.fluxc.gelu_fp8.default: gelu_fp8, aten._scaled_mm.default: scaled_mm,
             aten._scaled_dot_product_flash_attention_for_cpu.default: sdpa_flash_cpu,
             aten._scaled_dot_product_cudnn_attention.default: sdpa_cudnn}
