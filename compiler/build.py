@@ -85,6 +85,7 @@ def validate(opts: BuildOptions) -> Settings:
     here = local_target()
     target = here if opts.target == "auto" else opts.target
     _check_target(recipe, target)
+    _check_backend(opts.backend, recipe)
     if opts.calibrate and recipe.precision is not Precision.FP8:
         raise FluxcError(f"--calibrate sets static FP8 activation scales; this build is {recipe.precision.value}.",
                          "Add --precision fp8, or drop --calibrate.")
@@ -168,6 +169,26 @@ def _check_target(recipe: Recipe, target: str) -> None:
     if recipe.fp8_attention and sm is not None and sm < 90:
         raise FluxcError(f"Recipe '{recipe.name}' runs attention through cuDNN's FP8 SDPA, which needs sm_90 or "
                          f"newer; {target} is older.", "Use --recipe sm90_fp8 (FP8 GEMMs, bf16 attention) there.")
+
+
+def _check_backend(backend: str, recipe: Recipe) -> None:
+    import importlib.util
+
+    if backend == "tensorrt":
+        why = ("fluxc's TensorRT builder step is not implemented yet" if importlib.util.find_spec("tensorrt")
+               else "TensorRT (`import tensorrt`) is not installed here")
+        raise FluxcError(f"--backend tensorrt: {why}.",
+                         "Build the stage TensorRT takes with --backend onnx: one checked opset-23 ONNX model per "
+                         "segment, with FP8 as float8 Q/DQ; build TensorRT engines from it where TensorRT is installed.")
+    if backend not in ("inductor", "onnx", "tensorrt"):
+        raise FluxcError(f"Unknown backend '{backend}'.", "Use --backend inductor, onnx or tensorrt.")
+    if backend != "inductor" and recipe.precision is Precision.NVFP4:
+        raise FluxcError(f"--backend {backend} does not export NVFP4 yet (FLOAT4E2M1 weights with two-level "
+                         "DequantizeLinear are the next step of the ONNX backend).",
+                         "Build --precision nvfp4 with --backend inductor, or --precision fp8/bf16 with ONNX.")
+    if backend != "inductor" and recipe.fp8_attention:
+        raise FluxcError(f"--backend {backend} does not export cuDNN's FP8 attention (recipe {recipe.name}).",
+                         "Use --recipe sm90_fp8 (bf16 attention) with ONNX.")
 
 
 def _check_output(output: str) -> None:

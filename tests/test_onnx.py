@@ -113,3 +113,19 @@ def test_onnx_runtime_reproduces_the_torch_engine(transformer_engines, precision
         assert ops.count("DequantizeLinear") == 2 * ops.count("MatMul") and "QuantizeLinear" in ops
         f8 = onnx.TensorProto.FLOAT8E4M3FN
         assert any(i.type.tensor_type.elem_type == f8 for i in model.graph.input)  # e4m3 weights
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "tensorrt"], "Build the stage TensorRT takes with --backend onnx"),
+    (["--backend", "onnx", "--precision", "nvfp4"], "does not export NVFP4 yet"),
+    (["--backend", "onnx", "--precision", "fp8", "--recipe", "sm90_fp8_attn"], "FP8 attention"),
+])
+def test_backends_that_cannot_build_this_say_so_first(tmp_path, args, message):
+    """Refused before any work: nothing is written."""
+    from click.testing import CliRunner
+
+    from fluxc.cli import main
+
+    out = tmp_path / "x.fluxe"
+    result = CliRunner().invoke(main, ["build", "--model", "tiny", "--target", "cpu", *args, "-o", str(out)])
+    assert result.exit_code == 1 and message in result.output and not out.exists()

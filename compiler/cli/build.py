@@ -28,8 +28,9 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
               help="Finish this plan (written by --stage plan) into an engine for this machine's GPU (or --target cpu).")
 @click.option("--explain", is_flag=True, help="For each pass that rewrote nothing in a segment, print the check "
                                              "that rejected its nearest candidate.")
-@click.option("--backend", type=click.Choice(["inductor", "onnx"]), default="inductor", show_default=True,
-              help="inductor: compiled kernels; onnx: one opset-23 model per segment, run by ONNX Runtime (fp32 on CPU).")
+@click.option("--backend", type=click.Choice(["inductor", "onnx", "tensorrt"]), default="inductor", show_default=True,
+              help="inductor: compiled kernels; onnx: one opset-23 ONNX model per segment, run by ONNX Runtime; "
+                   "tensorrt: where TensorRT is installed (not yet: build onnx).")
 @cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
