@@ -47,6 +47,15 @@ def source_commit() -> str:
                                                             capture_output=True, text=True).stdout.strip()
 
 
+def probe_out() -> str:
+    """A probe script's one argument, --out DIR (created): where it writes its JSON."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    out = ap.parse_args().out
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
 def cuda_ms(fn, warmup=3, iters=10, calls=1) -> float:
     """Median over `iters` CUDA-event timings of `calls` back-to-back fn() calls, per call, after warm-up.
     calls > 1 times calls as a denoising loop makes them: each launch overlaps the previous call's GPU work."""

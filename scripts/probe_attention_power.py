@@ -9,7 +9,6 @@ Two suspects, measured separately (B1 H24 S4608 D128, bf16, cuDNN SDPA):
     python3 scripts/probe_attention_power.py --out $OUT       (on the lab GPU)
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_transformer import cuda_ms
+from bench_transformer import cuda_ms, probe_out
 
 B, H, S, D = 1, 24, 4608, 128
 FLOP = 4 * B * H * S * S * D
@@ -59,10 +58,7 @@ def read_clocks(path):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    out = probe_out()
     dev = torch.device("cuda")
     rec = {"layout_us": {}, "sustained": {}}
     for name, (q, k, v) in layouts(dev).items():
@@ -76,7 +72,7 @@ def main():
     for name, fn, per_call in (("attention alone", lambda: attention(q, k, v), 1),
                                ("gemm alone", gemm, 1),
                                ("gemm, attention, gemm", lambda: (gemm(), attention(q, k, v), gemm()), 1)):
-        path = os.path.join(args.out, f"clocks-{name.replace(' ', '_').replace(',', '')}.csv")
+        path = os.path.join(out, f"clocks-{name.replace(' ', '_').replace(',', '')}.csv")
         proc = sample_clocks(path)
         try:
             ms = cuda_ms(fn, warmup=50, iters=200, calls=50)  # several seconds of load
@@ -87,7 +83,7 @@ def main():
     s = rec["sustained"]
     rec["attention_in_gemm_sandwich_us"] = (s["gemm, attention, gemm"]["ms_per_call"] - 2 * s["gemm alone"]["ms_per_call"]) * 1e3
 
-    with open(os.path.join(args.out, "probe_attention_power.json"), "w") as f:
+    with open(os.path.join(out, "probe_attention_power.json"), "w") as f:
         json.dump(rec, f, indent=1)
     print(f"{'layout':58s} {'us':>7s} {'TFLOP/s':>8s}")
     for name, r in rec["layout_us"].items():

@@ -4,7 +4,6 @@ SDPA at FLUX.1-dev's attention shape (B1 H24 S4608 D128, [B, S, H, D] layout), t
     cd scripts && python3 probe_fp8_attention.py --out $OUT      (carry the nvidia-cudnn-frontend wheel)
 """
 
-import argparse
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import cudnn
 import torch
 import torch.nn.functional as F
 
-from bench_transformer import cuda_ms
+from bench_transformer import cuda_ms, probe_out
 from fluxc.numerics import sqnr_db
 
 
@@ -59,10 +58,7 @@ def quant(x):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    out = probe_out()
     b, s, h, d = 1, 4608, 24, 128
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
@@ -87,7 +83,7 @@ def main():
     for name in ("bf16_cudnn", "fp8_cudnn"):
         r = rec[name]
         print(f"{name:12s} {r['us']:8.1f} us {r['tflops']:6.0f} TFLOP/s  {r['sqnr_db']:.1f} dB vs float64", flush=True)
-    with open(os.path.join(args.out, "probe_fp8_attention.json"), "w") as f:
+    with open(os.path.join(out, "probe_fp8_attention.json"), "w") as f:
         json.dump(rec, f, indent=1)
 
 

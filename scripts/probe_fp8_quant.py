@@ -5,7 +5,6 @@ Times fluxc.gelu_fp8, Inductor's kernel for the same aten ops, and looped two-pa
 (the row re-read from L2 in the second pass) over (rows per program, chunk, warps); prints GB/s.
 """
 
-import argparse
 import json
 import os
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from bench_transformer import cuda_ms
+from bench_transformer import cuda_ms, probe_out
 from fluxc.runtime import kernels
 
 
@@ -77,10 +76,7 @@ def aten_ops(x):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    out = probe_out()
     x = torch.randn(4608, 12288, device="cuda", dtype=torch.bfloat16) * 2
     want = kernels.quantize_rows(F.gelu(x, approximate="tanh"))
     nbytes = x.numel() * 3  # bf16 in, e4m3 out
@@ -114,7 +110,7 @@ def main():
         time(f"persistent {per_sm}/SM w={warps} stages={stages}", lambda: persistent(x, per_sm * sms, warps, stages))
     for rows, chunk, warps in [(1, 2048, 8)]:
         time(f"looped rows={rows} chunk={chunk} w={warps}", lambda: looped(x, rows, chunk, warps))
-    with open(os.path.join(args.out, "probe_fp8_quant.json"), "w") as f:
+    with open(os.path.join(out, "probe_fp8_quant.json"), "w") as f:
         json.dump(rec, f, indent=1)
 
 

@@ -3,14 +3,13 @@
     cd scripts && python3 probe_kernels.py --out $OUT       (on the lab GPU; measured facts quoted in passes/)
 """
 
-import argparse
 import json
 import os
 
 import torch
 import torch.nn.functional as F
 
-from bench_transformer import cuda_ms
+from bench_transformer import cuda_ms, probe_out
 from fluxc import ir
 from fluxc.models import load_model
 from fluxc.runtime.flux_math import Profile
@@ -23,14 +22,11 @@ def tflops(flop, ms):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    out = probe_out()
     dev = torch.device("cuda")
     m = load_model("tiny", dtype=torch.bfloat16, device=dev, seed=0)
     for s in trace_model(m, [Profile(64, 48, 7, 1)], dev, torch.bfloat16):
-        with open(os.path.join(args.out, f"ir-{s.kind}.txt"), "w") as f:
+        with open(os.path.join(out, f"ir-{s.kind}.txt"), "w") as f:
             f.write(ir.dump(s.graph, s.name))
     rec = {}
     S, C, N = 4608, 3072, 12288
@@ -79,7 +75,7 @@ def main():
     bshd = torch.randn(1, S, 24, 128, device=dev, dtype=torch.bfloat16).permute(0, 2, 1, 3)
     rec["cudnn_out_stride_bshd_q"] = list(sdpa(bshd, bshd, bshd, None, False, 0.0, False, False)[0].stride())
     step_levers(rec, dev)
-    with open(os.path.join(args.out, "probe.json"), "w") as f:
+    with open(os.path.join(out, "probe.json"), "w") as f:
         json.dump(rec, f, indent=1)
     for k_, v_ in rec.items():
         print(f"{k_:<36} {v_}")
