@@ -18,6 +18,70 @@ from fluxc.runtime.errors import FluxcError
 OPSET = 23
 
 
+def quantize_linear(model) -> int:
+    """Rewrite Cast(x / scale, to=float8e4m3fn) into QuantizeLinear(x, scale, output_dtype=float8e4m3fn): the
+    activation quantization Inductor would fuse (quantize_fp8's aten ops) in the form TensorRT's parser fuses.
+    The same math: divide, round to nearest even, saturate (a runtime may compute the quotient differently
+    in its last bit). The scale is per tensor or one per row (blocked along the last axis, block = the row).
+    Returns how many it rewrote."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    rewritten, drop = 0, set()
+    for k, node in enumerate(graph.node):
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        div = producer.get(node.input[0]) if node.op_type == "Cast" and to == TensorProto.FLOAT8E4M3FN else None
+        if div is None or div.op_type != "Div" or uses[div.output[0]] != 1:
+            continue
+        x, scale = div.input
+        x_shape, s_shape = shapes.get(x), shapes.get(scale)
+        if not x_shape or s_shape is None:
+            continue
+        if all(d == 1 for d in s_shape):  # per tensor
+            scale_in, attrs = f"{scale}__scalar", {}
+            graph.node.append(helper.make_node("Reshape", [scale, f"{scale}__no_dims"], [scale_in]))
+            graph.initializer.append(helper.make_tensor(f"{scale}__no_dims", TensorProto.INT64, [0], []))
+        elif s_shape[:-1] == x_shape[:-1] and s_shape[-1] == 1:  # one per row
+            scale_in, attrs = scale, {"axis": -1, "block_size": x_shape[-1]}
+        else:
+            continue
+        graph.node[k].CopyFrom(helper.make_node("QuantizeLinear", [x, scale_in], list(node.output), name=node.name,
+                                                output_dtype=TensorProto.FLOAT8E4M3FN, **attrs))
+        drop.add(id(div))
+        rewritten += 1
+    kept = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(_toposort(kept))
+    return rewritten
+
+
+def _toposort(nodes):
+    """Nodes in an order where each comes after the producers of its inputs (appended Reshapes moved up)."""
+    made = {o for n in nodes for o in n.output}
+    ready, ordered, pending = set(), [], list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready or i not in made for i in n.input if i):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError("cycle in an ONNX graph (fluxc bug)")
+        pending = rest
+    return ordered
+
+
 class OnnxBackend:
     name = "onnx"
 
@@ -36,7 +100,9 @@ class OnnxBackend:
             why = next((line for line in lines if "No ONNX function found" in line or "Error" in line[:40]), lines[0])
             raise FluxcError(f"ONNX export of segment {os.path.basename(out_dir)} failed: {why.strip()}",
                              "Build this precision with --backend inductor.") from None
-        program.save(path, external_data=sum(t.numel() * t.element_size() for t in example_inputs) > 1 << 30)
+        model = program.model_proto
+        quantize_linear(model)
+        onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 1 << 30)
         onnx.checker.check_model(path, full_check=True)
         return load_onnx(out_dir)
 
