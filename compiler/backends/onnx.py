@@ -2,9 +2,10 @@
 
 torch.onnx's exporter (dynamo) translates the rewritten segment graph, with fluxc's fused ops as standard
 ONNX ops (fluxc.backends.onnx_ops). Weights stay graph inputs, as in every fluxc segment: one model per
-segment kind serves all its layers, fed from the engine's one weight file. Each model is checked with
-onnx.checker (full check, with shape inference) before the build goes on. Shapes are static: one model
-per resolution profile, as the engine's profiles are.
+segment kind serves all its layers, fed from the engine's one weight file. After export, quantize_linear
+turns the FP8 activation quantization Inductor would have fused into QuantizeLinear. Each model is checked
+with onnx.checker (full check, with shape inference) before the build goes on. Shapes are static: one
+model per resolution profile, as the engine's profiles are.
 """
 
 import os
