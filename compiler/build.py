@@ -121,6 +121,7 @@ def validate_finish(opts: BuildOptions, header: dict) -> Settings:
         raise FluxcError(f"Cannot finish a plan for {target} on this machine ({here}): engines are compiled on the "
                          "GPU they run on.", f"Run fluxc build --from on a {target} machine, or use --target {here}.")
     _check_target(recipe, target)
+    _check_backend(opts.backend, recipe)
     device = target_device(target)
     traced = "cuda" if any(s["device"] == "cuda" for s in header["segments"]) else "cpu"
     if traced != device.type:
