@@ -21,6 +21,7 @@ from fluxc.numerics import psnr_db, sqnr_db, ssim
 from fluxc.runtime import Engine, flux_math
 from fluxc.runtime.bundle import WEIGHTS
 from fluxc.runtime.device import local_target
+from fluxc.runtime.engine import _chunked
 from fluxc.runtime.errors import FluxcError
 
 RECORD_VERSION = 1
@@ -110,7 +111,7 @@ def bench(engine: Engine, *, height=None, width=None, steps: int = 28, batch: in
             engine.generate(prompts, seed=i, timings=times, **run)
         else:
             embeds, pooled, noise = _inputs(engine, profile, prompts, seed=i)
-            _chunked_denoise(engine, profile, embeds, pooled, noise, run)
+            _chunked(lambda e, p, z: [engine.denoise(e, p, latents=z, **run)], profile.batch, embeds, pooled, noise)
         if i >= warmup:
             step_ms += loop_ms
             stages.append(times)
@@ -121,12 +122,6 @@ def bench(engine: Engine, *, height=None, width=None, steps: int = 28, batch: in
         speed["e2e_s"] = {k: statistics.median(t[k] for t in stages) for k in ("encode", "denoise", "decode")}
         speed["e2e_s"]["total"] = sum(speed["e2e_s"].values())
     return _header("bench", name, engine, settings) | {"speed": speed}
-
-
-def _chunked_denoise(engine: Engine, profile, embeds, pooled, noise, run: dict) -> None:
-    for start in range(0, embeds.shape[0], profile.batch):  # bench checked batch is a multiple of the engine's
-        chunk = slice(start, start + profile.batch)
-        engine.denoise(embeds[chunk], pooled[chunk], latents=noise[chunk], **run)
 
 
 @torch.no_grad()

@@ -39,8 +39,8 @@ import operator
 import torch
 
 from fluxc.ir import E4M3_MAX, WeightSource
-from fluxc.passes.base import (ATTENTION, VIEWS, NoMatch, PassContext, PassResult, add_weight, aten, call,
-                               drop_unused_weights, expect, is_aten, rewrite_all)
+from fluxc.passes.base import (ATTENTION, VIEWS, NoMatch, PassContext, PassResult, Rejection, add_weight, aten,
+                               call, drop_unused_weights, expect, is_aten, rewrite_all)
 from fluxc.passes.fuse_qkv import linear_parts
 from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
@@ -234,9 +234,11 @@ def matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
     return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
 
 
-def recipe_linears(gm: torch.fx.GraphModule, ctx: PassContext):
-    """([(linear, its weight placeholder, "exclude" | "weight_only" | "quantize" as the recipe says)] in graph
-    order, the rejections of near misses). Shared by quantize_fp8 and quantize_nvfp4."""
+def recipe_linears(gm: torch.fx.GraphModule, ctx: PassContext, quantize_weight_only, check=None):
+    """The recipe's linears, in graph order, sorted: the ones to quantize [(linear, weight name)]; the weight-only
+    ones, rewritten here by quantize_weight_only(gm, weight), and the excluded ones, by weight name; and the
+    rejections (near misses, and linears `check(linear, weight)` keeps out by returning a reason). Shared by
+    quantize_fp8 and quantize_nvfp4."""
     linears, rejected = [], []
     for node in list(gm.graph.nodes):
         try:
@@ -249,35 +251,47 @@ def recipe_linears(gm: torch.fx.GraphModule, ctx: PassContext):
         how = ("exclude" if matches(ctx, source, ctx.recipe.quant_exclude)
                else "weight_only" if matches(ctx, source, ctx.recipe.quant_weight_only) else "quantize")
         linears.append((node, weight, how))
-    return linears, rejected
-
-
-def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    quantized, weight_only, excluded, rejected = [], [], [], []
-    attention = 0
-    if ctx.recipe.fp8_attention:
-        attention, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
-                                          lambda n: quantize_attention(gm, n))
-    by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # linear input -> the linears quantized on it
-    linears, near_misses = recipe_linears(gm, ctx)
-    rejected += near_misses
+    to_quantize, weight_only, excluded = [], [], []
     for node, weight, how in linears:
         name = weight.meta["weight"].name
+        why = check(node, weight) if check is not None and how != "exclude" else None
+        if why:
+            rejected.append(Rejection(node.name, why, 2))
+            how = "exclude"
         if how == "exclude":
             excluded.append(name)
         elif how == "weight_only":
             quantize_weight_only(gm, weight)
             weight_only.append(name)
         else:
-            by_input.setdefault(linear_operands(node)[0], []).append(node)
-            quantized.append(name)
-    input_ways = [quantize(gm, group, ctx.calibrated) for group in by_input.values()]  # "fused" | "static" | "aten"
+            to_quantize.append((node, name))
+    return to_quantize, weight_only, excluded, rejected
+
+
+def quantized_result(gm: torch.fx.GraphModule, counts: dict, rejected: list, quantized: list[str],
+                     weight_only: list[str], excluded: list[str]) -> PassResult:
+    """The rewritten graph cleaned up, the counts, and the manifest's report of which layers went which way."""
     gm.graph.eliminate_dead_code()
     drop_unused_weights(gm)
     gm.recompile()
-    counts = {"quantized": len(quantized), "inputs": len(by_input), "fused_inputs": input_ways.count("fused"),
-              "static_inputs": input_ways.count("static"), "weight_only": len(weight_only), "excluded": len(excluded)}
-    if ctx.recipe.fp8_attention:
-        counts["attention"] = attention
+    counts = {"quantized": len(quantized), **counts, "weight_only": len(weight_only), "excluded": len(excluded)}
     return PassResult(gm, counts, rejected, report={"quantized": quantized, "weight_only": weight_only,
                                                         "excluded": excluded})
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    attention, rejected = 0, []
+    if ctx.recipe.fp8_attention:
+        attention, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
+                                          lambda n: quantize_attention(gm, n))
+    to_quantize, weight_only, excluded, near_misses = recipe_linears(gm, ctx, quantize_weight_only)
+    by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # linear input -> the linears quantized on it
+    for node, _ in to_quantize:
+        by_input.setdefault(linear_operands(node)[0], []).append(node)
+    input_ways = [quantize(gm, group, ctx.calibrated) for group in by_input.values()]  # "fused" | "static" | "aten"
+    counts = {"inputs": len(by_input), "fused_inputs": input_ways.count("fused"),
+              "static_inputs": input_ways.count("static")}
+    if ctx.recipe.fp8_attention:
+        counts["attention"] = attention
+    return quantized_result(gm, counts, rejected + near_misses, [name for _, name in to_quantize], weight_only,
+                            excluded)

@@ -25,8 +25,9 @@ math, a segment at or above numerics.NVFP4_SEGMENT_SQNR_DB against its bf16 grap
 import torch
 
 from fluxc.ir import NVFP4_OPS, WeightSource
-from fluxc.passes.base import PassContext, PassResult, Rejection, add_weight, aten, call, drop_unused_weights
-from fluxc.passes.quantize_fp8 import linear_operands, recipe_linears, replace_linear, replace_weight
+from fluxc.passes.base import PassContext, PassResult, add_weight, aten, call
+from fluxc.passes.quantize_fp8 import (linear_operands, quantized_result, recipe_linears, replace_linear,
+                                       replace_weight)
 from fluxc.runtime import nvfp4
 
 def nvfp4_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> list[torch.fx.Node]:
@@ -50,25 +51,13 @@ def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> Non
         g, torch.ops.fluxc.nvfp4_dequantize.default, codes, scales, torch.float32), global_))
 
 
+def _k_not_blocked(node: torch.fx.Node, weight: torch.fx.Node) -> str | None:
+    k = weight.meta["val"].shape[-1]
+    return f"K = {k} is not a multiple of {nvfp4.BLOCK}" if k % nvfp4.BLOCK else None
+
+
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    quantized, weight_only, excluded = [], [], []
-    linears, rejected = recipe_linears(gm, ctx)
-    for node, weight, how in linears:
-        name, k = weight.meta["weight"].name, weight.meta["val"].shape[-1]
-        if how != "exclude" and k % nvfp4.BLOCK:
-            rejected.append(Rejection(node.name, f"K = {k} is not a multiple of {nvfp4.BLOCK}", 2))
-            how = "exclude"
-        if how == "exclude":
-            excluded.append(name)
-        elif how == "weight_only":
-            quantize_weight_only(gm, weight)
-            weight_only.append(name)
-        else:
-            quantize(gm, node)
-            quantized.append(name)
-    gm.graph.eliminate_dead_code()
-    drop_unused_weights(gm)
-    gm.recompile()
-    counts = {"quantized": len(quantized), "weight_only": len(weight_only), "excluded": len(excluded)}
-    return PassResult(gm, counts, rejected, report={"quantized": quantized, "weight_only": weight_only,
-                                                        "excluded": excluded})
+    to_quantize, weight_only, excluded, rejected = recipe_linears(gm, ctx, quantize_weight_only, _k_not_blocked)
+    for node, _ in to_quantize:
+        quantize(gm, node)
+    return quantized_result(gm, {}, rejected, [name for _, name in to_quantize], weight_only, excluded)

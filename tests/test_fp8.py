@@ -103,29 +103,33 @@ def _one_linear(weight: torch.Tensor, bias: torch.Tensor, rows: int, layer: str)
     return gm
 
 
+def block_linears(model):
+    """(segment kind, name, weight, bias, a random bf16 input [37, K]) for each linear of the first double and
+    the first single block, the inputs from one seeded generator."""
+    blocks = {"double": model.module.transformer_blocks[0], "single": model.module.single_transformer_blocks[0]}
+    g = torch.Generator().manual_seed(0)
+    for kind, block in blocks.items():
+        for name, linear in block.named_modules():
+            if isinstance(linear, torch.nn.Linear):
+                w, b = linear.weight.detach(), linear.bias.detach()
+                yield kind, name, w, b, torch.randn(37, w.shape[1], generator=g).to(torch.bfloat16)
+
+
 def test_every_block_linear_meets_the_fp8_floor(tiny_bf16):
     """Each linear of a double and a single block, quantized alone, against float64 math on its real weight
     (the AdaLN modulation GEMMs weight-only, as the recipe says)."""
-    blocks = {"double": tiny_bf16.module.transformer_blocks[0], "single": tiny_bf16.module.single_transformer_blocks[0]}
-    g = torch.Generator().manual_seed(0)
     checked = 0
-    for kind, block in blocks.items():
-        for name, linear in block.named_modules():
-            if not isinstance(linear, torch.nn.Linear):
-                continue
-            w, b = linear.weight.detach(), linear.bias.detach()
-            x = torch.randn(37, w.shape[1], generator=g).to(torch.bfloat16)
-            gm = _one_linear(w, b, 37, name)
-            result = quantize_fp8.run(gm, PassContext(RECIPES["sm90_fp8"](), "cpu", kind))
-            full = "norm" not in name
-            assert result.counts == {"quantized": int(full), "inputs": int(full), "fused_inputs": 0, "static_inputs": 0,
-                                     "weight_only": int(not full), "excluded": 0}, name
-            made = [n.meta["weight"].op for n in result.graph.graph.nodes if "weight" in n.meta]
-            assert sorted(made) == ["fp8", "fp8_scale", "load"], (name, made)  # e4m3 weight, its scales, bias
-            (got,) = _run(result.graph, {f"{name}.weight": w, f"{name}.bias": b, "x_1": x})
-            want = x.double() @ w.double().t() + b.double()
-            assert sqnr_db(got, want) >= FP8_LINEAR_SQNR_DB, (kind, name, sqnr_db(got, want))
-            checked += 1
+    for kind, name, w, b, x in block_linears(tiny_bf16):
+        result = quantize_fp8.run(_one_linear(w, b, 37, name), PassContext(RECIPES["sm90_fp8"](), "cpu", kind))
+        full = "norm" not in name
+        assert result.counts == {"quantized": int(full), "inputs": int(full), "fused_inputs": 0, "static_inputs": 0,
+                                 "weight_only": int(not full), "excluded": 0}, name
+        made = [n.meta["weight"].op for n in result.graph.graph.nodes if "weight" in n.meta]
+        assert sorted(made) == ["fp8", "fp8_scale", "load"], (name, made)  # e4m3 weight, its scales, bias
+        (got,) = _run(result.graph, {f"{name}.weight": w, f"{name}.bias": b, "x_1": x})
+        want = x.double() @ w.double().t() + b.double()
+        assert sqnr_db(got, want) >= FP8_LINEAR_SQNR_DB, (kind, name, sqnr_db(got, want))
+        checked += 1
     # double: q, k, v, out, added q, k, v, out, 2 + 2 MLP, 2 modulations; single: q, k, v, MLP, out, modulation
     assert checked == 14 + 6
 

@@ -22,7 +22,7 @@ from fluxc.runtime.bundle import MANIFEST
 from fluxc.runtime.errors import FluxcError
 
 from conftest import TINY_TEXT, denoised_sqnr, random_embeddings
-from test_fp8 import _one_linear, _segments, tiny_bf16  # noqa: F401  (fixture)
+from test_fp8 import _one_linear, _segments, block_linears, tiny_bf16  # noqa: F401  (fixture)
 from test_passes import _run, _tensors
 
 # Per segment on `tiny`: every block linear becomes one fluxc.nvfp4_linear (a double block's fused img/txt QKV,
@@ -50,24 +50,17 @@ def test_every_block_linear_meets_the_nvfp4_floor(tiny_bf16):  # noqa: F811
     """Each linear of a double and a single block, quantized and lowered alone, against float64 math on its
     real weight (modulation GEMMs weight-only, as the recipe says)."""
     recipe = RECIPES["sm100_nvfp4"]()
-    blocks = {"double": tiny_bf16.module.transformer_blocks[0], "single": tiny_bf16.module.single_transformer_blocks[0]}
-    g = torch.Generator().manual_seed(0)
     floors = []
-    for kind, block in blocks.items():
-        for name, linear in block.named_modules():
-            if not isinstance(linear, torch.nn.Linear):
-                continue
-            w, b = linear.weight.detach(), linear.bias.detach()
-            x = torch.randn(37, w.shape[1], generator=g).to(torch.bfloat16)
-            ctx = PassContext(recipe, "cpu", kind)
-            result = quantize_nvfp4.run(_one_linear(w, b, 37, name), ctx)
-            full = "norm" not in name
-            assert result.counts == {"quantized": int(full), "weight_only": int(not full), "excluded": 0}, name
-            gm = lower_nvfp4.run(result.graph, ctx).graph
-            (got,) = _run(gm, {f"{name}.weight": w, f"{name}.bias": b, "x_1": x})
-            want = x.double() @ w.double().t() + b.double()
-            floors.append(sqnr_db(got, want))
-            assert floors[-1] >= NVFP4_LINEAR_SQNR_DB, (kind, name, floors[-1])
+    for kind, name, w, b, x in block_linears(tiny_bf16):
+        ctx = PassContext(recipe, "cpu", kind)
+        result = quantize_nvfp4.run(_one_linear(w, b, 37, name), ctx)
+        full = "norm" not in name
+        assert result.counts == {"quantized": int(full), "weight_only": int(not full), "excluded": 0}, name
+        gm = lower_nvfp4.run(result.graph, ctx).graph
+        (got,) = _run(gm, {f"{name}.weight": w, f"{name}.bias": b, "x_1": x})
+        want = x.double() @ w.double().t() + b.double()
+        floors.append(sqnr_db(got, want))
+        assert floors[-1] >= NVFP4_LINEAR_SQNR_DB, (kind, name, floors[-1])
     print(f"tiny nvfp4 linears against float64: {min(floors):.1f} to {max(floors):.1f} dB")
     assert len(floors) == 14 + 6
 

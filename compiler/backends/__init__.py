@@ -23,9 +23,6 @@ class Backend(Protocol):
 def get_backend(name: str) -> Backend:
     from fluxc.backends.inductor import InductorBackend
     from fluxc.backends.onnx import OnnxBackend
-    from fluxc.runtime.errors import FluxcError
 
-    backends = {"inductor": InductorBackend, "onnx": OnnxBackend}
-    if name not in backends:
-        raise FluxcError(f"Unknown backend '{name}'.", "Use one of: " + ", ".join(backends) + ".")
+    backends = {"inductor": InductorBackend, "onnx": OnnxBackend}  # names checked by build._check_backend
     return backends[name]()

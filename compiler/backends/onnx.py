@@ -8,6 +8,7 @@ with onnx.checker (full check, with shape inference) before the build goes on. S
 model per resolution profile, as the engine's profiles are.
 """
 
+import collections
 import os
 
 import torch
@@ -32,55 +33,37 @@ def quantize_linear(model) -> int:
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*inferred.input, *inferred.value_info, *inferred.output]}
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    uses = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    rewritten, drop = 0, set()
-    for k, node in enumerate(graph.node):
+    nodes = list(graph.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}  # value -> index of the node making it
+    uses = collections.Counter(i for n in nodes for i in n.input)
+    replaced = {}  # index of a Cast -> the nodes that replace it; index of its Div -> [] (it goes)
+    for k, node in enumerate(nodes):
         to = next((a.i for a in node.attribute if a.name == "to"), None)
-        div = producer.get(node.input[0]) if node.op_type == "Cast" and to == TensorProto.FLOAT8E4M3FN else None
-        if div is None or div.op_type != "Div" or uses[div.output[0]] != 1:
+        if node.op_type != "Cast" or to != TensorProto.FLOAT8E4M3FN or node.input[0] not in producer:
+            continue
+        at_div = producer[node.input[0]]
+        div = nodes[at_div]
+        if div.op_type != "Div" or uses[div.output[0]] != 1:
             continue
         x, scale = div.input
         x_shape, s_shape = shapes.get(x), shapes.get(scale)
         if not x_shape or s_shape is None:
             continue
-        if all(d == 1 for d in s_shape):  # per tensor
-            scale_in, attrs = f"{scale}__scalar", {}
-            graph.node.append(helper.make_node("Reshape", [scale, f"{scale}__no_dims"], [scale_in]))
-            graph.initializer.append(helper.make_tensor(f"{scale}__no_dims", TensorProto.INT64, [0], []))
+        f8 = dict(name=node.name, output_dtype=TensorProto.FLOAT8E4M3FN)
+        if all(size == 1 for size in s_shape):  # per tensor: the scale as a scalar
+            no_dims, scalar = f"{node.name}__no_dims", f"{node.name}__scale"
+            graph.initializer.append(helper.make_tensor(no_dims, TensorProto.INT64, [0], []))
+            replaced[k] = [helper.make_node("Reshape", [scale, no_dims], [scalar]),
+                           helper.make_node("QuantizeLinear", [x, scalar], list(node.output), **f8)]
         elif s_shape[:-1] == x_shape[:-1] and s_shape[-1] == 1:  # one per row
-            scale_in, attrs = scale, {"axis": -1, "block_size": x_shape[-1]}
+            replaced[k] = [helper.make_node("QuantizeLinear", [x, scale], list(node.output), axis=-1,
+                                            block_size=x_shape[-1], **f8)]
         else:
             continue
-        graph.node[k].CopyFrom(helper.make_node("QuantizeLinear", [x, scale_in], list(node.output), name=node.name,
-                                                output_dtype=TensorProto.FLOAT8E4M3FN, **attrs))
-        drop.add(id(div))
-        rewritten += 1
-    kept = [n for n in graph.node if id(n) not in drop]
+        replaced[at_div] = []
     del graph.node[:]
-    graph.node.extend(_toposort(kept))
-    return rewritten
-
-
-def _toposort(nodes):
-    """Nodes in an order where each comes after the producers of its inputs (appended Reshapes moved up)."""
-    made = {o for n in nodes for o in n.output}
-    ready, ordered, pending = set(), [], list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready or i not in made for i in n.input if i):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise RuntimeError("cycle in an ONNX graph (fluxc bug)")
-        pending = rest
-    return ordered
+    graph.node.extend(new for k, n in enumerate(nodes) for new in replaced.get(k, [n]))  # in place: order stays valid
+    return sum(1 for v in replaced.values() if v)
 
 
 class OnnxBackend:
