@@ -27,11 +27,11 @@ import dataclasses
 
 import torch
 
+from fluxc.passes.base import PassContext, PassResult, Rejection, call, copy_backward_slice, is_aten
+from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 from fluxc.runtime.cache import PROBE_OUTPUT
-from fluxc.passes.base import PassContext, PassResult, Rejection, call, copy_backward_slice
 
 RESIDUAL = "hidden_states"  # the image stream: the name a double block's residual input and output share
-ADALN_OPS = ("adaln", "adaln_fp8")
 
 
 @dataclasses.dataclass
@@ -48,16 +48,12 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     residual = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == RESIDUAL), None)
     if residual is None or RESIDUAL not in gm.graph.output_node().meta["names"]:
         return PassResult(gm, {"probes": 0}, [Rejection("graph", f"no residual stream: no input and output '{RESIDUAL}'")])
-    modulation = next((u for u in residual.users if _is_adaln(u)), None)
+    adaln = (torch.ops.fluxc.adaln.default, torch.ops.fluxc.adaln_fp8.default)
+    modulation = next((u for u in residual.users if is_aten(u, *adaln)), None)
     if modulation is None:
         return PassResult(gm, {"probes": 0}, [Rejection(
             residual.name, "no fluxc.adaln reads the image stream (fuse_adaln off?): no TeaCache probe", depth=1)])
     return PassResult(gm, {"probes": 1}, probe=_split_off(gm, modulation))
-
-
-def _is_adaln(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and getattr(node.target, "namespace", None) == "fluxc" \
-        and node.target._opname in ADALN_OPS
 
 
 def _split_off(gm: torch.fx.GraphModule, modulation: torch.fx.Node) -> Probe:
