@@ -48,7 +48,7 @@ class BuildOptions:
     transformer_only: bool = False
     encoders: str | None = None  # gpu | offload | cpu; default: gpu on a GPU target, cpu on the CPU target
     recipe_overrides: tuple[tuple[str, object], ...] = ()  # (field, value) over the named recipe (benchmarks)
-    calibrate: int = 0  # fp8: static activation scales from this many calibration samples (compiler/calibrate.py)
+    calibrate: int = 0  # fp8/nvfp4: static activation scales from this many calibration samples (compiler/calibrate.py)
     stage: str = "engine"  # "plan": stop before the target-specific lowering and write a portable plan
     from_plan: str | None = None  # finish this plan (compiler/plan.py) into an engine for the target
     cache: dict | None = None  # CacheConfig fields over the recipe's default step-skipping policy (--cache ...)
@@ -85,10 +85,10 @@ def validate(opts: BuildOptions) -> Settings:
     here = local_target()
     target = here if opts.target == "auto" else opts.target
     _check_target(recipe, target)
-    _check_backend(opts.backend, recipe)
-    if opts.calibrate and recipe.precision is not Precision.FP8:
-        raise FluxcError(f"--calibrate sets static FP8 activation scales; this build is {recipe.precision.value}.",
-                         "Add --precision fp8, or drop --calibrate.")
+    _check_backend(opts.backend, recipe, bool(opts.calibrate))
+    if opts.calibrate and recipe.precision not in (Precision.FP8, Precision.NVFP4):
+        raise FluxcError(f"--calibrate sets static FP8 or NVFP4 activation scales; this build is "
+                         f"{recipe.precision.value}.", "Add --precision fp8 or nvfp4, or drop --calibrate.")
     if opts.calibrate < 0:
         raise FluxcError(f"--calibrate {opts.calibrate}: the number of calibration samples cannot be negative.",
                          "Use --calibrate N with N >= 1 (or leave it out for per-token scales at run time).")
@@ -121,7 +121,7 @@ def validate_finish(opts: BuildOptions, header: dict) -> Settings:
         raise FluxcError(f"Cannot finish a plan for {target} on this machine ({here}): engines are compiled on the "
                          "GPU they run on.", f"Run fluxc build --from on a {target} machine, or use --target {here}.")
     _check_target(recipe, target)
-    _check_backend(opts.backend, recipe)
+    _check_backend(opts.backend, recipe, header["calibration"] is not None)
     device = target_device(target)
     traced = "cuda" if any(s["device"] == "cuda" for s in header["segments"]) else "cpu"
     if traced != device.type:
@@ -172,7 +172,7 @@ def _check_target(recipe: Recipe, target: str) -> None:
                          f"newer; {target} is older.", "Use --recipe sm90_fp8 (FP8 GEMMs, bf16 attention) there.")
 
 
-def _check_backend(backend: str, recipe: Recipe) -> None:
+def _check_backend(backend: str, recipe: Recipe, calibrated: bool) -> None:
     import importlib.util
 
     if backend == "tensorrt":
@@ -183,10 +183,10 @@ def _check_backend(backend: str, recipe: Recipe) -> None:
                          "segment, with FP8 as float8 Q/DQ; build TensorRT engines from it where TensorRT is installed.")
     if backend not in ("inductor", "onnx", "tensorrt"):
         raise FluxcError(f"Unknown backend '{backend}'.", "Use --backend inductor, onnx or tensorrt.")
-    if backend != "inductor" and recipe.precision is Precision.NVFP4:
-        raise FluxcError(f"--backend {backend} does not export NVFP4 yet (FLOAT4E2M1 weights with two-level "
-                         "DequantizeLinear are the next step of the ONNX backend).",
-                         "Build --precision nvfp4 with --backend inductor, or --precision fp8/bf16 with ONNX.")
+    if backend != "inductor" and recipe.precision is Precision.NVFP4 and not calibrated:
+        raise FluxcError(f"--backend {backend} exports NVFP4 activations through TensorRT's TRT_FP4DynamicQuantize, "
+                         "whose global scale is a build-time constant: it needs calibrated activation scales.",
+                         "Add --calibrate N (e.g. 4), or build --precision nvfp4 with --backend inductor.")
     if backend != "inductor" and recipe.fp8_attention:
         raise FluxcError(f"--backend {backend} does not export cuDNN's FP8 attention (recipe {recipe.name}).",
                          "Use --recipe sm90_fp8 (bf16 attention) with ONNX.")
@@ -310,7 +310,8 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
 
 def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) -> dict:
     """Lower for the target, compile, check against the recorded eager outputs, write the engine atomically."""
-    lower = [ps for ps in resolve(p.recipe, settings.target) if ps.phase == LOWER]
+    backend = get_backend(opts.backend)
+    lower = [ps for ps in resolve(p.recipe, settings.target) if ps.phase == LOWER and ps.name not in backend.translates]
     with stages("lower"):
         for seg in p.segments:
             ctx = PassContext(p.recipe, settings.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()))
@@ -321,7 +322,6 @@ def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) 
                 p.explain[seg.name] |= result.explain
     with stages("transform weights"):
         weights = engine_weights(p.segments, p.weights)  # the lowering may read new layouts (swizzled scales)
-    backend = get_backend(opts.backend)
     with atomic_directory(opts.output) as tmp:
         numerics, seg_entries, compiled = {}, [], {}
         for seg in p.segments:

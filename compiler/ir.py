@@ -33,7 +33,8 @@ class WeightSource:
     |RMSNorm(x) * w| over the norm weights `sources` (sqrt(D) max |w|: a normed row has norm sqrt(D)) / 448,
     as [1, 1, 1, 1] f32, the static e4m3 scale of normed q or k (rotary embedding keeps pair norms; 1% over,
     for the bf16 rounding of the normed values); "act_scale": the static activation scale [1, 1] f32 of the
-    linears whose weights are `sources`: their calibrated input amax (compiler/calibrate.py) / 448;
+    linears whose weights are `sources`: their calibrated input amax (compiler/calibrate.py) / 448; "act_global":
+    the same amax / 2688 as [1] f32, the static NVFP4 global scale of their input;
     "nvfp4" / "nvfp4_scale" / "nvfp4_global": `sources[0]` [N, K] as NVFP4 e2m1 codes [N, K/2] u8, e4m3 block
     scales [N, K/16] and its global scale [1] f32 (runtime/nvfp4.py); "nvfp4_swizzled": block scales
     `sources[0]` in cuBLASLt's swizzled layout. Passes that rewrite weights (fused QKV, split projections,
@@ -64,9 +65,9 @@ class WeightSource:
         tensors under their names too)."""
         if self.name in tensors or self.op == "load":
             return tensors[self.name]
-        if self.op == "act_scale":
-            amax = torch.stack([tensors[n + AMAX_SUFFIX] for n in self.checkpoint_names()]).amax().float()
-            return (amax.clamp_min(1e-12) / E4M3_MAX).reshape(1, 1)
+        if self.op in ("act_scale", "act_global"):
+            amax = torch.stack([tensors[n + AMAX_SUFFIX] for n in self.checkpoint_names()]).amax().float().clamp_min(1e-12)
+            return (amax / E4M3_MAX).reshape(1, 1) if self.op == "act_scale" else (amax / nvfp4.GLOBAL_DIVISOR).reshape(1)
         parts = [s.make(tensors) for s in self.sources]
         if self.op == "cat":
             return torch.cat(parts, self.dim)

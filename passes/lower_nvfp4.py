@@ -1,7 +1,8 @@
 """Lower fluxc.nvfp4_linear to the target's kernels: native NVFP4 GEMMs on sm_100+, exact emulation elsewhere.
 
 Runs when the engine is finished (after a plan, on the target), so one plan serves both.
-Pattern:  %y = fluxc.nvfp4_linear(%x, %codes, %scales, %global, %bias)                        [M, N] bf16
+Pattern:  %y = fluxc.nvfp4_linear(%x, %codes, %scales, %global, %bias[, %x_global])           [M, N] bf16
+          (%x_global: the calibrated global scale of x, passed on to nvfp4_quantize; None: x's own amax)
 Rewrite, native (sm_100, sm_120: Blackwell's block-scaled FP4 tensor cores):
     %xq, %xs, %xg = fluxc.nvfp4_quantize(%x, swizzled=True)          (Triton: codes, swizzled scales, global)
     %y0 = aten._scaled_mm(aten.view.dtype(%xq, f4e2m1x2), aten.t(aten.view.dtype(%codes, f4e2m1x2)),
@@ -34,15 +35,15 @@ def mode(target: str) -> str:
     return "native" if sm >= NATIVE_SM else "emulated"
 
 
-def _quantize(g: torch.fx.Graph, x: torch.fx.Node, swizzled: bool) -> list[torch.fx.Node]:
-    q = call(g, torch.ops.fluxc.nvfp4_quantize.default, x, swizzled)
+def _quantize(g: torch.fx.Graph, x: torch.fx.Node, swizzled: bool, x_global) -> list[torch.fx.Node]:
+    q = call(g, torch.ops.fluxc.nvfp4_quantize.default, x, swizzled, x_global)
     return [call(g, operator.getitem, q, i) for i in range(3)]
 
 
-def _native(gm: torch.fx.GraphModule, x, codes, scales) -> tuple[torch.fx.Node, torch.fx.Node]:
+def _native(gm: torch.fx.GraphModule, x, codes, scales, x_global) -> tuple[torch.fx.Node, torch.fx.Node]:
     """(bf16 GEMM of the block-scaled FP4 operands, x's global scale)."""
     g = gm.graph
-    xq, xs, xg = _quantize(g, x, swizzled=True)
+    xq, xs, xg = _quantize(g, x, True, x_global)
     source, val = scales.meta["weight"], scales.meta["val"]
     swizzled = add_weight(gm, WeightSource(f"nvfp4_swizzled({source.name})", "nvfp4_swizzled", (source,)),
                           val.new_empty(nvfp4.swizzled_numel(*val.shape)))
@@ -52,10 +53,10 @@ def _native(gm: torch.fx.GraphModule, x, codes, scales) -> tuple[torch.fx.Node, 
                 x.meta["val"].dtype), xg
 
 
-def _emulated(gm: torch.fx.GraphModule, x, codes, scales) -> tuple[torch.fx.Node, torch.fx.Node]:
+def _emulated(gm: torch.fx.GraphModule, x, codes, scales, x_global) -> tuple[torch.fx.Node, torch.fx.Node]:
     g = gm.graph
     dtype = x.meta["val"].dtype
-    xq, xs, xg = _quantize(g, x, swizzled=False)
+    xq, xs, xg = _quantize(g, x, False, x_global)
     xd, wd = (call(g, torch.ops.fluxc.nvfp4_dequantize.default, c, s, dtype) for c, s in ((xq, xs), (codes, scales)))
     return call(g, aten.mm.default, xd, call(g, aten.t.default, wd)), xg
 
@@ -68,9 +69,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in list(g.nodes):
         if not is_aten(node, torch.ops.fluxc.nvfp4_linear.default):
             continue
-        x, codes, scales, w_global, bias = node.args
+        x, codes, scales, w_global, bias, *static = node.args
         with g.inserting_before(node):
-            y, x_global = lower(gm, x, codes, scales)
+            y, x_global = lower(gm, x, codes, scales, *(static or [None]))
             out = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, y, dtype=torch.float32),
                        call(g, aten.mul.Tensor, x_global, w_global))  # as nvfp4.scale_output
             if bias is not None:

@@ -7,6 +7,9 @@ Rewrite:
     %nvfp4_global(weight): f32[1] = input                                                    (made at build time)
     %addmm = fluxc.nvfp4_linear(%x, %nvfp4(weight), %nvfp4_scale(weight), %nvfp4_global(weight), %bias)
     (fluxc.linear_gelu: the same, then aten.gelu(tanh); an addmm accumulating onto C: the same, then + C)
+Built with --calibrate, each x is quantized on a static global scale stored per layer (weight op "act_global":
+the calibrated input amax / 2688), the extra last argument of nvfp4_linear: the block scales stay per 16
+elements at run time, as in TensorRT's TRT_FP4DynamicQuantize, whose global scale is a build-time constant.
 fluxc.nvfp4_linear is target-independent: a plan (`fluxc build --stage plan`) stores it, and
 passes/lower_nvfp4.py picks its kernel (native sm_100 GEMM or exact emulation) when the engine is finished.
 Weight-only linears (recipe.quant_weight_only: the AdaLN modulation GEMMs, run once per generation by
@@ -39,10 +42,16 @@ def nvfp4_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> list[torch
     return [add_weight(gm, WeightSource(f"{op}({source.name})", op, (source,)), like) for op, like in zip(NVFP4_OPS, likes)]
 
 
-def quantize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+def quantize(gm: torch.fx.GraphModule, node: torch.fx.Node, calibrated: bool) -> None:
     x, weight, bias, *_ = linear_operands(node)
     codes, scales, global_ = nvfp4_weights(gm, weight)
-    replace_linear(gm, node, lambda g: call(g, torch.ops.fluxc.nvfp4_linear.default, x, codes, scales, global_, bias))
+    static = []
+    if calibrated:
+        source = weight.meta["weight"]
+        static = [add_weight(gm, WeightSource(f"act_global({source.name})", "act_global", (source,)),
+                             weight.meta["val"].new_empty(1, dtype=torch.float32))]
+    replace_linear(gm, node, lambda g: call(g, torch.ops.fluxc.nvfp4_linear.default, x, codes, scales, global_, bias,
+                                            *static))
 
 
 def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> None:
@@ -59,5 +68,5 @@ def _k_not_blocked(node: torch.fx.Node, weight: torch.fx.Node) -> str | None:
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     to_quantize, weight_only, excluded, rejected = recipe_linears(gm, ctx, quantize_weight_only, _k_not_blocked)
     for node, _ in to_quantize:
-        quantize(gm, node)
+        quantize(gm, node, ctx.calibrated)
     return quantized_result(gm, {}, rejected, [name for _, name in to_quantize], weight_only, excluded)

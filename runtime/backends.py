@@ -5,6 +5,7 @@ import os
 import torch
 
 from fluxc.runtime import kernels, nvfp4  # noqa: F401  (segments call torch.ops.fluxc.*; register them before loading)
+from fluxc.runtime import onnx_reference
 from fluxc.runtime.errors import FluxcError
 
 INDUCTOR_ARTIFACT = "artifact.bin"
@@ -42,13 +43,19 @@ def load_inductor(segment_dir: str):
 def load_onnx(segment_dir: str):
     """An ONNX Runtime session over the segment's model, called like a compiled segment: tensors in, tensors out.
     Where the provider has no kernels for the model's bfloat16 ops (ONNX Runtime's CPU provider has almost none),
-    the model runs widened to float32 (widen_bf16) and its bfloat16 outputs are rounded back."""
+    the model runs widened to float32 (widen_bf16) and its bfloat16 outputs are rounded back. Models ONNX
+    Runtime cannot run at all (NVFP4: TensorRT's TRT_FP4DynamicQuantize, float4 weights) run in onnx.reference
+    (fluxc.runtime.onnx_reference): slow, for checks and tiny engines."""
     try:
+        import onnx
         import onnxruntime
     except ImportError:
-        raise FluxcError("This engine's segments are ONNX models; running them needs onnxruntime.",
-                         "pip install onnxruntime (or onnxruntime-gpu), or rebuild with --backend inductor.") from None
+        raise FluxcError("This engine's segments are ONNX models; running them needs onnx and onnxruntime.",
+                         "pip install onnx onnxruntime (or onnxruntime-gpu), or rebuild with --backend inductor.") from None
     path = os.path.join(segment_dir, ONNX_MODEL)
+    model = onnx.load(path, load_external_data=False)
+    if onnx_reference.needs_reference(model):
+        return onnx_reference.runner(path, model)
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in onnxruntime.get_available_providers()]
     rounded: set[str] = set()  # outputs that were bfloat16 before widening
     # basic graph optimizations only: the extended level's Q/DQ fusions also match float8 DequantizeLinear +

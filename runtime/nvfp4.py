@@ -22,10 +22,12 @@ sm_100: rows padded to a multiple of 128 and scale columns to a multiple of 4 wi
 stored as 512 contiguous bytes, tiles in row-major order; inside a tile, (r, c) at (r % 32) * 16 + (r // 32) * 4 + c.
 
 Ops (torch.ops.fluxc.*; the plain-torch reference runs on the CPU, Triton kernels on CUDA):
-    nvfp4_quantize(x [M, K], swizzled) -> (codes u8 [M, K/2], scales e4m3 [M, K/16] or swizzled, global f32 [1])
+    nvfp4_quantize(x [M, K], swizzled, global) -> (codes u8 [M, K/2], scales e4m3 [M, K/16] or swizzled, global f32 [1])
+        global: a static (calibrated) global scale [1], or None for amax|x| / 2688 of this x
     nvfp4_dequantize(codes, scales, dtype) -> value * scale in dtype [..., K]   (exact in bf16: <= 6 significant bits)
-    nvfp4_linear(x [M, K], w_codes [N, K/2], w_scales [N, K/16], w_global [1], bias [N] | None) -> [M, N]
-        What passes/quantize_nvfp4.py writes into plans: x quantized per 16-block at run time, times the packed
+    nvfp4_linear(x [M, K], w_codes [N, K/2], w_scales [N, K/16], w_global [1], bias [N] | None, x_global [1] | None)
+        -> [M, N]. What passes/quantize_nvfp4.py writes into plans: x quantized per 16-block at run time (on its
+        calibrated global scale x_global, or its own amax when None), times the packed
         weight. passes/lower_nvfp4.py replaces it when the engine is finished: native (sm_100+: the codes as
         float4_e2m1fn_x2 into torch._scaled_mm with swizzled scales) or emulated (sm_90, CPU: both operands
         dequantized to bf16, bf16 GEMM). Either way the GEMM's bf16 result is scaled by both globals in fp32,
@@ -112,14 +114,15 @@ def scale_output(y: torch.Tensor, global_: torch.Tensor, bias: torch.Tensor | No
 
 # ---- ops -----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fluxc::nvfp4_quantize", mutates_args=())
-def nvfp4_quantize(x: torch.Tensor, swizzled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = global_scale(x)
+def nvfp4_quantize(x: torch.Tensor, swizzled: bool, global_: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = global_scale(x) if global_ is None else global_.float().clone()
     codes, scales = quantize(x, g)
     return codes, swizzle_scales(scales) if swizzled else scales, g
 
 
 @nvfp4_quantize.register_fake
-def _(x, swizzled):
+def _(x, swizzled, global_=None):
     m, k = x.shape
     scales = (x.new_empty(swizzled_numel(m, k // BLOCK), dtype=torch.float8_e4m3fn) if swizzled
               else x.new_empty(m, k // BLOCK, dtype=torch.float8_e4m3fn))
@@ -127,10 +130,11 @@ def _(x, swizzled):
 
 
 @nvfp4_quantize.register_kernel("cuda")
-def _nvfp4_quantize_cuda(x, swizzled):
+def _nvfp4_quantize_cuda(x, swizzled, global_=None):
     m, k = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
-    g = global_scale(x)  # torch's reduction and IEEE division: the same global as the reference
+    # torch's reduction and IEEE division: the same global as the reference
+    g = global_scale(x) if global_ is None else global_.float().clone()
     codes = x.new_empty(m, k // 2, dtype=torch.uint8)
     n_blocks = k // BLOCK
     scales = (x.new_zeros(swizzled_numel(m, n_blocks), dtype=torch.float8_e4m3fn) if swizzled  # zero padding
@@ -162,14 +166,14 @@ def _nvfp4_dequantize_cuda(codes, scales, dtype):
 
 @torch.library.custom_op("fluxc::nvfp4_linear", mutates_args=())
 def nvfp4_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scales: torch.Tensor, w_global: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    codes, scales, g = nvfp4_quantize(x, False)
+                 bias: torch.Tensor | None, x_global: torch.Tensor | None = None) -> torch.Tensor:
+    codes, scales, g = nvfp4_quantize(x, False, x_global)
     y = dequantize(codes, scales, x.dtype) @ dequantize(w_codes, w_scales, x.dtype).t()
     return scale_output(y, g * w_global, bias)
 
 
 @nvfp4_linear.register_fake
-def _(x, w_codes, w_scales, w_global, bias):
+def _(x, w_codes, w_scales, w_global, bias, x_global=None):
     return x.new_empty(x.shape[0], w_codes.shape[0])
 
 

@@ -200,12 +200,15 @@ def test_triton_kernels_compile_for_blackwell(arch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("swizzled", [False, True])
-def test_triton_quantize_is_bit_equal_to_reference(case, swizzled):
+@pytest.mark.parametrize("static", [False, True])
+def test_triton_quantize_is_bit_equal_to_reference(case, swizzled, static):
+    """static: on a given (calibrated) global scale, a third of x's own, so that large blocks saturate."""
     x = CASES[case]().bfloat16()  # the kernel reads bf16 activations
+    g = nvfp4.global_scale(x) / 3 if static else None
     want = [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-            for t in torch.ops.fluxc.nvfp4_quantize(x, swizzled)]
+            for t in torch.ops.fluxc.nvfp4_quantize(x, swizzled, g)]
     got = [t.cpu().view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t.cpu()
-           for t in torch.ops.fluxc.nvfp4_quantize(x.cuda(), swizzled)]
+           for t in torch.ops.fluxc.nvfp4_quantize(x.cuda(), swizzled, None if g is None else g.cuda())]
     for name, a, b in zip(("codes", "scales", "global"), got, want):
         assert torch.equal(a, b), name
     big = torch.randn(4608, 3072, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()

@@ -149,7 +149,7 @@ def test_damaged_or_foreign_plans_are_refused(nvfp4_builds, tmp_path):
         build(BuildOptions(model=None, output=out, target="cpu", from_plan=plan))
     with pytest.raises(FluxcError, match="is not a fluxc plan"):
         build(BuildOptions(model=None, output=out, target="cpu", from_plan=nvfp4_builds["nvfp4.fluxe"]))
-    with pytest.raises(FluxcError, match="does not export NVFP4 yet"):  # checked before the plan is lowered
+    with pytest.raises(FluxcError, match="needs calibrated activation scales"):  # uncalibrated plan, checked first
         build(BuildOptions(model=None, output=out, target="cpu", from_plan=nvfp4_builds["sm100.fluxp"], backend="onnx"))
     assert not os.path.exists(out)
 

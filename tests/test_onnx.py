@@ -87,16 +87,33 @@ def test_a_model_onnx_runtime_cannot_run_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def transformer_engines(tmp_path_factory):
-    """Tiny transformer-only CPU engines in bf16 and fp8, each from both backends (same weights, one profile)."""
+    """Tiny transformer-only CPU engines in bf16, fp8 and nvfp4 (calibrated on 2 samples, as the ONNX export
+    needs), each from both backends (same weights, one profile)."""
     from fluxc.build import BuildOptions, build
 
     paths = {}
-    for precision in ("bf16", "fp8"):
+    for precision in ("bf16", "fp8", "nvfp4"):
         for backend in ("inductor", "onnx"):
             paths[precision, backend] = str(tmp_path_factory.mktemp("engines") / f"tiny-{precision}-{backend}.fluxe")
             build(BuildOptions(model="tiny", output=paths[precision, backend], target="cpu", precision=precision,
-                               resolutions=((144, 112),), text_tokens=TINY_TEXT, transformer_only=True, backend=backend))
+                               resolutions=((144, 112),), text_tokens=TINY_TEXT, transformer_only=True, backend=backend,
+                               calibrate=2 if precision == "nvfp4" else 0))
     return paths
+
+
+def _segment_models(path):
+    from fluxc.runtime.bundle import read_manifest
+
+    return {seg["kind"]: onnx.load(os.path.join(path, seg["dir"], "segment.onnx")) for seg in read_manifest(path)["segments"]}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "nvfp4"])
+def test_every_transformer_segment_passes_the_full_onnx_check(transformer_engines, precision):
+    from fluxc.runtime.bundle import read_manifest
+
+    path = transformer_engines[precision, "onnx"]
+    for seg in read_manifest(path)["segments"]:
+        onnx.checker.check_model(os.path.join(path, seg["dir"], "segment.onnx"), full_check=True)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -134,9 +151,76 @@ def _assert_float8_qdq(model):
     assert not [n for n in model.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == f8 for a in n.attribute)]
 
 
+def test_nvfp4_segments_are_tensorrt_s_fp4_pattern(transformer_engines):
+    """Each NVFP4 linear as ModelOpt exports it: TRT_FP4DynamicQuantize of the activation on a constant-per-layer
+    global scale, two-level DequantizeLinear (block 16) of it and of a packed FLOAT4E2M1 weight input, MatMul."""
+    from fluxc.runtime.bundle import read_manifest
+
+    path = transformer_engines["nvfp4", "onnx"]
+    counts = {seg["kind"]: seg["op_counts"]["fluxc.nvfp4_linear.default"] for seg in read_manifest(path)["segments"]
+              if "fluxc.nvfp4_linear.default" in seg["op_counts"]}
+    models = _segment_models(path)
+    assert set(counts) == {"double", "single"}
+    for kind, n_linears in counts.items():
+        graph = models[kind].graph
+        fp4_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT4E2M1}
+        producer = {o: n for n in graph.node for o in n.output}
+        quantizers = [n for n in graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
+        assert len(quantizers) == n_linears == len(fp4_inputs)
+        assert all(n.domain == "trt" and {a.name: a.i for a in n.attribute} == {"axis": -1, "block_size": 16, "scale_type": 17}
+                   for n in quantizers)
+        for matmul in (n for n in graph.node if n.op_type == "MatMul"):
+            x, w = (producer[v] for v in matmul.input)
+            w = producer[w.input[0]] if w.op_type == "Transpose" else w
+            for dq, source in ((x, "TRT_FP4DynamicQuantize"), (w, None)):
+                assert dq.op_type == "DequantizeLinear" and producer[dq.input[1]].op_type == "DequantizeLinear"
+                assert (dq.input[0] in fp4_inputs) if source is None else producer[dq.input[0]].op_type == source
+
+
+def test_one_nvfp4_linear_in_onnx_reference_matches_the_torch_op(tmp_path):
+    """ONNX's two-level DequantizeLinear of float4 and the transcribed TensorRT quantizer, in onnx.reference, against
+    fluxc's torch op on the same operands (they round alike but for e4m3 ties in the block scales, and add the
+    global scales in another order), and both against float64 math."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fluxc.backends.onnx import OnnxBackend
+    from fluxc.numerics import NVFP4_LINEAR_SQNR_DB, sqnr_db
+    from fluxc.runtime import nvfp4
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 256, generator=g), torch.randn(96, generator=g).to(torch.bfloat16)
+    x = (torch.randn(40, 256, generator=g) * torch.rand(40, 1, generator=g) * 4).to(torch.bfloat16)
+    codes, scales, w_global = nvfp4.quantize_weight(w)
+    x_global = (x.float().abs().amax() / nvfp4.GLOBAL_DIVISOR * 1.25).reshape(1)  # a calibrated amax, a bit above
+    operands = [codes, scales, w_global, b, x_global, x]
+    gm = make_fx(lambda c, s, wg, b, xg, x: [torch.ops.fluxc.nvfp4_linear.default(x, c, s, wg, b, xg)])(*operands)
+    got, = OnnxBackend().compile(gm, operands, str(tmp_path), {})(*operands)
+    want = torch.ops.fluxc.nvfp4_linear(x, codes, scales, w_global, b, x_global)
+    exact = x.double() @ w.double().t() + b.double()
+    assert sqnr_db(got, want) >= 40.0  # ~50 dB measured: bf16 rounding of the GEMM and a few tied block scales
+    assert sqnr_db(got, exact) >= NVFP4_LINEAR_SQNR_DB and sqnr_db(want, exact) >= NVFP4_LINEAR_SQNR_DB
+
+
+def test_nvfp4_onnx_engine_denoises_like_the_torch_engine(transformer_engines):
+    """8 denoising steps of the whole ONNX NVFP4 engine in onnx.reference against the bf16 engine, as good as the
+    Inductor NVFP4 engine's (two correct NVFP4 engines differ by about their quantization noise: an upstream
+    difference of one bf16 ulp moves values across e2m1 rounding boundaries), and close to it."""
+    from conftest import denoised_sqnr
+
+    from fluxc.numerics import NVFP4_SEGMENT_SQNR_DB
+
+    onnx_vs_bf16 = denoised_sqnr(transformer_engines["nvfp4", "onnx"], transformer_engines["bf16", "inductor"])
+    torch_vs_bf16 = denoised_sqnr(transformer_engines["nvfp4", "inductor"], transformer_engines["bf16", "inductor"])
+    between = denoised_sqnr(transformer_engines["nvfp4", "onnx"], transformer_engines["nvfp4", "inductor"])
+    print(f"8-step latents: onnx nvfp4 vs bf16 {onnx_vs_bf16:.1f} dB, torch nvfp4 vs bf16 {torch_vs_bf16:.1f} dB, "
+          f"onnx vs torch nvfp4 {between:.1f} dB")
+    assert onnx_vs_bf16 >= max(NVFP4_SEGMENT_SQNR_DB, torch_vs_bf16 - 1.0)  # measured 22.6 vs 22.8 dB
+    assert between >= 25.0  # measured 30 dB
+
+
 @pytest.mark.parametrize("args, message", [
     (["--backend", "tensorrt"], "Build the stage TensorRT takes with --backend onnx"),
-    (["--backend", "onnx", "--precision", "nvfp4"], "does not export NVFP4 yet"),
+    (["--backend", "onnx", "--precision", "nvfp4"], "needs calibrated activation scales"),
     (["--backend", "onnx", "--precision", "fp8", "--recipe", "sm90_fp8_attn"], "FP8 attention"),
 ])
 def test_backends_that_cannot_build_this_say_so_first(tmp_path, args, message):

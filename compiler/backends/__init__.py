@@ -13,6 +13,7 @@ import torch
 
 class Backend(Protocol):
     name: str
+    translates: frozenset[str]  # lowering passes the build skips for it: the backend translates their ops itself
 
     def compile(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], out_dir: str,
                 options: dict) -> Callable: ...

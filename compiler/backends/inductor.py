@@ -9,6 +9,7 @@ from fluxc.runtime.backends import INDUCTOR_ARTIFACT, backend_versions
 
 class InductorBackend:
     name = "inductor"
+    translates = frozenset()  # runs every lowering pass
 
     def compile(self, gm, example_inputs, out_dir, options):
         artifact = torch._inductor.standalone_compile(

@@ -3,7 +3,9 @@
 torch.onnx's exporter (dynamo) translates the rewritten segment graph, with fluxc's fused ops as standard
 ONNX ops (fluxc.backends.onnx_ops). Weights stay graph inputs, as in every fluxc segment: one model per
 segment kind serves all its layers, fed from the engine's one weight file. After export, quantize_linear
-turns the FP8 activation quantization Inductor would have fused into QuantizeLinear. Each model is checked
+turns the FP8 activation quantization Inductor would have fused into QuantizeLinear. NVFP4 segments are
+exported before lower_nvfp4 (which picks kernels for Inductor): fluxc.nvfp4_linear becomes the TensorRT
+pattern in onnx_ops, its packed codes FLOAT4E2M1 inputs. Each model is checked
 with onnx.checker (full check, with shape inference) before the build goes on. Shapes are static: one
 model per resolution profile, as the engine's profiles are.
 """
@@ -66,8 +68,19 @@ def quantize_linear(model) -> int:
     return sum(1 for v in replaced.values() if v)
 
 
+def as_float4(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The example inputs with NVFP4 weight codes (u8 [N, K/2] into fluxc.nvfp4_linear or nvfp4_dequantize) viewed
+    as float4_e2m1fn_x2, which the exporter types as ONNX's packed FLOAT4E2M1 [N, K]: the same bytes."""
+    readers = {torch.ops.fluxc.nvfp4_linear.default: 1, torch.ops.fluxc.nvfp4_dequantize.default: 0}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    codes = {n for n in placeholders
+             if any(u.target in readers and u.args[readers[u.target]] is n for u in n.users)}
+    return [t.view(torch.float4_e2m1fn_x2) if n in codes else t for n, t in zip(placeholders, example_inputs)]
+
+
 class OnnxBackend:
     name = "onnx"
+    translates = frozenset({"lower_nvfp4"})  # lowering passes it skips: it translates fluxc.nvfp4_linear itself
 
     def compile(self, gm, example_inputs, out_dir, options):
         import onnx
@@ -77,7 +90,8 @@ class OnnxBackend:
         path = os.path.join(out_dir, ONNX_MODEL)
         gm.eval()  # a traced graph has no train-mode behaviour; this silences the exporter's warning
         try:
-            program = torch.onnx.export(gm, tuple(example_inputs), dynamo=True, opset_version=OPSET, verbose=False,
+            program = torch.onnx.export(gm, tuple(as_float4(gm, example_inputs)), dynamo=True, opset_version=OPSET,
+                                        verbose=False,
                                         custom_translation_table=onnx_ops.table())
         except Exception as e:  # the exporter's summary names the op it has no translation for
             lines = str(e).splitlines()

@@ -13,15 +13,32 @@ FP8 (quantize_fp8) in the Q/DQ form TensorRT's parser fuses, with per-token scal
                                            and QuantizeLinear(y, scale, axis=-1, block_size=C) to float8e4m3fn
     aten._scaled_mm(a, b, sa, sb, bias)    MatMul(DequantizeLinear(a, sa), DequantizeLinear(b, sb)) + bias,
                                            each scale per tensor, per row of a or per column of b
+NVFP4 (quantize_nvfp4, unlowered) in the pattern NVIDIA's ModelOpt exports for TensorRT: packed FLOAT4E2M1
+weights (the engine's e2m1 codes, fed as float4: ONNX packs two per byte, the first in the low nibble, as
+fluxc does) with two-level DequantizeLinear, and TensorRT's own op for the activations:
+    fluxc.nvfp4_linear(x, codes, scales, global, bias, x_global)
+        xq, xs = trt::TRT_FP4DynamicQuantize(x, x_global, axis=-1, block_size=16, scale_type=float8e4m3fn)
+        x' = DequantizeLinear(xq, DequantizeLinear(xs, x_global), axis=-1, block_size=16)
+        w' = DequantizeLinear(codes, DequantizeLinear(scales, global), axis=-1, block_size=16)
+        MatMul(x', w'^T) + bias, in float32, cast back to x's type
+    fluxc.nvfp4_dequantize(codes, scales)  DequantizeLinear(codes, Cast(scales, float), axis=-1, block_size=16)
+x_global is the calibrated global scale (--calibrate): TensorRT takes it as a build-time constant. ONNX
+Runtime has no TRT_ ops; fluxc.runtime.onnx_reference runs such models with onnx.reference and a
+transcription of the op's documented math.
 """
 
 import math
 
 import torch
 from onnxscript import opset23 as op
+from onnxscript import values
+
+from fluxc.runtime.onnx_reference import TRT_DOMAIN, register_trt_schemas
 
 FLOAT, FLOAT8E4M3FN = 1, 17  # onnx.TensorProto
 E4M3_MAX = 448.0
+NVFP4_BLOCK = 16
+trt = values.Opset(TRT_DOMAIN, 1)
 
 
 def adaln(x, scale, shift, eps: float):
@@ -101,9 +118,34 @@ def scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=No
     return op.CastLike(out, bias) if bias is not None else op.Cast(out, to=16)  # bf16: the only out dtype used
 
 
+def _block_dequantize(q, block_scale, scale):
+    """Two-level dequantization: q * DequantizeLinear(block_scale, scale) per 16-element block of the last axis."""
+    return op.DequantizeLinear(q, op.DequantizeLinear(block_scale, scale), axis=-1, block_size=NVFP4_BLOCK)
+
+
+def nvfp4_linear(x, w_codes, w_scales, w_global, bias=None, x_global=None):
+    if x_global is None:  # build._check_backend refuses these builds first
+        raise ValueError("NVFP4 export needs calibrated activation global scales (--calibrate)")
+    x_global = op.Squeeze(x_global)  # [1] -> a scalar: per-tensor quantization
+    xq, xs = trt.TRT_FP4DynamicQuantize(op.Cast(x, to=FLOAT), x_global, axis=-1, block_size=NVFP4_BLOCK,
+                                        scale_type=FLOAT8E4M3FN, _num_outputs=2)
+    w = _block_dequantize(w_codes, w_scales, op.Squeeze(w_global))
+    y = op.MatMul(_block_dequantize(xq, xs, x_global), op.Transpose(w, perm=[1, 0]))
+    return op.CastLike(y if bias is None else y + op.Cast(bias, to=FLOAT), x)
+
+
+def nvfp4_dequantize(codes, scales, dtype: int):
+    """`dtype`: the exporter passes torch dtypes as ONNX data types (an IntEnum)."""
+    values_ = op.DequantizeLinear(codes, op.Cast(scales, to=FLOAT), axis=-1, block_size=NVFP4_BLOCK)
+    return values_ if dtype == FLOAT else op.Cast(values_, to=int(dtype))
+
+
 def table() -> dict:
+    register_trt_schemas()
     aten = torch.ops.aten
-    return {torch.ops.fluxc.adaln.default: adaln, torch.ops.fluxc.linear_gelu.default: linear_gelu,
+    return {torch.ops.fluxc.nvfp4_linear.default: nvfp4_linear,
+            torch.ops.fluxc.nvfp4_dequantize.default: nvfp4_dequantize,
+            torch.ops.fluxc.adaln.default: adaln, torch.ops.fluxc.linear_gelu.default: linear_gelu,
             torch.ops.fluxc.qk_norm_rope.default: qk_norm_rope, torch.ops.fluxc.adaln_fp8.default: adaln_fp8,
             torch.ops.fluxc.gelu_fp8.default: gelu_fp8, aten._scaled_mm.default: scaled_mm,
             aten._scaled_dot_product_flash_attention_for_cpu.default: sdpa_flash_cpu,

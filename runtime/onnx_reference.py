@@ -1,0 +1,107 @@
+"""Running ONNX models that use TensorRT's own ops (domain "trt") without TensorRT: onnx.reference.
+
+fluxc's NVFP4 ONNX models quantize activations with TRT_FP4DynamicQuantize, which TensorRT's ONNX parser
+implements and ONNX Runtime does not. Here the model runs in onnx.reference (numpy, float32, slow: for
+checking an export and running tiny engines, not for serving), with the op transcribed from TensorRT's
+operator documentation (DynamicQuantize) and NVIDIA ModelOpt's reference for it:
+    inputs   x [..., K] float, double_quant_scale (a scalar, the per-tensor global scale)
+    attrs    axis = -1, block_size = 16, scale_type = float8e4m3fn
+    per block of 16 along the last axis:
+             block_scale = e4m3(min(amax|block| / 6 / double_quant_scale, 448))    (round to nearest even)
+             y           = e2m1(clip(block / (f32(block_scale) * double_quant_scale), -6, 6)),  0 where that is 0
+    outputs  y float4e2m1 [..., K], block_scale float8e4m3fn [..., K/16]
+It is independent of fluxc.runtime.nvfp4 (numpy and ml_dtypes' roundings, not fluxc's torch quantizer).
+"""
+
+import numpy as np
+
+TRT_DOMAIN = "trt"
+FLOAT4E2M1 = 23  # onnx.TensorProto
+
+
+def register_trt_schemas() -> None:
+    """Declare TRT_FP4DynamicQuantize's signature to onnx (once per process), so exporters and onnx.checker can
+    type its outputs."""
+    from onnx import defs
+
+    if defs.has("TRT_FP4DynamicQuantize", TRT_DOMAIN):
+        return
+    param, attr, int_ = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute, defs.OpSchema.AttrType.INT
+    defs.register_schema(defs.OpSchema(
+        "TRT_FP4DynamicQuantize", TRT_DOMAIN, 1,
+        doc="TensorRT's dynamic NVFP4 block quantization (IDynamicQuantizeLayer).",
+        inputs=[param("x", "T1"), param("double_quant_scale", "tensor(float)")],
+        outputs=[param("y", "T2"), param("y_scale", "T3")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "the input's type"),
+                          ("T2", ["tensor(float4e2m1)"], "NVFP4 values"), ("T3", ["tensor(float8e4m3fn)"], "block scales")],
+        attributes=[attr("axis", int_, "the blocked axis"), attr("block_size", int_, "elements per scale"),
+                    attr("scale_type", int_, "the block scales' type (float8e4m3fn)")]))
+
+
+def _fp4_dynamic_quantize(x, double_quant_scale, axis=-1, block_size=16, scale_type=17):
+    import ml_dtypes
+
+    if (axis not in (-1, x.ndim - 1)) or block_size != 16 or scale_type != 17:
+        raise NotImplementedError(f"TRT_FP4DynamicQuantize(axis={axis}, block_size={block_size}, scale_type={scale_type})")
+    s = np.float32(double_quant_scale)
+    blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, block_size)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    scale = np.minimum(amax / np.float32(6.0) / s, np.float32(448.0)).astype(ml_dtypes.float8_e4m3fn)
+    step = scale.astype(np.float32) * s
+    q = np.clip(np.divide(blocks, step, out=np.zeros_like(blocks), where=step > 0), -6.0, 6.0)
+    return q.astype(ml_dtypes.float4_e2m1fn).reshape(x.shape), scale[..., 0]
+
+
+def reference_session(path: str):
+    """(an onnx.reference evaluator over the model at `path`, with TensorRT's ops fluxc exports; the names of its
+    outputs that were bfloat16). bfloat16 values are
+    computed in float32 and rounded to bfloat16 after each op (fluxc.runtime.backends.widen_bf16): onnx.reference
+    computes in its inputs' type, and layer norms or softmaxes accumulated in bfloat16 are no reference."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    class TRT_FP4DynamicQuantize(OpRun):
+        op_domain = TRT_DOMAIN
+
+        def _run(self, x, double_quant_scale, axis=None, block_size=None, scale_type=None):
+            return _fp4_dynamic_quantize(x, double_quant_scale, -1 if axis is None else axis, block_size or 16,
+                                         scale_type or 17)
+
+    from fluxc.runtime.backends import widen_bf16
+
+    widened, rounded = widen_bf16(path)
+    return ReferenceEvaluator(onnx.load_from_string(widened), new_ops=[TRT_FP4DynamicQuantize]), rounded
+
+
+def needs_reference(model) -> bool:
+    """Whether ONNX Runtime cannot run the model: it uses TensorRT's ops or takes float4 inputs."""
+    return (any(n.domain == TRT_DOMAIN for n in model.graph.node)
+            or any(i.type.tensor_type.elem_type == FLOAT4E2M1 for i in model.graph.input))
+
+
+def runner(path: str, model):
+    """The model as a segment callable (tensors in, tensors out) on onnx.reference."""
+    import ml_dtypes
+    import torch
+
+    session, rounded = reference_session(path)
+    types = [i.type.tensor_type.elem_type for i in model.graph.input]
+    names = [i.name for i in model.graph.input]
+    to_bf16 = [o.name in rounded for o in model.graph.output]
+
+    def feed(t: torch.Tensor, elem_type: int):
+        t = t.detach().cpu()
+        if elem_type == FLOAT4E2M1:  # fluxc's packed codes [..., K/2] u8 -> one e2m1 per element [..., K]
+            codes = t.view(torch.uint8).numpy()
+            return np.stack((codes & 15, codes >> 4), -1).reshape(*codes.shape[:-1], -1).view(ml_dtypes.float4_e2m1fn)
+        if t.dtype == torch.float8_e4m3fn:
+            return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # bfloat16 inputs were widened
+
+    def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        outs = session.run(None, {n: feed(t, e) for n, t, e in zip(names, tensors, types)})
+        return [(torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16 if bf16 else None)).to(tensors[0].device)
+                for a, bf16 in zip(outs, to_bf16)]
+
+    return run
