@@ -85,7 +85,7 @@ def validate(opts: BuildOptions) -> Settings:
     here = local_target()
     target = here if opts.target == "auto" else opts.target
     _check_target(recipe, target)
-    _check_backend(opts.backend, recipe, bool(opts.calibrate))
+    _check_backend(opts.backend, recipe, bool(opts.calibrate), target)
     if opts.calibrate and recipe.precision not in (Precision.FP8, Precision.NVFP4):
         raise FluxcError(f"--calibrate sets static FP8 or NVFP4 activation scales; this build is "
                          f"{recipe.precision.value}.", "Add --precision fp8 or nvfp4, or drop --calibrate.")
@@ -121,7 +121,7 @@ def validate_finish(opts: BuildOptions, header: dict) -> Settings:
         raise FluxcError(f"Cannot finish a plan for {target} on this machine ({here}): engines are compiled on the "
                          "GPU they run on.", f"Run fluxc build --from on a {target} machine, or use --target {here}.")
     _check_target(recipe, target)
-    _check_backend(opts.backend, recipe, header["calibration"] is not None)
+    _check_backend(opts.backend, recipe, header["calibration"] is not None, target)
     device = target_device(target)
     traced = "cuda" if any(s["device"] == "cuda" for s in header["segments"]) else "cpu"
     if traced != device.type:
@@ -172,17 +172,19 @@ def _check_target(recipe: Recipe, target: str) -> None:
                          f"newer; {target} is older.", "Use --recipe sm90_fp8 (FP8 GEMMs, bf16 attention) there.")
 
 
-def _check_backend(backend: str, recipe: Recipe, calibrated: bool) -> None:
+def _check_backend(backend: str, recipe: Recipe, calibrated: bool, target: str) -> None:
     import importlib.util
 
-    if backend == "tensorrt":
-        why = ("fluxc's TensorRT builder step is not implemented yet" if importlib.util.find_spec("tensorrt")
-               else "TensorRT (`import tensorrt`) is not installed here")
-        raise FluxcError(f"--backend tensorrt: {why}.",
+    if backend == "tensorrt" and not importlib.util.find_spec("tensorrt"):
+        raise FluxcError("--backend tensorrt: TensorRT (`import tensorrt`) is not installed here.",
                          "Build the stage TensorRT takes with --backend onnx: one checked opset-23 ONNX model per "
-                         "segment, with FP8 as float8 Q/DQ; build TensorRT engines from it where TensorRT is installed.")
+                         "segment, FP8 and NVFP4 as TensorRT's Q/DQ patterns; build TensorRT plans from it (or "
+                         "rerun with --backend tensorrt) where TensorRT is installed.")
     if backend not in ("inductor", "onnx", "tensorrt"):
         raise FluxcError(f"Unknown backend '{backend}'.", "Use --backend inductor, onnx or tensorrt.")
+    if backend == "tensorrt" and target == "cpu":
+        raise FluxcError("--backend tensorrt builds plans for the NVIDIA GPU it runs on, not --target cpu.",
+                         "Build on the GPU with --target auto, or use --backend onnx for CPU engines.")
     if backend != "inductor" and recipe.precision is Precision.NVFP4 and not calibrated:
         raise FluxcError(f"--backend {backend} exports NVFP4 activations through TensorRT's TRT_FP4DynamicQuantize, "
                          "whose global scale is a build-time constant: it needs calibrated activation scales.",

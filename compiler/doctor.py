@@ -1,5 +1,6 @@
 """`fluxc doctor`: what this machine can build and run."""
 
+import importlib
 import importlib.util
 import re
 
@@ -9,6 +10,10 @@ from fluxc.runtime.device import local_target
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def _version(module: str) -> str:
+    return getattr(importlib.import_module(module), "__version__", "version unknown")
 
 
 def _sm(target: str) -> int | None:
@@ -46,7 +51,8 @@ def report() -> list[tuple[str, str]]:
          "no: fluxc build needs diffusers and transformers (pip install -e '.[compiler]'); running engines does not"),
         ("onnx", "yes" if _has("onnx") else "no (pip install onnx)"),
         ("onnxruntime", "yes" if _has("onnxruntime") else "no (pip install onnxruntime)"),
-        ("TensorRT", "yes" if _has("tensorrt") else "no: the TensorRT path stops at a validated ONNX file here"),
+        ("TensorRT", f"yes ({_version('tensorrt')}): --backend tensorrt builds plans" if _has("tensorrt") else
+         "no: --backend tensorrt is refused; --backend onnx writes the checked ONNX models TensorRT builds from"),
         ("other targets", "--stage plan writes a portable plan for any target; finish it there with --from"),
     ]
     return lines

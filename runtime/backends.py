@@ -10,6 +10,7 @@ from fluxc.runtime.errors import FluxcError
 
 INDUCTOR_ARTIFACT = "artifact.bin"
 ONNX_MODEL = "segment.onnx"
+TENSORRT_PLAN, TENSORRT_IO = "segment.plan", "io.json"
 
 
 def _triton_version() -> str:
@@ -147,4 +148,43 @@ def _from_numpy(a, device: torch.device, to_bf16: bool) -> torch.Tensor:
     return (t.to(torch.bfloat16) if to_bf16 else t).to(device)
 
 
-LOADERS = {"inductor": load_inductor, "onnx": load_onnx}
+def load_tensorrt(segment_dir: str):
+    """A TensorRT execution context over the segment's plan, called like a compiled segment: CUDA tensors in (the
+    layer's weights first, bound by address, no copies), new CUDA tensors out, on torch's current stream (so a
+    CUDA graph captures it like any kernel)."""
+    import json
+
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise FluxcError("This engine's segments are TensorRT plans; running them needs TensorRT (import tensorrt).",
+                         "Install TensorRT matching the one that built the engine, or rebuild with --backend inductor.") from None
+    with open(os.path.join(segment_dir, TENSORRT_PLAN), "rb") as f:
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
+    if engine is None:  # another TensorRT version or GPU
+        raise FluxcError(f"TensorRT cannot load {segment_dir}/{TENSORRT_PLAN} on this machine (another TensorRT "
+                         "version or GPU built it).", "Rebuild the engine here with --backend tensorrt.")
+    with open(os.path.join(segment_dir, TENSORRT_IO)) as f:
+        io = json.load(f)
+    context = engine.create_execution_context()
+    outputs = [(name, tuple(engine.get_tensor_shape(name)), _TRT_DTYPES[engine.get_tensor_dtype(name).name])
+               for name in io["outputs"]]
+
+    def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        tensors = [t.contiguous() for t in tensors]  # alive until the call returns; the stream orders their reuse
+        for name, t in zip(io["inputs"], tensors):
+            context.set_tensor_address(name, t.data_ptr())
+        outs = [torch.empty(shape, dtype=dtype, device=tensors[0].device) for _, shape, dtype in outputs]
+        for (name, _, _), t in zip(outputs, outs):
+            context.set_tensor_address(name, t.data_ptr())
+        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise FluxcError(f"TensorRT failed to run segment {segment_dir}.", "See TensorRT's log above.")
+        return outs
+
+    return run
+
+
+_TRT_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "FP8": torch.float8_e4m3fn,
+               "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
+
+LOADERS = {"inductor": load_inductor, "onnx": load_onnx, "tensorrt": load_tensorrt}

@@ -2,6 +2,7 @@
 graph's fusions as standard ops, checked by onnx.checker, run by ONNX Runtime on the CPU and compared with
 diffusers' FluxPipeline."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -218,8 +219,12 @@ def test_nvfp4_onnx_engine_denoises_like_the_torch_engine(transformer_engines):
     assert between >= 25.0  # measured 30 dB
 
 
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--backend", "tensorrt"], "Build the stage TensorRT takes with --backend onnx"),
+    pytest.param(["--backend", "tensorrt"], "Build the stage TensorRT takes with --backend onnx",
+                 marks=pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")),
     (["--backend", "onnx", "--precision", "nvfp4"], "needs calibrated activation scales"),
     (["--backend", "onnx", "--precision", "fp8", "--recipe", "sm90_fp8_attn"], "FP8 attention"),
 ])
@@ -232,3 +237,26 @@ def test_backends_that_cannot_build_this_say_so_first(tmp_path, args, message):
     out = tmp_path / "x.fluxe"
     result = CliRunner().invoke(main, ["build", "--model", "tiny", "--target", "cpu", *args, "-o", str(out)])
     assert result.exit_code == 1 and message in result.output and not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "nvfp4"])
+def test_tensorrt_engine_denoises_like_the_inductor_engine(tmp_path, precision):
+    """Where TensorRT is installed (not in fluxc's lab): a tiny transformer-only engine built with --backend
+    tensorrt on the GPU, 8 steps against the Inductor engine of the same precision (NVFP4: sm_100+ only)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed: the TensorRT path stops at the ONNX models")
+    from conftest import denoised_sqnr
+
+    from fluxc.build import BuildOptions, build
+    from fluxc.runtime.device import local_target
+
+    if precision == "nvfp4" and int(local_target().removeprefix("sm_").rstrip("a")) < 100:
+        pytest.skip("TensorRT's NVFP4 kernels need sm_100 or newer")
+    paths = {}
+    for backend in ("inductor", "tensorrt"):
+        paths[backend] = str(tmp_path / f"{backend}.fluxe")
+        build(BuildOptions(model="tiny", output=paths[backend], target="auto", precision=precision, backend=backend,
+                           resolutions=((144, 112),), text_tokens=TINY_TEXT, transformer_only=True,
+                           calibrate=2 if precision == "nvfp4" else 0))
+    assert os.path.exists(os.path.join(paths["tensorrt"], "segments", "double-144x112", "segment.plan"))
+    assert denoised_sqnr(paths["tensorrt"], paths["inductor"]) >= {"bf16": 35.0, "fp8": 30.0, "nvfp4": 25.0}[precision]

@@ -24,6 +24,8 @@ class Backend(Protocol):
 def get_backend(name: str) -> Backend:
     from fluxc.backends.inductor import InductorBackend
     from fluxc.backends.onnx import OnnxBackend
+    from fluxc.backends.tensorrt import TensorRTBackend
 
-    backends = {"inductor": InductorBackend, "onnx": OnnxBackend}  # names checked by build._check_backend
+    backends = {"inductor": InductorBackend, "onnx": OnnxBackend, "tensorrt": TensorRTBackend}  # build._check_backend
+    # checked the name and that this machine can run it
     return backends[name]()

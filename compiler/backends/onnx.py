@@ -83,16 +83,20 @@ class OnnxBackend:
     translates = frozenset({"lower_nvfp4"})  # lowering passes it skips: it translates fluxc.nvfp4_linear itself
 
     def compile(self, gm, example_inputs, out_dir, options):
+        del options  # Inductor config; nothing to patch here
+        self.export(gm, example_inputs, out_dir)
+        return load_onnx(out_dir)
+
+    def export(self, gm, example_inputs, out_dir) -> None:
+        """Write out_dir/segment.onnx and check it."""
         import onnx
 
-        del options  # Inductor config; nothing to patch here
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, ONNX_MODEL)
         gm.eval()  # a traced graph has no train-mode behaviour; this silences the exporter's warning
         try:
             program = torch.onnx.export(gm, tuple(as_float4(gm, example_inputs)), dynamo=True, opset_version=OPSET,
-                                        verbose=False,
-                                        custom_translation_table=onnx_ops.table())
+                                        verbose=False, custom_translation_table=onnx_ops.table())
         except Exception as e:  # the exporter's summary names the op it has no translation for
             lines = str(e).splitlines()
             why = next((line for line in lines if "No ONNX function found" in line or "Error" in line[:40]), lines[0])
@@ -102,7 +106,6 @@ class OnnxBackend:
         quantize_linear(model)
         onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 1 << 30)
         onnx.checker.check_model(path, full_check=True)
-        return load_onnx(out_dir)
 
     def versions(self):
         import onnx

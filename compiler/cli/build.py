@@ -19,8 +19,8 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
               help="Text encoders: resident on the GPU, parked in CPU memory between prompts, or run on the CPU "
                    "(default: gpu; cpu for the CPU target).")
 @click.option("--calibrate", type=int, default=0, metavar="N",
-              help="fp8: static activation scales from N calibration prompts (stored in the engine) instead of "
-                   "per-token scales at run time.")
+              help="fp8, nvfp4: static activation scales (fp8) or global scales (nvfp4; needed by --backend onnx "
+                   "and tensorrt) from N calibration prompts, stored in the engine, instead of computing them at run time.")
 @click.option("--stage", type=click.Choice(["engine", "plan"]), default="engine", show_default=True,
               help="plan: stop before the target-specific lowering and write a portable plan (any --target), to "
                    "finish on the target with --from.")
