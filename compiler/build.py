@@ -26,8 +26,8 @@ from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WE
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import (COMPONENT_KINDS, OUTPUTS, SCHEDULE_INPUTS, component_modules, module_tensors, probe_segment,
-                         schedule_segment, segment_modules, trace_components, trace_model)
+from fluxc.trace import (COMPONENT_KINDS, OUTPUTS, SCHEDULE_INPUTS, SEGMENT_KINDS, component_modules, module_tensors,
+                         probe_segment, schedule_segment, segment_modules, trace_components, trace_model)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -52,6 +52,7 @@ class BuildOptions:
     stage: str = "engine"  # "plan": stop before the target-specific lowering and write a portable plan
     from_plan: str | None = None  # finish this plan (compiler/plan.py) into an engine for the target
     cache: dict | None = None  # CacheConfig fields over the recipe's default step-skipping policy (--cache ...)
+    world_size: int = 1  # ranks one image's tokens are split over (context parallelism, runtime/parallel.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,7 @@ def validate(opts: BuildOptions) -> Settings:
     if opts.batch < 1:
         raise FluxcError(f"Batch size {opts.batch} is less than 1.", "Use --batch 1 or more.")
     source_kind = check_source(opts.model)
+    _check_world_size(opts, recipe)
     encoders = None if opts.transformer_only else _encoder_placement(opts, target, source_kind)
     _check_output(opts.output)
     # traced (and, for an engine, compiled) here: a plan for another target is traced on this machine
@@ -194,6 +196,40 @@ def _check_backend(backend: str, recipe: Recipe, calibrated: bool, target: str) 
                          "Use --recipe sm90_fp8 (bf16 attention) with ONNX.")
 
 
+def _check_world_size(opts: BuildOptions, recipe: Recipe) -> None:
+    if opts.world_size < 1:
+        raise FluxcError(f"--world-size {opts.world_size} is less than 1.", "Use 1 (one GPU) or the number of GPUs.")
+    if opts.world_size > 1 and recipe.fp8_attention:
+        raise FluxcError(f"--world-size {opts.world_size}: context parallelism does not shard cuDNN's FP8 attention "
+                         f"(recipe {recipe.name}).", "Use --recipe sm90_fp8 (FP8 GEMMs, bf16 attention).")
+
+
+def _check_shards(model, profiles: list[Profile]) -> None:
+    """Every rank must get an equal share of the heads, the text tokens and each profile's image tokens."""
+    n = profiles[0].world_size
+    heads = model.config["num_attention_heads"]
+    for what, count in [("attention heads", heads), ("text tokens", profiles[0].text_tokens)] + [
+            (f"image tokens at {p.name}", p.image_tokens) for p in profiles]:
+        if count % n:
+            raise FluxcError(f"--world-size {n} does not divide the model's {count} {what}: every rank takes an "
+                             "equal share.", f"Use a world size that divides {count}"
+                             + (" (a resolution whose (H/16) x (W/16) it divides)." if "image" in what else "."))
+
+
+def _rank0_share(name: str, x: torch.Tensor, profile: Profile) -> torch.Tensor:
+    """Rank 0's rows of a full-sequence example activation (calibration), for segments traced for one rank."""
+    from fluxc.runtime.parallel import shard, shard_joint
+
+    n = profile.world_size
+    if n == 1 or x.dim() < 2 or name == "temb":
+        return x
+    if name.startswith("rope"):
+        return shard_joint(x, 0, profile.text_tokens, n, 0)
+    if name == "joint_hidden_states":
+        return shard_joint(x, 1, profile.text_tokens, n, 0)
+    return shard(x, 1, n, 0)  # hidden_states, encoder_hidden_states
+
+
 def _check_output(output: str) -> None:
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
@@ -262,8 +298,9 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
             for encoder in (comps.clip, comps.t5):
                 encoder.to(settings.encoder_device)
     text_tokens = opts.text_tokens or model.default_text_tokens
-    profiles = [Profile(h, w, text_tokens, opts.batch) for h, w in opts.resolutions]
-    modules = segment_modules(model, text_tokens) | (component_modules(comps) if comps else {})
+    profiles = [Profile(h, w, text_tokens, opts.batch, opts.world_size) for h, w in opts.resolutions]
+    _check_shards(model, profiles)
+    modules = segment_modules(model, profiles[0].local_text_tokens) | (component_modules(comps) if comps else {})
     with stages("trace"):
         segments = trace_model(model, profiles, settings.device, settings.dtype)
         if comps:
@@ -277,14 +314,15 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
             for seg in segments:  # check the first profile's blocks on calibration activations, not noise
                 if seg.profile == profiles[0] and seg.kind in examples:
                     b = seg.profile.batch
-                    seg.example = {k: (v if k.startswith("rope") else v.expand(b, *v.shape[1:]).contiguous())
-                                   .to(seg.example[k].dtype) for k, v in examples[seg.kind].items()}
+                    seg.example = {k: _rank0_share(k, v if k.startswith("rope") else v.expand(b, *v.shape[1:]),
+                                                   seg.profile).contiguous().to(seg.example[k].dtype)
+                                   for k, v in examples[seg.kind].items()}
     pass_counts, explain, reports, schedule, probes = {}, {}, {}, {}, []
     portable = [p for p in resolve(settings.recipe, settings.target) if p.phase != LOWER]
     with stages("passes"):
         for seg in segments:
             ctx = PassContext(settings.recipe, settings.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()),
-                              bool(amaxes))
+                              bool(amaxes), seg.profile.world_size if seg.kind in SEGMENT_KINDS else 1)  # VAE: whole
             result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name, portable)
             seg.graph, pass_counts[seg.name], explain[seg.name] = result.graph, result.counts, result.explain
             reports[seg.name] = result.reports

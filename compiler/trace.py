@@ -193,7 +193,7 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def example_activations(model: LoadedModel, kind: str, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
     """Activation inputs of a segment, by name, with the shapes the runtime will feed."""
     cfg = model.config
-    b, s, t = profile.batch, profile.image_tokens, profile.text_tokens
+    b, s, t = profile.batch, profile.local_image_tokens, profile.local_text_tokens  # one rank's share
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     rope = sum(cfg["axes_dims_rope"])
 
@@ -296,7 +296,7 @@ def _name_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> None:
 
 
 def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> list[Segment]:
-    modules = segment_modules(model, profiles[0].text_tokens)  # every profile has the same text length
+    modules = segment_modules(model, profiles[0].local_text_tokens)  # every profile has the same text length
     segments = []
     for profile in profiles:
         for kind in SEGMENT_KINDS:

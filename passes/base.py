@@ -23,6 +23,7 @@ class PassContext:
     segment_kind: str  # "head" | "double" | "single" | "tail"
     schedule_inputs: tuple[str, ...] = ()  # activation inputs known for every step before the loop (hoist_schedule)
     calibrated: bool = False  # the build calibrated static FP8 activation scales (quantize_fp8, --calibrate)
+    world_size: int = 1  # ranks the segment's tokens are split over (shard_attention, --world-size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ import torch
 
 from fluxc import ir
 from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_adaln, fuse_epilogues,
-                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, insert_cache_points, lower_nvfp4, quantize_fp8, quantize_nvfp4,
-                          remove_noop_ops, select_attention)
+                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, insert_cache_points, lower_nvfp4, quantize_fp8,
+                          quantize_nvfp4, remove_noop_ops, select_attention, shard_attention)
 from fluxc.passes.base import PassContext
 from fluxc.recipes import Precision
 
@@ -50,6 +50,8 @@ def resolve(recipe, target: str) -> list[Pass]:
         *([Pass("hoist_schedule", "hoist", hoist_schedule.run)] if recipe.hoist_schedule else []),
         # cache points: after hoist, so the TeaCache probe reads the block's schedule values, not its GEMV
         Pass("insert_cache_points", "cache", insert_cache_points.run),
+        # parallel: traced for one rank's tokens, attention over all ranks' (a no-op at world size 1)
+        Pass("shard_attention", "parallel", shard_attention.run),
         # lower: kernel choices for the target (last: everything before it is portable across targets)
         Pass("select_attention", LOWER, select_attention.run),
         *([Pass("lower_nvfp4", LOWER, lower_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from fluxc.runtime import kernels, nvfp4  # noqa: F401  (segments call torch.ops.fluxc.*; register them before loading)
+from fluxc.runtime import kernels, nvfp4, parallel  # noqa: F401  (segments call torch.ops.fluxc.*; register them first)
 from fluxc.runtime import onnx_reference
 from fluxc.runtime.errors import FluxcError
 

@@ -113,17 +113,22 @@ def check_schedule(schedule: tuple[int, ...], steps: int) -> None:
                          "residual yet, and steps run 0 to steps-1.", f"Use steps 1 to {steps - 1}.")
 
 
-def relative_l1(probe: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """mean|probe - prev| / mean|prev| in fp32, a 0-d tensor (NaN before there is a prev)."""
+def relative_l1(probe: torch.Tensor, prev: torch.Tensor, all_reduce=None) -> torch.Tensor:
+    """mean|probe - prev| / mean|prev| in fp32, a 0-d tensor (NaN before there is a prev). all_reduce(t), if
+    given, sums t in place over the ranks that hold the other tokens (a context-parallel run)."""
     p, q = probe.float(), prev.float()
-    return (p - q).abs().mean() / q.abs().mean()
+    sums = torch.stack([(p - q).abs().sum(), q.abs().sum()])  # the same count on both sides: a ratio of means
+    if all_reduce is not None:
+        all_reduce(sums)
+    return sums[0] / sums[1]
 
 
-def decide(config: CacheConfig, state: dict, probe: torch.Tensor) -> None:
+def decide(config: CacheConfig, state: dict, probe: torch.Tensor, all_reduce=None) -> None:
     """Set state["cache_skip"] (0-d bool) for this step and update the policy's running state, on the device.
     state: cache_mode (this step's RUN/DECIDE/SKIP), cache_prev (last probe compared against),
-    cache_acc (TeaCache's accumulated distance), cache_run (skips in a row)."""
-    distance = relative_l1(probe, state["cache_prev"])
+    cache_acc (TeaCache's accumulated distance), cache_run (skips in a row). all_reduce: see relative_l1;
+    with it every rank reaches the same decision."""
+    distance = relative_l1(probe, state["cache_prev"], all_reduce)
     if config.policy == "teacache":
         acc = state["cache_acc"] + _poly(TEACACHE_FLUX_COEFFICIENTS, distance)
         wanted = acc < config.limit

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fluxc.runtime import cache, flux_math
+from fluxc.runtime import cache, flux_math, parallel
 from fluxc.runtime.backends import LOADERS
 from fluxc.runtime.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
 from fluxc.runtime.device import check_runs_here
@@ -37,8 +37,9 @@ class Engine:
         self.path, self.manifest, self.device = path, manifest, device
         self.config = manifest["model"]["config"]
         self.dtype = DTYPES["float32" if manifest["precision"] == "fp32" else "bfloat16"]
-        self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"])
+        self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p.get("world_size", 1))
                          for p in manifest["profiles"]}
+        self.world_size = self._first.world_size  # > 1: this process is one rank of a context-parallel run
         self.components = manifest["components"]  # None: transformer only
         self.encoders = self._encoder_placement(encoders)
         self._segments: dict[tuple[str, str | None], tuple[dict, object]] = {}
@@ -65,6 +66,7 @@ class Engine:
         if verify:
             verify_files(path, manifest)
         device = check_runs_here(manifest)
+        parallel.check_world(manifest["profiles"][0].get("world_size", 1))
         engine = cls(path, manifest, device, encoders)
         engine._load_weights()
         loader = LOADERS[manifest["backend"]["name"]]
@@ -120,9 +122,18 @@ class Engine:
         return self.profiles[name]
 
     def rope(self, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T + S, D] (this rank's rows in a context-parallel run: its text rows, then its image rows)."""
         ids = flux_math.position_ids(profile)
-        cos, sin = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]))
-        return cos.to(self.device), sin.to(self.device)
+        tables = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]))
+        return tuple(self._local(t, 0, profile.text_tokens).to(self.device) for t in tables)
+
+    def _local(self, x: torch.Tensor, dim: int, text_tokens: int | None = None) -> torch.Tensor:
+        """This rank's share of a full-sequence tensor along dim: of [text; image] rows when text_tokens is given."""
+        if self.world_size == 1:
+            return x
+        if text_tokens is None:
+            return parallel.shard(x, dim, self.world_size, parallel.rank())
+        return parallel.shard_joint(x, dim, text_tokens, self.world_size, parallel.rank())
 
     def _run(self, kind: str, profile: Profile | None, layer: str, acts: dict) -> dict[str, torch.Tensor]:
         """One segment for one layer: inputs by name from `acts` (or from the step's schedule row), outputs by name."""
@@ -187,7 +198,7 @@ class Engine:
         acts["joint_hidden_states"] = torch.cat([acts["encoder_hidden_states"], acts["hidden_states"]], dim=1)
         for layer in self._segments[("single", profile.name)][0]["layers"]:
             acts |= self._run("single", profile, layer, acts)
-        acts["hidden_states"] = acts["joint_hidden_states"][:, profile.text_tokens:]
+        acts["hidden_states"] = acts["joint_hidden_states"][:, profile.local_text_tokens:]
 
     # ---- text to image ---------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], *, height: int | None = None, width: int | None = None,
@@ -315,9 +326,9 @@ class Engine:
             latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype)
         sig = flux_math.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
-        state = {
-            "hidden_states": latents.to(self.device, self.dtype),
-            "encoder_hidden_states": prompt_embeds.to(self.device, self.dtype),
+        state = {  # this rank's tokens in a context-parallel run
+            "hidden_states": self._local(latents, 1).to(self.device, self.dtype),
+            "encoder_hidden_states": self._local(prompt_embeds, 1).to(self.device, self.dtype),
             "pooled_projections": pooled_prompt_embeds.to(self.device, self.dtype),
         }
         if self.config["guidance_embeds"]:
@@ -347,7 +358,7 @@ class Engine:
         if report is not None and config.on:
             report["cache"] = config.to_dict() | {"threshold": config.limit, "skipped_steps": skipped,
                                                   "full_steps": steps - len(skipped)}
-        return step.state["hidden_states"].clone()
+        return parallel.gather(step.state["hidden_states"].clone(), 1)
 
     def cache_config(self, **overrides) -> "cache.CacheConfig":
         """The engine's step-skipping policy (built with `fluxc build --cache`), with fields overridden:
@@ -371,7 +382,7 @@ class Engine:
     def _stream_like(self, profile: Profile) -> torch.Tensor:
         """An empty image-stream activation [B, S, C], the shape the cache probes have."""
         channels = self.config["num_attention_heads"] * self.config["attention_head_dim"]
-        return torch.empty(profile.batch, profile.image_tokens, channels, device=self.device, dtype=self.dtype)
+        return torch.empty(profile.batch, profile.local_image_tokens, channels, device=self.device, dtype=self.dtype)
 
     def _step(self, profile: Profile, config: "cache.CacheConfig", state: dict, graphed: bool) -> "_Step":
         """The step runner for this profile and policy; captured ones are kept for the next generation."""
@@ -412,7 +423,7 @@ class Engine:
             probe = acts["hidden_states"] - before  # the first block's residual
         else:
             probe = self._run("double" + cache.PROBE_SUFFIX, profile, first, acts)[cache.PROBE_OUTPUT]  # its modulated input
-        cache.decide(config, state, probe)
+        cache.decide(config, state, probe, parallel.all_reduce)  # every rank decides on all tokens
         return acts, probe
 
     def _cache_rest(self, profile: Profile, config: "cache.CacheConfig", state: dict, cut: dict,

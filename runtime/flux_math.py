@@ -17,12 +17,22 @@ ROPE_THETA = 10000
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """One static shape an engine is compiled for."""
+    """One static shape an engine is compiled for. With world_size > 1 (context parallelism) each rank holds
+    1/world_size of the text tokens and of the image tokens (runtime/parallel.py): the local counts."""
 
     height: int
     width: int
     text_tokens: int
     batch: int = 1
+    world_size: int = 1
+
+    @property
+    def local_text_tokens(self) -> int:
+        return self.text_tokens // self.world_size
+
+    @property
+    def local_image_tokens(self) -> int:
+        return self.image_tokens // self.world_size
 
     @property
     def name(self) -> str:

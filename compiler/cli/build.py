@@ -30,11 +30,14 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
                                              "that rejected its nearest candidate.")
 @click.option("--backend", type=click.Choice(["inductor", "onnx", "tensorrt"]), default="inductor", show_default=True,
               help="inductor: compiled kernels; onnx: one opset-23 ONNX model per segment, run by ONNX Runtime; "
-                   "tensorrt: where TensorRT is installed (not yet: build onnx).")
+                   "tensorrt: ONNX models built into TensorRT plans, where TensorRT is installed.")
+@click.option("--world-size", type=int, default=1, show_default=True, metavar="N",
+              help="Split each image's tokens over N GPUs (context parallelism; Ulysses attention over the heads): "
+                   "run the engine with fluxc run --gpus N.")
 @cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, calibrate, stage, from_plan, explain, backend, output, **cache):
+            encoders, calibrate, stage, from_plan, explain, backend, world_size, output, **cache):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -53,7 +56,7 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
                         resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
                         batch=batch, seed=seed, dump_ir=dump_ir,
                         transformer_only=transformer_only, encoders=encoders, calibrate=calibrate, stage=stage,
-                        from_plan=from_plan, backend=backend, cache=cache_overrides(**cache))
+                        from_plan=from_plan, backend=backend, world_size=world_size, cache=cache_overrides(**cache))
 
     def report(stage, done):
         if done:

@@ -22,10 +22,14 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.option("--cache-schedule", default=None, metavar="STEPS",
               help="Measurement: skip exactly these steps (e.g. 2,4,6) instead of the policy's decisions.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print which steps the cache skipped.")
+@click.option("--gpus", type=int, default=1, show_default=True, metavar="N",
+              help="Run an engine built with --world-size N on N GPUs of this machine (ranks launched through "
+                   "torchrun's launcher; rank 0 writes the images). Under your own launcher: torchrun "
+                   "--nproc-per-node N -m fluxc.runtime.parallel ENGINE --prompt ... -o OUT.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
 def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
-            verbose, output, **cache):
+            verbose, gpus, output, **cache):
     """Generate images from prompts with an engine (or latents from prompt embeddings).
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
@@ -47,17 +51,33 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     paths = _image_paths(output, len(prompts))
 
-    from fluxc.runtime import Engine
+    from fluxc.runtime import parallel
 
-    eng = Engine.load(engine, encoders=encoders)
-    timings, report = {}, {}
-    images = eng.generate(prompts, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
-                          timings=timings, cache_config=eng.cache_config(**overrides), report=report)
+    settings = dict(height=height, width=width, steps=steps, guidance=guidance, seed=seed)
+    if gpus < 1:
+        raise FluxcError(f"--gpus {gpus} is less than 1.", "Use --gpus 1 or the engine's world size.")
+    if gpus > 1 and parallel.world_size() == 1:
+        images, timings, report = parallel.launch(gpus, _generate, engine, encoders, prompts, settings, overrides)
+    else:  # one process, or one rank of a group started by the user's torchrun
+        images, timings, report = _generate(engine, encoders, prompts, settings, overrides)
+        if parallel.rank() != 0:
+            return
     for image, path in zip(images, paths):
         _save_atomically(path, image.save)
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
     click.echo(f"wrote {len(paths)} image(s) ({paths[0]}{' ...' if len(paths) > 1 else ''}): {steps} steps, {stages}")
     _echo_cache(report, verbose)
+
+
+def _generate(engine: str, encoders, prompts: list[str], settings: dict, overrides: dict):
+    """(images, stage timings, cache report) of Engine.generate, on this process (a rank, for --gpus N)."""
+    from fluxc.runtime import Engine
+
+    eng = Engine.load(engine, encoders=encoders)
+    timings, report = {}, {}
+    images = eng.generate(prompts, **settings, timings=timings, cache_config=eng.cache_config(**overrides),
+                          report=report)
+    return images, timings, report
 
 
 def _echo_cache(report: dict, verbose: bool) -> None:

@@ -1,0 +1,189 @@
+"""Context parallelism: one image's tokens split across GPUs, attention through Ulysses all-to-all.
+
+An engine built with `fluxc build --world-size N` runs as N ranks of one torch.distributed process group
+(NCCL on GPUs, gloo on the CPU). Rank r holds the r-th N-th of the text tokens and the r-th N-th of the image
+tokens for the whole denoising loop; everything in a FLUX step is per token except attention, so the
+segments are compiled for the local shapes and only attention talks to the other ranks:
+
+    fluxc.ulysses_attention(q, k, v, scale)   q, k, v [B, H, S_local, D] -> [B, H, S_local, D]
+        all-to-all: send head group j (H/N heads) to rank j, receive every rank's tokens of my group
+                    -> q, k, v [B, H/N, N * S_local, D] (tokens in rank order: [text_0, image_0, text_1, ...])
+        attention over all tokens (softmax attention does not care about the keys' order)
+        all-to-all back: my tokens of every head group -> [B, H, S_local, D]
+
+RoPE tables are sharded the same way, so each token keeps its own angles. With one process (the build's
+numerics check, N = 1 engines) the op is plain attention over what it is given. The cache decision's means
+are all-reduced (decide(..., all_reduce=)), so every rank skips the same steps; the final latents are
+all-gathered. Launch: `fluxc run --gpus N` (torchrun's launcher, in-process), or a bare
+`torchrun --nproc-per-node N -m fluxc.runtime.parallel ENGINE --prompt ...`.
+"""
+
+import datetime
+import os
+import sys
+import uuid
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fluxc.runtime.errors import FluxcError
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)  # a rank whose peer died fails instead of hanging
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.library.custom_op("fluxc::ulysses_attention", mutates_args=())
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    n = world_size()
+    if n == 1:
+        return _bshd(F.scaled_dot_product_attention(q, k, v, scale=scale))
+    send = torch.stack([q, k, v]).unflatten(2, (n, -1)).movedim(2, 0).contiguous()  # [N, 3, B, H/N, S, D]
+    got = torch.empty_like(send)
+    dist.all_to_all_single(got, send)  # got[j]: rank j's tokens of my head group
+    q, k, v = got.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)  # [3] x [B, H/N, N * S, D]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    send = out.unflatten(2, (n, -1)).movedim(2, 0).contiguous()  # [N, B, H/N, S, D]: rank j's tokens to rank j
+    got = torch.empty_like(send)
+    dist.all_to_all_single(got, send)  # got[j]: my tokens of head group j
+    return _bshd(got.movedim(0, 1).flatten(1, 2))  # [B, H, S, D]
+
+
+def _bshd(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] stored as [B, S, H, D], as torch's attention kernels return it (the traced graph views the
+    output's transpose as [B, S, H * D])."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@ulysses_attention.register_fake
+def _(q, k, v, scale=None):
+    b, h, s, d = q.shape
+    return q.new_empty(b, s, h, d).transpose(1, 2)
+
+
+def shard(x: torch.Tensor, dim: int, parts: int, index: int) -> torch.Tensor:
+    """The index-th of `parts` equal slices of x along dim."""
+    size = x.shape[dim] // parts
+    return x.narrow(dim, index * size, size)
+
+
+def shard_joint(x: torch.Tensor, dim: int, text_tokens: int, parts: int, index: int) -> torch.Tensor:
+    """This rank's rows of a [text; image] sequence along dim: its text slice, then its image slice."""
+    text, image = x.narrow(dim, 0, text_tokens), x.narrow(dim, text_tokens, x.shape[dim] - text_tokens)
+    return torch.cat([shard(text, dim, parts, index), shard(image, dim, parts, index)], dim)
+
+
+def gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every rank's x concatenated along dim in rank order (on every rank)."""
+    n = world_size()
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim)
+
+
+def all_reduce(x: torch.Tensor) -> None:
+    if world_size() > 1:
+        dist.all_reduce(x)
+
+
+def check_world(built: int) -> None:
+    """The process group must have the engine's world size."""
+    here = world_size()
+    if here != built:
+        how = (f"launch it with `fluxc run --gpus {built}` (or torchrun --nproc-per-node {built})" if built > 1
+               else "run it in a single process")
+        raise FluxcError(f"This engine was built for {built} rank(s) (--world-size {built}); this run has {here}.",
+                         f"Use the engine that way: {how}; or rebuild with --world-size {here}.")
+
+
+def init(backend: str | None = None) -> None:
+    """Join the process group torchrun's launcher set up (env:// rendezvous), one GPU per rank: each rank sees
+    only its own GPU as cuda:0 (compiled segments address cuda:0), set before CUDA starts."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend != "gloo":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[local] if visible else str(local)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast can take a shared host's GPUs out of service
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
+                            device_id=torch.device("cuda", 0) if backend == "nccl" else None)
+
+
+
+# ---- launching ---------------------------------------------------------------------------------------------
+def launch(nproc: int, fn, *args, backend: str | None = None):
+    """fn(*args) on `nproc` ranks of this machine, through torchrun's launcher (torch.distributed.elastic), each
+    rank joined to the process group first; returns rank 0's result. A failing rank stops the others (the
+    launcher tears the group down; collectives time out after COLLECTIVE_TIMEOUT) and is reported by rank."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"fluxc-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          start_method="spawn")
+    try:
+        return elastic_launch(config, _worker)(fn, backend, *args)[0]
+    except ChildFailedError as e:
+        which, failure = min(e.failures.items())
+        raise FluxcError(f"Rank {which} of {nproc} failed: {_failure_message(failure)}",
+                         "The other ranks were stopped. Fix the cause above (every rank runs the same engine and "
+                         "arguments) and run again.") from None
+
+
+def _failure_message(failure) -> str:
+    message = failure.message
+    if isinstance(message, dict):  # the error file @record wrote: {"message": "...", "extraInfo": {...}}
+        message = message.get("message", message)
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {failure.exitcode}"
+
+
+def _worker(fn, backend, *args):
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record
+    def work():
+        init(backend)
+        try:
+            return fn(*args)
+        finally:
+            dist.destroy_process_group()
+
+    return work()
+
+
+def run_engine(path: str, method: str, kwargs: dict, load: dict | None = None):
+    """Engine.load(path, **load).<method>(**kwargs) on this rank; rank 0 returns the result (on the CPU)."""
+    from fluxc.runtime import Engine
+
+    result = getattr(Engine.load(path, **(load or {})), method)(**kwargs)
+    if rank() != 0:
+        return None
+    return result.cpu() if isinstance(result, torch.Tensor) else result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`torchrun --nproc-per-node N -m fluxc.runtime.parallel ENGINE fluxc-run-options`: `fluxc run` on every
+    rank of a process group the user's own launcher started; rank 0 writes the outputs."""
+    init()
+    from fluxc.cli import main as cli
+
+    try:
+        cli(["run", *(sys.argv[1:] if argv is None else argv)], standalone_mode=rank() == 0)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Context parallelism (issue 10) on the CPU: tiny engines built with --world-size 2, run as 2 gloo ranks through
+torchrun's launcher (fluxc.runtime.parallel.launch), against one process and against diffusers' FluxPipeline."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_embeddings
+
+TEXT = 16  # the tiny T5 length here: 2 ranks take 8 text tokens each
+SIZE = (128, 112)  # 8 x 7 = 56 image tokens: 28 per rank
+
+
+def _build(path, model, world_size, **kw):
+    from fluxc.build import BuildOptions, build
+
+    build(BuildOptions(model=model, output=str(path), target="cpu", precision="fp32", resolutions=(SIZE,),
+                       text_tokens=TEXT, world_size=world_size, **kw))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory, tiny_pipeline_dir):
+    """Whole-pipeline fp32 engines (encoders, transformer, VAE) for 1 and 2 ranks."""
+    root = tmp_path_factory.mktemp("parallel")
+    return {n: _build(root / f"ws{n}.fluxe", tiny_pipeline_dir, n) for n in (1, 2)}
+
+
+def test_two_gloo_ranks_make_the_same_image_as_one_process_and_as_diffusers(pipelines, tiny_pipeline_dir):
+    from diffusers import FluxPipeline
+
+    from fluxc.runtime import Engine, parallel
+
+    prompt = "a photo of a cat sitting on a red chair"
+    kw = dict(prompt=prompt, height=SIZE[0], width=SIZE[1], steps=4, seed=3, output_type="np")
+    two = parallel.launch(2, parallel.run_engine, pipelines[2], "generate", kw, backend="gloo")
+    one = Engine.load(pipelines[1]).generate(**kw)
+    ref = FluxPipeline.from_pretrained(tiny_pipeline_dir, torch_dtype=torch.float32)(
+        prompt, height=SIZE[0], width=SIZE[1], num_inference_steps=4, guidance_scale=3.5, max_sequence_length=TEXT,
+        generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    assert two.shape == one.shape == ref.shape and ref.std() > 0.05
+    assert np.abs(two - one).max() <= 1e-3 and np.abs(two - ref).max() <= 1e-3
+
+
+@pytest.mark.parametrize("policy, threshold", [("fbcache", 0.6), ("teacache", 1.0)])
+def test_ranks_make_one_cache_decision_from_all_tokens(tmp_path, policy, threshold):
+    """Each rank sees half the tokens; the decision's means are all-reduced, so the 2-rank run skips exactly the
+    steps the one-process run skips (a mixed pattern at these thresholds), with the same latents."""
+    from fluxc.runtime import Engine, parallel
+    from fluxc.runtime.cache import CacheConfig
+
+    engines = {n: _build(tmp_path / f"t{n}.fluxe", "tiny", n, transformer_only=True) for n in (1, 2)}
+    pe, pooled = random_embeddings(text=TEXT)
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=SIZE[0], width=SIZE[1], steps=8, seed=5,
+              cache_config=CacheConfig(policy=policy, threshold=threshold))
+    one_report, two_report = {}, {}
+    one = Engine.load(engines[1]).denoise(**kw, report=one_report)
+    two, two_report = parallel.launch(2, _denoise_with_report, engines[2], kw, backend="gloo")
+    skipped = one_report["cache"]["skipped_steps"]
+    assert 0 < len(skipped) < 7 and two_report["cache"]["skipped_steps"] == skipped
+    assert (two - one).abs().max() <= 1e-3
+
+
+def _denoise_with_report(path, kw):
+    from fluxc.runtime import Engine, parallel
+
+    report = {}
+    latents = Engine.load(path).denoise(**kw, report=report)
+    return (latents, report) if parallel.rank() == 0 else None
+
+
+def test_a_failing_rank_is_reported_by_rank_and_stops_the_run(pipelines):
+    """A 1-rank engine launched on 2 ranks: both refuse it; the launcher stops and names a rank, no hang."""
+    from fluxc.runtime import parallel
+    from fluxc.runtime.errors import FluxcError
+
+    with pytest.raises(FluxcError, match=r"Rank \d of 2 failed: .*built for 1 rank"):
+        parallel.launch(2, parallel.run_engine, pipelines[1], "generate", dict(prompt="x", steps=1), backend="gloo")
+
+
+def test_a_two_rank_engine_in_one_process_says_how_to_launch_it(pipelines):
+    from fluxc.runtime import Engine
+    from fluxc.runtime.errors import FluxcError
+
+    with pytest.raises(FluxcError, match="--gpus 2"):
+        Engine.load(pipelines[2])
+
+
+@pytest.mark.parametrize("world_size, resolution, message", [
+    (3, SIZE, "does not divide the model's"),  # tiny's heads, text tokens and image tokens are not multiples of 3
+    (2, (144, 112), "63 image tokens at 144x112"),
+    (0, SIZE, "less than 1"),
+])
+def test_world_sizes_that_cannot_split_the_tokens_are_refused(tmp_path, world_size, resolution, message):
+    from fluxc.build import BuildOptions, build
+    from fluxc.runtime.errors import FluxcError
+
+    out = tmp_path / "e.fluxe"
+    with pytest.raises(FluxcError, match=message):
+        build(BuildOptions(model="tiny", output=str(out), target="cpu", resolutions=(resolution,), text_tokens=TEXT,
+                           world_size=world_size, transformer_only=True))
+    assert not out.exists()
