@@ -7,6 +7,8 @@
 #   nvfp4        NVFP4 emulated engine, per-layer SQNR, sm_100 plan (FLUX.1-dev)  -> $OUT/bench_nvfp4.json
 #   cache        cache points: skipped-step cost, forced 12/28 schedule ($CACHE_RECIPES, default bf16,sm90_fp8)
 #                                                                               -> $OUT/bench_cache.json
+#   parallel-build  engines for 1, 2, 4 ranks (bf16, fp8; fp8 pipeline for 4), side by side (multi-GPU kinds)
+#   parallel        context parallelism on 1, 2, 4 GPUs after parallel-build    -> $OUT/bench_parallel.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -27,6 +29,10 @@ for job in "${@:-tests}"; do
     nvfp4) python3 scripts/bench_nvfp4.py --out "$OUT/bench_nvfp4.json" 2>&1 | tee "$OUT/bench_nvfp4.log" || rc=1 ;;
     cache) python3 scripts/bench_cache.py --recipes "${CACHE_RECIPES:-bf16,sm90_fp8}" --out "$OUT/bench_cache.json" \
              2>&1 | tee "$OUT/bench_cache.log" || rc=1 ;;
+    parallel-build) python3 scripts/bench_parallel.py --stage build --workdir .engines/parallel \
+             --out "$OUT/parallel_build.json" 2>&1 | tee "$OUT/parallel_build.log" || rc=1 ;;
+    parallel) python3 scripts/bench_parallel.py --stage time --workdir .engines/parallel --out "$OUT/bench_parallel.json" \
+             2>&1 | tee "$OUT/bench_parallel.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done

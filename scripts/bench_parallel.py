@@ -1,0 +1,189 @@
+"""Context parallelism on 1, 2 and 4 GPUs of one host: FLUX.1-dev 1024x1024, 28 steps, bf16 and fp8 (issue 10).
+
+Engines (seeded random FLUX.1-dev weights) for world sizes 1, 2 and 4, transformer-only, plus one whole-pipeline
+fp8 engine for 4 ranks (text encoders and VAE on every rank) for an end-to-end time. Two stages, so that the
+builds (CPU-bound compiles, run side by side, one GPU each) and the timings fit the device's per-command limit:
+
+    python3 scripts/bench_parallel.py --stage build --workdir .engines/parallel
+    python3 scripts/bench_parallel.py --stage time --workdir .engines/parallel --out $OUT/bench_parallel.json
+
+Timing: each world size runs as N ranks through fluxc's launcher (torchrun's elastic agent; NCCL, NVLink
+multicast off). Each rank draws the same embeddings and noise, runs the 28-step loop once (CUDA-graph capture),
+then 3 timed loops between barriers (CUDA events on every rank; the loop ends with the all-gather of the
+latents, so every rank's time covers the whole image). Reported: rank 0's median loop; scaling efficiency =
+one-GPU loop / (N x N-GPU loop); the N-rank latents' SQNR against the one-GPU engine's (same inputs). Then on
+one GPU, the same weights as the diffusers transformer, eager and torch.compile (per-step x 28), as baselines.
+Engines load without re-hashing their 24 GB (verify=False): hashing is a load-time cost, not a loop cost.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import time
+
+import torch
+
+H = W = 1024
+STEPS = 28
+RECIPES = {"bf16": "bf16", "fp8": "sm90_fp8"}
+WORLD_SIZES = (1, 2, 4)
+
+
+def engine_path(workdir: str, precision: str, world: int, pipeline: bool = False) -> str:
+    return os.path.join(workdir, f"{precision}-ws{world}{'-pipeline' if pipeline else ''}.fluxe")
+
+
+def builds(workdir: str) -> list[tuple[str, int, bool]]:
+    return [(p, n, False) for p in RECIPES for n in WORLD_SIZES] + [("fp8", 4, True)]
+
+
+def build_all(workdir: str) -> dict:
+    """Every engine at once, each build on its own GPU (round robin), as `fluxc build` subprocesses."""
+    os.makedirs(workdir, exist_ok=True)
+    gpus = torch.cuda.device_count()
+    procs = {}
+    for i, (precision, world, pipeline) in enumerate(builds(workdir)):
+        path = engine_path(workdir, precision, world, pipeline)
+        if os.path.exists(path):
+            continue
+        cmd = ["fluxc", "build", "--model", "flux1-dev", "--precision", "fp8" if precision == "fp8" else "bf16",
+               "--recipe", RECIPES[precision], "--world-size", str(world), "-o", path]
+        cmd += [] if pipeline else ["--transformer-only"]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i % gpus))
+        procs[path] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                       time.perf_counter())
+    done = {}
+    for path, (proc, t0) in procs.items():
+        out, _ = proc.communicate()
+        done[os.path.basename(path)] = {"rc": proc.returncode, "seconds": time.perf_counter() - t0,
+                                        "tail": out.strip().splitlines()[-3:]}
+        print(path, done[os.path.basename(path)], flush=True)
+    return done
+
+
+def time_loop(path: str, steps: int, end_to_end: bool):
+    """On each rank: the engine's denoising loop (and, for a pipeline engine, generate()), timed; rank 0 returns."""
+    import torch.distributed as dist
+
+    from fluxc.runtime import Engine, parallel
+
+    engine = Engine.load(path, verify=False)
+    cfg, profile = engine.config, engine.profile_for(H, W)
+    g = torch.Generator().manual_seed(1)  # CPU: every rank draws the same values
+    emb = (torch.randn(1, profile.text_tokens, cfg["joint_attention_dim"], generator=g).to(torch.bfloat16),
+           torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(torch.bfloat16))
+    z = torch.randn(1, profile.image_tokens, cfg["in_channels"], generator=g).to(torch.bfloat16)
+
+    def timed(fn, iters=3) -> tuple[list[float], object]:
+        out = fn()  # capture / warm-up
+        times = []
+        for _ in range(iters):
+            if dist.is_initialized():
+                dist.barrier()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times, out
+
+    torch.cuda.reset_peak_memory_stats()
+    loop, latents = timed(lambda: engine.denoise(*emb, height=H, width=W, steps=steps, latents=z))
+    rec = {"loop_ms": sorted(loop)[1], "loop_ms_all": loop, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "weights_gb": engine.weight_bytes / 1e9}
+    if end_to_end:
+        stages = {}
+        e2e, _ = timed(lambda: engine.generate("a photo of an astronaut riding a horse on the moon", height=H, width=W,
+                                               steps=steps, seed=0, output_type="np", timings=stages))
+        rec |= {"end_to_end_ms": sorted(e2e)[1], "end_to_end_ms_all": e2e, "stages_s_last": stages}
+    return rec | {"latents": latents.cpu()} if parallel.rank() == 0 else None
+
+
+def baselines(steps: int) -> dict:
+    """diffusers' FluxTransformer2DModel on one GPU, eager and torch.compile: ms per call x steps."""
+    from bench_transformer import cuda_ms, diffusers_call, free, inputs
+
+    from fluxc.models import load_model
+    from fluxc.runtime.flux_math import Profile, position_ids
+
+    model = load_model("flux1-dev", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
+    x = inputs(model.config)
+    ids = position_ids(Profile(H, W, 512)).cuda()
+    out = {}
+    with torch.no_grad():
+        ms = cuda_ms(diffusers_call(model, x, ids), calls=3)
+        out["diffusers eager bf16"] = {"ms_per_step": ms, "loop_ms_estimate": ms * steps}
+        compiled = torch.compile(model, fullgraph=True)
+        t0 = time.perf_counter()
+        call = diffusers_call(compiled, x, ids)
+        call()
+        compile_s = time.perf_counter() - t0
+        ms = cuda_ms(call, calls=3)
+        out["torch.compile bf16"] = {"ms_per_step": ms, "loop_ms_estimate": ms * steps, "compile_s": compile_s}
+    del model, compiled
+    free()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=["build", "time"], required=True)
+    ap.add_argument("--workdir", default=".engines/parallel")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--no-baselines", action="store_true")
+    args = ap.parse_args()
+    if args.stage == "build":
+        done = build_all(args.workdir)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(done, f, indent=1)
+        return
+
+    from bench_transformer import source_commit
+
+    from fluxc.numerics import sqnr_db
+    from fluxc.runtime import parallel
+
+    rec = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+           "resolution": f"{H}x{W}", "steps": args.steps, "text_tokens": 512,
+           "model": "flux1-dev (seeded random weights, seed 0), transformer-only engines",
+           "attention": "Ulysses all-to-all over heads (fluxc.ulysses_attention), NCCL, NCCL_NVLS_ENABLE=0",
+           "commit": source_commit(), "results": {}}
+    for precision in RECIPES:
+        res = rec["results"][precision] = {}
+        one = None
+        for world in WORLD_SIZES:
+            r = parallel.launch(world, time_loop, engine_path(args.workdir, precision, world), args.steps, False)
+            latents = r.pop("latents")
+            one = one if one is not None else (r["loop_ms"], latents)
+            r["scaling_efficiency"] = one[0] / (world * r["loop_ms"])
+            r["speedup_vs_1_gpu"] = one[0] / r["loop_ms"]
+            r["latent_sqnr_db_vs_1_gpu"] = sqnr_db(latents.float(), one[1].float())
+            res[f"{world} gpu"] = r
+            print(precision, world, {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
+    r = parallel.launch(4, time_loop, engine_path(args.workdir, "fp8", 4, pipeline=True), args.steps, True)
+    r.pop("latents")
+    rec["results"]["fp8 pipeline"] = {"4 gpu": r, "published_4xH100_bf16_s": 1.63}
+    print("fp8 pipeline 4 gpu", {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
+    if not args.no_baselines:
+        rec["results"]["baselines (1 gpu)"] = baselines(args.steps)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+    print(f"\n{'precision':10} {'GPUs':>4} {'loop ms':>9} {'speedup':>8} {'efficiency':>10} {'SQNR dB':>8}")
+    for precision in RECIPES:
+        for world in WORLD_SIZES:
+            r = rec["results"][precision][f"{world} gpu"]
+            print(f"{precision:10} {world:>4} {r['loop_ms']:>9.1f} {r['speedup_vs_1_gpu']:>8.2f} "
+                  f"{r['scaling_efficiency']:>10.2f} {r['latent_sqnr_db_vs_1_gpu']:>8.1f}")
+    e2e = rec["results"]["fp8 pipeline"]["4 gpu"]
+    print(f"fp8 whole pipeline on 4 GPUs: {e2e['end_to_end_ms'] / 1000:.2f} s end to end (published 4xH100 bf16: 1.63 s)")
+    for name, b in rec["results"].get("baselines (1 gpu)", {}).items():
+        print(f"{name}: {b['ms_per_step']:.1f} ms/step, {b['loop_ms_estimate'] / 1000:.2f} s for {args.steps} steps")
+
+
+if __name__ == "__main__":
+    main()
