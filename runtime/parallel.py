@@ -154,10 +154,13 @@ def _worker(fn, backend, *args):
 
     @record
     def work():
+        import gc
+
         init(backend)
         try:
             return fn(*args)
         finally:
+            gc.collect()  # an engine's captured CUDA graphs hold NCCL work: free them before the communicator goes
             dist.destroy_process_group()
 
     return work()

@@ -128,6 +128,11 @@ def baselines(steps: int) -> dict:
     return out
 
 
+def _dump(path: str, rec: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", choices=["build", "time"], required=True)
@@ -165,14 +170,15 @@ def main():
             r["latent_sqnr_db_vs_1_gpu"] = sqnr_db(latents.float(), one[1].float())
             res[f"{world} gpu"] = r
             print(precision, world, {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
+            _dump(args.out, rec)  # after each result: a run cut short keeps what it measured
     r = parallel.launch(4, time_loop, engine_path(args.workdir, "fp8", 4, pipeline=True), args.steps, True)
     r.pop("latents")
     rec["results"]["fp8 pipeline"] = {"4 gpu": r, "published_4xH100_bf16_s": 1.63}
     print("fp8 pipeline 4 gpu", {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
+    _dump(args.out, rec)
     if not args.no_baselines:
         rec["results"]["baselines (1 gpu)"] = baselines(args.steps)
-    with open(args.out, "w") as f:
-        json.dump(rec, f, indent=1)
+        _dump(args.out, rec)
     print(f"\n{'precision':10} {'GPUs':>4} {'loop ms':>9} {'speedup':>8} {'efficiency':>10} {'SQNR dB':>8}")
     for precision in RECIPES:
         for world in WORLD_SIZES:
