@@ -106,12 +106,16 @@ def check_world(built: int) -> None:
 
 
 def init(backend: str | None = None) -> None:
-    """Join the process group torchrun's launcher set up (env:// rendezvous), one GPU per rank: each rank sees
-    only its own GPU as cuda:0 (compiled segments address cuda:0), set before CUDA starts."""
+    """Join the process group torchrun's launcher set up (env:// rendezvous), one GPU per rank. Each rank sees
+    every GPU of the node, its own first: compiled segments address cuda:0 (Inductor bakes the build's device
+    index into its code), and NCCL needs the peers visible to move data over NVLink (with only its own GPU
+    visible, a rank falls back to copies through host memory). Set before CUDA starts."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if backend != "gloo":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[local] if visible else str(local)
+        devices = visible.split(",") if visible else [str(i) for i in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))]
+        own = devices[local]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join([own] + [d for d in devices if d != own])
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast can take a shared host's GPUs out of service
