@@ -26,8 +26,9 @@ from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WE
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import (COMPONENT_KINDS, OUTPUTS, SCHEDULE_INPUTS, SEGMENT_KINDS, component_modules, module_tensors,
-                         probe_segment, schedule_segment, segment_modules, trace_components, trace_model)
+from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
+from fluxc.trace import (COMPONENT_KINDS, component_modules, module_tensors, output_names, probe_segment,
+                         schedule_segment, segment_modules, trace_components, trace_model)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -321,8 +322,9 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
     portable = [p for p in resolve(settings.recipe, settings.target) if p.phase != LOWER]
     with stages("passes"):
         for seg in segments:
-            ctx = PassContext(settings.recipe, settings.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()),
-                              bool(amaxes), seg.profile.world_size if seg.kind in SEGMENT_KINDS else 1)  # VAE: whole
+            ctx = PassContext(settings.recipe, settings.target, seg.kind,
+                              FAMILIES[model.family].schedule_inputs.get(seg.kind, ()), bool(amaxes),
+                              seg.profile.world_size if seg.kind in SEGMENT_KINDS else 1)  # VAE: whole
             result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name, portable)
             seg.graph, pass_counts[seg.name], explain[seg.name] = result.graph, result.counts, result.explain
             reports[seg.name] = result.reports
@@ -354,7 +356,8 @@ def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) 
     lower = [ps for ps in resolve(p.recipe, settings.target) if ps.phase == LOWER and ps.name not in backend.translates]
     with stages("lower"):
         for seg in p.segments:
-            ctx = PassContext(p.recipe, settings.target, seg.kind, SCHEDULE_INPUTS.get(seg.kind, ()))
+            ctx = PassContext(p.recipe, settings.target, seg.kind,
+                              FAMILIES[p.model["family"]].schedule_inputs.get(seg.kind, ()))
             result = run_pipeline(seg.graph, ctx, opts.dump_ir, seg.name, lower)
             seg.graph = result.graph
             if seg.name in p.pass_counts:  # schedule segments hold no attention or quantized GEMMs
@@ -478,7 +481,7 @@ def _eager_outputs(eager_module, seg) -> list[dict[str, torch.Tensor]]:
     for window in _windows(seg):
         acts = _run_inputs(seg, window, rows)
         out = eager_module(*(acts[k] for k in names))
-        runs.append(dict(zip(OUTPUTS[seg.kind], out if isinstance(out, tuple) else (out,))))
+        runs.append(dict(zip(seg.traced_outputs, out if isinstance(out, tuple) else (out,))))
     return runs
 
 

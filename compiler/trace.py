@@ -26,9 +26,9 @@ from fluxc.ir import WeightSource
 from fluxc.models import LoadedModel
 from fluxc.runtime.cache import PROBE_SUFFIX
 from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.flux_math import Profile
 
-SEGMENT_KINDS = ("head", "double", "single", "tail")
 COMPONENT_KINDS = ("clip", "t5", "vae")
 PER_ENGINE = ("clip", "t5")  # shapes independent of the resolution: traced once, profile None
 
@@ -46,6 +46,7 @@ class Segment:
     schedule: "Segment | None" = None  # the graph hoist_schedule split off this one: its outputs feed this one
     # diffusers eager's outputs on the example, one dict per check run (compiler/build.py: the numerics check)
     expected: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list, repr=False)
+    traced_outputs: list[str] = dataclasses.field(default_factory=list)  # the eager module's, in its order
 
     @property
     def inputs(self) -> list[str]:
@@ -122,6 +123,41 @@ class _SingleJoint(torch.nn.Module):
         return torch.cat([encoder, hidden], dim=1)
 
 
+class _Flux2Head(torch.nn.Module):
+    """The start of Flux2Transformer2DModel.forward: embeddings, temb and the modulations every block shares."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.x_embedder, self.context_embedder = model.x_embedder, model.context_embedder
+        self.time_guidance_embed = model.time_guidance_embed
+        self.double_stream_modulation_img = model.double_stream_modulation_img
+        self.double_stream_modulation_txt = model.double_stream_modulation_txt
+        self.single_stream_modulation = model.single_stream_modulation
+        self.guidance_embeds = model.config.guidance_embeds
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None):
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        guidance = guidance.to(hidden_states.dtype) * 1000 if self.guidance_embeds else None
+        temb = self.time_guidance_embed(timestep, guidance)
+        return (self.x_embedder(hidden_states), self.context_embedder(encoder_hidden_states), temb,
+                self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb),
+                self.single_stream_modulation(temb))
+
+
+class _Flux2Block(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.inner = block
+
+    def forward(self, hidden_states, encoder_hidden_states, temb_mod_img, temb_mod_txt, rope_cos, rope_sin):
+        return self.inner(hidden_states, encoder_hidden_states, temb_mod_img, temb_mod_txt, (rope_cos, rope_sin))
+
+
+class _Flux2SingleJoint(_SingleJoint):
+    def forward(self, joint_hidden_states, temb_mod, rope_cos, rope_sin):
+        return self.inner(joint_hidden_states, None, temb_mod, (rope_cos, rope_sin))
+
+
 class _ClipPooled(torch.nn.Module):
     """FluxPipeline._get_clip_prompt_embeds after tokenizing: the pooled output at the EOS token."""
 
@@ -164,15 +200,12 @@ class _VaeDecode(torch.nn.Module):
 def segment_modules(model: LoadedModel, text_tokens: int) -> dict[str, tuple[torch.nn.Module, list[str]]]:
     """kind -> (an eager module of that kind, the state-dict prefixes of every layer it serves)."""
     m = model.module
-    if model.family != "flux1":
-        raise FluxcError(
-            f"Tracing the {model.family} family is not implemented yet.",
-            "Build a FLUX.1 model (tiny, flux1-dev, flux1-schnell or a FLUX.1 checkpoint).",
-        )
+    flux2 = model.family == "flux2"
+    head, block, single = (_Flux2Head, _Flux2Block, _Flux2SingleJoint) if flux2 else (_Head, _Block, _SingleJoint)
     return {
-        "head": (_Head(m), [""]),
-        "double": (_Block(m.transformer_blocks[0]), [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))]),
-        "single": (_SingleJoint(m.single_transformer_blocks[0], text_tokens),
+        "head": (head(m), [""]),
+        "double": (block(m.transformer_blocks[0]), [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))]),
+        "single": (single(m.single_transformer_blocks[0], text_tokens),
                    [f"single_transformer_blocks.{i}" for i in range(len(m.single_transformer_blocks))]),
         "tail": (_Tail(m), [""]),
     }
@@ -200,17 +233,23 @@ def example_activations(model: LoadedModel, kind: str, profile: Profile, device,
     def new(*shape, dt=dtype):
         return torch.randn(*shape, device=device, dtype=dt)
 
+    flux2 = model.family == "flux2"
     if kind == "head":
-        acts = dict(hidden_states=new(b, s, cfg["in_channels"]), encoder_hidden_states=new(b, t, cfg["joint_attention_dim"]),
-                    pooled_projections=new(b, cfg["pooled_projection_dim"]), timestep=new(b).abs())
+        acts = dict(hidden_states=new(b, s, cfg["in_channels"]), encoder_hidden_states=new(b, t, cfg["joint_attention_dim"]))
+        if not flux2:
+            acts["pooled_projections"] = new(b, cfg["pooled_projection_dim"])
+        acts["timestep"] = new(b).abs()
         if cfg["guidance_embeds"]:
             acts["guidance"] = new(b, dt=torch.float32).abs() * 4
         return acts
     rope_tables = dict(rope_cos=new(t + s, rope, dt=torch.float32), rope_sin=new(t + s, rope, dt=torch.float32))
+    # the per-step conditioning: FLUX.1 blocks take temb, FLUX.2 blocks the head's modulations (6 or 3 x d)
+    double_mod = dict(temb_mod_img=new(b, 6 * d), temb_mod_txt=new(b, 6 * d)) if flux2 else dict(temb=new(b, d))
+    single_mod = dict(temb_mod=new(b, 3 * d)) if flux2 else dict(temb=new(b, d))
     if kind == "double":
-        return dict(hidden_states=new(b, s, d), encoder_hidden_states=new(b, t, d), temb=new(b, d), **rope_tables)
+        return dict(hidden_states=new(b, s, d), encoder_hidden_states=new(b, t, d), **double_mod, **rope_tables)
     if kind == "single":
-        return dict(joint_hidden_states=new(b, t + s, d), temb=new(b, d), **rope_tables)
+        return dict(joint_hidden_states=new(b, t + s, d), **single_mod, **rope_tables)
     return dict(hidden_states=new(b, s, d), temb=new(b, d))
 
 
@@ -224,18 +263,17 @@ def component_activations(comps, kind: str, profile: Profile, device, dtype) -> 
     return dict(latents=torch.randn(shape, device=device, dtype=dtype))
 
 
-# Activation inputs known for every step before the denoising loop starts (passes/hoist_schedule.py).
-SCHEDULE_INPUTS = {"head": ("timestep", "guidance", "pooled_projections"), "double": ("temb",), "single": ("temb",),
-                   "tail": ("temb",)}
 SCHEDULE_ROWS = 32  # hoisted graphs run over steps x batch rows, this many at a time
 
-OUTPUTS = {"head": ["hidden_states", "encoder_hidden_states", "temb"], "double": ["encoder_hidden_states", "hidden_states"],
-           "single": ["joint_hidden_states"], "tail": ["noise_pred"],
-           "clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "vae": ["image"]}
+COMPONENT_OUTPUTS = {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "vae": ["image"]}
+
+
+def output_names(family: str, kind: str) -> list[str]:
+    return list(COMPONENT_OUTPUTS[kind] if kind in COMPONENT_OUTPUTS else FAMILIES[family].outputs[kind])
 
 
 def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile: Profile | None,
-                  activations: dict[str, torch.Tensor]) -> Segment:
+                  activations: dict[str, torch.Tensor], outputs: list[str]) -> Segment:
     state = dict(module.named_parameters()) | dict(module.named_buffers())
     weight_names = list(module_tensors(module))
     n_w = len(state)
@@ -250,8 +288,8 @@ def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile
     _name_placeholders(gm, weight_names + list(activations))
     for node, name in zip(gm.graph.nodes, weight_names):
         node.meta["weight"] = WeightSource(name)
-    gm.graph.output_node().meta["names"] = list(OUTPUTS[kind])
-    return Segment(kind, profile, gm, weight_names, layers, activations)
+    gm.graph.output_node().meta["names"] = list(outputs)
+    return Segment(kind, profile, gm, weight_names, layers, activations, traced_outputs=list(outputs))
 
 
 def schedule_segment(seg: Segment, hoisted, rows: int = SCHEDULE_ROWS) -> Segment:
@@ -302,7 +340,7 @@ def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> l
         for kind in SEGMENT_KINDS:
             module, layers = modules[kind]
             acts = example_activations(model, kind, profile, device, dtype)
-            segments.append(trace_segment(module, layers, kind, profile, acts))
+            segments.append(trace_segment(module, layers, kind, profile, acts, output_names(model.family, kind)))
     return segments
 
 
@@ -315,5 +353,6 @@ def trace_components(comps, profiles: list[Profile], device, dtype, encoder_devi
         for profile in profiles[:1] if kind in PER_ENGINE else profiles:
             where = encoder_device if kind in PER_ENGINE else device
             acts = component_activations(comps, kind, profile, where, dtype)
-            segments.append(trace_segment(module, layers, kind, None if kind in PER_ENGINE else profile, acts))
+            segments.append(trace_segment(module, layers, kind, None if kind in PER_ENGINE else profile, acts,
+                                          output_names("flux1", kind)))
     return segments

@@ -46,7 +46,7 @@ class Engine:
         # schedule segments in build order (the head's first: its temb feeds the others), and where each
         # loop input they make lives in a step's row of the schedule buffer: (kind, layer, name) -> (offset, shape)
         self._schedule = [s for s in manifest["segments"] if s["kind"].endswith(SCHEDULE)]
-        self._layout = _schedule_layout(manifest["segments"])
+        self._layout, self._regions = _schedule_layout(manifest["segments"])
         self._weights: dict[str, list[torch.Tensor]] = {}
         self._graphs: dict[tuple, "_Step"] = {}  # captured steps by (profile, cache policy)
         self._tokenizers = {}
@@ -123,8 +123,9 @@ class Engine:
 
     def rope(self, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T + S, D] (this rank's rows in a context-parallel run: its text rows, then its image rows)."""
-        ids = flux_math.position_ids(profile)
-        tables = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]))
+        ids = flux_math.position_ids(profile, self.manifest["model"].get("family", "flux1"))
+        tables = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]),
+                                       self.config.get("rope_theta", flux_math.ROPE_THETA))
         return tuple(self._local(t, 0, profile.text_tokens).to(self.device) for t in tables)
 
     def _local(self, x: torch.Tensor, dim: int, text_tokens: int | None = None) -> torch.Tensor:
@@ -153,11 +154,13 @@ class Engine:
         """fn(*tensors) -> the segment's outputs as a list, the tensors being its inputs `names`: for _chunked."""
         return lambda *xs: list(self._run(kind, profile, layer, dict(zip(names, xs))).values())
 
-    def schedule(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+    def schedule(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         """Every step's schedule row at once: timestep [steps, B], guidance [B] (guidance-distilled models),
-        pooled [B, 768] -> [steps, row] (an empty row for an engine built without hoist_schedule)."""
+        pooled [B, 768] (FLUX.1) -> [steps, row] (an empty row for an engine built without hoist_schedule)."""
         steps = timestep.shape[0]
-        values = {"timestep": timestep.reshape(-1), "pooled_projections": pooled.repeat(steps, 1)}
+        values = {"timestep": timestep.reshape(-1)}
+        if pooled is not None:
+            values["pooled_projections"] = pooled.repeat(steps, 1)
         if guidance is not None:
             values["guidance"] = guidance.repeat(steps)
         rows = {}
@@ -168,22 +171,19 @@ class Engine:
             for layer in seg["layers"]:
                 outs = _chunked(self._rows(seg["kind"], None, layer, names), chunk, *(values[n] for n in names))
                 for o, out in zip(seg["outputs"], outs):
-                    key = (loop_kind, layer, o["name"])
-                    if key in self._layout:
-                        rows[key] = out
-                    else:  # the head's temb: an input of the other schedule segments
-                        values[o["name"]] = out
-        if not self._layout:
+                    rows[(loop_kind, layer, o["name"])] = out
+                    values[o["name"]] = out  # the head's temb: an input of the other schedule segments
+        if not self._regions:
             return timestep.new_empty(steps, 0)
-        return torch.cat([rows[key].reshape(steps, -1) for key in self._layout], dim=1)
+        return torch.cat([rows[key].reshape(steps, -1) for key in self._regions], dim=1)
 
     def transformer(self, profile: Profile, acts: dict) -> torch.Tensor:
-        """acts: hidden_states [B, S, 64], encoder_hidden_states [B, T, 4096], pooled_projections [B, 768],
+        """acts: hidden_states [B, S, 64], encoder_hidden_states [B, T, 4096], pooled_projections [B, 768] (FLUX.1),
         timestep [B], guidance [B] (if the model is guidance-distilled), rope_cos/rope_sin [T+S, 128];
         optionally `schedule`, this step's row of Engine.schedule (else computed here)."""
         acts = dict(acts)
         if "schedule" not in acts:
-            acts["schedule"] = self.schedule(acts["timestep"][None], acts.get("guidance"), acts["pooled_projections"])[0]
+            acts["schedule"] = self.schedule(acts["timestep"][None], acts.get("guidance"), acts.get("pooled_projections"))[0]
         acts |= self._run("head", profile, "", acts)
         self._blocks(profile, acts)
         return self._run("tail", profile, "", acts)["noise_pred"]
@@ -451,12 +451,15 @@ class Engine:
                                  "padded to the engine's text length.")
 
 
-def _schedule_layout(segments: list[dict]) -> dict[tuple[str, str, str], tuple[int, list[int]]]:
-    """(kind, layer, input name) -> (offset, shape) in a step's schedule row, for every loop-segment input a
-    schedule segment makes (the shape is the same in every profile: [batch, features])."""
+def _schedule_layout(segments: list[dict]) -> tuple[dict[tuple[str, str, str], tuple[int, list[int]]], list]:
+    """Where each loop-segment input a schedule segment makes lives in a step's schedule row:
+    ({(kind, layer, input name): (offset, shape)}, the row's regions in order, each the (kind, layer, name) of
+    the schedule output stored there). An input its own kind's schedule segment makes has a region per layer
+    (FLUX.1's per-block modulations); one only the head's makes is one region every layer reads (FLUX.2's
+    shared modulations). Shapes are the same in every profile: [batch, features]."""
     made = {(s["kind"].removesuffix(SCHEDULE), o["name"]) for s in segments if s["kind"].endswith(SCHEDULE)
             for o in s["outputs"]}
-    layout, offset, seen = {}, 0, set()
+    layout, regions, offset, seen = {}, {}, 0, set()
     for seg in segments:
         if seg["kind"] in seen or seg["kind"].endswith(SCHEDULE):
             continue
@@ -464,9 +467,16 @@ def _schedule_layout(segments: list[dict]) -> dict[tuple[str, str, str], tuple[i
         for layer in seg["layers"]:
             for i in seg["inputs"]:
                 if (seg["kind"], i["name"]) in made:
-                    layout[(seg["kind"], layer, i["name"])] = (offset, i["shape"])
+                    region = (seg["kind"], layer, i["name"])
+                elif ("head", i["name"]) in made:
+                    region = ("head", "", i["name"])
+                else:
+                    continue
+                if region not in regions:
+                    regions[region] = offset
                     offset += math.prod(i["shape"])
-    return layout
+                layout[(seg["kind"], layer, i["name"])] = (regions[region], i["shape"])
+    return layout, list(regions)
 
 
 def _check_steps(steps) -> None:

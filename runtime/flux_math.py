@@ -61,14 +61,11 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return x.reshape(b, c4 // 4, h * 2, w * 2)
 
 
-def position_ids(profile: Profile) -> torch.Tensor:
-    """[T + S, 3] ids: text tokens are all zero; image token (r, c) is (0, r, c)."""
-    h, w = profile.height // 16, profile.width // 16
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
-    img = torch.stack([torch.zeros(h * w, dtype=torch.long), rows, cols], dim=1)
-    txt = torch.zeros(profile.text_tokens, 3, dtype=torch.long)
-    return torch.cat([txt, img]).float()
+def position_ids(profile: Profile, family: str = "flux1") -> torch.Tensor:
+    """[T + S, axes] ids of a profile's text and image tokens (runtime/families.py: (0, r, c) for FLUX.1)."""
+    from fluxc.runtime.families import FAMILIES
+
+    return FAMILIES[family].position_ids(profile.text_tokens, profile.height // 16, profile.width // 16)
 
 
 def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int = ROPE_THETA):

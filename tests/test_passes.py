@@ -12,7 +12,10 @@ from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import resolve, run_pipeline
 from fluxc.recipes import bf16, reference
 from fluxc.runtime.flux_math import Profile
-from fluxc.trace import SCHEDULE_INPUTS, schedule_segment, segment_modules, trace_model
+from fluxc.runtime.families import FAMILIES
+from fluxc.trace import schedule_segment, segment_modules, trace_model
+
+SCHEDULE_INPUTS = FAMILIES["flux1"].schedule_inputs
 from torch.fx.experimental.proxy_tensor import make_fx
 
 # Pinned on `tiny` (per segment; the engine runs each block segment for 2 layers). Per double block: 4

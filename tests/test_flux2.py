@@ -1,0 +1,56 @@
+"""FLUX.2 (issue 11): the second model family through the same tracer, passes and runtime, on `tiny-flux2`
+(seeded random weights of diffusers' Flux2Transformer2DModel architecture)."""
+
+import pytest
+import torch
+
+TEXT = 16
+SIZE = (128, 112)
+
+
+@pytest.fixture(scope="module")
+def flux2_engine(tmp_path_factory):
+    from fluxc.build import BuildOptions, build
+
+    path = str(tmp_path_factory.mktemp("engines") / "tiny-flux2.fluxe")
+    build(BuildOptions(model="tiny-flux2", output=path, target="cpu", precision="fp32", resolutions=(SIZE,),
+                       text_tokens=TEXT, transformer_only=True))
+    return path
+
+
+def test_transformer_equals_diffusers_flux2_eager(flux2_engine):
+    """One forward of the engine's segments (head with the shared modulations hoisted into the schedule, double
+    and single blocks, tail) against Flux2Transformer2DModel itself, with the Flux2Pipeline's position ids."""
+    from fluxc.models import load_model
+    from fluxc.runtime import Engine
+
+    engine = Engine.load(flux2_engine)
+    model = load_model("tiny-flux2", dtype=torch.float32, device=torch.device("cpu"), seed=0).module
+    cfg, profile = model.config, engine.profile_for(*SIZE)
+    g = torch.Generator().manual_seed(0)
+    x = dict(hidden_states=torch.randn(1, profile.image_tokens, cfg.in_channels, generator=g),
+             encoder_hidden_states=torch.randn(1, TEXT, cfg.joint_attention_dim, generator=g),
+             timestep=torch.tensor([0.7]), guidance=torch.tensor([4.0]))
+    h, w = SIZE[0] // 16, SIZE[1] // 16
+    # Flux2Pipeline._prepare_text_ids / _prepare_latent_ids: (t, h, w, l) = (0, 0, 0, i) and (0, row, col, 0)
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(TEXT))
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+    cos, sin = engine.rope(profile)
+    got = engine.transformer(profile, dict(x, rope_cos=cos, rope_sin=sin))
+    with torch.no_grad():
+        want = model(**x, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+    assert got.shape == want.shape and want.abs().max() > 1.0
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_flux2_passes_fuse_what_the_blocks_share_with_flux1(flux2_engine):
+    """The same passes run on FLUX.2's graphs: QKV and q/k norm + RoPE fuse, the head's timestep embedding and
+    shared modulations are hoisted into the per-step schedule."""
+    from fluxc.runtime.bundle import read_manifest
+
+    m = read_manifest(flux2_engine)
+    counts = m["pass_counts"]
+    assert m["model"]["family"] == "flux2"
+    assert counts["double-128x112"]["fuse_qkv"]["groups"] == 2 and counts["double-128x112"]["fuse_qk_norm_rope"]["fused"] == 1
+    assert counts["head-128x112"]["hoist_schedule"]["values"] == 4  # temb and the three modulations
+    assert all(v["max_relative_error"] <= 1e-4 for v in m["numerics"].values())
