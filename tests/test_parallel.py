@@ -122,3 +122,24 @@ def test_two_nccl_ranks_in_cuda_graphs_match_one_gpu(tmp_path):
     two = parallel.launch(2, parallel.run_engine, paths[2], "denoise", kw)
     one = Engine.load(paths[1]).denoise(**kw).cpu()
     assert sqnr_db(two.float(), one.float()) >= 35.0
+
+
+@pytest.mark.parametrize("how", ["fluxc run --gpus 2", "torchrun"])
+def test_cli_runs_a_two_rank_engine_and_rank_0_writes_the_image(pipelines, tmp_path, how):
+    """The two launches README gives: fluxc's own (--gpus) and a bare torchrun of fluxc.runtime.parallel."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    args = [pipelines[2], "--prompt", "a cat", "--steps", "2", "--height", str(SIZE[0]), "--width", str(SIZE[1]),
+            "-o", str(out)]
+    if how == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "fluxc.runtime.parallel", *args]
+    else:
+        cmd = [sys.executable, "-c", "from fluxc.cli import main; main()", "run", *args, "--gpus", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(out).size == (SIZE[1], SIZE[0]) and not list(tmp_path.glob("*.partial*"))
