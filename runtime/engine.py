@@ -25,6 +25,7 @@ from fluxc.runtime.backends import LOADERS
 from fluxc.runtime.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
 from fluxc.runtime.device import check_runs_here
 from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.families import FAMILIES
 from fluxc.runtime.flux_math import Profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -40,6 +41,7 @@ class Engine:
         self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p.get("world_size", 1))
                          for p in manifest["profiles"]}
         self.world_size = self._first.world_size  # > 1: this process is one rank of a context-parallel run
+        self.family = FAMILIES[manifest["model"].get("family", "flux1")]
         self.components = manifest["components"]  # None: transformer only
         self.encoders = self._encoder_placement(encoders)
         self._segments: dict[tuple[str, str | None], tuple[dict, object]] = {}
@@ -123,7 +125,7 @@ class Engine:
 
     def rope(self, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T + S, D] (this rank's rows in a context-parallel run: its text rows, then its image rows)."""
-        ids = flux_math.position_ids(profile, self.manifest["model"].get("family", "flux1"))
+        ids = flux_math.position_ids(profile, self.family.name)
         tables = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]),
                                        self.config.get("rope_theta", flux_math.ROPE_THETA))
         return tuple(self._local(t, 0, profile.text_tokens).to(self.device) for t in tables)
@@ -224,7 +226,7 @@ class Engine:
         with stage("denoise"):
             channels = self.config["in_channels"] // 4
             noise = flux_math.initial_noise(len(prompts), profile, channels, seed if generator is None else generator,
-                                             self.dtype)
+                                             self.dtype, self.family.name)
             latents = _chunked(lambda e, p, z: [self.denoise(e, p, height=profile.height, width=profile.width,
                                                              steps=steps, guidance=guidance, latents=z,
                                                              cache_config=cache_config, report=report,
@@ -306,11 +308,12 @@ class Engine:
             raise FluxcError(f"Unknown output_type {output_type!r}.", "Use pil, np or pt.")
 
     # ---- the denoising loop --------------------------------------------------------------------
-    def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, *, height: int, width: int,
+    def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor | None, *, height: int, width: int,
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: "cache.CacheConfig | None" = None,
                 report: dict | None = None, step_ms: list | None = None) -> torch.Tensor:
-        """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent").
+        """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
+        (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
         latents: the packed initial noise [B, S, 64] (default: drawn from `seed`).
         cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph).
@@ -323,21 +326,23 @@ class Engine:
         config = cache_config or self.cache_config()
         self._check_cache(config)
         if latents is None:
-            latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype)
-        sig = flux_math.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
+            latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype,
+                                              self.family.name)
+        sig = flux_math.sigmas(steps, profile.image_tokens, self.family.name)  # [steps + 1] f32
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
         state = {  # this rank's tokens in a context-parallel run
-            "hidden_states": self._local(latents, 1).to(self.device, self.dtype),
+            "hidden_states": self._local(latents, 1).to(self.device, self.dtype).contiguous(),
             "encoder_hidden_states": self._local(prompt_embeds, 1).to(self.device, self.dtype),
-            "pooled_projections": pooled_prompt_embeds.to(self.device, self.dtype),
         }
+        if self.family.pooled:
+            state["pooled_projections"] = pooled_prompt_embeds.to(self.device, self.dtype)
         if self.config["guidance_embeds"]:
             state["guidance"] = torch.full((profile.batch,), float(guidance), device=self.device)
         per_step = {
             "timestep": timesteps[:, None].expand(steps, profile.batch).to(self.device),
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
-        per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state["pooled_projections"])
+        per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state.get("pooled_projections"))
         if config.on:
             per_step["cache_mode"] = cache.step_modes(config, steps).to(self.device)
             state |= cache.initial_state(self._stream_like(profile))
@@ -442,11 +447,15 @@ class Engine:
         self._finish_step(state, self._run("tail", profile, "", acts)["noise_pred"])
 
     def _check_embeddings(self, profile: Profile, prompt_embeds, pooled) -> None:
-        want_t = (profile.batch, profile.text_tokens, self.config["joint_attention_dim"])
-        want_p = (profile.batch, self.config["pooled_projection_dim"])
-        for name, t, want in (("prompt_embeds", prompt_embeds, want_t), ("pooled_prompt_embeds", pooled, want_p)):
-            if tuple(t.shape) != want:
-                raise FluxcError(f"{name} has shape {tuple(t.shape)}; this engine takes {want}.",
+        checks = [("prompt_embeds", prompt_embeds, (profile.batch, profile.text_tokens, self.config["joint_attention_dim"]))]
+        if self.family.pooled:
+            checks.append(("pooled_prompt_embeds", pooled, (profile.batch, self.config["pooled_projection_dim"])))
+        elif pooled is not None:
+            raise FluxcError(f"This {self.family.name} engine takes no pooled prompt embedding.",
+                             "Pass pooled_prompt_embeds=None (the model conditions on prompt_embeds alone).")
+        for name, t, want in checks:
+            if t is None or tuple(t.shape) != want:
+                raise FluxcError(f"{name} has shape {None if t is None else tuple(t.shape)}; this engine takes {want}.",
                                  "Encode prompts with the text encoders this engine's model was trained with, "
                                  "padded to the engine's text length.")
 

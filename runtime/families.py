@@ -5,10 +5,13 @@ text + image sequence, tail) with the same runtime loop; they differ in what the
 the blocks, and in the position ids behind RoPE:
     FLUX.1  the head embeds timestep, guidance and CLIP's pooled text into temb; every block computes its
             own AdaLN modulation from temb; position ids (0, row, col), text tokens all zero; RoPE theta 10000
+            latents: noise [B, 16, H/8, W/8] packed 2x2 into tokens; schedule shift mu linear in the image
+            tokens (FluxPipeline)
     FLUX.2  the head embeds timestep and guidance into temb and computes the modulations all blocks share
             (temb_mod_img, temb_mod_txt for double blocks, temb_mod for single blocks); no pooled text;
             position ids (t, h, w, l): image (0, row, col, 0), text (0, 0, 0, index); RoPE theta from the
-            model config (2000)
+            model config (2000); latents: noise drawn already patchified [B, 128, H/16, W/16], flattened
+            into tokens; mu from BFL's empirical fit over image tokens and steps (Flux2Pipeline)
 The tracer's per-family module wrappers are in compiler/trace.py; adding a family is a Family here and its
 wrappers there.
 """
@@ -16,6 +19,8 @@ wrappers there.
 import dataclasses
 
 import torch
+
+from fluxc.runtime import flux_math
 
 SEGMENT_KINDS = ("head", "double", "single", "tail")
 
@@ -38,6 +43,28 @@ class Family:
             img = torch.stack([zeros_s, r, c, zeros_s], 1)
             txt = torch.stack([zeros_t, zeros_t, zeros_t, torch.arange(text_tokens)], 1)
         return torch.cat([txt, img]).float()
+
+    def initial_noise(self, n: int, profile, in_channels: int, gen: torch.Generator, dtype) -> torch.Tensor:
+        """Packed noise [n, S, in_channels] as the family's diffusers pipeline draws it from `gen`."""
+        h, w = profile.height // flux_math.VAE_SCALE, profile.width // flux_math.VAE_SCALE
+        if self.name == "flux1":
+            noise = torch.randn((n, in_channels // 4, h, w), generator=gen, dtype=dtype, device=gen.device)
+            return flux_math.pack_latents(noise)
+        noise = torch.randn((n, in_channels, h // 2, w // 2), generator=gen, dtype=dtype, device=gen.device)
+        return noise.flatten(2).transpose(1, 2).contiguous()
+
+    def mu(self, image_tokens: int, steps: int) -> float:
+        """The schedule's resolution-dependent shift (the sigmas are shifted to e^mu / (e^mu + 1/s - 1))."""
+        if self.name == "flux1":
+            slope = (flux_math.MAX_SHIFT - flux_math.BASE_SHIFT) / (flux_math.MAX_SEQ_LEN - flux_math.BASE_SEQ_LEN)
+            return image_tokens * slope + (flux_math.BASE_SHIFT - slope * flux_math.BASE_SEQ_LEN)
+        # BFL's FLUX.2 sampling.py (diffusers' compute_empirical_mu): two lines fitted at 10 and 200 steps
+        a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+        if image_tokens > 4300:
+            return a2 * image_tokens + b2
+        m_200, m_10 = a2 * image_tokens + b2, a1 * image_tokens + b1
+        a = (m_200 - m_10) / 190.0
+        return a * steps + (m_200 - 200.0 * a)
 
 
 _BLOCK_OUTPUTS = {"double": ["encoder_hidden_states", "hidden_states"], "single": ["joint_hidden_states"],

@@ -83,10 +83,11 @@ def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int = ROPE_
     return torch.cat(cos, dim=1).float(), torch.cat(sin, dim=1).float()
 
 
-def sigmas(steps: int, image_tokens: int) -> torch.Tensor:
-    """[steps + 1] float32: linear sigmas 1 .. 1/steps, shifted by the resolution-dependent mu, then 0."""
-    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
-    mu = image_tokens * slope + (BASE_SHIFT - slope * BASE_SEQ_LEN)
+def sigmas(steps: int, image_tokens: int, family: str = "flux1") -> torch.Tensor:
+    """[steps + 1] float32: linear sigmas 1 .. 1/steps, shifted by the family's resolution-dependent mu, then 0."""
+    from fluxc.runtime.families import FAMILIES
+
+    mu = FAMILIES[family].mu(image_tokens, steps)
     out = []
     for i in range(steps):
         s = 1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1)
@@ -99,9 +100,11 @@ def euler_step(latents: torch.Tensor, noise_pred: torch.Tensor, dt) -> torch.Ten
     return (latents.float() + dt * noise_pred).to(latents.dtype)
 
 
-def initial_noise(n: int, profile: Profile, channels: int, seed: "int | torch.Generator", dtype: torch.dtype) -> torch.Tensor:
-    """Packed noise [n, S, C*4] as FluxPipeline draws it: one randn of [n, C, H/8, W/8] from the generator
-    (a CPU generator seeded with `seed` when given an int), on the generator's device."""
+def initial_noise(n: int, profile: Profile, channels: int, seed: "int | torch.Generator", dtype: torch.dtype,
+                  family: str = "flux1") -> torch.Tensor:
+    """Packed noise [n, S, C*4] as the family's pipeline draws it (FluxPipeline: one randn of [n, C, H/8, W/8],
+    packed 2x2) from the generator (a CPU generator seeded with `seed` when given an int), on its device."""
+    from fluxc.runtime.families import FAMILIES
+
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(seed)
-    shape = (n, *profile.latent_shape(channels)[1:])
-    return pack_latents(torch.randn(shape, generator=gen, dtype=dtype, device=gen.device))
+    return FAMILIES[family].initial_noise(n, profile, channels * 4, gen, dtype)

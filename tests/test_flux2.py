@@ -54,3 +54,24 @@ def test_flux2_passes_fuse_what_the_blocks_share_with_flux1(flux2_engine):
     assert counts["double-128x112"]["fuse_qkv"]["groups"] == 2 and counts["double-128x112"]["fuse_qk_norm_rope"]["fused"] == 1
     assert counts["head-128x112"]["hoist_schedule"]["values"] == 4  # temb and the three modulations
     assert all(v["max_relative_error"] <= 1e-4 for v in m["numerics"].values())
+
+
+def test_denoising_loop_equals_flux2_pipeline(flux2_engine):
+    """8 steps from prompt embeddings: the engine's loop (FLUX.2's noise layout, its empirical schedule shift,
+    guidance 4) against diffusers' Flux2Pipeline with the same transformer, output_type="latent". The scheduler
+    is FlowMatchEulerDiscreteScheduler with dynamic (exponential) shifting, as FLUX.1-dev's config has it; no
+    FLUX.2 checkpoint config can be downloaded here to confirm FLUX.2-dev's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    from fluxc.models import load_model
+    from fluxc.runtime import Engine
+
+    model = load_model("tiny-flux2", dtype=torch.float32, device=torch.device("cpu"), seed=0).module
+    embeds = torch.randn(1, TEXT, model.config.joint_attention_dim, generator=torch.Generator().manual_seed(1))
+    got = Engine.load(flux2_engine).denoise(embeds, None, height=SIZE[0], width=SIZE[1], steps=8, guidance=4.0, seed=3)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=model)
+    want = pipe(prompt_embeds=embeds, height=SIZE[0], width=SIZE[1], num_inference_steps=8, guidance_scale=4.0,
+                generator=torch.Generator("cpu").manual_seed(3), output_type="latent").images
+    assert got.shape == want.shape and want.std() > 0.1
+    assert (got - want).abs().max() <= 1e-3
