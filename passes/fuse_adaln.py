@@ -4,8 +4,9 @@ Pattern (norm1 of the image and the text stream in double blocks, the single blo
     %ln = getitem(aten.native_layer_norm(%x, [C], None, None, 1e-06), 0)                  [B, S, C]
     %mul = aten.mul.Tensor(%ln, aten.add.Tensor(aten.unsqueeze(%scale, 1), 1))         (or unsqueeze(add))
     %out = aten.add.Tensor(%mul, aten.unsqueeze(%shift, 1))                            scale, shift [B, C]
+    (FLUX.2: `(1 + scale) * ln + shift` with scale, shift [B, 1, C], slices of the shared modulation)
 Rewrite:
-    %out = fluxc.adaln(%x, %scale, %shift, 1e-06)
+    %out = fluxc.adaln(%x, %scale, %shift, 1e-06)            (FLUX.2's scale, shift squeezed to [B, C] first)
 Inductor already fuses this into one kernel, but a looped reduction: it reads the 3072-wide row twice
 and ran at 41-57 us per 4608x3072 call on the H200, against ~15 us of memory traffic. fluxc's kernel keeps
 the row in registers. A norm whose input is a residual add (a double block's norm2) is left alone:
@@ -33,8 +34,9 @@ def _modulation(node: torch.fx.Node, plus_one: bool, depth: int) -> torch.fx.Nod
             break
     if plus_one and not seen_one:
         raise NoMatch(node, "modulation: no (1 + scale)", depth)
-    if node.meta["val"].dim() != 2:
-        raise NoMatch(node, "modulation: scale/shift are not [B, C]", depth)
+    shape = node.meta["val"].shape
+    if len(shape) != 2 and not (len(shape) == 3 and shape[1] == 1):
+        raise NoMatch(node, "modulation: scale/shift are not [B, C] or [B, 1, C]", depth)
     return node
 
 
@@ -60,6 +62,7 @@ def match(ln: torch.fx.Node):
 def fuse(gm: torch.fx.GraphModule, ln: torch.fx.Node) -> None:
     x, scale, shift, eps, out = match(ln)
     with gm.graph.inserting_before(out):
+        scale, shift = (call(gm.graph, aten.squeeze.dim, v, 1) if v.meta["val"].dim() == 3 else v for v in (scale, shift))
         out.replace_all_uses_with(call(gm.graph, torch.ops.fluxc.adaln.default, x, scale, shift, float(eps)))
 
 
