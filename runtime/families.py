@@ -53,6 +53,15 @@ class Family:
         noise = torch.randn((n, in_channels, h // 2, w // 2), generator=gen, dtype=dtype, device=gen.device)
         return noise.flatten(2).transpose(1, 2).contiguous()
 
+    def unpack_latents(self, packed: torch.Tensor, profile) -> torch.Tensor:
+        """Packed tokens [B, S, C] as the latent image the family's VAE side starts from: FLUX.1 [B, C/4, H/8, W/8]
+        (flux_math.unpack_latents); FLUX.2 the patchified grid [B, C, H/16, W/16] (Flux2Pipeline then
+        de-normalizes with the VAE's batch-norm statistics and unpatchifies)."""
+        if self.name == "flux1":
+            return flux_math.unpack_latents(packed, profile.height, profile.width)
+        b, _, c = packed.shape
+        return packed.transpose(1, 2).reshape(b, c, profile.height // 16, profile.width // 16)
+
     def mu(self, image_tokens: int, steps: int) -> float:
         """The schedule's resolution-dependent shift (the sigmas are shifted to e^mu / (e^mu + 1/s - 1))."""
         if self.name == "flux1":

@@ -98,3 +98,23 @@ def test_denoising_loop_equals_flux2_pipeline(flux2_engine):
                 generator=torch.Generator("cpu").manual_seed(3), output_type="latent").images
     assert got.shape == want.shape and want.std() > 0.1
     assert (got - want).abs().max() <= 1e-3
+
+
+def test_fluxc_run_writes_flux2_latents_from_prompt_embeddings_alone(flux2_engine, tmp_path):
+    """A FLUX.2 embeddings file holds prompt_embeds only (no pooled text); the output equals Engine.denoise."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from fluxc.cli import main
+    from fluxc.runtime import Engine
+
+    engine = Engine.load(flux2_engine)
+    embeds = torch.randn(1, TEXT, engine.config["joint_attention_dim"], generator=torch.Generator().manual_seed(2))
+    save_file({"prompt_embeds": embeds}, str(tmp_path / "e.safetensors"))
+    out = tmp_path / "latents.safetensors"
+    result = CliRunner().invoke(main, ["run", flux2_engine, "--embeddings", str(tmp_path / "e.safetensors"), "--steps", "3",
+                                       "--seed", "4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    got = load_file(str(out))
+    want = engine.denoise(embeds, None, height=SIZE[0], width=SIZE[1], steps=3, seed=4)
+    assert torch.equal(got["packed_latents"], want) and got["latents"].shape == (1, 128, SIZE[0] // 16, SIZE[1] // 16)

@@ -138,7 +138,6 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     from safetensors.torch import save_file
 
     from fluxc.runtime import Engine
-    from fluxc.runtime.flux_math import unpack_latents
 
     eng = Engine.load(engine)
     profile = eng.profile_for(height, width)
@@ -150,7 +149,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tensors = {"packed_latents": packed.cpu().contiguous(),
-               "latents": unpack_latents(packed, profile.height, profile.width).cpu().contiguous()}
+               "latents": eng.family.unpack_latents(packed, profile).cpu().contiguous()}
     meta = {"height": str(profile.height), "width": str(profile.width), "steps": str(steps)}
     _save_atomically(output, lambda path: save_file(tensors, path, metadata=meta))
     click.echo(f"wrote {output}: {steps} steps at {profile.name} in {seconds:.2f} s")
@@ -165,7 +164,8 @@ def _embeddings(path, eng, profile, seed):
     if path is None:  # seeded random embeddings, for smoke tests and benchmarks
         gen = torch.Generator().manual_seed(seed + 1)
         t = torch.randn(profile.batch, profile.text_tokens, eng.config["joint_attention_dim"], generator=gen)
-        return t, torch.randn(profile.batch, eng.config["pooled_projection_dim"], generator=gen)
+        pooled = torch.randn(profile.batch, eng.config["pooled_projection_dim"], generator=gen) if eng.family.pooled else None
+        return t, pooled
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -173,8 +173,9 @@ def _embeddings(path, eng, profile, seed):
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise FluxcError(f"Cannot read embeddings '{path}': {e}.", "Pass a safetensors file.") from None
-    missing = {"prompt_embeds", "pooled_prompt_embeds"} - set(tensors)
+    wanted = {"prompt_embeds", "pooled_prompt_embeds"} if eng.family.pooled else {"prompt_embeds"}
+    missing = wanted - set(tensors)
     if missing:
         raise FluxcError(f"'{path}' lacks {sorted(missing)}.",
-                         "Save prompt_embeds and pooled_prompt_embeds (FluxPipeline.encode_prompt outputs).")
-    return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+                         f"Save {' and '.join(sorted(wanted))} (the pipeline's encode_prompt outputs).")
+    return tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds") if eng.family.pooled else None
