@@ -26,8 +26,7 @@ def command(engine, as_json):
                f"recipe {m['recipe']['name']}")
     b = m["backend"]
     click.echo(f"backend      {b['name']}  torch {b['torch']}  triton {b['triton']}  cuda {b['cuda']}  cudnn {b['cudnn']}")
-    click.echo("profiles     " + ", ".join(f"{p['name']} (batch {p['batch']}, {p['image_tokens']}+{p['text_tokens']} tokens)"
-                                          for p in m["profiles"]))
+    click.echo("profiles     " + ", ".join(_profile(p) for p in m["profiles"]))
     click.echo("passes       " + " -> ".join(m["passes"]))
     click.echo("segments")
     for s in m["segments"]:
@@ -44,3 +43,8 @@ def command(engine, as_json):
                    + (", modulated input" if cache["probes"]["modulated"] else f" (no TeaCache: {cache['why_no_probe']})"))
     click.echo("build time   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["build_seconds"].items()))
     click.echo(f"cache key    {m['cache_key'][:16]}")
+
+
+def _profile(p: dict) -> str:
+    ranks = f", split over {p['world_size']} ranks" if p.get("world_size", 1) > 1 else ""
+    return f"{p['name']} (batch {p['batch']}, {p['image_tokens']}+{p['text_tokens']} tokens{ranks})"
