@@ -25,10 +25,10 @@ from fluxc.runtime.cache import PROBE_SUFFIX
 from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
-from fluxc.runtime.flux_math import Profile
 from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
-from fluxc.trace import (COMPONENT_KINDS, component_modules, module_tensors, output_names, probe_segment,
-                         schedule_segment, segment_modules, trace_components, trace_model)
+from fluxc.runtime.flux_math import Profile
+from fluxc.trace import (COMPONENT_KINDS, component_modules, module_tensors, probe_segment, schedule_segment,
+                         segment_modules, trace_components, trace_model)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -9,8 +9,8 @@ saying what differs, never a silent comparison.
 import csv
 import io
 import json
-import os
 
+from fluxc.runtime.bundle import save_atomically
 from fluxc.runtime.errors import FluxcError
 
 SETTINGS = ("resolution", "steps", "batch")
@@ -152,7 +152,7 @@ def plot(table: list[dict], path: str) -> None:
         ax2.set_ylim(lo - 5, hi + 5)
         ax2.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.partial.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        save_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)

@@ -25,7 +25,6 @@ from fluxc import ir
 from fluxc.ir import WeightSource
 from fluxc.models import LoadedModel
 from fluxc.runtime.cache import PROBE_SUFFIX
-from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.flux_math import Profile
 

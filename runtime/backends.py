@@ -76,7 +76,7 @@ def load_onnx(segment_dir: str):
 
     def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
         feeds = {i.name: _to_numpy(t, i.type) for i, t in zip(inputs, tensors)}
-        return [_from_numpy(a, tensors[0].device, name in rounded) for a, name in zip(session.run(None, feeds), outputs)]
+        return [from_numpy(a, tensors[0].device, name in rounded) for a, name in zip(session.run(None, feeds), outputs)]
 
     return run
 
@@ -141,7 +141,8 @@ def _to_numpy(t: torch.Tensor, ort_type: str):
     return t.float().numpy().astype(ml_dtypes.bfloat16)
 
 
-def _from_numpy(a, device: torch.device, to_bf16: bool) -> torch.Tensor:
+def from_numpy(a, device: torch.device, to_bf16: bool) -> torch.Tensor:
+    """A runtime's output array as a tensor on `device`: bfloat16 where it is (or was, before widen_bf16)."""
     if a.dtype.name == "bfloat16":
         a, to_bf16 = a.astype("float32"), True
     t = torch.from_numpy(a)

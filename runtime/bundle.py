@@ -78,3 +78,16 @@ def verify_files(root: str, manifest: dict) -> None:
         if sha256_file(os.path.join(root, rel)) != digest:
             raise FluxcError(f"Engine file {rel} does not match its sha256 in the manifest (changed or corrupt).",
                              "Rebuild the engine or copy it again whole; never edit engine files by hand.")
+
+
+def save_atomically(path: str, save) -> None:
+    """save(tmp) next to `path`, then rename it into place: a failure never leaves a half-written file under the
+    name, and a reader sees the old file or the new one (the file's counterpart of fluxc.plan.atomic_directory).
+    tmp keeps path's extension, for writers that read it."""
+    tmp = f"{path}.partial{os.path.splitext(path)[1]}"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -85,6 +85,8 @@ def runner(path: str, model):
     import ml_dtypes
     import torch
 
+    from fluxc.runtime.backends import from_numpy
+
     session, rounded = reference_session(path)
     types = [i.type.tensor_type.elem_type for i in model.graph.input]
     names = [i.name for i in model.graph.input]
@@ -101,7 +103,6 @@ def runner(path: str, model):
 
     def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
         outs = session.run(None, {n: feed(t, e) for n, t, e in zip(names, tensors, types)})
-        return [(torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16 if bf16 else None)).to(tensors[0].device)
-                for a, bf16 in zip(outs, to_bf16)]
+        return [from_numpy(np.ascontiguousarray(a), tensors[0].device, bf16) for a, bf16 in zip(outs, to_bf16)]
 
     return run

@@ -14,6 +14,7 @@ import json
 import os
 
 from fluxc.backends.onnx import OnnxBackend
+from fluxc.runtime.bundle import save_atomically
 from fluxc.runtime.backends import TENSORRT_IO, TENSORRT_PLAN, load_tensorrt
 from fluxc.runtime.errors import FluxcError
 
@@ -49,7 +50,8 @@ class TensorRTBackend(OnnxBackend):
             f.write(plan)
         with open(os.path.join(out_dir, TENSORRT_IO), "w") as f:
             json.dump({"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}, f)
-        _write(TIMING_CACHE, memoryview(config.get_timing_cache().serialize()))
+        os.makedirs(os.path.dirname(TIMING_CACHE), exist_ok=True)
+        save_atomically(TIMING_CACHE, lambda tmp: _write(tmp, memoryview(config.get_timing_cache().serialize())))
         return load_tensorrt(out_dir)
 
     def versions(self):
@@ -59,10 +61,8 @@ class TensorRTBackend(OnnxBackend):
 
 
 def _write(path: str, data) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with open(path, "wb") as f:
         f.write(data)
-    os.replace(path + ".tmp", path)  # another build reading the cache sees the old one or the new one
 
 
 def _read(path: str) -> bytes:

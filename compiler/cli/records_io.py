@@ -3,6 +3,7 @@
 import json
 import os
 
+from fluxc.runtime.bundle import save_atomically
 from fluxc.runtime.errors import FluxcError
 
 
@@ -10,7 +11,9 @@ def write_record(path: str, record: dict) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
-    tmp = f"{path}.partial"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+
+    save_atomically(path, dump)

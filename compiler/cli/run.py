@@ -62,8 +62,10 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
         images, timings, report = _generate(engine, encoders, prompts, settings, overrides)
         if parallel.rank() != 0:
             return
+    from fluxc.runtime.bundle import save_atomically
+
     for image, path in zip(images, paths):
-        _save_atomically(path, image.save)
+        save_atomically(path, image.save)
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
     click.echo(f"wrote {len(paths)} image(s) ({paths[0]}{' ...' if len(paths) > 1 else ''}): {steps} steps, {stages}")
     _echo_cache(report, verbose)
@@ -118,19 +120,6 @@ def _image_paths(output: str, n: int) -> list[str]:
     return [output] if n == 1 else [f"{stem}-{i:03d}{ext}" for i in range(n)]
 
 
-def _save_atomically(path: str, save) -> None:
-    """Write next to `path` and rename, so a failure never leaves a half-written file under the name."""
-    import os
-
-    tmp = f"{path}.partial{os.path.splitext(path)[1]}"
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output, overrides, verbose):
     import time
 
@@ -138,6 +127,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     from safetensors.torch import save_file
 
     from fluxc.runtime import Engine
+    from fluxc.runtime.bundle import save_atomically
 
     eng = Engine.load(engine)
     profile = eng.profile_for(height, width)
@@ -151,7 +141,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     tensors = {"packed_latents": packed.cpu().contiguous(),
                "latents": eng.family.unpack_latents(packed, profile).cpu().contiguous()}
     meta = {"height": str(profile.height), "width": str(profile.width), "steps": str(steps)}
-    _save_atomically(output, lambda path: save_file(tensors, path, metadata=meta))
+    save_atomically(output, lambda path: save_file(tensors, path, metadata=meta))
     click.echo(f"wrote {output}: {steps} steps at {profile.name} in {seconds:.2f} s")
     _echo_cache(report, verbose)
 
