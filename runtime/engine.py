@@ -51,6 +51,7 @@ class Engine:
         self._layout, self._regions = _schedule_layout(manifest["segments"])
         self._weights: dict[str, list[torch.Tensor]] = {}
         self._graphs: dict[tuple, "_Step"] = {}  # captured steps by (profile, cache policy)
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE tables on the device, by profile
         self._tokenizers = {}
 
     @property
@@ -124,7 +125,13 @@ class Engine:
         return self.profiles[name]
 
     def rope(self, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T + S, D] (this rank's rows in a context-parallel run: its text rows, then its image rows)."""
+        """cos, sin [T + S, D] (this rank's rows in a context-parallel run: its text rows, then its image rows),
+        made once per profile: a host computation that would otherwise precede every loop."""
+        if profile.name not in self._rope:
+            self._rope[profile.name] = self._rope_tables(profile)
+        return self._rope[profile.name]
+
+    def _rope_tables(self, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
         ids = flux_math.position_ids(profile, self.family.name)
         tables = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]),
                                        self.config.get("rope_theta", flux_math.ROPE_THETA))
