@@ -13,7 +13,7 @@ import torch
 from fluxc import FORMAT_VERSION, __version__, ir
 from fluxc.backends import get_backend
 from fluxc.calibrate import calibrate
-from fluxc.components import CLIP_MAX_LENGTH, load_components
+from fluxc.components import load_components
 from fluxc.models import check_source, load_model
 from fluxc.numerics import relative_error
 from fluxc.passes.base import PassContext
@@ -296,7 +296,7 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
         if settings.encoders is not None:
             comps = load_components(opts.model, model.family, dtype=settings.dtype, device=settings.device,
                                     seed=opts.seed)
-            for encoder in (comps.clip, comps.t5):
+            for encoder in comps.encoders.values():
                 encoder.to(settings.encoder_device)
     text_tokens = opts.text_tokens or model.default_text_tokens
     profiles = [Profile(h, w, text_tokens, opts.batch, opts.world_size) for h, w in opts.resolutions]
@@ -338,8 +338,7 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
             if seg.kind in modules:  # a schedule segment is checked with the segment it feeds
                 seg.expected = _eager_outputs(modules[seg.kind][0], seg)
     checkpoint = dict(model.module.state_dict()) | amaxes
-    for kind in COMPONENT_KINDS if comps else ():
-        module, (prefix,) = modules[kind]
+    for module, (prefix,) in component_modules(comps).values() if comps else ():
         checkpoint.update({f"{prefix}.{n}": t for n, t in module_tensors(module).items()})
     with stages("transform weights"):
         weights = engine_weights(segments, checkpoint)
@@ -450,13 +449,13 @@ def _inputs_for_layer(seg, weights, layer) -> list[torch.Tensor]:
 
 def _tokenizers(comps, settings: Settings, text_tokens: int) -> tuple[dict, dict[str, str]]:
     """(the manifest's components entry, {tokenizers/<name>.json: its text}) for the `tokenizers` library, and
-    what the runtime needs to pad them as FLUX does."""
+    what the runtime needs to render, pad and mask prompts as the family's pipeline does (runtime/text.py)."""
     entries, files = {}, {}
-    for name, tok, max_length in (("clip", comps.clip_tokenizer, CLIP_MAX_LENGTH), ("t5", comps.t5_tokenizer, text_tokens)):
+    for name, spec in comps.prompt_tokenizers(text_tokens).items():
         rel = f"{TOKENIZER_DIR}/{name}.json"
-        files[rel] = tok.tokenizer.to_str()
-        entries[name] = {"file": rel, "max_length": max_length, "pad_id": tok.pad_id, "pad_token": tok.pad_token}
-    return {"encoders": settings.encoders, "tokenizers": entries, "vae": comps.vae_factors}, files
+        files[rel] = spec.pop("tokenizer").to_str()
+        entries[name] = {"file": rel, **spec}
+    return {"encoders": settings.encoders, "tokenizers": entries}, files
 
 
 def _windows(seg) -> list[slice]:

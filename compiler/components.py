@@ -1,11 +1,12 @@
-"""The rest of a FLUX.1 pipeline: CLIP-L and T5 text encoders, their tokenizers, the VAE.
+"""The rest of a pipeline: FLUX.1's CLIP-L and T5 text encoders, their tokenizers and VAE; FLUX.2's Mistral3 text
+encoder (hidden states of three layers), its chat-template tokenizer and VAE (with batch-norm latent statistics).
 
 `load_components(source, ...)` mirrors `fluxc.models.load_model`:
 - named architectures get seeded random components of the real shapes (CLIP-L, T5-XXL v1.1 encoder,
   the 16-channel FLUX VAE for `flux1-*`; small ones of the same structure for `tiny`) and tokenizers
   built in code from a fixed corpus, because no real tokenizer can be downloaded here;
 - a diffusers FLUX folder gives its `text_encoder/`, `text_encoder_2/`, `vae/`, `tokenizer/` and
-  `tokenizer_2/`, weights through safetensors only.
+  `tokenizer_2/` (FLUX.2: `text_encoder/`, `tokenizer/`, `vae/`), weights through safetensors only.
 Tokenizers leave here as `tokenizers.Tokenizer` objects: the engine stores them as tokenizer.json files
 so the runtime needs only the `tokenizers` library.
 """
@@ -68,18 +69,28 @@ class LoadedComponents:
     t5_tokenizer: Tokenizer
 
     @property
-    def vae_factors(self) -> dict:
-        cfg = self.vae.config
-        return {"scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor}
+    def encoders(self) -> dict[str, torch.nn.Module]:
+        """Text encoders by segment kind."""
+        return {"clip": self.clip, "t5": self.t5}
+
+    def prompt_tokenizers(self, text_tokens: int) -> dict[str, dict]:
+        """Segment kind -> the runtime's tokenizer spec (runtime/text.py) and its `tokenizers.Tokenizer`."""
+        return {"clip": _spec(self.clip_tokenizer, CLIP_MAX_LENGTH), "t5": _spec(self.t5_tokenizer, text_tokens)}
+
+
+def _spec(tok: Tokenizer, max_length: int, **extra) -> dict:
+    return {"tokenizer": tok.tokenizer, "max_length": max_length, "pad_id": tok.pad_id, "pad_token": tok.pad_token,
+            **extra}
 
 
 def load_components(source: str, family: str, *, dtype, device, seed: int = 0) -> LoadedComponents:
     """Components for a named architecture or a diffusers pipeline folder (checked by build validation)."""
     from fluxc.models import ARCHITECTURES
 
-    if family != "flux1":
-        raise FluxcError(f"Text encoders and VAE of the {family} family are not implemented yet.",
-                         "Build with --transformer-only.")
+    if family == "flux2":
+        if source in ARCHITECTURES:
+            return _random_flux2_components("tiny" if source == "tiny-flux2" else "flux2", dtype, device, seed)
+        return _diffusers_flux2_components(source, dtype, device)
     if source in ARCHITECTURES:
         return _random_components("tiny" if source == "tiny" else "flux1", dtype, device, seed)
     return _diffusers_components(source, dtype, device)  # build validation admits no other source here
@@ -151,11 +162,11 @@ def clip_tokenizer(merges: int = 160) -> Tokenizer:
     return Tokenizer(tok, eos, "<|endoftext|>")
 
 
-def _learn_bpe(words: list[str], n_merges: int) -> list[tuple[str, str]]:
+def _learn_bpe(words: list[str], n_merges: int, end_of_word: str = "</w>") -> list[tuple[str, str]]:
     """Classic BPE: repeatedly merge the most frequent adjacent pair (ties: the larger pair string)."""
     from collections import Counter
 
-    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    seqs = [list(w[:-1]) + [w[-1] + end_of_word] for w in words]
     merges = []
     for _ in range(n_merges):
         pairs = Counter(p for s in seqs for p in zip(s, s[1:]))
@@ -192,16 +203,160 @@ def t5_tokenizer() -> Tokenizer:
     return Tokenizer(tok, 0, "<pad>")
 
 
-def save_pipeline_folder(path: str, transformer: torch.nn.Module, comps: LoadedComponents) -> None:
-    """Write a diffusers FLUX pipeline folder (safetensors) from these parts: a source for builds and tests."""
+# ---- FLUX.2 ---------------------------------------------------------------------------------------------------
+def flux2_text_layers(depth: int) -> tuple[int, int, int]:
+    """Which hidden states make FLUX.2's prompt embeddings: Flux2Pipeline's text_encoder_out_layers (10, 20, 30)
+    for Mistral Small's 40 layers; other depths (tiny encoders) at the same quarters, since a diffusers folder
+    carries no such setting."""
+    return depth // 4, depth // 2, 3 * depth // 4
+
+
+# Mistral Small 3.1's language model (FLUX.2-dev's text encoder); the vision tower is never run for text-to-image,
+# so the random one is minimal.
+_MISTRAL_SMALL = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                      rms_norm_eps=1e-5, rope_theta=1e9, sliding_window=None)
+_PIXTRAL_MINIMAL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                        head_dim=32, image_size=64, patch_size=16)
+_FLUX2_VAE = dict(block_out_channels=[128, 256, 512, 512], latent_channels=32)
+
+# name -> (Mistral text config, VAE config); tiny: 4 layers, of which 3 hidden states make 3 x 32 = 96 =
+# tiny-flux2's joint_attention_dim, and a 4-level VAE (8x) as the real one
+_RANDOM_FLUX2 = {
+    "flux2": (_MISTRAL_SMALL, _FLUX2_VAE),
+    "tiny": (dict(_MISTRAL_SMALL, vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024),
+             dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=128,
+                  latent_channels=32)),
+}
+
+# Mistral's chat layout as its template renders a system and a user turn (Flux2Pipeline's format_input)
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}")
+
+
+@dataclasses.dataclass
+class Flux2Components:
+    text_encoder: torch.nn.Module  # transformers Mistral3ForConditionalGeneration, eval
+    tokenizer: object  # transformers PreTrainedTokenizerFast with Mistral's chat template
+    vae: torch.nn.Module  # diffusers AutoencoderKLFlux2, eval
+
+    @property
+    def text_layers(self) -> tuple[int, int, int]:
+        return flux2_text_layers(self.text_encoder.config.text_config.num_hidden_layers)
+
+    @property
+    def encoders(self) -> dict[str, torch.nn.Module]:
+        return {"mistral": self.text_encoder}
+
+    def prompt_tokenizers(self, text_tokens: int) -> dict[str, dict]:
+        """The Mistral tokenizer as Flux2Pipeline uses it: the chat template rendered around the prompt (split at
+        the prompt, so the runtime needs no template engine), tokenized without added specials, truncated and
+        padded to the text length on the tokenizer's own side, with an attention mask."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+        marker = "\x00PROMPT\x00"
+        rendered = self.tokenizer.apply_chat_template(format_input([marker], SYSTEM_MESSAGE)[0], tokenize=False,
+                                                      add_generation_prompt=False)
+        prefix, suffix = rendered.split(marker)
+        tok = Tokenizer(self.tokenizer.backend_tokenizer, self.tokenizer.pad_token_id, self.tokenizer.pad_token)
+        return {"mistral": _spec(tok, text_tokens, template=[prefix, suffix], padding_side=self.tokenizer.padding_side,
+                                 truncation_side=self.tokenizer.truncation_side, strip=["[IMG]"])}
+
+
+def _random_flux2_components(name: str, dtype, device, seed: int) -> Flux2Components:
+    from diffusers import AutoencoderKLFlux2
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text_cfg, vae_cfg = _RANDOM_FLUX2[name]
+    tokenizer = mistral_tokenizer()
+    assert len(tokenizer) <= text_cfg["vocab_size"]
+    cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.device(device), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed + 1)
+        config = Mistral3Config(text_config=MistralConfig(**text_cfg),
+                                vision_config=PixtralVisionConfig(**_PIXTRAL_MINIMAL))
+        text_encoder = Mistral3ForConditionalGeneration(config)
+        vae = AutoencoderKLFlux2(**vae_cfg)
+        bn = vae.bn  # latent statistics as a trained VAE has them, not the identity
+        bn.running_mean.copy_(torch.randn(bn.num_features) * 0.5)
+        bn.running_var.copy_(torch.rand(bn.num_features) * 2 + 0.25)
+    return Flux2Components(text_encoder.to(dtype).eval(), tokenizer, vae.to(dtype).eval())
+
+
+def _diffusers_flux2_components(path: str, dtype, device) -> Flux2Components:
+    from diffusers import AutoencoderKLFlux2
+    from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
+
+    missing = [d for d in ("tokenizer", "text_encoder", "vae") if not os.path.isdir(os.path.join(path, d))]
+    if missing:
+        raise FluxcError(f"'{path}' lacks the pipeline folders {missing}.",
+                         "Pass the root of a diffusers FLUX.2 pipeline folder, or build with --transformer-only.")
+    kwargs = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    try:
+        text_encoder = Mistral3ForConditionalGeneration.from_pretrained(os.path.join(path, "text_encoder"), **kwargs)
+        vae = AutoencoderKLFlux2.from_pretrained(os.path.join(path, "vae"), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), use_fast=True)
+    except Exception as e:  # OSError, ValueError, SafetensorError: missing or damaged files
+        raise FluxcError(f"Cannot load the pipeline components in '{path}': {type(e).__name__}: {e}".rstrip(".") + ".",
+                         "Check that the folder is a complete diffusers FLUX.2 pipeline (re-copy it).") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise FluxcError(f"The tokenizer in '{path}/tokenizer' has no chat template; FLUX.2 prompts are chat-formatted.",
+                         "Re-copy the tokenizer folder with its chat_template.")
+    return Flux2Components(text_encoder.to(device).eval(), tokenizer, vae.to(device).eval())
+
+
+def mistral_tokenizer(merges: int = 300):
+    """A byte-level BPE with Mistral's special tokens (<unk> 0, <s> 1, </s> 2, [INST], [/INST], [SYSTEM_PROMPT],
+    [/SYSTEM_PROMPT], <pad> 11) and chat template, as a transformers tokenizer (Flux2Pipeline's reference path
+    calls apply_chat_template on it). Pads on the left, so the runtime's side handling is exercised. Merges are
+    learned on the corpus and Flux2Pipeline's system message, which then takes about 30 tokens."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                "[IMG_BREAK]", "[IMG_END]", "[AVAILABLE_TOOLS]", "<pad>"]
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = [w for text in _CORPUS + [SYSTEM_MESSAGE] for w, _ in pre.pre_tokenize_str(text)]
+    learned = _learn_bpe(words, merges, end_of_word="")
+    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(m) for m in learned]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=learned, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre, decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="left", chat_template=_MISTRAL_CHAT_TEMPLATE,
+                                   model_max_length=1024)
+
+
+def save_pipeline_folder(path: str, transformer: torch.nn.Module, comps) -> None:
+    """Write a diffusers FLUX (or FLUX.2) pipeline folder (safetensors) from these parts: a source for builds and
+    tests."""
     diffusers_pipeline(transformer, comps).save_pretrained(path, safe_serialization=True)
 
 
-def diffusers_pipeline(transformer: torch.nn.Module, comps: LoadedComponents | None = None):
-    """diffusers' FluxPipeline over these parts, with FLUX.1-dev's scheduler config: the reference path.
-    Without components it runs from prompt embeddings to latents only."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+def flux2_scheduler():
+    """FlowMatchEulerDiscreteScheduler with dynamic exponential shifting (mu per image size and steps, computed
+    by Flux2Pipeline). FLUX.2-dev's own scheduler config could not be read here to confirm it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+
+
+def diffusers_pipeline(transformer: torch.nn.Module, comps=None):
+    """diffusers' FluxPipeline (Flux2Pipeline for FLUX.2 components) over these parts, with FLUX.1-dev's
+    scheduler config: the reference path. Without components (FLUX.1) it runs from prompt embeddings to
+    latents only."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, FluxPipeline
     from transformers import PreTrainedTokenizerFast
+
+    if isinstance(comps, Flux2Components):
+        return Flux2Pipeline(scheduler=flux2_scheduler(), vae=comps.vae, text_encoder=comps.text_encoder,
+                             tokenizer=comps.tokenizer, transformer=transformer)
 
     def hf(tok: Tokenizer, max_length: int, **specials):
         return PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, model_max_length=max_length,

@@ -35,8 +35,10 @@ ARCHITECTURES = {
     "flux1-dev": ("flux1", dict(FLUX1_DEFAULTS), 512),
     "flux1-schnell": ("flux1", dict(FLUX1_DEFAULTS, guidance_embeds=False), 256),
     "flux2-dev": ("flux2", dict(), 512),
+    # joint_attention_dim: 3 stacked hidden states of the tiny Mistral text encoder (compiler/components.py);
+    # 48 text tokens hold its chat-formatted prompts (the system message takes about 30)
     "tiny-flux2": ("flux2", dict(num_layers=2, num_single_layers=2, num_attention_heads=2,
-                                 joint_attention_dim=64), 13),
+                                 joint_attention_dim=96), 48),
 }
 
 

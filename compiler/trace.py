@@ -1,4 +1,4 @@
-"""Front end: trace a FLUX.1 pipeline into segment graphs (the IR).
+"""Front end: trace a FLUX pipeline into segment graphs (the IR).
 
 The transformer, per resolution profile:
     head    x_embedder, context_embedder, time/guidance/text embedding   -> hidden, encoder, temb
@@ -9,6 +9,9 @@ The other components (unless --transformer-only):
     clip    CLIP-L text model, token ids [B, 77]        -> pooled output [B, 768]   (once per engine)
     t5      T5 encoder, token ids [B, T]                -> hidden states [B, T, 4096] (once per engine)
     vae     scale/shift, VAE decoder, [0, 1] postprocess -> image [B, H, W, 3]     (per profile)
+    FLUX.2 (the same four transformer kinds, with the wrappers of runtime/families.py's FLUX.2 row):
+    mistral Mistral3 language model, token ids and mask [B, T] -> hidden states of 3 layers [B, T, 3 x 5120]
+    vae     batch-norm de-normalisation, 2x2 unpatchify, VAE decoder, postprocess     (per profile)
 
 Each graph is aten-level torch.fx (make_fx, fake tensors) whose first placeholders are the layer's
 weights and whose last are the activations, so one compiled artifact serves every layer of its kind.
@@ -20,7 +23,7 @@ import dataclasses
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fluxc.components import CLIP_MAX_LENGTH
+from fluxc.components import CLIP_MAX_LENGTH, Flux2Components
 from fluxc import ir
 from fluxc.ir import WeightSource
 from fluxc.models import LoadedModel
@@ -28,8 +31,8 @@ from fluxc.runtime.cache import PROBE_SUFFIX
 from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.flux_math import Profile
 
-COMPONENT_KINDS = ("clip", "t5", "vae")
-PER_ENGINE = ("clip", "t5")  # shapes independent of the resolution: traced once, profile None
+COMPONENT_KINDS = ("clip", "t5", "mistral", "vae")  # every family's; runtime/families.py says which a family has
+PER_ENGINE = ("clip", "t5", "mistral")  # shapes independent of the resolution: traced once, profile None
 
 
 @dataclasses.dataclass
@@ -167,6 +170,10 @@ class _ClipPooled(torch.nn.Module):
     def forward(self, input_ids):
         return self.inner(input_ids=input_ids, output_hidden_states=False).pooler_output
 
+    def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+        vocab = self.inner.config.vocab_size
+        return dict(input_ids=torch.randint(0, vocab, (profile.batch, CLIP_MAX_LENGTH), device=device))
+
 
 class _T5Hidden(torch.nn.Module):
     """FluxPipeline._get_t5_prompt_embeds after tokenizing: the last hidden states."""
@@ -178,6 +185,35 @@ class _T5Hidden(torch.nn.Module):
     def forward(self, input_ids):
         return self.inner(input_ids=input_ids, output_hidden_states=False)[0]
 
+    def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+        vocab = self.inner.config.vocab_size
+        return dict(input_ids=torch.randint(0, vocab, (profile.batch, profile.text_tokens), device=device))
+
+
+class _MistralHidden(torch.nn.Module):
+    """Flux2Pipeline._get_mistral_3_small_prompt_embeds after tokenizing: the hidden states after each of
+    `layers` stacked per token, [B, T, len(layers) x hidden]. Mistral3's model without its LM head; the layers
+    after the last one read still run (transformers records hidden states with hooks on the shared layers, so
+    a cut copy of the model reports other states: FLUX.2-dev reads layers 10, 20, 30 of 40)."""
+
+    def __init__(self, text_encoder, layers: tuple[int, ...], padding_side: str):
+        super().__init__()
+        self.inner = text_encoder.model
+        self.layers, self.padding_side = tuple(layers), padding_side
+
+    def forward(self, input_ids, attention_mask):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        stacked = torch.stack([out.hidden_states[k] for k in self.layers], dim=2)  # [B, T, layers, hidden]
+        return stacked.flatten(2)
+
+    def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+        """Token ids and a mask padded as the tokenizer pads: a quarter of the tokens are padding."""
+        b, t = profile.batch, profile.text_tokens
+        mask = torch.ones(b, t, dtype=torch.long, device=device)
+        (mask[:, :t // 4] if self.padding_side == "left" else mask[:, t - t // 4:]).zero_()
+        ids = torch.randint(0, self.inner.config.text_config.vocab_size, (b, t), device=device)
+        return dict(input_ids=ids, attention_mask=mask)
+
 
 class _VaeDecode(torch.nn.Module):
     """The end of FluxPipeline.__call__ after unpacking: latents [B, 16, H/8, W/8] -> image [B, H, W, 3] in [0, 1]."""
@@ -187,13 +223,43 @@ class _VaeDecode(torch.nn.Module):
         self.decoder = vae.decoder  # only the decoder's weights enter the graph
         self.post_quant_conv = vae.post_quant_conv if vae.config.use_post_quant_conv else None
         self.scaling, self.shift = vae.config.scaling_factor, vae.config.shift_factor
+        self.latent_channels = vae.config.latent_channels
 
     def forward(self, latents):
-        z = latents / self.scaling + self.shift
+        return self.decode(latents / self.scaling + self.shift)
+
+    def decode(self, z):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         image = self.decoder(z)  # [B, 3, H, W] in [-1, 1]
         return (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # VaeImageProcessor.postprocess
+
+    def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+        return dict(latents=torch.randn(profile.latent_shape(self.latent_channels), device=device, dtype=dtype))
+
+
+class _Flux2VaeDecode(_VaeDecode):
+    """The end of Flux2Pipeline.__call__ after unpacking: patchified latents [B, 4C, H/16, W/16] -> image: the
+    batch-norm statistics put back, each token's 2x2 patch unfolded, then decoded as FLUX.1's."""
+
+    def __init__(self, vae):
+        torch.nn.Module.__init__(self)
+        self.decoder = vae.decoder
+        self.post_quant_conv = vae.post_quant_conv if vae.config.use_post_quant_conv else None
+        self.latent_channels = vae.config.latent_channels
+        bn = vae.bn  # as Flux2Pipeline computes them: in the VAE's dtype
+        self.register_buffer("bn_mean", bn.running_mean.detach().clone())
+        self.register_buffer("bn_std", torch.sqrt(bn.running_var.detach() + vae.config.batch_norm_eps))
+
+    def forward(self, latents):
+        z = latents * self.bn_std.view(1, -1, 1, 1) + self.bn_mean.view(1, -1, 1, 1)
+        b, c, h, w = z.shape  # Flux2Pipeline._unpatchify_latents
+        z = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+        return self.decode(z)
+
+    def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+        b, c = profile.batch, 4 * self.latent_channels
+        return dict(latents=torch.randn(b, c, profile.height // 16, profile.width // 16, device=device, dtype=dtype))
 
 
 def segment_modules(model: LoadedModel, text_tokens: int) -> dict[str, tuple[torch.nn.Module, list[str]]]:
@@ -212,6 +278,9 @@ def segment_modules(model: LoadedModel, text_tokens: int) -> dict[str, tuple[tor
 
 def component_modules(comps) -> dict[str, tuple[torch.nn.Module, list[str]]]:
     """kind -> (eager wrapper, [weight prefix]) for the text encoders and the VAE (diffusers folder names)."""
+    if isinstance(comps, Flux2Components):
+        mistral = _MistralHidden(comps.text_encoder, comps.text_layers, comps.tokenizer.padding_side)
+        return {"mistral": (mistral, ["text_encoder"]), "vae": (_Flux2VaeDecode(comps.vae), ["vae"])}
     return {"clip": (_ClipPooled(comps.clip), ["text_encoder"]), "t5": (_T5Hidden(comps.t5), ["text_encoder_2"]),
             "vae": (_VaeDecode(comps.vae), ["vae"])}
 
@@ -252,19 +321,10 @@ def example_activations(model: LoadedModel, kind: str, profile: Profile, device,
     return dict(hidden_states=new(b, s, d), temb=new(b, d))
 
 
-def component_activations(comps, kind: str, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
-    b = profile.batch
-    if kind == "clip":
-        return dict(input_ids=torch.randint(0, comps.clip.config.vocab_size, (b, CLIP_MAX_LENGTH), device=device))
-    if kind == "t5":
-        return dict(input_ids=torch.randint(0, comps.t5.config.vocab_size, (b, profile.text_tokens), device=device))
-    shape = profile.latent_shape(comps.vae.config.latent_channels)
-    return dict(latents=torch.randn(shape, device=device, dtype=dtype))
-
-
 SCHEDULE_ROWS = 32  # hoisted graphs run over steps x batch rows, this many at a time
 
-COMPONENT_OUTPUTS = {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "vae": ["image"]}
+COMPONENT_OUTPUTS = {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "mistral": ["prompt_embeds"],
+                     "vae": ["image"]}
 
 
 def output_names(family: str, kind: str) -> list[str]:
@@ -345,13 +405,10 @@ def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> l
 
 def trace_components(comps, profiles: list[Profile], device, dtype, encoder_device) -> list[Segment]:
     """The text encoders once (every profile shares batch and text length), the VAE per profile."""
-    modules = component_modules(comps)
     segments = []
-    for kind in COMPONENT_KINDS:
-        module, layers = modules[kind]
+    for kind, (module, layers) in component_modules(comps).items():
         for profile in profiles[:1] if kind in PER_ENGINE else profiles:
-            where = encoder_device if kind in PER_ENGINE else device
-            acts = component_activations(comps, kind, profile, where, dtype)
+            acts = module.example(profile, encoder_device if kind in PER_ENGINE else device, dtype)
             segments.append(trace_segment(module, layers, kind, None if kind in PER_ENGINE else profile, acts,
                                           output_names("flux1", kind)))
     return segments

@@ -29,7 +29,7 @@ from fluxc.runtime.families import FAMILIES
 from fluxc.runtime.flux_math import Profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ENCODER_KINDS = ("clip", "t5")
+ENCODER_KINDS = ("clip", "t5", "mistral")
 SCHEDULE = "_schedule"  # kind suffix of a segment hoist_schedule split off its kind's segment
 
 
@@ -234,11 +234,11 @@ class Engine:
             channels = self.config["in_channels"] // 4
             noise = flux_math.initial_noise(len(prompts), profile, channels, seed if generator is None else generator,
                                              self.dtype, self.family.name)
-            latents = _chunked(lambda e, p, z: [self.denoise(e, p, height=profile.height, width=profile.width,
-                                                             steps=steps, guidance=guidance, latents=z,
-                                                             cache_config=cache_config, report=report,
-                                                             step_ms=step_ms)],
-                               profile.batch, prompt_embeds, pooled, noise)[0]
+            latents = _chunked(lambda z, e, *p: [self.denoise(e, *p or [None], height=profile.height,
+                                                              width=profile.width, steps=steps, guidance=guidance,
+                                                              latents=z, cache_config=cache_config, report=report,
+                                                              step_ms=step_ms)],
+                               profile.batch, noise, prompt_embeds, *[pooled] if pooled is not None else [])[0]
         with stage("decode"):
             images = self.decode(latents, profile)
         if output_type == "pt":
@@ -251,19 +251,22 @@ class Engine:
     def _first(self) -> Profile:
         return next(iter(self.profiles.values()))
 
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompt_embeds [N, T, 4096] from T5 and pooled_prompt_embeds [N, 768] from CLIP, as
-        FluxPipeline.encode_prompt gives them, on the engine's device."""
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prompt_embeds [N, T, D] and pooled_prompt_embeds [N, 768] (None for FLUX.2) on the engine's device, as
+        the family's pipeline encode_prompt gives them: FLUX.1 T5 and CLIP, FLUX.2 the Mistral encoder."""
         if self.components is None:
             raise _transformer_only_error()
-        clip_ids, t5_ids = self._tokenizers["clip"](prompts), self._tokenizers["t5"](prompts)  # [N, 77], [N, T]
-        batch = self._first.batch
+        outputs = {}
         with self._encoders_loaded():
-            pooled, = _chunked(self._rows("clip", None, "text_encoder", ["input_ids"]), batch,
-                               clip_ids.to(self._encoder_device))
-            embeds, = _chunked(self._rows("t5", None, "text_encoder_2", ["input_ids"]), batch,
-                               t5_ids.to(self._encoder_device))
-        return embeds.to(self.device), pooled.to(self.device)
+            for kind in self.family.encoders:
+                seg = self._segments[(kind, None)][0]
+                tokens = self._tokenizers[kind](prompts)  # input_ids [N, L] (and attention_mask)
+                names = [i["name"] for i in seg["inputs"]]
+                outs = _chunked(self._rows(kind, None, seg["layers"][0], names), self._first.batch,
+                                *(tokens[n].to(self._encoder_device) for n in names))
+                outputs |= dict(zip((o["name"] for o in seg["outputs"]), outs))
+        pooled = outputs.get("pooled_prompt_embeds")
+        return outputs["prompt_embeds"].to(self.device), pooled if pooled is None else pooled.to(self.device)
 
     @property
     def _encoder_device(self) -> torch.device:
@@ -283,10 +286,10 @@ class Engine:
             self._weights.update(parked)
 
     def decode(self, latents: torch.Tensor, profile: Profile) -> torch.Tensor:
-        """Packed latents [N, S, 64] -> float32 images [N, H, W, 3] in [0, 1] on the CPU (the VAE segment)."""
+        """Packed latents [N, S, C] -> float32 images [N, H, W, 3] in [0, 1] on the CPU (the VAE segment)."""
         if self.components is None:
             raise _transformer_only_error()
-        unpacked = flux_math.unpack_latents(latents, profile.height, profile.width)  # [N, 16, H/8, W/8]
+        unpacked = self.family.unpack_latents(latents, profile)  # FLUX.1 [N, 16, H/8, W/8]; FLUX.2 [N, 128, H/16, W/16]
         images, = _chunked(self._rows("vae", profile, "vae", ["latents"]), profile.batch, unpacked)
         return images.float().cpu()
 
@@ -307,9 +310,9 @@ class Engine:
         _check_steps(steps)
         if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise FluxcError(f"guidance must be a finite number, got {guidance!r}.", "Use e.g. --guidance 3.5.")
-        text = self.components["tokenizers"]["t5"]["max_length"]
+        text = self._first.text_tokens
         if max_sequence_length not in (None, text):
-            raise FluxcError(f"This engine encodes prompts to {text} T5 tokens, not {max_sequence_length}: its "
+            raise FluxcError(f"This engine encodes prompts to {text} text tokens, not {max_sequence_length}: its "
                              "segments have static shapes.", f"Drop max_sequence_length, or rebuild with --text-tokens {max_sequence_length}.")
         if output_type not in ("pil", "np", "pt"):
             raise FluxcError(f"Unknown output_type {output_type!r}.", "Use pil, np or pt.")

@@ -12,6 +12,9 @@ the blocks, and in the position ids behind RoPE:
             position ids (t, h, w, l): image (0, row, col, 0), text (0, 0, 0, index); RoPE theta from the
             model config (2000); latents: noise drawn already patchified [B, 128, H/16, W/16], flattened
             into tokens; mu from BFL's empirical fit over image tokens and steps (Flux2Pipeline)
+Text encoders: FLUX.1 CLIP-L (pooled) and T5 (prompt_embeds); FLUX.2 one Mistral3 language model whose chat-
+formatted prompt's hidden states of three layers make prompt_embeds. The VAE segment takes what
+unpack_latents gives (FLUX.2's undoes the batch-norm statistics and the 2x2 patches itself).
 The tracer's per-family module wrappers are in compiler/trace.py; adding a family is a Family here and its
 wrappers there.
 """
@@ -31,6 +34,7 @@ class Family:
     pooled: bool  # the head takes pooled_projections (CLIP's pooled prompt embedding)
     outputs: dict  # segment kind -> its output names
     schedule_inputs: dict  # segment kind -> its activation inputs known for every step before the loop
+    encoders: tuple  # text-encoder segment kinds, run in order; together they give prompt_embeds (and pooled)
 
     def position_ids(self, text_tokens: int, rows: int, cols: int) -> torch.Tensor:
         """[T + S, axes] float ids of the text tokens, then the image tokens row by row."""
@@ -60,7 +64,7 @@ class Family:
         if self.name == "flux1":
             return flux_math.unpack_latents(packed, profile.height, profile.width)
         b, _, c = packed.shape
-        return packed.transpose(1, 2).reshape(b, c, profile.height // 16, profile.width // 16)
+        return packed.transpose(1, 2).reshape(b, c, profile.height // 16, profile.width // 16).contiguous()
 
     def mu(self, image_tokens: int, steps: int) -> float:
         """The schedule's resolution-dependent shift (the sigmas are shifted to e^mu / (e^mu + 1/s - 1))."""
@@ -84,11 +88,13 @@ FAMILIES = {
         "flux1", pooled=True,
         outputs={"head": ["hidden_states", "encoder_hidden_states", "temb"], **_BLOCK_OUTPUTS},
         schedule_inputs={"head": ("timestep", "guidance", "pooled_projections"), "double": ("temb",),
-                         "single": ("temb",), "tail": ("temb",)}),
+                         "single": ("temb",), "tail": ("temb",)},
+        encoders=("clip", "t5")),
     "flux2": Family(
         "flux2", pooled=False,
         outputs={"head": ["hidden_states", "encoder_hidden_states", "temb", "temb_mod_img", "temb_mod_txt", "temb_mod"],
                  **_BLOCK_OUTPUTS},
         schedule_inputs={"head": ("timestep", "guidance"), "double": ("temb_mod_img", "temb_mod_txt"),
-                         "single": ("temb_mod",), "tail": ("temb",)}),
+                         "single": ("temb_mod",), "tail": ("temb",)},
+        encoders=("mistral",)),
 }

@@ -1,8 +1,12 @@
-"""Prompt tokenization as FluxPipeline does it, with the `tokenizers` library alone.
+"""Prompt tokenization as the family's diffusers pipeline does it, with the `tokenizers` library alone.
 
-CLIP: `<|startoftext|> ... <|endoftext|>` truncated and padded to 77 tokens; T5: `... </s>` truncated
-and padded to the engine's text length. Truncation keeps room for the special tokens, as
-transformers' `tokenizer(prompt, padding="max_length", truncation=True)` does.
+FLUX.1: CLIP `<|startoftext|> ... <|endoftext|>` truncated and padded to 77 tokens; T5 `... </s>` truncated
+and padded to the engine's text length. Truncation keeps room for the special tokens, as transformers'
+`tokenizer(prompt, padding="max_length", truncation=True)` does.
+FLUX.2: the prompt (without `[IMG]`) inside the chat template's text around it, as the build rendered it
+(`<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]` and `[/INST]`), tokenized without added specials as
+`apply_chat_template` does, truncated and padded to the text length on the tokenizer's own sides, with the
+attention mask the text encoder takes.
 """
 
 import os
@@ -16,16 +20,26 @@ class PromptTokenizer:
         from tokenizers import Tokenizer
 
         self.name, self.max_length = name, spec["max_length"]
+        self.template, self.strip = spec.get("template"), spec.get("strip", [])
         self.tokenizer = Tokenizer.from_file(os.path.join(root, spec["file"]))
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.enable_padding(length=self.max_length, pad_id=spec["pad_id"], pad_token=spec["pad_token"])
+        self.tokenizer.enable_truncation(self.max_length, direction=spec.get("truncation_side", "right"))
+        self.tokenizer.enable_padding(length=self.max_length, pad_id=spec["pad_id"], pad_token=spec["pad_token"],
+                                      direction=spec.get("padding_side", "right"))
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids [N, max_length] int64; warns with the dropped text when a prompt is truncated."""
-        encodings = self.tokenizer.encode_batch(prompts)
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask [N, max_length] int64; warns with the dropped text when a prompt is
+        truncated."""
+        texts = prompts
+        if self.template:
+            prefix, suffix = self.template
+            for s in self.strip:
+                texts = [t.replace(s, "") for t in texts]
+            texts = [prefix + t + suffix for t in texts]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=self.template is None)
         for prompt, enc in zip(prompts, encodings):
             if enc.overflowing:
                 dropped = " ".join(self.tokenizer.decode(o.ids) for o in enc.overflowing)
                 warnings.warn(f"Prompt {prompt[:40]!r}... was truncated to {self.max_length} {self.name} tokens; "
                               f"dropped: {dropped!r}", stacklevel=3)
-        return torch.tensor([enc.ids for enc in encodings], dtype=torch.long)
+        return {"input_ids": torch.tensor([enc.ids for enc in encodings], dtype=torch.long),
+                "attention_mask": torch.tensor([enc.attention_mask for enc in encodings], dtype=torch.long)}

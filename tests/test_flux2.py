@@ -118,3 +118,68 @@ def test_fluxc_run_writes_flux2_latents_from_prompt_embeddings_alone(flux2_engin
     got = load_file(str(out))
     want = engine.denoise(embeds, None, height=SIZE[0], width=SIZE[1], steps=3, seed=4)
     assert torch.equal(got["packed_latents"], want) and got["latents"].shape == (1, 128, SIZE[0] // 16, SIZE[1] // 16)
+
+
+# ---- whole-pipeline FLUX.2 engines: the Mistral text encoder, the VAE, `fluxc run` ---------------------------
+PIPE_TEXT = 48  # the chat-formatted prompt: the tiny tokenizer spends about 30 tokens on the system message
+
+
+@pytest.fixture(scope="module")
+def flux2_pipeline(tmp_path_factory):
+    """tiny-flux2 with its components saved as a diffusers FLUX.2 folder, and the fp32 engine built from it."""
+    from fluxc.build import BuildOptions, build
+    from fluxc.components import load_components, save_pipeline_folder
+    from fluxc.models import load_model
+
+    root = tmp_path_factory.mktemp("flux2-pipeline")
+    cpu = torch.device("cpu")
+    comps = load_components("tiny-flux2", "flux2", dtype=torch.float32, device=cpu, seed=0)
+    save_pipeline_folder(str(root / "dir"), load_model("tiny-flux2", dtype=torch.float32, device=cpu, seed=0).module,
+                         comps)
+    engine = str(root / "pipeline.fluxe")
+    build(BuildOptions(model=str(root / "dir"), output=engine, target="cpu", precision="fp32", resolutions=(SIZE,),
+                       text_tokens=PIPE_TEXT))
+    return str(root / "dir"), engine
+
+
+def test_flux2_pipeline_engine_image_equals_flux2_pipeline(flux2_pipeline):
+    """Prompt to image: the engine's Mistral segment (chat template rendered by the runtime, left padding and
+    its mask), loop and VAE (batch-norm statistics, unpatchify) against Flux2Pipeline loaded from the same folder
+    by diffusers, same prompt and seed."""
+    from diffusers import Flux2Pipeline
+
+    from fluxc.runtime import Engine
+
+    folder, path = flux2_pipeline
+    pipe = Flux2Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    engine = Engine.load(path)
+    prompts = ["a red fox", "a red fox in fresh snow [IMG], telephoto"]  # padded (left); cut (with a warning)
+    kw = dict(max_sequence_length=PIPE_TEXT, text_encoder_out_layers=(1, 2, 3))
+    want_embeds, _ = pipe.encode_prompt(prompts, **kw)
+    with pytest.warns(UserWarning, match="truncated to 48 MISTRAL tokens"):
+        embeds, pooled = engine.encode_prompt(prompts)
+    assert pooled is None and (embeds - want_embeds).abs().max() <= 1e-4
+    want = pipe(prompt=prompts, height=SIZE[0], width=SIZE[1], num_inference_steps=4, guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(3), output_type="np", **kw).images
+    with pytest.warns(UserWarning, match="truncated"):
+        got = engine.generate(prompts, height=SIZE[0], width=SIZE[1], steps=4, guidance=4.0, seed=3, output_type="np")
+    assert got.shape == want.shape and want.std() > 0.05
+    assert abs(got - want).max() <= 1e-3
+
+
+def test_fluxc_run_writes_a_flux2_png(flux2_pipeline, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from fluxc.cli import main
+    from fluxc.runtime import Engine
+
+    _, path = flux2_pipeline
+    out = tmp_path / "fox.png"
+    result = CliRunner().invoke(main, ["run", path, "--prompt", "a red fox in fresh snow", "--steps", "3", "--seed", "1",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    want = Engine.load(path).generate("a red fox in fresh snow", steps=3, seed=1, guidance=3.5)[0]
+    import numpy as np
+
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
