@@ -192,9 +192,10 @@ class _T5Hidden(torch.nn.Module):
 
 class _MistralHidden(torch.nn.Module):
     """Flux2Pipeline._get_mistral_3_small_prompt_embeds after tokenizing: the hidden states after each of
-    `layers` stacked per token, [B, T, len(layers) x hidden]. Mistral3's model without its LM head; the layers
-    after the last one read still run (transformers records hidden states with hooks on the shared layers, so
-    a cut copy of the model reports other states: FLUX.2-dev reads layers 10, 20, 30 of 40)."""
+    `layers` stacked per token, [B, T, len(layers) x hidden]. Mistral3's model without its LM head, whole: the
+    layers after the last one read (FLUX.2-dev reads 10, 20, 30 of 40) and the vision tower are dead code in the
+    graph. (A shallow copy cut after the last layer reported other hidden states: transformers records them
+    with hooks on the shared layers.)"""
 
     def __init__(self, text_encoder, layers: tuple[int, ...], padding_side: str):
         super().__init__()

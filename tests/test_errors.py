@@ -133,7 +133,7 @@ def test_bad_prompts_through_the_api(tiny_pipeline_engine):
         tiny_pipeline_engine.generate([])
     with pytest.raises(FluxcError, match="must be a string; got int"):
         tiny_pipeline_engine.generate(["a cat", 7])
-    with pytest.raises(FluxcError, match="13 T5 tokens, not 512"):
+    with pytest.raises(FluxcError, match="13 text tokens, not 512"):
         tiny_pipeline_engine.generate("a cat", max_sequence_length=512)
 
 
