@@ -120,22 +120,31 @@ def _diffusers_components(path: str, dtype, device) -> LoadedComponents:
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    needed = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae"]
+    def load(folder, dtype_kwargs):
+        return (CLIPTextModel.from_pretrained(folder("text_encoder"), **dtype_kwargs),
+                T5EncoderModel.from_pretrained(folder("text_encoder_2"), **dtype_kwargs),
+                AutoencoderKL.from_pretrained(folder("vae"), **dtype_kwargs),
+                *(AutoTokenizer.from_pretrained(folder(d), use_fast=True) for d in ("tokenizer", "tokenizer_2")))
+
+    clip, t5, vae, *toks = _from_folder(path, "FLUX", ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
+                                                       "vae"], load, dtype)
+    clip_tok, t5_tok = (Tokenizer(t.backend_tokenizer, t.pad_token_id, t.pad_token) for t in toks)
+    return LoadedComponents(clip.to(device).eval(), t5.to(device).eval(), vae.to(device).eval(), clip_tok, t5_tok)
+
+
+def _from_folder(path: str, what: str, needed: list[str], load, dtype):
+    """load(folder, from_pretrained dtype/safetensors kwargs) over a diffusers pipeline folder with the `needed`
+    subfolders; a missing subfolder or a damaged file becomes a FluxcError that says which."""
     missing = [d for d in needed if not os.path.isdir(os.path.join(path, d))]
     if missing:
         raise FluxcError(f"'{path}' lacks the pipeline folders {missing}.",
-                         "Pass the root of a diffusers FLUX pipeline folder, or build with --transformer-only.")
-    kwargs = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+                         f"Pass the root of a diffusers {what} pipeline folder, or build with --transformer-only.")
     try:
-        clip = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), **kwargs)
-        t5 = T5EncoderModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kwargs)
-        vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), **kwargs)
-        toks = [AutoTokenizer.from_pretrained(os.path.join(path, d), use_fast=True) for d in needed[:2]]
+        return load(lambda d: os.path.join(path, d), dict(torch_dtype=dtype, use_safetensors=True,
+                                                          local_files_only=True))
     except Exception as e:  # OSError, ValueError, SafetensorError: missing or damaged files
         raise FluxcError(f"Cannot load the pipeline components in '{path}': {type(e).__name__}: {e}".rstrip(".") + ".",
-                         "Check that the folder is a complete diffusers FLUX pipeline (re-copy it).") from None
-    clip_tok, t5_tok = (Tokenizer(t.backend_tokenizer, t.pad_token_id, t.pad_token) for t in toks)
-    return LoadedComponents(clip.to(device).eval(), t5.to(device).eval(), vae.to(device).eval(), clip_tok, t5_tok)
+                         f"Check that the folder is a complete diffusers {what} pipeline (re-copy it).") from None
 
 
 def clip_tokenizer(merges: int = 160) -> Tokenizer:
@@ -291,18 +300,12 @@ def _diffusers_flux2_components(path: str, dtype, device) -> Flux2Components:
     from diffusers import AutoencoderKLFlux2
     from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
 
-    missing = [d for d in ("tokenizer", "text_encoder", "vae") if not os.path.isdir(os.path.join(path, d))]
-    if missing:
-        raise FluxcError(f"'{path}' lacks the pipeline folders {missing}.",
-                         "Pass the root of a diffusers FLUX.2 pipeline folder, or build with --transformer-only.")
-    kwargs = dict(torch_dtype=dtype, use_safetensors=True, local_files_only=True)
-    try:
-        text_encoder = Mistral3ForConditionalGeneration.from_pretrained(os.path.join(path, "text_encoder"), **kwargs)
-        vae = AutoencoderKLFlux2.from_pretrained(os.path.join(path, "vae"), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), use_fast=True)
-    except Exception as e:  # OSError, ValueError, SafetensorError: missing or damaged files
-        raise FluxcError(f"Cannot load the pipeline components in '{path}': {type(e).__name__}: {e}".rstrip(".") + ".",
-                         "Check that the folder is a complete diffusers FLUX.2 pipeline (re-copy it).") from None
+    def load(folder, dtype_kwargs):
+        return (Mistral3ForConditionalGeneration.from_pretrained(folder("text_encoder"), **dtype_kwargs),
+                AutoencoderKLFlux2.from_pretrained(folder("vae"), **dtype_kwargs),
+                AutoTokenizer.from_pretrained(folder("tokenizer"), use_fast=True))
+
+    text_encoder, vae, tokenizer = _from_folder(path, "FLUX.2", ["tokenizer", "text_encoder", "vae"], load, dtype)
     if not getattr(tokenizer, "chat_template", None):
         raise FluxcError(f"The tokenizer in '{path}/tokenizer' has no chat template; FLUX.2 prompts are chat-formatted.",
                          "Re-copy the tokenizer folder with its chat_template.")

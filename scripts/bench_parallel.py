@@ -62,18 +62,27 @@ def build_all(workdir: str) -> dict:
     return done
 
 
+def engine_and_inputs(path: str):
+    """The engine (loaded without re-hashing), prompt embeddings (embeds, pooled) and initial noise at H x W, drawn
+    on the CPU from one seed, so every rank has the same values."""
+    from fluxc.runtime import Engine
+
+    engine = Engine.load(path, verify=False)
+    cfg, profile = engine.config, engine.profile_for(H, W)
+    g = torch.Generator().manual_seed(1)
+    emb = (torch.randn(1, profile.text_tokens, cfg["joint_attention_dim"], generator=g).to(torch.bfloat16),
+           torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(torch.bfloat16))
+    z = torch.randn(1, profile.image_tokens, cfg["in_channels"], generator=g).to(torch.bfloat16)
+    return engine, emb, z
+
+
 def time_loop(path: str, steps: int, end_to_end: bool):
     """On each rank: the engine's denoising loop (and, for a pipeline engine, generate()), timed; rank 0 returns."""
     import torch.distributed as dist
 
-    from fluxc.runtime import Engine, parallel
+    from fluxc.runtime import parallel
 
-    engine = Engine.load(path, verify=False)
-    cfg, profile = engine.config, engine.profile_for(H, W)
-    g = torch.Generator().manual_seed(1)  # CPU: every rank draws the same values
-    emb = (torch.randn(1, profile.text_tokens, cfg["joint_attention_dim"], generator=g).to(torch.bfloat16),
-           torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(torch.bfloat16))
-    z = torch.randn(1, profile.image_tokens, cfg["in_channels"], generator=g).to(torch.bfloat16)
+    engine, emb, z = engine_and_inputs(path)
 
     def timed(fn, iters=3) -> tuple[list[float], object]:
         out = fn()  # capture / warm-up

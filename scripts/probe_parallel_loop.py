@@ -11,20 +11,16 @@ import time
 
 import torch
 
-H = W = 1024
+from bench_parallel import H, W, engine_and_inputs
 
 
 def split(path: str):
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from fluxc.runtime import Engine, parallel
+    from fluxc.runtime import parallel
 
-    engine = Engine.load(path, verify=False)
-    cfg, p = engine.config, engine.profile_for(H, W)
-    g = torch.Generator().manual_seed(1)
-    emb = (torch.randn(1, p.text_tokens, cfg["joint_attention_dim"], generator=g).to(torch.bfloat16),
-           torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(torch.bfloat16))
+    engine, emb, _ = engine_and_inputs(path)
     engine.denoise(*emb, height=H, width=W, steps=28)  # capture
     res = {"threads": torch.get_num_threads()}
     for trial in range(2):

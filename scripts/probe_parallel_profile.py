@@ -9,19 +9,15 @@ import os
 
 import torch
 
-H = W = 1024
+from bench_parallel import H, W, engine_and_inputs
 
 
 def profile(path: str):
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from fluxc.runtime import Engine, parallel
+    from fluxc.runtime import parallel
 
-    engine = Engine.load(path, verify=False)
-    cfg, p = engine.config, engine.profile_for(H, W)
-    g = torch.Generator().manual_seed(1)
-    emb = (torch.randn(1, p.text_tokens, cfg["joint_attention_dim"], generator=g).to(torch.bfloat16),
-           torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(torch.bfloat16))
+    engine, emb, _ = engine_and_inputs(path)
     step_ms = []
     engine.denoise(*emb, height=H, width=W, steps=4)
     engine.denoise(*emb, height=H, width=W, steps=8, step_ms=step_ms)
