@@ -31,8 +31,9 @@ from fluxc.runtime.cache import PROBE_SUFFIX
 from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.flux_math import Profile
 
-COMPONENT_KINDS = ("clip", "t5", "mistral", "vae")  # every family's; runtime/families.py says which a family has
-PER_ENGINE = ("clip", "t5", "mistral")  # shapes independent of the resolution: traced once, profile None
+# the text encoders: shapes independent of the resolution, so traced once (profile None); every family's
+PER_ENGINE = tuple(kind for family in FAMILIES.values() for kind in family.encoders)
+COMPONENT_KINDS = PER_ENGINE + ("vae",)
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from fluxc.runtime.families import FAMILIES
 from fluxc.runtime.flux_math import Profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ENCODER_KINDS = ("clip", "t5", "mistral")
+ENCODER_KINDS = tuple(kind for family in FAMILIES.values() for kind in family.encoders)
 SCHEDULE = "_schedule"  # kind suffix of a segment hoist_schedule split off its kind's segment
 
 
