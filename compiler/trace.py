@@ -28,11 +28,10 @@ from fluxc import ir
 from fluxc.ir import WeightSource
 from fluxc.models import LoadedModel
 from fluxc.runtime.cache import PROBE_SUFFIX
-from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
+from fluxc.runtime.families import ENCODER_KINDS, FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.flux_math import Profile
 
-# the text encoders: shapes independent of the resolution, so traced once (profile None); every family's
-PER_ENGINE = tuple(kind for family in FAMILIES.values() for kind in family.encoders)
+PER_ENGINE = ENCODER_KINDS  # the text encoders: shapes independent of the resolution, traced once (profile None)
 COMPONENT_KINDS = PER_ENGINE + ("vae",)
 
 

@@ -25,11 +25,10 @@ from fluxc.runtime.backends import LOADERS
 from fluxc.runtime.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
 from fluxc.runtime.device import check_runs_here
 from fluxc.runtime.errors import FluxcError
-from fluxc.runtime.families import FAMILIES
+from fluxc.runtime.families import ENCODER_KINDS, FAMILIES
 from fluxc.runtime.flux_math import Profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ENCODER_KINDS = tuple(kind for family in FAMILIES.values() for kind in family.encoders)
 SCHEDULE = "_schedule"  # kind suffix of a segment hoist_schedule split off its kind's segment
 
 
@@ -234,11 +233,13 @@ class Engine:
             channels = self.config["in_channels"] // 4
             noise = flux_math.initial_noise(len(prompts), profile, channels, seed if generator is None else generator,
                                              self.dtype, self.family.name)
-            latents = _chunked(lambda z, e, *p: [self.denoise(e, *p or [None], height=profile.height,
-                                                              width=profile.width, steps=steps, guidance=guidance,
-                                                              latents=z, cache_config=cache_config, report=report,
-                                                              step_ms=step_ms)],
-                               profile.batch, noise, prompt_embeds, *[pooled] if pooled is not None else [])[0]
+
+            def chunk(z, embeds, pooled_chunk=None):  # FLUX.2 has no pooled embedding to chunk
+                return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
+                                     guidance=guidance, latents=z, cache_config=cache_config, report=report,
+                                     step_ms=step_ms)]
+
+            latents = _chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None])[0]
         with stage("decode"):
             images = self.decode(latents, profile)
         if output_type == "pt":

@@ -98,3 +98,5 @@ FAMILIES = {
                          "single": ("temb_mod",), "tail": ("temb",)},
         encoders=("mistral",)),
 }
+
+ENCODER_KINDS = tuple(kind for family in FAMILIES.values() for kind in family.encoders)  # every family's
