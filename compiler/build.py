@@ -22,7 +22,8 @@ from fluxc.passes.pipeline import LOWER, resolve, run_pipeline
 from fluxc.plan import Prepared, atomic_directory, read_plan, verify_plan, write_plan
 from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe, recipe_from_dict
 from fluxc.runtime.cache import PROBE_SUFFIX
-from fluxc.runtime.bundle import ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file
+from fluxc.runtime.bundle import (ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file,
+                                  write_safetensors)
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
@@ -376,15 +377,13 @@ def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) 
                     numerics[seg.name] = _check(compiled, seg, weights, p.recipe)
             seg_entries.append(_segment_entry(seg))
         with stages("write weights"):
-            from safetensors.torch import save_file
-
-            save_file({k: v.cpu() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS))
+            digests = {WEIGHTS: write_safetensors(os.path.join(tmp, WEIGHTS), weights)}
             for rel, text in p.tokenizers.items():
                 os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
                 with open(os.path.join(tmp, rel), "w") as f:
                     f.write(text)
         with stages("hash"):
-            files = {rel: sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
+            files = {rel: digests.get(rel) or sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
         manifest = _manifest(p, settings, seg_entries, backend, numerics, files, stages.seconds)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)

@@ -24,7 +24,7 @@ import torch
 
 from fluxc import __version__, ir
 from fluxc.recipes import Recipe, recipe_from_dict
-from fluxc.runtime.bundle import sha256_file
+from fluxc.runtime.bundle import sha256_file, write_safetensors
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
 from fluxc.trace import Segment
@@ -75,16 +75,14 @@ def atomic_directory(output: str):
 
 def write_plan(p: Prepared, output: str) -> dict:
     """Write the plan directory; returns its plan.json."""
-    from safetensors.torch import save_file
-
     checks = {}
     for seg in p.segments:
         checks |= {f"{seg.name}/example/{k}": v for k, v in seg.example.items()}
         for i, outputs in enumerate(seg.expected):
             checks |= {f"{seg.name}/expected/{i}/{k}": v for k, v in outputs.items()}
     with atomic_directory(output) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in p.weights.items()}, os.path.join(tmp, WEIGHTS))
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in checks.items()}, os.path.join(tmp, CHECKS))
+        digests = {WEIGHTS: write_safetensors(os.path.join(tmp, WEIGHTS), p.weights),
+                   CHECKS: write_safetensors(os.path.join(tmp, CHECKS), checks)}
         for rel, text in p.tokenizers.items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             with open(os.path.join(tmp, rel), "w") as f:
@@ -97,7 +95,7 @@ def write_plan(p: Prepared, output: str) -> dict:
             "calibration": p.calibration, "pass_counts": p.pass_counts, "pass_explain": p.explain,
             "pass_reports": p.reports, "build_seconds": p.seconds,
             "segments": [_segment_entry(seg) for seg in p.segments],
-            "files": {rel: sha256_file(os.path.join(tmp, rel)) for rel in [WEIGHTS, CHECKS, *p.tokenizers]},
+            "files": digests | {rel: sha256_file(os.path.join(tmp, rel)) for rel in p.tokenizers},
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         with open(os.path.join(tmp, PLAN_JSON), "w") as f:

@@ -5,9 +5,12 @@ parameters, 64 GB in bf16), 1024x1024 (4096 image + 512 text tokens), batch 1, o
 another with only their own model on the GPU. Reported per path: ms/step (fluxc: its whole denoising loop / steps;
 diffusers: back-to-back transformer calls), the 50-step loop, peak GPU memory; for fluxc, each engine's 50-step
 latents against the bf16 engine's (SQNR) and one forward against diffusers eager. Engines are deleted after use
-(a bf16 flux2-dev engine is 64 GB: run on a machine with the disk for it, e.g. nvidia-h200-x2).
+and written where there is most room (--workdir, else the largest of the temp folder, /dev/shm and the current
+folder; a bf16 flux2-dev engine is 64 GB). --phases splits the run over several device calls (each under the
+lab's 10 minutes): the bf16 phase saves its latents to --reference, later calls read them back from there.
 
-    python3 scripts/bench_flux2.py --out $OUT/bench_flux2.json                       (lab GPU)
+    python3 scripts/bench_flux2.py --phases eager,bf16 --reference $OUT/flux2_ref.safetensors --out $OUT/a.json
+    python3 scripts/bench_flux2.py --phases compile,fp8 --reference ref/flux2_ref.safetensors --out $OUT/b.json
     python3 scripts/bench_flux2.py --model tiny-flux2 --resolution 128x112 --text 16 --steps 4 --out /tmp/f2.json
 """
 
@@ -19,6 +22,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 from bench_transformer import cuda_ms, free, phase_peak, source_commit
 
 from fluxc.build import BuildOptions, build
@@ -28,6 +32,15 @@ from fluxc.runtime import Engine
 from fluxc.runtime.flux_math import Profile, position_ids
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
+PHASES = ("eager", "compile") + PRECISIONS
+BYTES_PER_PARAMETER = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 2.0}  # on disk; the emulated nvfp4 engine keeps bf16 copies
+
+
+def roomiest(candidates: list[str]) -> tuple[str, float]:
+    """The candidate folder with the most free space, and that space in GB."""
+    free = {d: shutil.disk_usage(d).free / 1e9 for d in candidates if os.path.isdir(d)}
+    best = max(free, key=free.get)
+    return best, free[best]
 
 
 def inputs(cfg, profile: Profile, device) -> dict:
@@ -41,9 +54,9 @@ def to(x: dict, device, dtype) -> dict:
     return {k: v.to(device, dtype if v.is_floating_point() and k != "guidance" else v.dtype) for k, v in x.items()}
 
 
-def timed(fn, device, calls: int = 3) -> float:
+def timed(fn, device, calls: int = 3, iters: int = 3) -> float:
     if device.type == "cuda":
-        return cuda_ms(fn, warmup=1, iters=3, calls=calls)
+        return cuda_ms(fn, warmup=1 if calls > 1 else 0, iters=iters, calls=calls)
     fn()
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -59,9 +72,15 @@ def main():
     ap.add_argument("--resolution", default="1024x1024")
     ap.add_argument("--text", type=int, default=512)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--workdir", default=tempfile.gettempdir())
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (CPU smoke runs)")
+    ap.add_argument("--workdir", help="where engines are written (default: the roomiest of temp, /dev/shm, .)")
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {','.join(PHASES)}")
+    ap.add_argument("--reference", help="safetensors file of the bf16 engine's latents: written by the bf16 phase, "
+                                        "read by the others")
+    ap.add_argument("--loops", type=int, default=2, help="timed denoising loops per engine, after one untimed")
     args = ap.parse_args()
+    phases = args.phases.split(",")
+    if unknown := set(phases) - set(PHASES):
+        ap.error(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
     h, w = (int(v) for v in args.resolution.split("x"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     target = "auto" if device.type == "cuda" else "cpu"
@@ -69,8 +88,12 @@ def main():
     peak = phase_peak if device.type == "cuda" else (lambda fn: (fn(), float("nan")))
     rec = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "model": f"{args.model} (seeded random weights, seed 0)", "resolution": args.resolution,
-           "text_tokens": args.text, "steps": args.steps, "commit": source_commit(), "results": {}}
+           "text_tokens": args.text, "steps": args.steps, "commit": source_commit(), "phases": phases, "results": {}}
     res = rec["results"]
+
+    def save():  # after each phase: a run cut short keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(rec, f, indent=1)
 
     # 1. diffusers eager and torch.compile on the same weights: the reference forward and the baselines
     model = load_model(args.model, dtype=torch.bfloat16, device=device, seed=0).module
@@ -80,9 +103,12 @@ def main():
     ids = position_ids(profile, "flux2").to(device)
     call = lambda m: lambda: m(**xb, txt_ids=ids[:args.text], img_ids=ids[args.text:], return_dict=False)[0]
     eager_out = call(model)().float().cpu()
-    ms, gib = peak(lambda: timed(call(model), device))
-    res["diffusers eager"] = {"ms_per_step": ms, "loop_s_estimate": ms * args.steps / 1000, "peak_gib": gib}
-    if not args.no_compile:
+    parameters = sum(p.numel() for p in model.parameters())
+    rec["parameters"] = parameters
+    if "eager" in phases:
+        ms, gib = peak(lambda: timed(call(model), device))
+        res["diffusers eager"] = {"ms_per_step": ms, "loop_s_estimate": ms * args.steps / 1000, "peak_gib": gib}
+    if "compile" in phases:
         compiled = torch.compile(model, fullgraph=True)
         t0 = time.perf_counter()
         out = call(compiled)().float().cpu()
@@ -94,38 +120,53 @@ def main():
     del model
     if device.type == "cuda":
         free()
+    save()
 
     # 2. fluxc engines, one at a time: build, load (hash-verified), one forward, the whole loop
     embeds = x["encoder_hidden_states"].to(torch.bfloat16)
     reference_latents = None
-    for precision in PRECISIONS:
-        path = os.path.join(args.workdir, f"{args.model}-{precision}.fluxe")
+    if "bf16" not in phases and args.reference:
+        reference_latents = load_file(args.reference)["latents"]
+    for precision in [p for p in PRECISIONS if p in phases]:
+        workdir, free_gb = roomiest([args.workdir] if args.workdir else [tempfile.gettempdir(), "/dev/shm", "."])
+        need_gb = parameters * BYTES_PER_PARAMETER[precision] / 1e9
+        if need_gb > 0.95 * free_gb:
+            raise SystemExit(f"{precision}: the engine needs about {need_gb:.0f} GB; the roomiest folder, {workdir}, "
+                             f"has {free_gb:.0f} GB free. Run on a machine with more disk.")
+        path = os.path.join(workdir, f"{args.model}-{precision}.fluxe")
         t0 = time.perf_counter()
         manifest = build(BuildOptions(model=args.model, output=path, target=target, precision=precision,
                                       resolutions=((h, w),), text_tokens=args.text, transformer_only=True))
         build_s = time.perf_counter() - t0
-        engine = Engine.load(path)
+        t0 = time.perf_counter()
+        engine = Engine.load(path)  # sha256 of every file checked
+        load_s = time.perf_counter() - t0
         cos, sin = engine.rope(engine.profile_for(h, w))
         out = engine.transformer(engine.profile_for(h, w), dict(xb, rope_cos=cos, rope_sin=sin)).float().cpu()
         run = lambda: engine.denoise(embeds, None, height=h, width=w, steps=args.steps, guidance=4.0, seed=0)
         latents = run()
-        loop_ms, gib = peak(lambda: timed(run, device, calls=1))
-        reference_latents = latents if reference_latents is None else reference_latents
+        loop_ms, gib = peak(lambda: timed(run, device, calls=1, iters=args.loops))
+        if precision == "bf16" and args.reference:
+            save_file({"latents": latents.float().cpu().contiguous()}, args.reference)
+        if precision == "bf16":
+            reference_latents = latents
+        lat_sqnr = (sqnr_db(latents.float().cpu(), reference_latents.float().cpu()) if reference_latents is not None
+                    else float("nan"))
         res[f"fluxc {precision}"] = {
             "precision_mode": manifest["precision_mode"], "ms_per_step": loop_ms / args.steps,
             "loop_s": loop_ms / 1000, "peak_gib": gib, "weights_gb": engine.weight_bytes / 1e9, "build_s": build_s,
+            "build_stages_s": manifest["build_seconds"], "load_s": load_s, "engine_folder_free_gb": free_gb,
             "forward_relative_error_vs_eager": relative_error(out, eager_out),
             "forward_sqnr_db_vs_eager": sqnr_db(out, eager_out),
-            "latents_sqnr_db_vs_bf16_engine": sqnr_db(latents.float(), reference_latents.float()),
+            "latents_sqnr_db_vs_bf16_engine": lat_sqnr,
             "segment_numerics": manifest["numerics"]}
         del engine
         if device.type == "cuda":
             free()
         shutil.rmtree(path)
-        with open(args.out, "w") as f:  # after each engine: a run cut short keeps what it measured
-            json.dump(rec, f, indent=1)
+        save()
 
-    base = res.get("torch.compile", res["diffusers eager"])["ms_per_step"]
+    base = res.get("torch.compile", res.get("diffusers eager", {"ms_per_step": float("nan")}))["ms_per_step"]
     print(f"\n{rec['gpu']}, {args.model}, {args.resolution}, {args.steps} steps, commit {rec['commit']}")
     print(f"{'path':<18}{'ms/step':>9}{'x baseline':>11}{'loop s':>8}{'peak GiB':>10}{'fwd SQNR':>10}{'lat SQNR':>10}")
     for name, r in res.items():

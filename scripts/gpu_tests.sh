@@ -10,7 +10,8 @@
 #   parallel-build  engines for 1, 2, 4 ranks (bf16, fp8; fp8 pipeline for 4), side by side (multi-GPU kinds)
 #   parallel        context parallelism on 1, 2, 4 GPUs after parallel-build    -> $OUT/bench_parallel.json
 #   flux2           FLUX.2-dev bf16/fp8/nvfp4 engines vs eager and torch.compile  -> $OUT/bench_flux2.json
-#                   (a bf16 engine is 64 GB on disk: use nvidia-h200-x2 or larger)
+#                   ($FLUX2_PHASES splits it over calls: eager,bf16 writes $OUT/flux2_reference.safetensors, which
+#                   later calls carry and name in $FLUX2_REFERENCE; a bf16 engine is 64 GB on disk)
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -35,7 +36,9 @@ for job in "${@:-tests}"; do
              --out "$OUT/parallel_build.json" 2>&1 | tee "$OUT/parallel_build.log" || rc=1 ;;
     parallel) python3 scripts/bench_parallel.py --stage time --workdir .engines/parallel --out "$OUT/bench_parallel.json" \
              2>&1 | tee "$OUT/bench_parallel.log" || rc=1 ;;
-    flux2) python3 scripts/bench_flux2.py --out "$OUT/bench_flux2.json" 2>&1 | tee "$OUT/bench_flux2.log" || rc=1 ;;
+    flux2) python3 scripts/bench_flux2.py --phases "${FLUX2_PHASES:-eager,compile,bf16,fp8,nvfp4}" \
+             --reference "${FLUX2_REFERENCE:-$OUT/flux2_reference.safetensors}" --out "$OUT/bench_flux2.json" \
+             2>&1 | tee "$OUT/bench_flux2.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done

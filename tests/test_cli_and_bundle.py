@@ -1,14 +1,17 @@
 """The CLI happy paths and the engine bundle's contract."""
 
+import hashlib
 import json
 import os
 
+import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxc.cli import main
-from fluxc.runtime.bundle import MANIFEST, bundle_files, sha256_file
+from fluxc.runtime.bundle import MANIFEST, SAFETENSORS_DTYPES, bundle_files, sha256_file, write_safetensors
 
 
 def test_manifest_lists_every_file_with_its_hash(tiny_engine_path):
@@ -25,6 +28,26 @@ def test_manifest_lists_every_file_with_its_hash(tiny_engine_path):
     assert sum(f.endswith(".safetensors") for f in m["files"]) == 1
     assert m["target"]["sm"] == "cpu" and m["precision"] == "fp32" and len(m["cache_key"]) == 64
     assert all(v["max_relative_error"] <= 1e-4 for v in m["numerics"].values())
+
+
+def test_streamed_weights_file_reads_back_through_safetensors(tmp_path):
+    """The engine's own safetensors writer (one tensor at a time): the safetensors library reads every dtype,
+    shape and value back, views and non-contiguous tensors as their values, and the digest is the file's."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    tensors = {f"t.{dtype}".replace("torch.", ""): (base * 4).to(dtype) for dtype in SAFETENSORS_DTYPES}
+    tensors |= {"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "transposed": base.t(), "row view": base[2]}
+    path = str(tmp_path / "w.safetensors")
+    digest = write_safetensors(path, tensors)
+    assert digest == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    bits = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # bit-exact, for every dtype
+    with safe_open(path, framework="pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(bits(got), bits(t)), name
+    with pytest.raises(TypeError, match="complex64"):
+        write_safetensors(str(tmp_path / "c.safetensors"), {"c": torch.zeros(2, dtype=torch.complex64)})
 
 
 def test_engine_holds_only_the_rewritten_weights(tiny_engine_path):
