@@ -223,7 +223,7 @@ def _rank0_share(name: str, x: torch.Tensor, profile: Profile) -> torch.Tensor:
     from fluxc.runtime.parallel import shard, shard_joint
 
     n = profile.world_size
-    if n == 1 or x.dim() < 2 or name == "temb":
+    if n == 1 or x.dim() < 2 or name.startswith("temb"):  # temb, FLUX.2's temb_mod*: per image, not per token
         return x
     if name.startswith("rope"):
         return shard_joint(x, 0, profile.text_tokens, n, 0)

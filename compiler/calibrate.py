@@ -1,6 +1,6 @@
 """Static FP8 calibration (`fluxc build --calibrate N`): the largest |input| each block linear sees.
 
-The eager model runs N short denoising loops (the Euler loop FluxPipeline runs, CALIBRATION_STEPS steps at
+The eager model runs N short denoising loops (the Euler loop FluxPipeline / Flux2Pipeline runs, CALIBRATION_STEPS steps at
 the first profile, guidance 3.5), each from its own seeded noise and prompt embeddings, with a forward
 pre-hook on every linear in the double and single blocks. Prompt embeddings: the engine's own text
 encoders over N prompts from PROMPTS when the build has them, else seeded random embeddings (a
@@ -15,6 +15,7 @@ import torch
 
 from fluxc.ir import AMAX_SUFFIX
 from fluxc.runtime import flux_math
+from fluxc.runtime.families import FAMILIES
 from fluxc.runtime.flux_math import Profile
 
 CALIBRATION_STEPS = 8
@@ -23,34 +24,46 @@ PROMPTS = ("a photo of an astronaut riding a horse on the moon", "a bowl of rame
            "a city street at night in the rain, neon signs", "a red fox in fresh snow, telephoto",
            "an isometric illustration of a tiny island village", "macro photo of a dew-covered spider web")
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+MODULATIONS = ("temb", "temb_mod_img", "temb_mod_txt", "temb_mod")
 
 
 def _embeddings(model, comps, profile: Profile, n: int, device, dtype):
-    """[(prompt embeddings [1, T, D], pooled [1, P])] for n calibration samples, and where they came from."""
-    cfg = model.config
+    """[(prompt embeddings [1, T, D], pooled [1, P] or None for FLUX.2)] for n calibration samples, and where
+    they came from."""
+    cfg, pooled = model.config, FAMILIES[model.family].pooled
     if comps is None:
         g = torch.Generator().manual_seed(1234)
-        return [(torch.randn(1, profile.text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-                 torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device, dtype)) for _ in range(n)], \
+        draw = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+        return [(draw(1, profile.text_tokens, cfg["joint_attention_dim"]),
+                 draw(1, cfg["pooled_projection_dim"]) if pooled else None) for _ in range(n)], \
             "seeded random prompt embeddings (transformer-only build)"
     from fluxc.components import diffusers_pipeline
 
     pipe = diffusers_pipeline(model.module, comps)
     out = []
     for i in range(n):
-        embeds, pooled, _ = pipe.encode_prompt(PROMPTS[i % len(PROMPTS)], prompt_2=None,
-                                               max_sequence_length=profile.text_tokens)
-        out.append((embeds.to(device, dtype), pooled.to(device, dtype)))
+        prompt = PROMPTS[i % len(PROMPTS)]
+        if pooled:
+            embeds, pooled_embeds, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=profile.text_tokens)
+            out.append((embeds.to(device, dtype), pooled_embeds.to(device, dtype)))
+        else:  # Flux2Pipeline: the hidden states of the layers the engine's encoder segment stacks
+            embeds = pipe.encode_prompt(prompt, max_sequence_length=profile.text_tokens,
+                                        text_encoder_out_layers=comps.text_layers)[0]
+            out.append((embeds.to(device, dtype), None))
     return out, f"the engine's text encoders over {n} built-in prompts"
 
 
 def _as_example(kind: str, kwargs: dict) -> dict[str, torch.Tensor]:
-    """A block's forward kwargs as its traced segment's activation inputs (compiler/trace.py)."""
+    """A block's forward kwargs as its traced segment's activation inputs (compiler/trace.py): the streams,
+    the block's modulation input (FLUX.1 temb; FLUX.2 temb_mod_img/txt, temb_mod) and the RoPE tables."""
     cos, sin = kwargs["image_rotary_emb"]
-    rope = dict(temb=kwargs["temb"], rope_cos=cos.float(), rope_sin=sin.float())
+    rest = {k: kwargs[k] for k in MODULATIONS if kwargs.get(k) is not None} | dict(rope_cos=cos.float(),
+                                                                                  rope_sin=sin.float())
     if kind == "double":
-        return dict(hidden_states=kwargs["hidden_states"], encoder_hidden_states=kwargs["encoder_hidden_states"], **rope)
-    return dict(joint_hidden_states=torch.cat([kwargs["encoder_hidden_states"], kwargs["hidden_states"]], 1), **rope)
+        return dict(hidden_states=kwargs["hidden_states"], encoder_hidden_states=kwargs["encoder_hidden_states"], **rest)
+    text = kwargs.get("encoder_hidden_states")  # FLUX.2's single blocks get the joint sequence already
+    joint = kwargs["hidden_states"] if text is None else torch.cat([text, kwargs["hidden_states"]], 1)
+    return dict(joint_hidden_states=joint, **rest)
 
 
 @torch.no_grad()
@@ -78,19 +91,19 @@ def calibrate(model, comps, profile: Profile, samples: int, device, dtype):
                if isinstance(m, torch.nn.Linear) and name.startswith(BLOCKS)]
     handles += [blocks[0].register_forward_pre_hook(keep(kind), with_kwargs=True)
                 for kind, blocks in (("double", module.transformer_blocks), ("single", module.single_transformer_blocks))]
-    ids = flux_math.position_ids(profile).to(device)
+    ids = flux_math.position_ids(profile, model.family).to(device)
     embeddings, source = _embeddings(model, comps, profile, samples, device, dtype)
-    sig = flux_math.sigmas(CALIBRATION_STEPS, profile.image_tokens)
+    sig = flux_math.sigmas(CALIBRATION_STEPS, profile.image_tokens, model.family)
     guidance = torch.full((1,), 3.5, device=device) if cfg["guidance_embeds"] else None
     try:
         for i, (embeds, pooled) in enumerate(embeddings):
-            z = flux_math.initial_noise(1, profile, cfg["in_channels"] // 4, i, dtype).to(device)
+            z = flux_math.initial_noise(1, profile, cfg["in_channels"] // 4, i, dtype, model.family).to(device)
+            text = dict(encoder_hidden_states=embeds) | ({"pooled_projections": pooled} if pooled is not None else {})
             for step in range(CALIBRATION_STEPS):
                 capture[0] = i == 0 and step == CALIBRATION_STEPS // 2
                 t = (sig[step] * 1000).to(dtype) / 1000  # rounded as FluxPipeline rounds it
-                v = module(hidden_states=z, encoder_hidden_states=embeds, pooled_projections=pooled,
-                           timestep=t.reshape(1).to(device), guidance=guidance, txt_ids=ids[:profile.text_tokens],
-                           img_ids=ids[profile.text_tokens:], return_dict=False)[0]
+                v = module(hidden_states=z, **text, timestep=t.reshape(1).to(device), guidance=guidance,
+                           txt_ids=ids[:profile.text_tokens], img_ids=ids[profile.text_tokens:], return_dict=False)[0]
                 z = flux_math.euler_step(z, v.float(), sig[step + 1] - sig[step])
     finally:
         for h in handles:

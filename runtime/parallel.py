@@ -66,7 +66,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(1, 2)  # [B, H, S, D]
 
 
-OVERLAP_CHUNKS = 2
+# Parts per rank's head group (used when they divide it). More parts hide more of the transfers behind attention
+# but send smaller messages; FLUXC_ULYSSES_CHUNKS sets it for a process (read at import, so every rank of a
+# launch inherits it).
+OVERLAP_CHUNKS = int(os.environ.get("FLUXC_ULYSSES_CHUNKS", "2"))
 
 
 def _all_to_all(*xs: torch.Tensor) -> tuple[torch.Tensor, "dist.Work"]:

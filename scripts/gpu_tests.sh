@@ -35,6 +35,7 @@ for job in "${@:-tests}"; do
     parallel-build) python3 scripts/bench_parallel.py --stage build --workdir .engines/parallel \
              --out "$OUT/parallel_build.json" 2>&1 | tee "$OUT/parallel_build.log" || rc=1 ;;
     parallel) python3 scripts/bench_parallel.py --stage time --workdir .engines/parallel --out "$OUT/bench_parallel.json" \
+             --chunk-variants "${PARALLEL_CHUNK_VARIANTS:-}" \
              2>&1 | tee "$OUT/bench_parallel.log" || rc=1 ;;
     flux2) python3 scripts/bench_flux2.py --phases "${FLUX2_PHASES:-eager,compile,bf16,fp8,nvfp4}" \
              --reference "${FLUX2_REFERENCE:-$OUT/flux2_reference.safetensors}" --out "$OUT/bench_flux2.json" \

@@ -1,6 +1,9 @@
 """FLUX.2 (issue 11): the second model family through the same tracer, passes and runtime, on `tiny-flux2`
 (seeded random weights of diffusers' Flux2Transformer2DModel architecture)."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -59,10 +62,13 @@ def test_flux2_passes_fuse_what_the_blocks_share_with_flux1(flux2_engine):
     assert all(v["max_relative_error"] <= 1e-4 for v in m["numerics"].values())
 
 
-@pytest.mark.parametrize("precision, floor", [("fp8", "FP8_SEGMENT_SQNR_DB"), ("nvfp4", "NVFP4_SEGMENT_SQNR_DB")])
-def test_quantized_flux2_engines_denoise_close_to_bf16(tmp_path, precision, floor):
-    """fp8 and (emulated) nvfp4 FLUX.2 engines: 8-step latents against the bf16 engine's at the precision's
-    segment floor (measured: fp8 36.7 dB, nvfp4 26.3 dB)."""
+@pytest.mark.parametrize("precision, floor, calibrate", [("fp8", "FP8_SEGMENT_SQNR_DB", 0),
+                                                         ("nvfp4", "NVFP4_SEGMENT_SQNR_DB", 0),
+                                                         ("fp8", "FP8_SEGMENT_SQNR_DB", 2)])
+def test_quantized_flux2_engines_denoise_close_to_bf16(tmp_path, precision, floor, calibrate):
+    """fp8 and (emulated) nvfp4 FLUX.2 engines, and fp8 with static scales from 2 calibration loops of the eager
+    FLUX.2 model (FLUX.2's noise, schedule and block inputs): 8-step latents against the bf16 engine's at the
+    precision's segment floor (measured: fp8 36.7 dB, nvfp4 26.3 dB)."""
     from fluxc import numerics
     from fluxc.build import BuildOptions, build
     from fluxc.runtime import Engine
@@ -71,7 +77,13 @@ def test_quantized_flux2_engines_denoise_close_to_bf16(tmp_path, precision, floo
     for p in ("bf16", precision):
         paths[p] = str(tmp_path / f"{p}.fluxe")
         build(BuildOptions(model="tiny-flux2", output=paths[p], target="cpu", precision=p, resolutions=(SIZE,),
-                           text_tokens=TEXT, transformer_only=True))
+                           text_tokens=TEXT, transformer_only=True, calibrate=calibrate if p == precision else 0))
+    if calibrate:
+        m = json.load(open(os.path.join(paths[precision], "manifest.json")))
+        assert m["calibration"]["samples"] == calibrate
+        for kind in ("double", "single"):
+            counts = m["pass_counts"][f"{kind}-128x112"]["quantize_fp8"]
+            assert counts["static_inputs"] == counts["inputs"] > 0
     dim = Engine.load(paths["bf16"]).config["joint_attention_dim"]
     embeds = torch.randn(1, TEXT, dim, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     got, want = (Engine.load(paths[p]).denoise(embeds, None, height=SIZE[0], width=SIZE[1], steps=8, seed=3)
