@@ -50,36 +50,41 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return out.transpose(1, 2)
     # Each rank's head group goes in OVERLAP_CHUNKS parts, so that one part's all-to-alls run (on NCCL's
     # stream) while another part's attention computes: all-to-all in, attention, all-to-all back, per part.
+    # Token-major layouts on the wire: what a rank receives is attention's input as strided views, and
+    # attention's output ([B, S, h, D] in memory) goes back as it is at batch 1: one copy in, one copy out.
     chunks = OVERLAP_CHUNKS if (h // n) % OVERLAP_CHUNKS == 0 else 1
-    qkv = [x.unflatten(1, (n, chunks, -1)) for x in (q, k, v)]  # heads as [rank's group, part, head]
-    parts = [_all_to_all(*(x[:, :, c].movedim(1, 0) for x in qkv)) for c in range(chunks)]  # group j to rank j
+    hc = h // (n * chunks)
+    heads = [x.unflatten(1, (n, chunks, hc)) for x in (q, k, v)]  # [B, rank's group, part, head, S, D]
+    parts = []
+    for c in range(chunks):
+        send = q.new_empty(n, s, b, 3, hc, d)  # [to rank j, my token, batch, q|k|v, head of j's group, D]
+        for i, x in enumerate(heads):
+            send[:, :, :, i].copy_(x[:, :, c].permute(1, 3, 0, 2, 4))
+        parts.append(_all_to_all(send))
     back = []
     for got, work in parts:
-        work.wait()  # got[j] = rank j's tokens of my group's part: [N, 3, B, h, S, D] -> [3] x [B, h, N * S, D]
-        q_c, k_c, v_c = got.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
-        o = F.scaled_dot_product_attention(q_c, k_c, v_c, scale=scale)
-        back.append(_all_to_all(o.unflatten(2, (n, s)).movedim(2, 0)))  # rank j's tokens back to rank j
-    out_parts = out.view(b, s, n, chunks, h // (n * chunks), d)
+        work.wait()  # got[j] = rank j's tokens of my group's part; flattened, every token in rank order
+        q_c, k_c, v_c = got.flatten(0, 1).permute(2, 1, 3, 0, 4)  # [3, B, hc, N * S, D] views
+        o = F.scaled_dot_product_attention(q_c, k_c, v_c, scale=scale).permute(2, 0, 1, 3)  # [N * S, B, hc, D]
+        back.append(_all_to_all(o if o.is_contiguous() else o.contiguous()))  # rank j's tokens back to rank j
+    out_parts = out.view(b, s, n, chunks, hc, d)
     for c, (got, work) in enumerate(back):
-        work.wait()  # got[j] = my tokens of group j's part c: [N, 1, B, h, S, D]
-        out_parts[:, :, :, c].copy_(got[:, 0].permute(1, 3, 0, 2, 4))
+        work.wait()  # got = my tokens of every group's part c: [N * S, B, hc, D] -> [B, S, N, hc, D]
+        out_parts[:, :, :, c].copy_(got.view(n, s, b, hc, d).permute(2, 1, 0, 3, 4))
     return out.transpose(1, 2)  # [B, H, S, D]
+
+
+def _all_to_all(send: torch.Tensor) -> tuple[torch.Tensor, "dist.Work"]:
+    """Start an all-to-all of send's N equal slices along dim 0 (slice j to rank j); returns the buffer it fills
+    (slice j from rank j) and the handle to wait on."""
+    got = torch.empty_like(send)
+    return got, dist.all_to_all_single(got, send, async_op=True)
 
 
 # Parts per rank's head group (used when they divide it). More parts hide more of the transfers behind attention
 # but send smaller messages; FLUXC_ULYSSES_CHUNKS sets it for a process (read at import, so every rank of a
 # launch inherits it).
 OVERLAP_CHUNKS = int(os.environ.get("FLUXC_ULYSSES_CHUNKS", "2"))
-
-
-def _all_to_all(*xs: torch.Tensor) -> tuple[torch.Tensor, "dist.Work"]:
-    """Start an all-to-all of xs, each [N, ...] (x[j] goes to rank j), packed as [N, len(xs), ...] in one copy;
-    returns the received [N, len(xs), ...] (got[j] from rank j) and the handle to wait on."""
-    send = xs[0].new_empty(xs[0].shape[0], len(xs), *xs[0].shape[1:])
-    for i, x in enumerate(xs):
-        send[:, i].copy_(x)
-    got = torch.empty_like(send)
-    return got, dist.all_to_all_single(got, send, async_op=True)
 
 
 @ulysses_attention.register_fake

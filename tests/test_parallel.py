@@ -42,25 +42,26 @@ def test_two_gloo_ranks_make_the_same_image_as_one_process_and_as_diffusers(pipe
     assert np.abs(two - one).max() <= 1e-3 and np.abs(two - ref).max() <= 1e-3
 
 
-def _ulysses_rank(heads: int, tokens: int):
+def _ulysses_rank(heads: int, tokens: int, batch: int):
     """On each rank: the op on this rank's query/key/value rows (stored [B, S, H, D], as the segments hold
     them), against softmax attention in float64 over every rank's rows; returns the largest difference."""
     from fluxc.runtime import parallel
 
     n, r = parallel.world_size(), parallel.rank()
     g = torch.Generator().manual_seed(0)  # every rank draws the whole sequence
-    q, k, v = (torch.randn(1, tokens, heads, 16, generator=g).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(batch, tokens, heads, 16, generator=g).transpose(1, 2) for _ in range(3))
     rows = slice(r * tokens // n, (r + 1) * tokens // n)
     out = parallel.ulysses_attention(*(x[:, :, rows] for x in (q, k, v)), scale=0.3)
     weights = torch.softmax(q[:, :, rows].double() @ k.double().transpose(-1, -2) * 0.3, dim=-1)
     return (out.double() - weights @ v.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("world, heads", [(2, 8), (4, 8), (2, 6)])  # 2, 2 and 1 (3 heads per rank) parts
-def test_ulysses_attention_on_gloo_ranks_equals_attention_over_all_tokens(world, heads):
+# 2, 2 and 1 (3 heads per rank) parts; batch 2 (the layouts on the wire put the batch inside the tokens)
+@pytest.mark.parametrize("world, heads, batch", [(2, 8, 1), (4, 8, 1), (2, 6, 1), (2, 8, 2)])
+def test_ulysses_attention_on_gloo_ranks_equals_attention_over_all_tokens(world, heads, batch):
     from fluxc.runtime import parallel
 
-    assert parallel.launch(world, _ulysses_rank, heads, 12 * world, backend="gloo") <= 1e-5
+    assert parallel.launch(world, _ulysses_rank, heads, 12 * world, batch, backend="gloo") <= 1e-5
 
 
 @pytest.mark.parametrize("policy, threshold", [("fbcache", 0.6), ("teacache", 1.0)])
