@@ -5,7 +5,7 @@
   `tiny-flux2`): built on the meta device and filled in place on the target device, so a 12B model
   materialises on a GPU in seconds and is the same for the same seed, device and dtype;
 - a local diffusers folder (the pipeline root with `transformer/`, or the `transformer/` folder);
-- a Black Forest Labs single-file `.safetensors` checkpoint (original key names), converted with
+- a Black Forest Labs single-file `.safetensors` checkpoint (FLUX.1 or FLUX.2, original key names), converted with
   diffusers' own converter, its config inferred from tensor shapes.
 Weights are read with safetensors only; nothing is unpickled.
 """
@@ -140,7 +140,7 @@ def _diffusers_folder(path: str, dtype, device, seed: int) -> LoadedModel:
     files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
     source = {"kind": "diffusers", "path": os.path.abspath(folder), "files": _stat_fingerprint(folder, files)}
     return LoadedModel(family, module.to(device).eval(), dict(module.config), source,
-                       ARCHITECTURES["flux1-dev"][2])
+                       ARCHITECTURES[f"{family}-dev"][2])
 
 
 def _stat_fingerprint(folder: str, files: list[str]) -> str:
@@ -153,23 +153,27 @@ def _stat_fingerprint(folder: str, files: list[str]) -> str:
 
 
 def _bfl_single_file(path: str, dtype, device, seed: int) -> LoadedModel:
-    from diffusers import FluxTransformer2DModel
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from diffusers.loaders import single_file_utils
 
     state = read_safetensors(path)
     state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
-    config = infer_flux1_config(state, path)
-    converted = convert_flux_transformer_checkpoint_to_diffusers(state)
+    family = "flux2" if "single_stream_modulation.lin.weight" in state else "flux1"  # FLUX.2's shared modulation
+    infer, convert = {"flux1": (infer_flux1_config, single_file_utils.convert_flux_transformer_checkpoint_to_diffusers),
+                      "flux2": (infer_flux2_config, single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers),
+                      }[family]
+    config = infer(state, path)
+    converted = convert(state)
     with torch.device("meta"):
-        module = FluxTransformer2DModel(**config)
+        module = _model_class(family)(**config)
     try:
         module.load_state_dict(converted, strict=True, assign=True)
     except RuntimeError as e:
-        raise FluxcError(f"'{path}' does not match a FLUX.1 transformer: {e}", "Pass a FLUX.1 checkpoint.")
+        name = FAMILY_NAMES[family]
+        raise FluxcError(f"'{path}' does not match a {name} transformer: {e}", f"Pass a {name} checkpoint.")
     module = module.to(device=device, dtype=dtype).eval()
     source = {"kind": "bfl-single-file", "path": os.path.abspath(path),
               "files": _stat_fingerprint(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)])}
-    return LoadedModel("flux1", module, dict(module.config), source, ARCHITECTURES["flux1-dev"][2])
+    return LoadedModel(family, module, dict(module.config), source, ARCHITECTURES[f"{family}-dev"][2])
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -184,32 +188,62 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2"}
+
+
+def _require(state: dict, path: str, family: str, names: list[str]) -> None:
+    missing = [k for k in names if k not in state]
+    if missing:
+        name = FAMILY_NAMES[family]
+        raise FluxcError(f"'{path}' lacks {name} tensors {missing[:3]}.",
+                         f"Pass a Black Forest Labs {name} transformer checkpoint.")
+
+
+def _blocks(state: dict, prefix: str) -> int:
+    """How many blocks a BFL checkpoint holds under prefix ("double_blocks.18.img_attn..." -> 19)."""
+    return 1 + max((int(k.split(".")[1]) for k in state if k.startswith(prefix)), default=-1)
+
+
 def infer_flux1_config(state: dict[str, torch.Tensor], path: str) -> dict:
     """FLUX.1 config from BFL tensor shapes (the checkpoint carries no config)."""
-    needed = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
-              "double_blocks.0.img_attn.norm.query_norm.scale", "final_layer.linear.weight"]
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise FluxcError(f"'{path}' lacks FLUX.1 tensors {missing[:3]}.",
-                         "Pass a Black Forest Labs FLUX.1 transformer checkpoint.")
+    _require(state, path, "flux1", ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
+                                    "double_blocks.0.img_attn.norm.query_norm.scale", "final_layer.linear.weight"])
     inner_dim, in_channels = state["img_in.weight"].shape
     head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     if inner_dim != 3072:
         raise FluxcError(f"'{path}' has inner dim {inner_dim}; diffusers' converter supports only 3072.",
                          "Convert the checkpoint to a diffusers folder and pass that instead.")
-
-    def count(prefix):  # "double_blocks.18.img_attn..." -> 19 layers
-        return 1 + max(int(k.split(".")[1]) for k in state if k.startswith(prefix))
-
     return dict(
         FLUX1_DEFAULTS,
         in_channels=in_channels,
-        num_layers=count("double_blocks."),
-        num_single_layers=count("single_blocks."),
+        num_layers=_blocks(state, "double_blocks."),
+        num_single_layers=_blocks(state, "single_blocks."),
         attention_head_dim=head_dim,
         num_attention_heads=inner_dim // head_dim,
         joint_attention_dim=state["txt_in.weight"].shape[1],
         pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
         guidance_embeds="guidance_in.in_layer.weight" in state,
         out_channels=state["final_layer.linear.weight"].shape[0],
+    )
+
+
+def infer_flux2_config(state: dict[str, torch.Tensor], path: str) -> dict:
+    """FLUX.2 config from BFL tensor shapes. RoPE axes and theta are not in the weights: they keep diffusers'
+    Flux2Transformer2DModel defaults (FLUX.2-dev's, 4 x 32 and 2000)."""
+    _require(state, path, "flux2", ["img_in.weight", "txt_in.weight", "time_in.in_layer.weight",
+                                    "double_blocks.0.img_attn.norm.query_norm.scale",
+                                    "double_blocks.0.img_mlp.0.weight", "final_layer.linear.weight"])
+    inner_dim, in_channels = state["img_in.weight"].shape
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    return dict(
+        in_channels=in_channels,
+        out_channels=state["final_layer.linear.weight"].shape[0],
+        num_layers=_blocks(state, "double_blocks."),
+        num_single_layers=_blocks(state, "single_blocks."),
+        attention_head_dim=head_dim,
+        num_attention_heads=inner_dim // head_dim,
+        joint_attention_dim=state["txt_in.weight"].shape[1],
+        timestep_guidance_channels=state["time_in.in_layer.weight"].shape[1],
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / (2 * inner_dim),  # SwiGLU: gate and value
+        guidance_embeds="guidance_in.in_layer.weight" in state,
     )

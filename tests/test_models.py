@@ -106,6 +106,53 @@ def test_bfl_single_file_checkpoint_with_real_shapes(tmp_path):
     assert all(torch.equal(got[k], sd[k]) for k in sd)
 
 
+def _to_bfl_flux2(sd: dict, n_double: int, n_single: int) -> dict:
+    """diffusers -> Black Forest Labs FLUX.2 key names, written from the FLUX.2 reference layout (no biases)."""
+    bfl = {"img_in.weight": sd["x_embedder.weight"], "txt_in.weight": sd["context_embedder.weight"],
+           "final_layer.linear.weight": sd["proj_out.weight"]}
+    for bfl_name, d_name in (("time_in", "timestep_embedder"), ("guidance_in", "guidance_embedder")):
+        bfl[f"{bfl_name}.in_layer.weight"] = sd[f"time_guidance_embed.{d_name}.linear_1.weight"]
+        bfl[f"{bfl_name}.out_layer.weight"] = sd[f"time_guidance_embed.{d_name}.linear_2.weight"]
+    for name in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
+        bfl[f"{name}.lin.weight"] = sd[f"{name}.linear.weight"]
+    scale, shift = sd["norm_out.linear.weight"].chunk(2)  # BFL's final modulation is (shift, scale)
+    bfl["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+    for i in range(n_double):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        bfl[f"{b}.img_attn.qkv.weight"] = torch.cat([sd[f"{d}.attn.to_{x}.weight"] for x in "qkv"])
+        bfl[f"{b}.txt_attn.qkv.weight"] = torch.cat([sd[f"{d}.attn.add_{x}_proj.weight"] for x in "qkv"])
+        for bfl_name, d_name in (("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+                                 ("img_mlp.0", "ff.linear_in"), ("img_mlp.2", "ff.linear_out"),
+                                 ("txt_mlp.0", "ff_context.linear_in"), ("txt_mlp.2", "ff_context.linear_out")):
+            bfl[f"{b}.{bfl_name}.weight"] = sd[f"{d}.{d_name}.weight"]
+        for stream, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+            bfl[f"{b}.{stream}_attn.norm.query_norm.scale"] = sd[f"{d}.attn.{q}.weight"]
+            bfl[f"{b}.{stream}_attn.norm.key_norm.scale"] = sd[f"{d}.attn.{k}.weight"]
+    for i in range(n_single):
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        bfl[f"{b}.linear1.weight"] = sd[f"{d}.attn.to_qkv_mlp_proj.weight"]
+        bfl[f"{b}.linear2.weight"] = sd[f"{d}.attn.to_out.weight"]
+        bfl[f"{b}.norm.query_norm.scale"] = sd[f"{d}.attn.norm_q.weight"]
+        bfl[f"{b}.norm.key_norm.scale"] = sd[f"{d}.attn.norm_k.weight"]
+    return {f"model.diffusion_model.{k}": v.contiguous() for k, v in bfl.items()}
+
+
+def test_bfl_flux2_single_file_checkpoint(tmp_path):
+    """A FLUX.2 checkpoint in Black Forest Labs' key names (tiny-flux2's shapes, 2 + 2 blocks): recognised as
+    FLUX.2, its config read off the shapes (heads, MLP ratio, guidance), every tensor where diffusers has it."""
+    ref = load_model("tiny-flux2", dtype=torch.float32, device=CPU, seed=2)
+    sd = ref.module.state_dict()
+    path = str(tmp_path / "flux2.safetensors")
+    save_file(_to_bfl_flux2(sd, 2, 2), path)
+    loaded = load_model(path, dtype=torch.float32, device=CPU)
+    assert loaded.family == "flux2" and loaded.source["kind"] == "bfl-single-file"
+    for key in ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                "mlp_ratio", "in_channels", "guidance_embeds", "timestep_guidance_channels"):
+        assert loaded.config[key] == ref.config[key], key
+    got = loaded.module.state_dict()
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
 def test_in_code_tokenizers_are_the_same_in_every_process():
     """Engines and reference pipelines built in different processes must tokenize alike (the
     `tokenizers` BPE trainer breaks ties differently per process; fluxc learns its merges itself)."""
