@@ -204,27 +204,26 @@ def _blocks(state: dict, prefix: str) -> int:
     return 1 + max((int(k.split(".")[1]) for k in state if k.startswith(prefix)), default=-1)
 
 
+def _shape_config(state: dict[str, torch.Tensor]) -> dict:
+    """The config entries both families read the same way off BFL tensor shapes."""
+    inner_dim, in_channels = state["img_in.weight"].shape
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    return dict(in_channels=in_channels, out_channels=state["final_layer.linear.weight"].shape[0],
+                num_layers=_blocks(state, "double_blocks."), num_single_layers=_blocks(state, "single_blocks."),
+                attention_head_dim=head_dim, num_attention_heads=inner_dim // head_dim,
+                joint_attention_dim=state["txt_in.weight"].shape[1],
+                guidance_embeds="guidance_in.in_layer.weight" in state)
+
+
 def infer_flux1_config(state: dict[str, torch.Tensor], path: str) -> dict:
     """FLUX.1 config from BFL tensor shapes (the checkpoint carries no config)."""
     _require(state, path, "flux1", ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
                                     "double_blocks.0.img_attn.norm.query_norm.scale", "final_layer.linear.weight"])
-    inner_dim, in_channels = state["img_in.weight"].shape
-    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    inner_dim = state["img_in.weight"].shape[0]
     if inner_dim != 3072:
         raise FluxcError(f"'{path}' has inner dim {inner_dim}; diffusers' converter supports only 3072.",
                          "Convert the checkpoint to a diffusers folder and pass that instead.")
-    return dict(
-        FLUX1_DEFAULTS,
-        in_channels=in_channels,
-        num_layers=_blocks(state, "double_blocks."),
-        num_single_layers=_blocks(state, "single_blocks."),
-        attention_head_dim=head_dim,
-        num_attention_heads=inner_dim // head_dim,
-        joint_attention_dim=state["txt_in.weight"].shape[1],
-        pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
-        guidance_embeds="guidance_in.in_layer.weight" in state,
-        out_channels=state["final_layer.linear.weight"].shape[0],
-    )
+    return dict(FLUX1_DEFAULTS, **_shape_config(state), pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1])
 
 
 def infer_flux2_config(state: dict[str, torch.Tensor], path: str) -> dict:
@@ -233,17 +232,6 @@ def infer_flux2_config(state: dict[str, torch.Tensor], path: str) -> dict:
     _require(state, path, "flux2", ["img_in.weight", "txt_in.weight", "time_in.in_layer.weight",
                                     "double_blocks.0.img_attn.norm.query_norm.scale",
                                     "double_blocks.0.img_mlp.0.weight", "final_layer.linear.weight"])
-    inner_dim, in_channels = state["img_in.weight"].shape
-    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    return dict(
-        in_channels=in_channels,
-        out_channels=state["final_layer.linear.weight"].shape[0],
-        num_layers=_blocks(state, "double_blocks."),
-        num_single_layers=_blocks(state, "single_blocks."),
-        attention_head_dim=head_dim,
-        num_attention_heads=inner_dim // head_dim,
-        joint_attention_dim=state["txt_in.weight"].shape[1],
-        timestep_guidance_channels=state["time_in.in_layer.weight"].shape[1],
-        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / (2 * inner_dim),  # SwiGLU: gate and value
-        guidance_embeds="guidance_in.in_layer.weight" in state,
-    )
+    inner_dim = state["img_in.weight"].shape[0]
+    return dict(_shape_config(state), timestep_guidance_channels=state["time_in.in_layer.weight"].shape[1],
+                mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / (2 * inner_dim))  # SwiGLU: gate, value
