@@ -1,8 +1,8 @@
 """Static FP8 calibration (`fluxc build --calibrate N`): the largest |input| each block linear sees.
 
-The eager model runs N short denoising loops (the Euler loop FluxPipeline / Flux2Pipeline runs, CALIBRATION_STEPS steps at
-the first profile, guidance 3.5), each from its own seeded noise and prompt embeddings, with a forward
-pre-hook on every linear in the double and single blocks. Prompt embeddings: the engine's own text
+The eager model runs N short denoising loops (the Euler loop FluxPipeline / Flux2Pipeline runs,
+CALIBRATION_STEPS steps at the first profile, guidance 3.5), each from its own seeded noise and prompt
+embeddings, with a forward pre-hook on every linear in the double and single blocks. Prompt embeddings: the engine's own text
 encoders over N prompts from PROMPTS when the build has them, else seeded random embeddings (a
 transformer-only build has no encoders; say so in the manifest). quantize_fp8 turns each amax into a
 static per-tensor activation scale (amax / 448) stored in the engine per layer, in place of per-token
@@ -44,7 +44,8 @@ def _embeddings(model, comps, profile: Profile, n: int, device, dtype):
     for i in range(n):
         prompt = PROMPTS[i % len(PROMPTS)]
         if pooled:
-            embeds, pooled_embeds, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=profile.text_tokens)
+            embeds, pooled_embeds, _ = pipe.encode_prompt(prompt, prompt_2=None,
+                                                          max_sequence_length=profile.text_tokens)
             out.append((embeds.to(device, dtype), pooled_embeds.to(device, dtype)))
         else:  # Flux2Pipeline: the hidden states of the layers the engine's encoder segment stacks
             embeds = pipe.encode_prompt(prompt, max_sequence_length=profile.text_tokens,

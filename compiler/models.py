@@ -158,9 +158,9 @@ def _bfl_single_file(path: str, dtype, device, seed: int) -> LoadedModel:
     state = read_safetensors(path)
     state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
     family = "flux2" if "single_stream_modulation.lin.weight" in state else "flux1"  # FLUX.2's shared modulation
-    infer, convert = {"flux1": (infer_flux1_config, single_file_utils.convert_flux_transformer_checkpoint_to_diffusers),
-                      "flux2": (infer_flux2_config, single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers),
-                      }[family]
+    convert = {"flux1": single_file_utils.convert_flux_transformer_checkpoint_to_diffusers,
+               "flux2": single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers}[family]
+    infer = {"flux1": infer_flux1_config, "flux2": infer_flux2_config}[family]
     config = infer(state, path)
     converted = convert(state)
     with torch.device("meta"):
@@ -223,7 +223,8 @@ def infer_flux1_config(state: dict[str, torch.Tensor], path: str) -> dict:
     if inner_dim != 3072:
         raise FluxcError(f"'{path}' has inner dim {inner_dim}; diffusers' converter supports only 3072.",
                          "Convert the checkpoint to a diffusers folder and pass that instead.")
-    return dict(FLUX1_DEFAULTS, **_shape_config(state), pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1])
+    return dict(FLUX1_DEFAULTS, **_shape_config(state),
+                pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1])
 
 
 def infer_flux2_config(state: dict[str, torch.Tensor], path: str) -> dict:

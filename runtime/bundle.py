@@ -50,7 +50,8 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> str:
         if t.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: safetensors cannot hold {t.dtype}")
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
