@@ -216,18 +216,14 @@ class _MistralHidden(torch.nn.Module):
         return dict(input_ids=ids, attention_mask=mask)
 
 
-class _VaeDecode(torch.nn.Module):
-    """The end of FluxPipeline.__call__ after unpacking: latents [B, 16, H/8, W/8] -> image [B, H, W, 3] in [0, 1]."""
+class _VaeDecoder(torch.nn.Module):
+    """The VAE decoder both families end with, and the pipelines' postprocess: z -> image [B, H, W, 3] in [0, 1]."""
 
     def __init__(self, vae):
         super().__init__()
         self.decoder = vae.decoder  # only the decoder's weights enter the graph
         self.post_quant_conv = vae.post_quant_conv if vae.config.use_post_quant_conv else None
-        self.scaling, self.shift = vae.config.scaling_factor, vae.config.shift_factor
         self.latent_channels = vae.config.latent_channels
-
-    def forward(self, latents):
-        return self.decode(latents / self.scaling + self.shift)
 
     def decode(self, z):
         if self.post_quant_conv is not None:
@@ -235,19 +231,27 @@ class _VaeDecode(torch.nn.Module):
         image = self.decoder(z)  # [B, 3, H, W] in [-1, 1]
         return (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # VaeImageProcessor.postprocess
 
+
+class _VaeDecode(_VaeDecoder):
+    """The end of FluxPipeline.__call__ after unpacking: latents [B, 16, H/8, W/8] -> image [B, H, W, 3] in [0, 1]."""
+
+    def __init__(self, vae):
+        super().__init__(vae)
+        self.scaling, self.shift = vae.config.scaling_factor, vae.config.shift_factor
+
+    def forward(self, latents):
+        return self.decode(latents / self.scaling + self.shift)
+
     def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
         return dict(latents=torch.randn(profile.latent_shape(self.latent_channels), device=device, dtype=dtype))
 
 
-class _Flux2VaeDecode(_VaeDecode):
+class _Flux2VaeDecode(_VaeDecoder):
     """The end of Flux2Pipeline.__call__ after unpacking: patchified latents [B, 4C, H/16, W/16] -> image: the
     batch-norm statistics put back, each token's 2x2 patch unfolded, then decoded as FLUX.1's."""
 
     def __init__(self, vae):
-        torch.nn.Module.__init__(self)
-        self.decoder = vae.decoder
-        self.post_quant_conv = vae.post_quant_conv if vae.config.use_post_quant_conv else None
-        self.latent_channels = vae.config.latent_channels
+        super().__init__(vae)
         bn = vae.bn  # as Flux2Pipeline computes them: in the VAE's dtype
         self.register_buffer("bn_mean", bn.running_mean.detach().clone())
         self.register_buffer("bn_std", torch.sqrt(bn.running_var.detach() + vae.config.batch_norm_eps))
@@ -328,10 +332,6 @@ COMPONENT_OUTPUTS = {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], 
                      "vae": ["image"]}
 
 
-def output_names(family: str, kind: str) -> list[str]:
-    return list(COMPONENT_OUTPUTS[kind] if kind in COMPONENT_OUTPUTS else FAMILIES[family].outputs[kind])
-
-
 def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile: Profile | None,
                   activations: dict[str, torch.Tensor], outputs: list[str]) -> Segment:
     state = dict(module.named_parameters()) | dict(module.named_buffers())
@@ -400,7 +400,7 @@ def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> l
         for kind in SEGMENT_KINDS:
             module, layers = modules[kind]
             acts = example_activations(model, kind, profile, device, dtype)
-            segments.append(trace_segment(module, layers, kind, profile, acts, output_names(model.family, kind)))
+            segments.append(trace_segment(module, layers, kind, profile, acts, FAMILIES[model.family].outputs[kind]))
     return segments
 
 
@@ -411,5 +411,5 @@ def trace_components(comps, profiles: list[Profile], device, dtype, encoder_devi
         for profile in profiles[:1] if kind in PER_ENGINE else profiles:
             acts = module.example(profile, encoder_device if kind in PER_ENGINE else device, dtype)
             segments.append(trace_segment(module, layers, kind, None if kind in PER_ENGINE else profile, acts,
-                                          output_names("flux1", kind)))
+                                          COMPONENT_OUTPUTS[kind]))
     return segments

@@ -68,8 +68,8 @@ class Engine:
         if verify:
             verify_files(path, manifest)
         device = check_runs_here(manifest)
-        parallel.check_world(manifest["profiles"][0].get("world_size", 1))
         engine = cls(path, manifest, device, encoders)
+        parallel.check_world(engine.world_size)  # before any weights move
         engine._load_weights()
         loader = LOADERS[manifest["backend"]["name"]]
         for seg in manifest["segments"]:

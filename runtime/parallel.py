@@ -152,7 +152,6 @@ def init(backend: str | None = None) -> None:
                             device_id=torch.device("cuda", 0) if backend == "nccl" else None)
 
 
-
 # ---- launching ---------------------------------------------------------------------------------------------
 def launch(nproc: int, fn, *args, backend: str | None = None):
     """fn(*args) on `nproc` ranks of this machine, through torchrun's launcher (torch.distributed.elastic), each

@@ -34,7 +34,7 @@ def engine_path(workdir: str, precision: str, world: int, pipeline: bool = False
     return os.path.join(workdir, f"{precision}-ws{world}{'-pipeline' if pipeline else ''}.fluxe")
 
 
-def builds(workdir: str) -> list[tuple[str, int, bool]]:
+def builds() -> list[tuple[str, int, bool]]:
     return [(p, n, False) for p in RECIPES for n in WORLD_SIZES] + [("fp8", 4, True)]
 
 
@@ -43,7 +43,7 @@ def build_all(workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     gpus = torch.cuda.device_count()
     procs = {}
-    for i, (precision, world, pipeline) in enumerate(builds(workdir)):
+    for i, (precision, world, pipeline) in enumerate(builds()):
         path = engine_path(workdir, precision, world, pipeline)
         if os.path.exists(path):
             continue
@@ -155,8 +155,7 @@ def main():
     if args.stage == "build":
         done = build_all(args.workdir)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(done, f, indent=1)
+            _dump(args.out, done)
         return
 
     from bench_transformer import source_commit

@@ -5,6 +5,7 @@
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -84,8 +85,6 @@ def main():
               "sqnr_graphed_db": sqnr_db(rec["graphed"].float(), one.float())}
     print(result)
     for n in paths.values():
-        import shutil
-
         shutil.rmtree(n)
     with open(os.path.join(out, "probe_parallel.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -15,7 +15,7 @@ import os
 
 from fluxc.backends.onnx import OnnxBackend
 from fluxc.runtime.bundle import save_atomically
-from fluxc.runtime.backends import TENSORRT_IO, TENSORRT_PLAN, load_tensorrt
+from fluxc.runtime.backends import ONNX_MODEL, TENSORRT_IO, TENSORRT_PLAN, load_tensorrt
 from fluxc.runtime.errors import FluxcError
 
 TIMING_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fluxc", "tensorrt-timing.cache")
@@ -30,12 +30,13 @@ class TensorRTBackend(OnnxBackend):
         import onnx
         import tensorrt as trt
 
-        model = onnx.load(os.path.join(out_dir, "segment.onnx"), load_external_data=False)
+        path = os.path.join(out_dir, ONNX_MODEL)
+        model = onnx.load(path, load_external_data=False)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(os.path.join(out_dir, "segment.onnx")):
+        if not parser.parse_from_file(path):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise FluxcError(f"TensorRT's ONNX parser rejected segment {os.path.basename(out_dir)}: {errors}",
                              "Build with --backend onnx and report the parser error with the model.")
