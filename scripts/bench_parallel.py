@@ -38,12 +38,13 @@ def builds() -> list[tuple[str, int, bool]]:
     return [(p, n, False) for p in RECIPES for n in WORLD_SIZES] + [("fp8", 4, True)]
 
 
-def build_all(workdir: str) -> dict:
-    """Every engine at once, each build on its own GPU (round robin), as `fluxc build` subprocesses."""
+def build_all(workdir: str, only: list[tuple[str, int, bool]] | None = None) -> dict:
+    """Every engine (or those in `only`) at once, each build on its own GPU (round robin), as `fluxc build`
+    subprocesses."""
     os.makedirs(workdir, exist_ok=True)
     gpus = torch.cuda.device_count()
     procs = {}
-    for i, (precision, world, pipeline) in enumerate(builds()):
+    for i, (precision, world, pipeline) in enumerate(only or builds()):
         path = engine_path(workdir, precision, world, pipeline)
         if os.path.exists(path):
             continue

@@ -1,0 +1,79 @@
+"""Which settings of the transport change a context-parallel loop: FLUX.1-dev fp8 engines for 2 and 4 ranks (built
+here as `gpu_tests.sh parallel-build` builds them), the 28-step loop timed as bench_parallel.py times it, once per
+variant. A variant is a set of environment variables the ranks start with:
+
+    base         as shipped (FLUXC_ULYSSES_CHUNKS=2)
+    expandable   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: tensors in cuMem (VMM) memory, which NCCL >= 2.23
+                 can register inside a CUDA graph and send from without its staging copy (zero-copy P2P)
+    expandable-1 the same, one part per head group (no overlap split)
+    legacy-reg   NCCL_LEGACY_CUDA_REGISTER=1: registration of plain cudaMalloc memory
+    no-comm      the all-to-alls replaced by nothing (wrong values, right shapes): what the step costs without
+                 the transfers, i.e. the bound any transport change can reach
+
+    python3 scripts/probe_parallel_env.py --out $OUT     (on nvidia-h200-x4; builds what is missing)
+"""
+
+import json
+import os
+
+import torch
+
+from bench_parallel import STEPS, build_all, engine_path, time_loop
+
+WORKDIR = ".engines/parallel"
+VARIANTS = {
+    "base": {},
+    "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+    "expandable-1": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "FLUXC_ULYSSES_CHUNKS": "1"},
+    "legacy-reg": {"NCCL_LEGACY_CUDA_REGISTER": "1"},
+    "no-comm": {"FLUXC_PROBE_NO_COMM": "1"},
+}
+
+
+def timed_loop(path: str):
+    from fluxc.runtime import parallel
+
+    if os.environ.get("FLUXC_PROBE_NO_COMM"):
+        class _Done:
+            def wait(self):
+                pass
+
+        parallel._all_to_all = lambda send: (torch.empty_like(send), _Done())
+    r = time_loop(path, STEPS, False)
+    if r is not None:
+        r.pop("latents")
+        r["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return r
+
+
+def main():
+    from bench_transformer import probe_out
+
+    from fluxc.runtime import parallel
+
+    out, rec = probe_out(), {}
+    rec["build"] = build_all(WORKDIR, only=[("fp8", 2, False), ("fp8", 4, False)])
+    base_env = dict(os.environ)
+    names = os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(",")
+    for name, env in ((n, VARIANTS[n]) for n in names):
+        for world in (2, 4):
+            os.environ.clear()
+            os.environ.update(base_env | env)
+            try:
+                r = parallel.launch(world, timed_loop, engine_path(WORKDIR, "fp8", world))
+            except Exception as e:  # a variant that breaks is a result too
+                r = {"error": str(e)[-300:]}
+            rec[f"{name} ws{world}"] = r
+            print(name, world, {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
+            with open(os.path.join(out, "probe_parallel_env.json"), "w") as f:
+                json.dump(rec, f, indent=1)
+    os.environ.clear()
+    os.environ.update(base_env)
+    print(f"\n{'variant':14} {'ws2 ms':>8} {'ws4 ms':>8}")
+    for name in names:
+        ms = [rec[f"{name} ws{w}"].get("loop_ms", float("nan")) for w in (2, 4)]
+        print(f"{name:14} {ms[0]:8.1f} {ms[1]:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
