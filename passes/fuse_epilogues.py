@@ -12,12 +12,14 @@ Rule "split_concat" (the single block's output projection over [attention, MLP])
     %cat_1 = aten.cat([%view_15, %gelu], 2)                                            [B, S, Ka + Kb]
     %addmm_5 = aten.addmm(%proj_out_bias, aten.view(%cat_1, [M, Ka + Kb]), aten.t(%proj_out_weight))
   ->
-    %part = aten.addmm(%proj_out_bias, aten.view(%view_15, [M, Ka]), aten.t(%proj_out_weight[1:0:Ka]))
-    %addmm_5 = aten.addmm(%part, aten.view(%gelu, [M, Kb]), aten.t(%proj_out_weight[1:Ka:Ka+Kb]))
+    %part = aten.addmm(%proj_out_bias, aten.view(%gelu, [M, Kb]), aten.t(%proj_out_weight[1:Ka:Ka+Kb]))
+    %addmm_5 = aten.addmm(%part, aten.view(%view_15, [M, Ka]), aten.t(%proj_out_weight[1:0:Ka]))
   The concatenation (a copy of both inputs) disappears; the second GEMM accumulates onto the first
-  through its C operand. The weight's column blocks are split at build time. Only where the concatenation
-  would be a pure copy: a pointwise input (a GELU left out of the epilogue by recipe.qkv_with_mlp) is
-  written into it by the kernel that computes it anyway.
+  through its C operand. The partial GEMMs run in the order their inputs are computed: the MLP half (its GELU
+  is traced before the attention) first, so that in a context-parallel engine it runs while attention's output
+  is still on its way back from the other ranks (shard_attention's "overlap"). The weight's column blocks are
+  split at build time. Only where the concatenation would be a pure copy: a pointwise input (a GELU left out
+  of the epilogue by recipe.qkv_with_mlp) is written into it by the kernel that computes it anyway.
 
 Gate * y + residual stays where Inductor puts it: fused into the next LayerNorm kernel inside a block
 (`triton_red_fused_add_..._native_layer_norm`), a lone pointwise kernel at a block's end. cuBLASLt has
@@ -89,10 +91,12 @@ def split_concat(gm, addmm: torch.fx.Node) -> None:
     _, weight, bias = linear_parts(addmm)
     m = addmm.meta["val"].shape[0]
     fake_mode = torch._guards.detect_fake_mode([weight.meta["val"]])
-    acc, start = bias, 0
+    starts = [sum(p.meta["val"].shape[-1] for p in parts[:i]) for i in range(len(parts))]  # K offsets
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    acc = bias
     with gm.graph.inserting_before(addmm):
-        for part in parts:
-            k = part.meta["val"].shape[-1]
+        for i in sorted(range(len(parts)), key=lambda i: position[parts[i]]):  # the first computed first
+            part, start, k = parts[i], starts[i], parts[i].meta["val"].shape[-1]
             with fake_mode:
                 like = weight.meta["val"][:, start:start + k].contiguous()
             w = add_weight(gm, WeightSource.slice(weight.meta["weight"], 1, start, start + k), like)
@@ -100,7 +104,6 @@ def split_concat(gm, addmm: torch.fx.Node) -> None:
             wt = call(gm.graph, aten.t.default, w)
             acc = (call(gm.graph, aten.addmm.default, acc, x, wt) if acc is not None
                    else call(gm.graph, aten.mm.default, x, wt))
-            start += k
     addmm.replace_all_uses_with(acc)
 
 

@@ -18,6 +18,7 @@ all-gathered. Launch: `fluxc run --gpus N` (torchrun's launcher, in-process), or
 `torchrun --nproc-per-node N -m fluxc.runtime.parallel ENGINE --prompt ...`.
 """
 
+import collections
 import datetime
 import os
 import sys
@@ -42,55 +43,143 @@ def rank() -> int:
 
 @torch.library.custom_op("fluxc::ulysses_attention", mutates_args=())
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    n = world_size()
-    b, h, s, d = q.shape
-    out = q.new_empty(b, s, h, d)  # [B, S, H, D]: the layout torch's attention kernels return
-    if n == 1:
+    if world_size() == 1:
+        b, h, s, d = q.shape
+        out = q.new_empty(b, s, h, d)  # [B, S, H, D]: the layout torch's attention kernels return
         out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2))
         return out.transpose(1, 2)
-    # Each rank's head group goes in OVERLAP_CHUNKS parts, so that one part's all-to-alls run (on NCCL's
-    # stream) while another part's attention computes: all-to-all in, attention, all-to-all back, per part.
-    # Token-major layouts on the wire: what a rank receives is attention's input as strided views, and
-    # attention's output ([B, S, h, D] in memory) goes back as it is at batch 1: one copy in, one copy out.
-    chunks = OVERLAP_CHUNKS if (h // n) % OVERLAP_CHUNKS == 0 else 1
-    hc = h // (n * chunks)
-    heads = [x.unflatten(1, (n, chunks, hc)) for x in (q, k, v)]  # [B, rank's group, part, head, S, D]
-    parts = []
-    for c in range(chunks):
-        send = q.new_empty(n, s, b, 3, hc, d)  # [to rank j, my token, batch, q|k|v, head of j's group, D]
-        for i, x in enumerate(heads):
-            send[:, :, :, i].copy_(x[:, :, c].permute(1, 3, 0, 2, 4))
-        parts.append(_all_to_all(send))
-    back = []
-    for got, work in parts:
-        work.wait()  # got[j] = rank j's tokens of my group's part; flattened, every token in rank order
-        q_c, k_c, v_c = got.flatten(0, 1).permute(2, 1, 3, 0, 4)  # [3, B, hc, N * S, D] views
-        o = F.scaled_dot_product_attention(q_c, k_c, v_c, scale=scale).permute(2, 0, 1, 3)  # [N * S, B, hc, D]
-        back.append(_all_to_all(o if o.is_contiguous() else o.contiguous()))  # rank j's tokens back to rank j
-    out_parts = out.view(b, s, n, chunks, hc, d)
-    for c, (got, work) in enumerate(back):
-        work.wait()  # got = my tokens of every group's part c: [N * S, B, hc, D] -> [B, S, N, hc, D]
-        out_parts[:, :, :, c].copy_(got.view(n, s, b, hc, d).permute(2, 1, 0, 3, 4))
-    return out.transpose(1, 2)  # [B, H, S, D]
+    return _receive(_attend(_send(q, k, v), scale))
 
 
-def _all_to_all(send: torch.Tensor) -> tuple[torch.Tensor, "dist.Work"]:
-    """Start an all-to-all of send's N equal slices along dim 0 (slice j to rank j); returns the buffer it fills
-    (slice j from rank j) and the handle to wait on."""
-    got = torch.empty_like(send)
-    return got, dist.all_to_all_single(got, send, async_op=True)
+# The same in three steps, for a segment with work that does not depend on attention (a single block's MLP):
+# shard_attention puts that work between the steps, so that it computes while the transfers run on NCCL's stream.
+#     got  = ulysses_send(q, k, v)                  start the all-to-alls of q, k, v
+#     back = ulysses_attend(got, after, scale)      attention as each part lands; start the all-to-alls back
+#     out  = ulysses_receive(back, after)           wait for them: [B, H, S_local, D]
+# `after` holds outputs of the work placed before the step: an input it does not read, which keeps the compiler
+# from moving that work past it. got and back are buffers of q, k, v's and q's size whose layout depends on the
+# world size (below); their declared shapes do not, so an engine's graph is the same at build and at run time.
+@torch.library.custom_op("fluxc::ulysses_send", mutates_args=())
+def ulysses_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _send(q, k, v)
 
 
-# Parts per rank's head group (used when they divide it). More parts hide more of the transfers behind attention
-# but send smaller messages; FLUXC_ULYSSES_CHUNKS sets it for a process (read at import, so every rank of a
-# launch inherits it).
-OVERLAP_CHUNKS = int(os.environ.get("FLUXC_ULYSSES_CHUNKS", "2"))
+@torch.library.custom_op("fluxc::ulysses_attend", mutates_args=())
+def ulysses_attend(got: torch.Tensor, after: list[torch.Tensor], scale: float | None = None) -> torch.Tensor:
+    del after  # ordering only
+    return _attend(got, scale)
+
+
+@torch.library.custom_op("fluxc::ulysses_receive", mutates_args=())
+def ulysses_receive(back: torch.Tensor, after: list[torch.Tensor]) -> torch.Tensor:
+    del after  # ordering only
+    return _receive(back)
 
 
 @ulysses_attention.register_fake
 def _(q, k, v, scale=None):
     b, h, s, d = q.shape
     return q.new_empty(b, s, h, d).transpose(1, 2)
+
+
+@ulysses_send.register_fake
+def _(q, k, v):
+    b, h, s, d = q.shape
+    return q.new_empty(3, b, s, h, d)
+
+
+@ulysses_attend.register_fake
+def _(got, after, scale=None):
+    return got.new_empty(got.shape[1:])
+
+
+@ulysses_receive.register_fake
+def _(back, after):
+    b, s, h, d = back.shape
+    return back.new_empty(b, s, h, d).transpose(1, 2)
+
+
+# Each rank's head group goes in OVERLAP_CHUNKS parts, so that one part's all-to-alls run (on NCCL's stream)
+# while another part's attention computes. Token-major layouts on the wire: what a rank receives is attention's
+# input as strided views, and attention's output ([B, S, h, D] in memory) goes back as it is at batch 1: one copy
+# in, one copy out. Transfers in flight wait in _in_flight, oldest first: a segment runs its steps in one thread,
+# in graph order, so each step takes the handles the one before queued.
+_in_flight: collections.deque = collections.deque()
+
+
+def _send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Start sending head group j (H/N heads) of q, k, v to rank j, part by part. The returned buffer is
+    [3, B, S, H, D] in size; as filled, got[c, j] = rank j's tokens of part c of my group: [C, N, S, B, 3, hc, D]."""
+    n, (b, h, s, d) = world_size(), q.shape
+    chunks = _chunks(h // n)
+    hc = h // (n * chunks)
+    heads = [x.unflatten(1, (n, chunks, hc)) for x in (q, k, v)]  # [B, rank's group, part, head, S, D]
+    send = q.new_empty(chunks, n, s, b, 3, hc, d)  # [part, to rank j, my token, batch, q|k|v, head of j's group, D]
+    got = q.new_empty(3, b, s, h, d)
+    parts = got.view(chunks, n, s, b, 3, hc, d)
+    for c in range(chunks):
+        for i, x in enumerate(heads):
+            send[c, :, :, :, i].copy_(x[:, :, c].permute(1, 3, 0, 2, 4))
+        _start(parts[c], send[c])
+    return got
+
+
+def _attend(got: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Attention over every rank's tokens (in rank order) for my head group, each part as its transfer lands; each
+    part's output starts back to the tokens' ranks. The returned buffer is [B, S, H, D] in size; as filled,
+    back[c] = my tokens of every group's part c: [C, N * S, B, hc, D]."""
+    n, (_, b, s, h, d) = world_size(), got.shape
+    chunks = _chunks(h // n)
+    hc = h // (n * chunks)
+    parts = got.view(chunks, n * s, b, 3, hc, d)
+    back = got.new_empty(b, s, h, d)
+    out_parts = back.view(chunks, n * s, b, hc, d)
+    for c in range(chunks):
+        _finish()
+        q_c, k_c, v_c = parts[c].permute(2, 1, 3, 0, 4)  # [3, B, hc, N * S, D] views
+        o = F.scaled_dot_product_attention(q_c, k_c, v_c, scale=scale).permute(2, 0, 1, 3)  # [N * S, B, hc, D]
+        _start(out_parts[c], o if o.is_contiguous() else o.contiguous())  # rank j's tokens back to rank j
+    return back
+
+
+def _receive(back: torch.Tensor) -> torch.Tensor:
+    """Wait for my tokens of every group's parts and lay them out as attention's output: [B, H, S, D]."""
+    n, (b, s, h, d) = world_size(), back.shape
+    chunks = _chunks(h // n)
+    hc = h // (n * chunks)
+    parts = back.view(chunks, n, s, b, hc, d)
+    out = back.new_empty(b, s, h, d)
+    out_parts = out.view(b, s, n, chunks, hc, d)
+    for c in range(chunks):
+        _finish()
+        out_parts[:, :, :, c].copy_(parts[c].permute(2, 1, 0, 3, 4))  # [N, S, B, hc, D] -> [B, S, N, hc, D]
+    return out.transpose(1, 2)
+
+
+def _chunks(group: int) -> int:
+    return OVERLAP_CHUNKS if group % OVERLAP_CHUNKS == 0 else 1
+
+
+def _start(got: torch.Tensor, send: torch.Tensor) -> None:
+    """Start an all-to-all of send's N equal slices along dim 0 into got (slice j to and from rank j)."""
+    if world_size() == 1:  # one process holding every rank's tokens: the build's check of an N-rank graph
+        got.copy_(send)
+        _in_flight.append(None)
+    else:
+        _in_flight.append(dist.all_to_all_single(got, send, async_op=True))
+
+
+def _finish() -> None:
+    """Wait (on the current stream) for the oldest transfer in flight."""
+    work = _in_flight.popleft()
+    if work is not None:
+        work.wait()
+
+
+# Parts per rank's head group (used when they divide it). More parts hide more of the transfers behind attention
+# but send smaller messages; FLUXC_ULYSSES_CHUNKS sets it for a process (read at import, so every rank of a
+# launch inherits it).
+OVERLAP_CHUNKS = int(os.environ.get("FLUXC_ULYSSES_CHUNKS", "2"))
 
 
 def shard(x: torch.Tensor, dim: int, parts: int, index: int) -> torch.Tensor:
@@ -147,6 +236,10 @@ def init(backend: str | None = None) -> None:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast can take a shared host's GPUs out of service
+        # NCCL registers the all-to-alls' buffers (plain cudaMalloc memory, torch's allocator) when the loop's CUDA
+        # graph is captured and sends from them without its staging copy: 3% off the 2- and 4-rank fp8 loops
+        # (benchmarks/results/2026-11-22-h200x4-probe-parallel-env.json)
+        os.environ.setdefault("NCCL_LEGACY_CUDA_REGISTER", "1")
         torch.cuda.set_device(0)
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                             device_id=torch.device("cuda", 0) if backend == "nccl" else None)

@@ -43,17 +43,23 @@ def test_two_gloo_ranks_make_the_same_image_as_one_process_and_as_diffusers(pipe
 
 
 def _ulysses_rank(heads: int, tokens: int, batch: int):
-    """On each rank: the op on this rank's query/key/value rows (stored [B, S, H, D], as the segments hold
-    them), against softmax attention in float64 over every rank's rows; returns the largest difference."""
+    """On each rank: the op, and its three-step form, on this rank's query/key/value rows (stored [B, S, H, D], as
+    the segments hold them), against softmax attention in float64 over every rank's rows; returns the largest
+    difference."""
     from fluxc.runtime import parallel
 
     n, r = parallel.world_size(), parallel.rank()
     g = torch.Generator().manual_seed(0)  # every rank draws the whole sequence
     q, k, v = (torch.randn(batch, tokens, heads, 16, generator=g).transpose(1, 2) for _ in range(3))
     rows = slice(r * tokens // n, (r + 1) * tokens // n)
-    out = parallel.ulysses_attention(*(x[:, :, rows] for x in (q, k, v)), scale=0.3)
-    weights = torch.softmax(q[:, :, rows].double() @ k.double().transpose(-1, -2) * 0.3, dim=-1)
-    return (out.double() - weights @ v.double()).abs().max().item()
+    mine = [x[:, :, rows] for x in (q, k, v)]
+    fused = parallel.ulysses_attention(*mine, scale=0.3)
+    ops = torch.ops.fluxc  # the three steps shard_attention splits it into, with other work between them
+    got = ops.ulysses_send(*mine)
+    back = ops.ulysses_attend(got, [mine[0] @ mine[1].transpose(-1, -2)], 0.3)
+    split = ops.ulysses_receive(back, [mine[2] * 2])
+    ref = torch.softmax(q[:, :, rows].double() @ k.double().transpose(-1, -2) * 0.3, dim=-1) @ v.double()
+    return max((out.double() - ref).abs().max().item() for out in (fused, split))
 
 
 # 2, 2 and 1 (3 heads per rank) parts; batch 2 (the layouts on the wire put the batch inside the tokens)

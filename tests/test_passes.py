@@ -137,6 +137,33 @@ def test_fused_segments_match_diffusers_eager(tiny_model):
     assert attention_fused == cfg["num_layers"] + cfg["num_single_layers"]  # every attention call fused
 
 
+def test_shard_attention_puts_the_single_blocks_mlp_between_the_transfer_steps(tiny_model):
+    """--world-size 2: every attention becomes fluxc.ulysses_attention; in the single block, whose MLP does not
+    depend on attention, the op's three steps with the MLP input GEMM between send and attend and the output
+    projection's MLP half between attend and receive. In one process the ops are attention over what they hold,
+    so the segment computes what the world-size-1 segment computes."""
+    model, recipe = tiny_model
+    dtype = next(model.module.parameters()).dtype
+    ops = torch.ops.fluxc
+    for seg, plain in zip(_segments(model), _segments(model)):
+        tensors = _tensors(seg.graph)
+        expected = _run(run_pipeline(plain.graph, PassContext(recipe, "cpu", plain.kind)).graph, tensors)
+        result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind, world_size=2))
+        blocks = seg.kind in ("double", "single")
+        assert result.counts["shard_attention"] == {"ulysses": int(blocks), "overlap": int(seg.kind == "single")}
+        nodes = list(result.graph.graph.nodes)
+        steps = {op: [i for i, n in enumerate(nodes) if n.target is op.default]
+                 for op in (ops.ulysses_send, ops.ulysses_attend, ops.ulysses_receive)}
+        if seg.kind == "single":
+            (send,), (attend,), (receive,) = steps.values()
+            before, after = nodes[attend].args[1], nodes[receive].args[1]
+            assert before and after  # the MLP input GEMM; the output projection's MLP half
+            assert all(send < nodes.index(n) < attend for n in before)
+            assert all(attend < nodes.index(n) < receive for n in after)
+        for got, want, name in zip(_run(result.graph, tensors), expected, seg.outputs):
+            assert relative_error(got, want) <= REWRITE_TOLERANCE[dtype], (seg.name, name)
+
+
 @pytest.mark.parametrize("fusion", [True, False])
 def test_hoist_schedule_splits_exactly_and_row_by_row(tiny_model, fusion):
     """The loop graph fed by the graph hoist_schedule split off equals the segment without hoisting, exactly;
