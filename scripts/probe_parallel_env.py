@@ -9,6 +9,10 @@ variant. A variant is a set of environment variables the ranks start with:
     legacy-reg   NCCL_LEGACY_CUDA_REGISTER=1: registration of plain cudaMalloc memory
     no-comm      the all-to-alls replaced by nothing (wrong values, right shapes): what the step costs without
                  the transfers, i.e. the bound any transport change can reach
+    carveout-N   cuBLASLt GEMMs told to leave N SMs free (torch's experimental SM carveout), so that NCCL's kernels
+                 run beside a GEMM instead of waiting for its persistent grid
+    nccl-ctas-8  NCCL_MAX_CTAS=8: NCCL's kernels on fewer SMs
+$PROBE_VARIANTS and $PROBE_WORLDS (default: all, "2,4") choose what runs.
 
     python3 scripts/probe_parallel_env.py --out $OUT     (on nvidia-h200-x4; builds what is missing)
 """
@@ -27,7 +31,11 @@ VARIANTS = {
     "expandable-1": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "FLUXC_ULYSSES_CHUNKS": "1"},
     "legacy-reg": {"NCCL_LEGACY_CUDA_REGISTER": "1"},
     "no-comm": {"FLUXC_PROBE_NO_COMM": "1"},
+    "carveout-16": {"FLUXC_PROBE_SM_CARVEOUT": "16"},  # cuBLASLt GEMMs leave 16 SMs to NCCL's kernels
+    "carveout-32": {"FLUXC_PROBE_SM_CARVEOUT": "32"},
+    "nccl-ctas-8": {"NCCL_MAX_CTAS": "8"},  # NCCL's kernels take at most 8 SMs
 }
+WORLDS = [int(w) for w in os.environ.get("PROBE_WORLDS", "2,4").split(",")]
 
 
 def timed_loop(path: str):
@@ -39,6 +47,8 @@ def timed_loop(path: str):
                 pass
 
         parallel._all_to_all = lambda send: (torch.empty_like(send), _Done())
+    if os.environ.get("FLUXC_PROBE_SM_CARVEOUT"):
+        torch._C._set_sm_carveout_experimental(int(os.environ["FLUXC_PROBE_SM_CARVEOUT"]))
     r = time_loop(path, STEPS, False)
     if r is not None:
         r.pop("latents")
@@ -52,11 +62,11 @@ def main():
     from fluxc.runtime import parallel
 
     out, rec = probe_out(), {}
-    rec["build"] = build_all(WORKDIR, only=[("fp8", 2, False), ("fp8", 4, False)])
+    rec["build"] = build_all(WORKDIR, only=[("fp8", w, False) for w in WORLDS])
     base_env = dict(os.environ)
     names = os.environ.get("PROBE_VARIANTS", ",".join(VARIANTS)).split(",")
     for name, env in ((n, VARIANTS[n]) for n in names):
-        for world in (2, 4):
+        for world in WORLDS:
             os.environ.clear()
             os.environ.update(base_env | env)
             try:
@@ -71,8 +81,7 @@ def main():
     os.environ.update(base_env)
     print(f"\n{'variant':14} {'ws2 ms':>8} {'ws4 ms':>8}")
     for name in names:
-        ms = [rec[f"{name} ws{w}"].get("loop_ms", float("nan")) for w in (2, 4)]
-        print(f"{name:14} {ms[0]:8.1f} {ms[1]:8.1f}")
+        print(f"{name:14}", *(f"{rec.get(f'{name} ws{w}', {}).get('loop_ms', float('nan')):8.1f}" for w in (2, 4)))
 
 
 if __name__ == "__main__":
