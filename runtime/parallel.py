@@ -110,9 +110,8 @@ _in_flight: collections.deque = collections.deque()
 def _send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Start sending head group j (H/N heads) of q, k, v to rank j, part by part. The returned buffer is
     [3, B, S, H, D] in size; as filled, got[c, j] = rank j's tokens of part c of my group: [C, N, S, B, 3, hc, D]."""
-    n, (b, h, s, d) = world_size(), q.shape
-    chunks = _chunks(h // n)
-    hc = h // (n * chunks)
+    b, h, s, d = q.shape
+    n, chunks, hc = _groups(h)
     heads = [x.unflatten(1, (n, chunks, hc)) for x in (q, k, v)]  # [B, rank's group, part, head, S, D]
     send = q.new_empty(chunks, n, s, b, 3, hc, d)  # [part, to rank j, my token, batch, q|k|v, head of j's group, D]
     got = q.new_empty(3, b, s, h, d)
@@ -128,9 +127,8 @@ def _attend(got: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Attention over every rank's tokens (in rank order) for my head group, each part as its transfer lands; each
     part's output starts back to the tokens' ranks. The returned buffer is [B, S, H, D] in size; as filled,
     back[c] = my tokens of every group's part c: [C, N * S, B, hc, D]."""
-    n, (_, b, s, h, d) = world_size(), got.shape
-    chunks = _chunks(h // n)
-    hc = h // (n * chunks)
+    _, b, s, h, d = got.shape
+    n, chunks, hc = _groups(h)
     parts = got.view(chunks, n * s, b, 3, hc, d)
     back = got.new_empty(b, s, h, d)
     out_parts = back.view(chunks, n * s, b, hc, d)
@@ -144,9 +142,8 @@ def _attend(got: torch.Tensor, scale: float | None) -> torch.Tensor:
 
 def _receive(back: torch.Tensor) -> torch.Tensor:
     """Wait for my tokens of every group's parts and lay them out as attention's output: [B, H, S, D]."""
-    n, (b, s, h, d) = world_size(), back.shape
-    chunks = _chunks(h // n)
-    hc = h // (n * chunks)
+    b, s, h, d = back.shape
+    n, chunks, hc = _groups(h)
     parts = back.view(chunks, n, s, b, hc, d)
     out = back.new_empty(b, s, h, d)
     out_parts = out.view(b, s, n, chunks, hc, d)
@@ -156,8 +153,11 @@ def _receive(back: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _chunks(group: int) -> int:
-    return OVERLAP_CHUNKS if group % OVERLAP_CHUNKS == 0 else 1
+def _groups(heads: int) -> tuple[int, int, int]:
+    """(ranks = head groups, parts per group, heads per part): OVERLAP_CHUNKS parts where they divide a group."""
+    n = world_size()
+    chunks = OVERLAP_CHUNKS if (heads // n) % OVERLAP_CHUNKS == 0 else 1
+    return n, chunks, heads // (n * chunks)
 
 
 def _start(got: torch.Tensor, send: torch.Tensor) -> None:
@@ -237,8 +237,8 @@ def init(backend: str | None = None) -> None:
     if backend == "nccl":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast can take a shared host's GPUs out of service
         # NCCL registers the all-to-alls' buffers (plain cudaMalloc memory, torch's allocator) when the loop's CUDA
-        # graph is captured and sends from them without its staging copy: 3% off the 2- and 4-rank fp8 loops
-        # (benchmarks/results/2026-11-22-h200x4-probe-parallel-env.json)
+        # graph is captured (user buffer registration: no copies through its own buffers): 2-3% off the 2- and
+        # 4-rank fp8 loops (benchmarks/results/2026-11-22-h200x4-probe-parallel-env.json)
         os.environ.setdefault("NCCL_LEGACY_CUDA_REGISTER", "1")
         torch.cuda.set_device(0)
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
