@@ -110,6 +110,7 @@ _in_flight: collections.deque = collections.deque()
 def _send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Start sending head group j (H/N heads) of q, k, v to rank j, part by part. The returned buffer is
     [3, B, S, H, D] in size; as filled, got[c, j] = rank j's tokens of part c of my group: [C, N, S, B, 3, hc, D]."""
+    _in_flight.clear()  # nothing is in flight between attentions; a segment cut short by an error left handles
     b, h, s, d = q.shape
     n, chunks, hc = _groups(h)
     heads = [x.unflatten(1, (n, chunks, hc)) for x in (q, k, v)]  # [B, rank's group, part, head, S, D]
