@@ -49,15 +49,16 @@ def check(node: torch.fx.Node) -> str | None:
     return None
 
 
-GEMMS = (aten.mm.default, aten.addmm.default, aten._scaled_mm.default)
+GEMMS = (aten.mm.default, aten.addmm.default, aten._scaled_mm.default, torch.ops.fluxc.linear_gelu.default,
+         torch.ops.fluxc.nvfp4_linear.default)
 
 
 def is_gemm(node: torch.fx.Node) -> bool:
-    return is_aten(node, *GEMMS) or (node.op == "call_function" and node.target in (
-        torch.ops.fluxc.linear_gelu.default, torch.ops.fluxc.nvfp4_linear.default))
+    return is_aten(node, *GEMMS)
 
 
 def _closure(node: torch.fx.Node, step) -> set[torch.fx.Node]:
+    """Every node reached from `node` by repeating `step` (its inputs, or its users)."""
     seen, todo = set(), [node]
     while todo:
         for n in step(todo.pop()):
