@@ -96,16 +96,16 @@ def test_denoising_loop_equals_flux2_pipeline(flux2_engine):
     guidance 4) against diffusers' Flux2Pipeline with the same transformer, output_type="latent". The scheduler
     is FlowMatchEulerDiscreteScheduler with dynamic (exponential) shifting, as FLUX.1-dev's config has it; no
     FLUX.2 checkpoint config can be downloaded here to confirm FLUX.2-dev's."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from diffusers import Flux2Pipeline
 
+    from fluxc.components import flux2_scheduler
     from fluxc.models import load_model
     from fluxc.runtime import Engine
 
     model = load_model("tiny-flux2", dtype=torch.float32, device=torch.device("cpu"), seed=0).module
     embeds = torch.randn(1, TEXT, model.config.joint_attention_dim, generator=torch.Generator().manual_seed(1))
     got = Engine.load(flux2_engine).denoise(embeds, None, height=SIZE[0], width=SIZE[1], steps=8, guidance=4.0, seed=3)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
-    pipe = Flux2Pipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=model)
+    pipe = Flux2Pipeline(scheduler=flux2_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=model)
     want = pipe(prompt_embeds=embeds, height=SIZE[0], width=SIZE[1], num_inference_steps=8, guidance_scale=4.0,
                 generator=torch.Generator("cpu").manual_seed(3), output_type="latent").images
     assert got.shape == want.shape and want.std() > 0.1
@@ -180,6 +180,7 @@ def test_flux2_pipeline_engine_image_equals_flux2_pipeline(flux2_pipeline):
 
 
 def test_fluxc_run_writes_a_flux2_png(flux2_pipeline, tmp_path):
+    import numpy as np
     from click.testing import CliRunner
     from PIL import Image
 
@@ -192,6 +193,4 @@ def test_fluxc_run_writes_a_flux2_png(flux2_pipeline, tmp_path):
                                        "-o", str(out)])
     assert result.exit_code == 0, result.output
     want = Engine.load(path).generate("a red fox in fresh snow", steps=3, seed=1, guidance=3.5)[0]
-    import numpy as np
-
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
