@@ -23,7 +23,7 @@ from fluxc.plan import Prepared, atomic_directory, read_plan, verify_plan, write
 from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe, recipe_from_dict
 from fluxc.runtime.cache import PROBE_SUFFIX
 from fluxc.runtime.bundle import (ENCODER_PLACEMENTS, MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file,
-                                  write_safetensors)
+                                  write_safetensors, write_texts)
 from fluxc.runtime.device import local_target, target_device
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.families import FAMILIES, SEGMENT_KINDS
@@ -378,10 +378,7 @@ def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) 
             seg_entries.append(_segment_entry(seg))
         with stages("write weights"):
             digests = {WEIGHTS: write_safetensors(os.path.join(tmp, WEIGHTS), weights)}
-            for rel, text in p.tokenizers.items():
-                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                with open(os.path.join(tmp, rel), "w") as f:
-                    f.write(text)
+            write_texts(tmp, p.tokenizers)
         with stages("hash"):
             files = {rel: digests.get(rel) or sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
         manifest = _manifest(p, settings, seg_entries, backend, numerics, files, stages.seconds)

@@ -24,7 +24,7 @@ import torch
 
 from fluxc import __version__, ir
 from fluxc.recipes import Recipe, recipe_from_dict
-from fluxc.runtime.bundle import sha256_file, write_safetensors
+from fluxc.runtime.bundle import sha256_file, write_safetensors, write_texts
 from fluxc.runtime.errors import FluxcError
 from fluxc.runtime.flux_math import Profile
 from fluxc.trace import Segment
@@ -83,10 +83,7 @@ def write_plan(p: Prepared, output: str) -> dict:
     with atomic_directory(output) as tmp:
         digests = {WEIGHTS: write_safetensors(os.path.join(tmp, WEIGHTS), p.weights),
                    CHECKS: write_safetensors(os.path.join(tmp, CHECKS), checks)}
-        for rel, text in p.tokenizers.items():
-            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-            with open(os.path.join(tmp, rel), "w") as f:
-                f.write(text)
+        write_texts(tmp, p.tokenizers)
         header = {
             "format": "fluxc-plan", "format_version": PLAN_FORMAT, "fluxc_version": __version__,
             "torch": torch.__version__, "target": p.target, "precision": p.recipe.precision.value,

@@ -70,6 +70,14 @@ def _safetensors_blocks(header: bytes, tensors):
         yield memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
+def write_texts(root: str, files: dict[str, str]) -> None:
+    """Write each text under root at its relative path (the tokenizer.json files of an engine or a plan)."""
+    for rel, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(text)
+
+
 def bundle_files(root: str) -> list[str]:
     """Every file of a bundle except the manifest, as sorted relative paths."""
     out = []
