@@ -24,6 +24,10 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
         softmax(q k^T * softmax_scale) v over the dequantized inputs, o stored / v_scale (|o| <= max |v|, so
         it shares v's scale). CUDA: cuDNN's FP8 SDPA through the cudnn frontend (per-tensor scales; the
         softmax probabilities are held in e4m3 too, scaled by 448), one built graph per shape.
+    copy_heads(dst, src)   dst.copy_(src) for [B, S, G1, G2, G3, D] views with D contiguous in both (a plain function,
+        not an op: runtime/parallel.py's head regrouping around its all-to-alls, inside its own ops).
+        CUDA: one Triton program per token moving its G1*G2*G3 rows of D in wide vectors (torch's copy of these
+        6-d permutations works element by element).
 
 Engines that use these ops need this module imported before their segments load; the runtime does that.
 """
@@ -308,6 +312,18 @@ def _attention_fp8_cuda(q, k, v, q_scale, k_scale, v_scale, softmax_scale):
     return _CudnnFp8Attention.get(q, k, v, softmax_scale)(q, k, v, q_scale, k_scale, v_scale)
 
 
+# ---- head regrouping (context parallelism) -----------------------------------------------------------
+def copy_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for two [B, S, G1, G2, G3, D] views of the same shape and dtype, D contiguous in both."""
+    if triton is None or not dst.is_cuda:
+        dst.copy_(src)
+        return
+    b, s, g1, g2, g3, d = src.shape
+    assert dst.shape == src.shape and dst.dtype == src.dtype and src.stride(5) == dst.stride(5) == 1
+    _copy_heads_kernel[(b * s,)](src, dst, s, g2, g3, *src.stride()[:5], *dst.stride()[:5], G=g1 * g2 * g3, D=d,
+                                 BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), num_warps=4)
+
+
 if triton is not None:
 
     @triton.jit
@@ -383,3 +399,15 @@ if triton is not None:
                        o_ss, H, eps, QUANT, D, BLOCK_H)
         _norm_rope_row(k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, k_scale_ptr, b, s, row0 + s, k_sb, k_ss, k_sh, o_sb,
                        o_ss, H, eps, QUANT, D, BLOCK_H)
+
+    @triton.jit
+    def _copy_heads_kernel(src_ptr, dst_ptr, S, G2, G3, s_b, s_s, s_1, s_2, s_3, d_b, d_s, d_1, d_2, d_3,
+                           G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)  # one token: its [G, D] rows, G = G1 * G2 * G3
+        b, s = pid // S, pid % S
+        g = tl.arange(0, BLOCK_G)[:, None]
+        d = tl.arange(0, D)[None, :]
+        mask = g < G
+        g1, g2, g3 = g // (G2 * G3), (g // G3) % G2, g % G3
+        x = tl.load(src_ptr + b * s_b + s * s_s + g1 * s_1 + g2 * s_2 + g3 * s_3 + d, mask=mask)
+        tl.store(dst_ptr + b * d_b + s * d_s + g1 * d_1 + g2 * d_2 + g3 * d_3 + d, x, mask=mask)

@@ -12,6 +12,11 @@ variant. A variant is a set of environment variables the ranks start with:
     carveout-N   cuBLASLt GEMMs told to leave N SMs free (torch's experimental SM carveout), so that NCCL's kernels
                  run beside a GEMM instead of waiting for its persistent grid
     nccl-ctas-8  NCCL_MAX_CTAS=8: NCCL's kernels on fewer SMs
+    torch-copy   the head regrouping around the all-to-alls by torch's copy instead of kernels.copy_heads
+    chunks-1     one part per head group (FLUXC_ULYSSES_CHUNKS=1)
+    nvl-chunk-2m NCCL_P2P_NVL_CHUNKSIZE=2 MiB (default 512 KiB): fewer, larger steps per peer transfer
+    channels-32  NCCL_MIN_NCHANNELS=32: more CTAs (and SMs) for NCCL's kernels
+    ce-memcpy    NCCL_P2P_USE_CUDA_MEMCPY=1: peer transfers by the copy engines instead of SMs
 $PROBE_VARIANTS and $PROBE_WORLDS (default: all, "2,4") choose what runs.
 
     python3 scripts/probe_parallel_env.py --out $OUT     (on nvidia-h200-x4; builds what is missing)
@@ -34,6 +39,11 @@ VARIANTS = {
     "carveout-16": {"FLUXC_PROBE_SM_CARVEOUT": "16"},  # cuBLASLt GEMMs leave 16 SMs to NCCL's kernels
     "carveout-32": {"FLUXC_PROBE_SM_CARVEOUT": "32"},
     "nccl-ctas-8": {"NCCL_MAX_CTAS": "8"},  # NCCL's kernels take at most 8 SMs
+    "torch-copy": {"FLUXC_PROBE_TORCH_COPY": "1"},
+    "chunks-1": {"FLUXC_ULYSSES_CHUNKS": "1"},
+    "nvl-chunk-2m": {"NCCL_P2P_NVL_CHUNKSIZE": str(2 << 20)},
+    "channels-32": {"NCCL_MIN_NCHANNELS": "32"},
+    "ce-memcpy": {"NCCL_P2P_USE_CUDA_MEMCPY": "1"},
 }
 WORLDS = [int(w) for w in os.environ.get("PROBE_WORLDS", "2,4").split(",")]
 
@@ -43,6 +53,8 @@ def timed_loop(path: str):
 
     if os.environ.get("FLUXC_PROBE_NO_COMM"):  # every transfer "done" at once, its buffer left as it was
         parallel._start = lambda got, send: parallel._in_flight.append(None)
+    if os.environ.get("FLUXC_PROBE_TORCH_COPY"):
+        parallel.kernels.copy_heads = lambda dst, src: dst.copy_(src)
     if os.environ.get("FLUXC_PROBE_SM_CARVEOUT"):
         torch._C._set_sm_carveout_experimental(int(os.environ["FLUXC_PROBE_SM_CARVEOUT"]))
     r = time_loop(path, STEPS, False)

@@ -166,6 +166,26 @@ def test_linear_gelu_uses_the_tanh_form_on_gpu():
     assert tanh_err < 1e-4 < exact_err, (tanh_err, exact_err)
 
 
+def test_copy_heads_kernel_moves_what_torchs_copy_moves():
+    """kernels.copy_heads against torch's copy on the regroupings runtime/parallel.py makes (to and from the send
+    layout [part, rank, token, batch, q|k|v, head, D]), batch 2, with a strided source (v in the fused QKV)
+    and a head count that is not a power of two."""
+    from fluxc.runtime.kernels import copy_heads
+
+    n, c, hc, s, b, d = 2, 2, 3, 37, 2, 128
+    qkv = torch.randn(b, s, 3 * n * c * hc * d, device="cuda").to(torch.bfloat16)
+    v = qkv[..., -n * c * hc * d:].unflatten(2, (n, c, hc, d))  # [B, S, N, C, hc, D], row stride 3x
+    send = torch.zeros(c, n, s, b, 3, hc, d, device="cuda", dtype=torch.bfloat16)
+    dst = send[..., 2, :, :].permute(3, 2, 1, 0, 4, 5)  # [B, S, N, C, hc, D] view of the send layout
+    copy_heads(dst, v)
+    want = torch.zeros_like(send)
+    want[..., 2, :, :].permute(3, 2, 1, 0, 4, 5).copy_(v)
+    assert torch.equal(send, want) and send.abs().sum() > 0
+    back = torch.empty(b, s, n, c, hc, d, device="cuda", dtype=torch.bfloat16)
+    copy_heads(back, dst)
+    assert torch.equal(back, v)
+
+
 def test_adaln_kernel_matches_its_reference():
     """The Triton AdaLN against the op's reference on the CPU, with scale/shift strided column slices of one
     modulation output (as fuse_qkv leaves them) and a width that is not a power of two."""
