@@ -5,10 +5,9 @@ everything but attention is per token and stays as traced. Attention must see al
 Pattern:  %sdpa = aten._scaled_dot_product_{flash_attention_for_cpu, flash_attention, efficient_attention,
                   cudnn_attention}(%q, %k, %v, ..., scale=s)      q, k, v [B, H, S_local, D]; no mask, not causal
           %out  = getitem(%sdpa, 0)                             (the only output used)
-Rewrite:  %out  = fluxc.ulysses_attention(%q, %k, %v, s)        (runtime/parallel.py: all-to-all over heads,
-                                                                 attention over all tokens, all-to-all back)
-Rule "overlap" (a single block: its MLP does not depend on attention): the op in its three steps, with that
-work between them, so that it computes while the transfers run (runtime/parallel.py):
+Rewrite:  attention in three steps (runtime/parallel.py: all-to-all over heads, attention over all tokens, all-to-all
+          back), with the work that depends on neither side of it between them, so that it computes while the
+          transfers run (rule "overlap": a single block, whose MLP does not depend on attention):
           %got  = fluxc.ulysses_send(%q, %k, %v)
           ...independent work traced before the attention (the MLP input GEMM; hides the q/k/v transfer)
           %back = fluxc.ulysses_attend(%got, [its GEMMs' outputs], s)
@@ -16,12 +15,13 @@ work between them, so that it computes while the transfers run (runtime/parallel
           %out  = fluxc.ulysses_receive(%back, [its GEMMs' outputs])
   Independent: neither an input of the attention nor a user of it. Each side's work stays in its traced order
   and moves as a whole, so every node still follows its inputs; the `after` lists pin it between the steps.
-  Applied where at least one GEMM is independent (not in a double block, whose every GEMM feeds or follows
-  its attention).
+  A double block has no such work (every GEMM feeds or follows its attention): its steps follow each other.
+Rule "qk_norm_rope": q and k straight from fluxc.qk_norm_rope (through the [B, S, H, D] -> [B, H, S, D] permute):
+          %got  = fluxc.ulysses_send_qk(<qk_norm_rope's inputs>, %v)   its kernel writes the send buffer
 Runs before select_attention (the op picks its kernel through torch's SDPA dispatch at run time).
 Pre:  H divisible by the world size (build checks it); every attention unmasked (FLUX's joint attention).
-Post: counts["ulysses"] == attention calls in the segment when world_size > 1, counts["overlap"] of them split
-into steps; nothing changes at 1.
+Post: counts["ulysses"] == attention calls in the segment when world_size > 1, counts["overlap"] of them with a
+GEMM between the steps, counts["qk_norm_rope"] of them sending qk_norm_rope's output; nothing changes at 1.
 Numerics: the same softmax attention over the same tokens (keys in another order); exact up to summation order.
 """
 
@@ -68,18 +68,14 @@ def _closure(node: torch.fx.Node, step) -> set[torch.fx.Node]:
     return seen
 
 
-def overlap(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> bool:
-    """Split `attention` (a fluxc.ulysses_attention node) into its three steps around the work that does not
-    depend on it, if that work holds a GEMM; returns whether it did."""
-    graph = gm.graph
+def split(graph: torch.fx.Graph, attention: torch.fx.Node, q, k, v, scale) -> bool:
+    """Replace `attention` (an SDPA node) by the three steps, with the work that depends on neither side of it
+    between them; returns whether that work holds a GEMM (what the overlap is for)."""
     related = _closure(attention, lambda n: n.all_input_nodes) | _closure(attention, lambda n: n.users)
     free = [n for n in graph.nodes if n.op == "call_function" and n is not attention and n not in related]
-    if not any(is_gemm(n) for n in free):
-        return False
     position = {n: i for i, n in enumerate(graph.nodes)}
     before = [n for n in free if position[n] < position[attention]]
     after = [n for n in free if position[n] > position[attention]]
-    q, k, v, scale = attention.args
     with graph.inserting_before(attention):
         got = call(graph, torch.ops.fluxc.ulysses_send.default, q, k, v)
     for n in before:
@@ -90,12 +86,44 @@ def overlap(gm: torch.fx.GraphModule, attention: torch.fx.Node) -> bool:
         attention.prepend(n)  # in their order, after the attention step
     with graph.inserting_before(attention):
         out = call(graph, torch.ops.fluxc.ulysses_receive.default, back, [n for n in after if is_gemm(n)])
-    replace_with(attention, out)
+    for use in list(attention.users):  # getitem(attention, 0): the attention result
+        replace_with(use, out)
+    graph.erase_node(attention)
+    fold_qk_norm_rope(graph, got)
+    return any(is_gemm(n) for n in free)
+
+
+def _norm_rope_source(x: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """(the fluxc.qk_norm_rope node, output index) when x = permute(getitem(it, i), [0, 2, 1, 3]) used once."""
+    if not (is_aten(x, aten.permute.default) and list(x.args[1]) == [0, 2, 1, 3] and len(x.users) == 1):
+        return None
+    item = x.args[0]
+    if item.target is not operator.getitem or len(item.users) != 1:
+        return None
+    source = item.args[0]
+    return (source, item.args[1]) if source.target is torch.ops.fluxc.qk_norm_rope.default else None
+
+
+def fold_qk_norm_rope(graph: torch.fx.Graph, send: torch.fx.Node) -> bool:
+    """ulysses_send(q, k, v) of a fluxc.qk_norm_rope's two outputs -> ulysses_send_qk(its inputs, v)."""
+    q, k, v = send.args
+    qs, ks = _norm_rope_source(q), _norm_rope_source(k)
+    if qs is None or ks is None or qs[0] is not ks[0] or (qs[1], ks[1]) != (0, 1) or len(qs[0].users) != 2:
+        return False
+    norm_rope = qs[0]
+    with graph.inserting_before(send):
+        fused = call(graph, torch.ops.fluxc.ulysses_send_qk.default, *norm_rope.args, v)
+    replace_with(send, fused)
+    for x in (q, k):
+        item = x.args[0]
+        graph.erase_node(x)
+        graph.erase_node(item)
+    graph.erase_node(norm_rope)
     return True
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    counts = {"ulysses": 0, "overlap": 0}
+    counts = {"ulysses": 0, "overlap": 0, "qk_norm_rope": 0}
     if ctx.world_size == 1:
         return PassResult(gm, counts)
     for node in [n for n in gm.graph.nodes if is_aten(n, *ATTENTION)]:
@@ -103,12 +131,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if why is not None:  # every FLUX attention qualifies: a miss is a compiler bug, not a slow path
             raise AssertionError(f"{ctx.segment_kind}: attention {node.name} cannot be sharded: it {why}")
         q, k, v = node.args[:3]
-        with gm.graph.inserting_before(node):
-            out = call(gm.graph, torch.ops.fluxc.ulysses_attention.default, q, k, v, node.kwargs.get("scale"))
-        for use in list(node.users):
-            replace_with(use, out)
-        gm.graph.erase_node(node)
+        counts["overlap"] += split(gm.graph, node, q, k, v, node.kwargs.get("scale"))
         counts["ulysses"] += 1
-        counts["overlap"] += overlap(gm, out)
+    counts["qk_norm_rope"] = sum(n.target is torch.ops.fluxc.ulysses_send_qk.default for n in gm.graph.nodes)
     gm.recompile()
     return PassResult(gm, counts)

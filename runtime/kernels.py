@@ -24,6 +24,8 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
         softmax(q k^T * softmax_scale) v over the dequantized inputs, o stored / v_scale (|o| <= max |v|, so
         it shares v's scale). CUDA: cuDNN's FP8 SDPA through the cudnn frontend (per-tensor scales; the
         softmax probabilities are held in e4m3 too, scaled by 448), one built graph per shape.
+    qk_norm_rope_into(..., q_out, k_out)   qk_norm_rope written into [B, S, G1, G2, G3, D] views (heads h = (g1, g2, g3)),
+        as runtime/parallel.py's send buffer lays them out: no copy between the kernel and the wire.
     copy_heads(dst, src)   dst.copy_(src) for [B, S, G1, G2, G3, D] views with D contiguous in both (a plain function,
         not an op: runtime/parallel.py's head regrouping around its all-to-alls, inside its own ops).
         CUDA: one Triton program per token moving its G1*G2*G3 rows of D in wide vectors (torch's copy of these
@@ -97,26 +99,45 @@ def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
     return _joined_qk(q_parts, q_parts[0].dtype)
 
 
-def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, dtype, scales=None):
+def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out, scales=None):
+    """The kernel over each part, writing q_out and k_out: [B, S, G1, G2, G3, D] views, heads h = (g1, g2, g3)."""
     b, _, h, d = q_parts[0].shape
-    q_out, k_out = _joined_qk(q_parts, dtype)
     cos, sin = cos.contiguous(), sin.contiguous()
     q_scale, k_scale = scales or (cos, cos)  # unread unless QUANT
+    assert q_out.stride() == k_out.stride() and q_out.stride(5) == 1
     row0 = 0
     for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
         q, k = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k))  # rows may be strided (fused QKV)
         s = q.shape[1]
         _qk_norm_rope_kernel[(b * s,)](
             q, k, qw, kw, q_out, k_out, cos, sin, q_scale, k_scale, s, row0, *q.stride()[:3], *k.stride()[:3],
-            q_out.stride(0), q_out.stride(1), h, eps, QUANT=scales is not None, D=d,
+            *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=scales is not None, D=d,
             BLOCK_H=triton.next_power_of_2(h), num_warps=4)
         row0 += s
     return q_out, k_out
 
 
+def _heads_view(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, D] as [B, S, H, 1, 1, D]: the kernel's output views for a plain layout."""
+    return x.unflatten(2, (x.shape[2], 1, 1))
+
+
+def qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps: float, q_out: torch.Tensor,
+                      k_out: torch.Tensor) -> None:
+    """qk_norm_rope's q and k written into q_out and k_out: [B, S, G1, G2, G3, D] views (heads h = (g1, g2, g3)),
+    e.g. straight into runtime/parallel.py's send buffer. CUDA: the op's kernel with these output strides."""
+    if triton is None or not q_out.is_cuda:
+        for out, value in zip((q_out, k_out), qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps)):
+            out.copy_(value.view(out.shape))
+        return
+    _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out)
+
+
 @qk_norm_rope.register_kernel("cuda")
 def _qk_norm_rope_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
-    return _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_parts[0].dtype)
+    q_out, k_out = _joined_qk(q_parts, q_parts[0].dtype)
+    _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, _heads_view(q_out), _heads_view(k_out))
+    return q_out, k_out
 
 
 @torch.library.custom_op("fluxc::qk_norm_rope_fp8", mutates_args=())
@@ -134,8 +155,10 @@ def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
 
 @qk_norm_rope_fp8.register_kernel("cuda")
 def _qk_norm_rope_fp8_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
-    return _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, torch.float8_e4m3fn,
-                                (q_scale, k_scale))
+    q_out, k_out = _joined_qk(q_parts, torch.float8_e4m3fn)
+    _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, _heads_view(q_out), _heads_view(k_out),
+                         (q_scale, k_scale))
+    return q_out, k_out
 
 
 # ---- AdaLN: LayerNorm + (1 + scale) * x + shift -------------------------------------------------------
@@ -373,7 +396,7 @@ if triton is not None:
 
     @triton.jit
     def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, b, s, row, x_sb, x_ss, x_sh, o_sb, o_ss,
-                       H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+                       o_1, o_2, o_3, G2, G3, H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, D)[None, :]
         mask = h < H
@@ -387,18 +410,19 @@ if triton is not None:
         out = tl.reshape(tl.join(y_even * c_even - y_odd * s_even, y_odd * c_odd + y_even * s_odd), (BLOCK_H, D))
         if QUANT:  # rounded to the activation dtype first, as the reference does
             out = out.to(x_ptr.dtype.element_ty).to(tl.float32) * (1.0 / tl.load(scale_ptr))
-        tl.store(out_ptr + b * o_sb + row * o_ss + h * D + d, out.to(out_ptr.dtype.element_ty), mask=mask)
+        head = (h // (G2 * G3)) * o_1 + ((h // G3) % G2) * o_2 + (h % G3) * o_3  # h = (g1, g2, g3)
+        tl.store(out_ptr + b * o_sb + row * o_ss + head + d, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
-                             S, row0, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, o_sb, o_ss, H, eps,
+                             S, row0, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, o_sb, o_ss, o_1, o_2, o_3, G2, G3, H, eps,
                              QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
         pid = tl.program_id(0)  # one token of this part: all heads of q and of k
         b, s = pid // S, pid % S
         _norm_rope_row(q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, q_scale_ptr, b, s, row0 + s, q_sb, q_ss, q_sh, o_sb,
-                       o_ss, H, eps, QUANT, D, BLOCK_H)
+                       o_ss, o_1, o_2, o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
         _norm_rope_row(k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, k_scale_ptr, b, s, row0 + s, k_sb, k_ss, k_sh, o_sb,
-                       o_ss, H, eps, QUANT, D, BLOCK_H)
+                       o_ss, o_1, o_2, o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
 
     @triton.jit
     def _copy_heads_kernel(src_ptr, dst_ptr, S, G2, G3, s_b, s_s, s_1, s_2, s_3, d_b, d_s, d_1, d_2, d_3,

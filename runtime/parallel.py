@@ -5,14 +5,15 @@ An engine built with `fluxc build --world-size N` runs as N ranks of one torch.d
 tokens for the whole denoising loop; everything in a FLUX step is per token except attention, so the
 segments are compiled for the local shapes and only attention talks to the other ranks:
 
-    fluxc.ulysses_attention(q, k, v, scale)   q, k, v [B, H, S_local, D] -> [B, H, S_local, D]
+    fluxc.ulysses_send(q, k, v) -> ulysses_attend -> ulysses_receive   q, k, v [B, H, S_local, D] -> [B, H, S_local, D]
         all-to-all: send head group j (H/N heads) to rank j, receive every rank's tokens of my group
                     -> q, k, v [B, H/N, N * S_local, D] (tokens in rank order: [text_0, image_0, text_1, ...])
         attention over all tokens (softmax attention does not care about the keys' order)
         all-to-all back: my tokens of every head group -> [B, H, S_local, D]
 
 RoPE tables are sharded the same way, so each token keeps its own angles. With one process (the build's
-numerics check, N = 1 engines) the op is plain attention over what it is given. The cache decision's means
+numerics check of an N-rank graph) the steps move each part to where rank j would find it, in that process's
+memory: attention over what it is given. The cache decision's means
 are all-reduced (decide(..., all_reduce=)), so every rank skips the same steps; the final latents are
 all-gathered. Launch: `fluxc run --gpus N` (torchrun's launcher, in-process), or a bare
 `torchrun --nproc-per-node N -m fluxc.runtime.parallel ENGINE --prompt ...`.
@@ -42,27 +43,32 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-@torch.library.custom_op("fluxc::ulysses_attention", mutates_args=())
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    if world_size() == 1:
-        b, h, s, d = q.shape
-        out = q.new_empty(b, s, h, d)  # [B, S, H, D]: the layout torch's attention kernels return
-        out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2))
-        return out.transpose(1, 2)
-    return _receive(_attend(_send(q, k, v), scale))
-
-
-# The same in three steps, for a segment with work that does not depend on attention (a single block's MLP):
-# shard_attention puts that work between the steps, so that it computes while the transfers run on NCCL's stream.
+# Attention over every rank's tokens in three steps, so that shard_attention can put the work that does not depend
+# on attention (a single block's MLP) between them, computing while the transfers run on NCCL's stream:
 #     got  = ulysses_send(q, k, v)                  start the all-to-alls of q, k, v
 #     back = ulysses_attend(got, after, scale)      attention as each part lands; start the all-to-alls back
 #     out  = ulysses_receive(back, after)           wait for them: [B, H, S_local, D]
 # `after` holds outputs of the work placed before the step: an input it does not read, which keeps the compiler
 # from moving that work past it. got and back are buffers of q, k, v's and q's size whose layout depends on the
 # world size (below); their declared shapes do not, so an engine's graph is the same at build and at run time.
+# ulysses_send_qk is ulysses_send of fluxc.qk_norm_rope's q and k, which its kernel writes straight into the send
+# buffer (shard_attention folds the two ops).
 @torch.library.custom_op("fluxc::ulysses_send", mutates_args=())
 def ulysses_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _send(q, k, v)
+    send, slots = _send_buffer(v)
+    for slot, x in zip(slots, (q, k, v)):
+        kernels.copy_heads(slot, _heads(x))
+    return _transfer(send)
+
+
+@torch.library.custom_op("fluxc::ulysses_send_qk", mutates_args=())
+def ulysses_send_qk(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_weights: list[torch.Tensor],
+                    k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                    v: torch.Tensor) -> torch.Tensor:
+    send, (q_slot, k_slot, v_slot) = _send_buffer(v)
+    kernels.qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_slot, k_slot)
+    kernels.copy_heads(v_slot, _heads(v))
+    return _transfer(send)
 
 
 @torch.library.custom_op("fluxc::ulysses_attend", mutates_args=())
@@ -77,16 +83,16 @@ def ulysses_receive(back: torch.Tensor, after: list[torch.Tensor]) -> torch.Tens
     return _receive(back)
 
 
-@ulysses_attention.register_fake
-def _(q, k, v, scale=None):
-    b, h, s, d = q.shape
-    return q.new_empty(b, s, h, d).transpose(1, 2)
-
-
 @ulysses_send.register_fake
 def _(q, k, v):
-    b, h, s, d = q.shape
-    return q.new_empty(3, b, s, h, d)
+    b, h, s, d = v.shape
+    return v.new_empty(3, b, s, h, d)
+
+
+@ulysses_send_qk.register_fake
+def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, v):
+    b, h, s, d = v.shape
+    return v.new_empty(3, b, s, h, d)
 
 
 @ulysses_attend.register_fake
@@ -103,24 +109,37 @@ def _(back, after):
 # Each rank's head group goes in OVERLAP_CHUNKS parts, so that one part's all-to-alls run (on NCCL's stream)
 # while another part's attention computes. Token-major layouts on the wire: what a rank receives is attention's
 # input as strided views, and attention's output ([B, S, h, D] in memory) goes back as it is at batch 1: one copy
-# in, one copy out (kernels.copy_heads: torch's copy of these permutations took ~2.5x as long). Transfers in flight wait in _in_flight, oldest first: a segment runs its steps in one thread,
-# in graph order, so each step takes the handles the one before queued.
+# in (none for q and k from ulysses_send_qk), one copy out, both kernels.copy_heads (torch's copy of these
+# permutations took about twice as long: scripts/probe_copy_heads.py). Transfers in flight wait in _in_flight,
+# oldest first: a segment runs its steps in one thread, in graph order, so each step takes the handles the one
+# before queued.
 _in_flight: collections.deque = collections.deque()
 
 
-def _send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Start sending head group j (H/N heads) of q, k, v to rank j, part by part. The returned buffer is
-    [3, B, S, H, D] in size; as filled, got[c, j] = rank j's tokens of part c of my group: [C, N, S, B, 3, hc, D]."""
-    _in_flight.clear()  # nothing is in flight between attentions; a segment cut short by an error left handles
-    b, h, s, d = q.shape
+def _send_buffer(v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The send buffer for q, k, v of v's shape [B, H, S, D]: head group j (H/N heads) of each goes to rank j, part by
+    part: [part, to rank j, my token, batch, q|k|v, head of j's group, D]; and its q, k and v slots as
+    [B, S, rank j, part, head, D] views, what _heads makes of a [B, H, S, D] tensor."""
+    b, h, s, d = v.shape
     n, chunks, hc = _groups(h)
-    heads = [x.transpose(1, 2).unflatten(2, (n, chunks, hc)) for x in (q, k, v)]  # [B, S, to rank j, part, head, D]
-    send = q.new_empty(chunks, n, s, b, 3, hc, d)  # [part, to rank j, my token, batch, q|k|v, head of j's group, D]
-    got = q.new_empty(3, b, s, h, d)
-    parts = got.view(chunks, n, s, b, 3, hc, d)
+    send = v.new_empty(chunks, n, s, b, 3, hc, d)
+    return send, [send[..., i, :, :].permute(3, 2, 1, 0, 4, 5) for i in range(3)]
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] (stored [B, S, H, D]) as [B, S, rank j, part, head, D]."""
+    n, chunks, hc = _groups(x.shape[1])
+    return x.transpose(1, 2).unflatten(2, (n, chunks, hc))
+
+
+def _transfer(send: torch.Tensor) -> torch.Tensor:
+    """Start the all-to-all of each part of a filled send buffer. The returned buffer is [3, B, S, H, D] in size; as
+    filled, got[c, j] = rank j's tokens of part c of my group: [C, N, S, B, 3, hc, D]."""
+    _in_flight.clear()  # nothing is in flight between attentions; a segment cut short by an error left handles
+    chunks, n, s, b, _, hc, d = send.shape
+    got = send.new_empty(3, b, s, n * chunks * hc, d)
+    parts = got.view(send.shape)
     for c in range(chunks):
-        for i, x in enumerate(heads):
-            kernels.copy_heads(send[c, :, :, :, i].permute(2, 1, 0, 3, 4).unsqueeze(3), x[:, :, :, c:c + 1])
         _start(parts[c], send[c])
     return got
 

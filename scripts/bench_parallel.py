@@ -167,7 +167,7 @@ def main():
     rec = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
            "resolution": f"{H}x{W}", "steps": args.steps, "text_tokens": 512,
            "model": "flux1-dev (seeded random weights, seed 0), transformer-only engines",
-           "attention": "Ulysses all-to-all over heads (fluxc.ulysses_attention), NCCL, NCCL_NVLS_ENABLE=0",
+           "attention": "Ulysses all-to-all over heads (fluxc.ulysses_send/attend/receive), NCCL, NCCL_NVLS_ENABLE=0",
            "commit": source_commit(), "results": {}}
     for precision in RECIPES:
         res = rec["results"][precision] = {}

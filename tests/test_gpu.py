@@ -153,6 +153,28 @@ def test_qk_norm_rope_kernel_matches_its_reference():
         assert (diff == 0).float().mean() > 0.95  # mostly bit-equal: same math, same roundings
 
 
+def test_qk_norm_rope_kernel_writes_the_ulysses_send_layout():
+    """qk_norm_rope_into, the kernel writing [B, S, rank, part, head, D] views of a send buffer (runtime/parallel.py),
+    holds bit for bit what the op's kernel returns, regrouped by torch; batch 2, two parts, 12 heads as 2 ranks x
+    2 parts x 3."""
+    from fluxc.runtime.kernels import qk_norm_rope_into
+
+    g = torch.Generator().manual_seed(0)
+    b, t, s, h, d = 2, 7, 37, 12, 128
+    qkv = [torch.randn(b, n, 3, h, d, generator=g).to(torch.bfloat16).cuda() for n in (t, s)]
+    q_parts, k_parts = [x[:, :, 0] for x in qkv], [x[:, :, 1] for x in qkv]
+    weights = [(torch.rand(d, generator=g) + 0.5).to(torch.bfloat16).cuda() for _ in range(4)]
+    angles = torch.randn(t + s, d // 2, generator=g).repeat_interleave(2, dim=1).cuda()
+    args = (weights[:2], weights[2:], angles.cos(), angles.sin(), 1e-6)
+    want = torch.ops.fluxc.qk_norm_rope(q_parts, k_parts, *args)  # [B, S, H, D]
+    send = torch.zeros(2, 2, t + s, b, 3, 3, d, device="cuda", dtype=torch.bfloat16)  # [part, rank, S, B, q|k|v, head, D]
+    slots = [send[..., i, :, :].permute(3, 2, 1, 0, 4, 5) for i in range(2)]  # [B, S, rank, part, head, D]
+    qk_norm_rope_into(q_parts, k_parts, *args, *slots)
+    for slot, w in zip(slots, want):
+        assert torch.equal(slot, w.unflatten(2, (2, 2, 3)))
+    assert torch.equal(send[..., 2, :, :], torch.zeros_like(send[..., 2, :, :]))  # v's slot untouched
+
+
 def test_linear_gelu_uses_the_tanh_form_on_gpu():
     """cuBLASLt's GELU epilogue must be the tanh approximation the FLUX MLP uses (fp32, no TF32: the two
     GELU forms differ by up to ~1e-3, far above fp32 GEMM noise)."""

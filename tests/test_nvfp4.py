@@ -178,9 +178,14 @@ def _kernels():
         (kernels._qk_norm_rope_kernel,
          {**{p: "*bf16" for p in ("q_ptr", "k_ptr", "qw_ptr", "kw_ptr")}, "qo_ptr": "*fp8e4nv", "ko_ptr": "*fp8e4nv",
           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",
-          **{p: "i32" for p in ("S", "row0", "q_sb", "q_ss", "q_sh", "k_sb", "k_ss", "k_sh", "o_sb", "o_ss", "H")},
+          **{p: "i32" for p in ("S", "row0", "q_sb", "q_ss", "q_sh", "k_sb", "k_ss", "k_sh", "o_sb", "o_ss", "o_1",
+                                "o_2", "o_3", "G2", "G3", "H")},
           "eps": "fp32", "QUANT": "constexpr", "D": "constexpr", "BLOCK_H": "constexpr"},
          {"QUANT": True, "D": 128, "BLOCK_H": 32}),
+        (kernels._copy_heads_kernel,
+         {"src_ptr": "*bf16", "dst_ptr": "*bf16", **{p: "i32" for p in ("S", "G2", "G3", "s_b", "s_s", "s_1", "s_2",
+                                                                       "s_3", "d_b", "d_s", "d_1", "d_2", "d_3")},
+          "G": "constexpr", "D": "constexpr", "BLOCK_G": "constexpr"}, {"G": 24, "D": 128, "BLOCK_G": 32}),
     ]
 
 

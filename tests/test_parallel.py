@@ -43,23 +43,34 @@ def test_two_gloo_ranks_make_the_same_image_as_one_process_and_as_diffusers(pipe
 
 
 def _ulysses_rank(heads: int, tokens: int, batch: int):
-    """On each rank: the op, and its three-step form, on this rank's query/key/value rows (stored [B, S, H, D], as
-    the segments hold them), against softmax attention in float64 over every rank's rows; returns the largest
-    difference."""
-    from fluxc.runtime import parallel
+    """On each rank: the three Ulysses steps on this rank's query/key/value rows (stored [B, S, H, D], as the
+    segments hold them), with other work between them as shard_attention places it, and the same with the send
+    taking q and k before qk_norm_rope (text and image parts, as a double block has them), against softmax
+    attention in float64 over every rank's rows; returns the largest difference."""
+    from fluxc.runtime import kernels, parallel
 
     n, r = parallel.world_size(), parallel.rank()
     g = torch.Generator().manual_seed(0)  # every rank draws the whole sequence
-    q, k, v = (torch.randn(batch, tokens, heads, 16, generator=g).transpose(1, 2) for _ in range(3))
-    rows = slice(r * tokens // n, (r + 1) * tokens // n)
-    mine = [x[:, :, rows] for x in (q, k, v)]
-    fused = parallel.ulysses_attention(*mine, scale=0.3)
-    ops = torch.ops.fluxc  # the three steps shard_attention splits it into, with other work between them
-    got = ops.ulysses_send(*mine)
-    back = ops.ulysses_attend(got, [mine[0] @ mine[1].transpose(-1, -2)], 0.3)
-    split = ops.ulysses_receive(back, [mine[2] * 2])
+    raw = [torch.randn(batch, tokens, heads, 16, generator=g) for _ in range(3)]  # q, k before the norm, v
+    weights = [torch.rand(16, generator=g) + 0.5 for _ in range(4)]  # q's and k's RMSNorm weights, per part
+    angles = torch.rand(tokens, 8, generator=g) * 6
+    cos, sin = (f(angles).repeat_interleave(2, -1) for f in (torch.cos, torch.sin))
+    text = tokens // (2 * n)  # each rank's first rows are its text tokens
+    normed = [kernels.norm_rope_reference([x[:, :text * n], x[:, text * n:]], w, cos, sin, 1e-6)
+              for x, w in ((raw[0], weights[:2]), (raw[1], weights[2:]))]
+    q, k, v = (x.transpose(1, 2) for x in (*normed, raw[2]))
+    rows = torch.cat([torch.arange(r * text, (r + 1) * text),  # this rank's text rows, then its image rows
+                      text * n + torch.arange(r * (tokens - text * n) // n, (r + 1) * (tokens - text * n) // n)])
+    ops = torch.ops.fluxc
+    outs = []
+    sends = (lambda: ops.ulysses_send(*(x[:, :, rows] for x in (q, k, v))),
+             lambda: ops.ulysses_send_qk(*([x[:, rows[:text]], x[:, rows[text:]]] for x in raw[:2]), weights[:2],
+                                         weights[2:], cos[rows], sin[rows], 1e-6, v[:, :, rows]))
+    for send in sends:  # one attention's steps at a time, as a segment runs them
+        back = ops.ulysses_attend(send(), [q[:, :, rows] @ k[:, :, rows].transpose(-1, -2)], 0.3)
+        outs.append(ops.ulysses_receive(back, [v[:, :, rows] * 2]))
     ref = torch.softmax(q[:, :, rows].double() @ k.double().transpose(-1, -2) * 0.3, dim=-1) @ v.double()
-    return max((out.double() - ref).abs().max().item() for out in (fused, split))
+    return max((out.double() - ref).abs().max().item() for out in outs)
 
 
 # 2, 2 and 1 (3 heads per rank) parts; batch 2 (the layouts on the wire put the batch inside the tokens)
@@ -67,7 +78,7 @@ def _ulysses_rank(heads: int, tokens: int, batch: int):
 def test_ulysses_attention_on_gloo_ranks_equals_attention_over_all_tokens(world, heads, batch):
     from fluxc.runtime import parallel
 
-    assert parallel.launch(world, _ulysses_rank, heads, 12 * world, batch, backend="gloo") <= 1e-5
+    assert parallel.launch(world, _ulysses_rank, heads, 24 * world, batch, backend="gloo") <= 1e-5
 
 
 @pytest.mark.parametrize("policy, threshold", [("fbcache", 0.6), ("teacache", 1.0)])

@@ -138,10 +138,11 @@ def test_fused_segments_match_diffusers_eager(tiny_model):
 
 
 def test_shard_attention_puts_the_single_blocks_mlp_between_the_transfer_steps(tiny_model):
-    """--world-size 2: every attention becomes fluxc.ulysses_attention; in the single block, whose MLP does not
-    depend on attention, the op's three steps with the MLP input GEMM between send and attend and the output
-    projection's MLP half between attend and receive. In one process the ops are attention over what they hold,
-    so the segment computes what the world-size-1 segment computes."""
+    """--world-size 2: every attention becomes the three Ulysses steps; in the single block, whose MLP does not
+    depend on attention, with the MLP input GEMM between send and attend and the output projection's MLP half
+    between attend and receive; with fusion on, the send takes qk_norm_rope's inputs (its kernel fills the
+    buffer). In one process the ops are attention over what they hold, so the segment computes what the
+    world-size-1 segment computes."""
     model, recipe = tiny_model
     dtype = next(model.module.parameters()).dtype
     ops = torch.ops.fluxc
@@ -150,12 +151,18 @@ def test_shard_attention_puts_the_single_blocks_mlp_between_the_transfer_steps(t
         expected = _run(run_pipeline(plain.graph, PassContext(recipe, "cpu", plain.kind)).graph, tensors)
         result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind, world_size=2))
         blocks = seg.kind in ("double", "single")
-        assert result.counts["shard_attention"] == {"ulysses": int(blocks), "overlap": int(seg.kind == "single")}
+        folded = int(blocks and recipe.fusion)  # fuse_qk_norm_rope made the op the send then takes in
+        assert result.counts["shard_attention"] == {"ulysses": int(blocks), "overlap": int(seg.kind == "single"),
+                                                    "qk_norm_rope": folded}
         nodes = list(result.graph.graph.nodes)
         steps = {op: [i for i, n in enumerate(nodes) if n.target is op.default]
-                 for op in (ops.ulysses_send, ops.ulysses_attend, ops.ulysses_receive)}
-        if seg.kind == "single":
+                 for op in (ops.ulysses_send_qk if folded else ops.ulysses_send, ops.ulysses_attend,
+                            ops.ulysses_receive)}
+        assert not any(n.target is ops.qk_norm_rope.default for n in nodes) or not folded
+        if blocks:
             (send,), (attend,), (receive,) = steps.values()
+            assert send < attend < receive
+        if seg.kind == "single":
             before, after = nodes[attend].args[1], nodes[receive].args[1]
             assert before and after  # the MLP input GEMM; the output projection's MLP half
             assert all(send < nodes.index(n) < attend for n in before)
