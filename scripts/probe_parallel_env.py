@@ -13,7 +13,7 @@ variant. A variant is a set of environment variables the ranks start with:
                  run beside a GEMM instead of waiting for its persistent grid
     nccl-ctas-8  NCCL_MAX_CTAS=8: NCCL's kernels on fewer SMs
     torch-copy   the head regrouping around the all-to-alls by torch's copy instead of kernels.copy_heads
-    chunks-1     one part per head group (FLUXC_ULYSSES_CHUNKS=1)
+    chunks-N     N parts per head group (FLUXC_ULYSSES_CHUNKS=N; N = 1, 3, 4)
     nvl-chunk-2m NCCL_P2P_NVL_CHUNKSIZE=2 MiB (default 512 KiB): fewer, larger steps per peer transfer
     channels-32  NCCL_MIN_NCHANNELS=32: more CTAs (and SMs) for NCCL's kernels
     ce-memcpy    NCCL_P2P_USE_CUDA_MEMCPY=1: peer transfers by the copy engines instead of SMs
@@ -40,7 +40,7 @@ VARIANTS = {
     "carveout-32": {"FLUXC_PROBE_SM_CARVEOUT": "32"},
     "nccl-ctas-8": {"NCCL_MAX_CTAS": "8"},  # NCCL's kernels take at most 8 SMs
     "torch-copy": {"FLUXC_PROBE_TORCH_COPY": "1"},
-    "chunks-1": {"FLUXC_ULYSSES_CHUNKS": "1"},
+    **{f"chunks-{n}": {"FLUXC_ULYSSES_CHUNKS": str(n)} for n in (1, 3, 4)},
     "nvl-chunk-2m": {"NCCL_P2P_NVL_CHUNKSIZE": str(2 << 20)},
     "channels-32": {"NCCL_MIN_NCHANNELS": "32"},
     "ce-memcpy": {"NCCL_P2P_USE_CUDA_MEMCPY": "1"},
