@@ -104,12 +104,12 @@ def _norm_rope_source(x: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
     return (source, item.args[1]) if source.target is torch.ops.fluxc.qk_norm_rope.default else None
 
 
-def fold_qk_norm_rope(graph: torch.fx.Graph, send: torch.fx.Node) -> bool:
+def fold_qk_norm_rope(graph: torch.fx.Graph, send: torch.fx.Node) -> None:
     """ulysses_send(q, k, v) of a fluxc.qk_norm_rope's two outputs -> ulysses_send_qk(its inputs, v)."""
     q, k, v = send.args
     qs, ks = _norm_rope_source(q), _norm_rope_source(k)
     if qs is None or ks is None or qs[0] is not ks[0] or (qs[1], ks[1]) != (0, 1) or len(qs[0].users) != 2:
-        return False
+        return
     norm_rope = qs[0]
     with graph.inserting_before(send):
         fused = call(graph, torch.ops.fluxc.ulysses_send_qk.default, *norm_rope.args, v)
@@ -119,7 +119,6 @@ def fold_qk_norm_rope(graph: torch.fx.Graph, send: torch.fx.Node) -> bool:
         graph.erase_node(x)
         graph.erase_node(item)
     graph.erase_node(norm_rope)
-    return True
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -395,6 +395,11 @@ if triton is not None:
 
 
     @triton.jit
+    def _head_offset(h, G2, G3, stride_1, stride_2, stride_3):
+        """Where head h = (g1, g2, g3) of a [..., G1, G2, G3, D] view starts."""
+        return (h // (G2 * G3)) * stride_1 + ((h // G3) % G2) * stride_2 + (h % G3) * stride_3
+
+    @triton.jit
     def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, b, s, row, x_sb, x_ss, x_sh, o_sb, o_ss,
                        o_1, o_2, o_3, G2, G3, H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -410,8 +415,8 @@ if triton is not None:
         out = tl.reshape(tl.join(y_even * c_even - y_odd * s_even, y_odd * c_odd + y_even * s_odd), (BLOCK_H, D))
         if QUANT:  # rounded to the activation dtype first, as the reference does
             out = out.to(x_ptr.dtype.element_ty).to(tl.float32) * (1.0 / tl.load(scale_ptr))
-        head = (h // (G2 * G3)) * o_1 + ((h // G3) % G2) * o_2 + (h % G3) * o_3  # h = (g1, g2, g3)
-        tl.store(out_ptr + b * o_sb + row * o_ss + head + d, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + b * o_sb + row * o_ss + _head_offset(h, G2, G3, o_1, o_2, o_3) + d,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
@@ -432,6 +437,5 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)[:, None]
         d = tl.arange(0, D)[None, :]
         mask = g < G
-        g1, g2, g3 = g // (G2 * G3), (g // G3) % G2, g % G3
-        x = tl.load(src_ptr + b * s_b + s * s_s + g1 * s_1 + g2 * s_2 + g3 * s_3 + d, mask=mask)
-        tl.store(dst_ptr + b * d_b + s * d_s + g1 * d_1 + g2 * d_2 + g3 * d_3 + d, x, mask=mask)
+        x = tl.load(src_ptr + b * s_b + s * s_s + _head_offset(g, G2, G3, s_1, s_2, s_3) + d, mask=mask)
+        tl.store(dst_ptr + b * d_b + s * d_s + _head_offset(g, G2, G3, d_1, d_2, d_3) + d, x, mask=mask)
