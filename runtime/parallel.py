@@ -157,7 +157,7 @@ def _attend(got: torch.Tensor, scale: float | None) -> torch.Tensor:
         _finish()
         q_c, k_c, v_c = parts[c].permute(2, 1, 3, 0, 4)  # [3, B, hc, N * S, D] views
         o = F.scaled_dot_product_attention(q_c, k_c, v_c, scale=scale).permute(2, 0, 1, 3)  # [N * S, B, hc, D]
-        _start(out_parts[c], o if o.is_contiguous() else o.contiguous())  # rank j's tokens back to rank j
+        _start(out_parts[c], o.contiguous())  # rank j's tokens back to rank j (no copy at batch 1)
     return back
 
 

@@ -152,8 +152,6 @@ def main():
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--worlds", type=lambda v: tuple(int(w) for w in v.split(",")), default=WORLD_SIZES,
                     help="world sizes to build and time, e.g. 1,2 on a 2-GPU host (the whole-pipeline run needs 4)")
-    ap.add_argument("--chunk-variants", type=lambda v: [int(c) for c in v.split(",") if c], default=[],
-                    help="after the rest: the fp8 4-GPU loop again with these FLUXC_ULYSSES_CHUNKS, e.g. 1,3")
     args = ap.parse_args()
     if args.stage == "build":
         done = build_all(args.workdir, builds(args.worlds))
@@ -182,8 +180,6 @@ def main():
             r["speedup_vs_1_gpu"] = one[0] / r["loop_ms"]
             r["latent_sqnr_db_vs_1_gpu"] = sqnr_db(latents.float(), one[1].float())
             res[f"{world} gpu"] = r
-            if (precision, world) == ("fp8", 4):
-                four_gpu_fp8 = latents
             print(precision, world, {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
             _dump(args.out, rec)  # after each result: a run cut short keeps what it measured
     if 4 in args.worlds:
@@ -194,16 +190,6 @@ def main():
         _dump(args.out, rec)
     if not args.no_baselines:
         rec["results"]["baselines (1 gpu)"] = baselines(args.steps)
-        _dump(args.out, rec)
-    for chunks in args.chunk_variants:  # the fp8 4-rank loop with other overlap splits (runtime/parallel.py)
-        os.environ["FLUXC_ULYSSES_CHUNKS"] = str(chunks)  # read by each rank's fluxc at import
-        r = parallel.launch(4, time_loop, engine_path(args.workdir, "fp8", 4), args.steps, False)
-        latents = r.pop("latents")
-        one = rec["results"]["fp8"]["1 gpu"]["loop_ms"]
-        r |= {"scaling_efficiency": one / (4 * r["loop_ms"]),
-              "latent_sqnr_db_vs_4_gpu_default": sqnr_db(latents.float(), four_gpu_fp8.float())}
-        rec["results"].setdefault("fp8 4 gpu, overlap parts", {})[str(chunks)] = r
-        print(f"fp8 4 gpu, {chunks} overlap part(s)", {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
         _dump(args.out, rec)
     print(f"\n{'precision':10} {'GPUs':>4} {'loop ms':>9} {'speedup':>8} {'efficiency':>10} {'SQNR dB':>8}")
     for precision in RECIPES:

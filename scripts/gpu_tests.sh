@@ -9,7 +9,8 @@
 #                                                                               -> $OUT/bench_cache.json
 #   parallel-build  engines for 1, 2, 4 ranks (bf16, fp8; fp8 pipeline for 4), side by side (multi-GPU kinds)
 #   parallel        context parallelism on 1, 2, 4 GPUs after parallel-build    -> $OUT/bench_parallel.json
-#                   ($PARALLEL_WORLDS, default 1,2,4, picks the world sizes for both: 1,2 on nvidia-h200-x2)
+#                   ($PARALLEL_WORLDS, default 1,2,4, picks the world sizes for both: 1,2 on nvidia-h200-x2;
+#                   other overlap-part counts: scripts/probe_parallel_env.py's chunks-N variants)
 #   flux2           FLUX.2-dev bf16/fp8/nvfp4 engines vs eager and torch.compile  -> $OUT/bench_flux2.json
 #                   ($FLUX2_PHASES splits it over calls: eager,bf16 writes $OUT/flux2_reference.safetensors, which
 #                   later calls carry and name in $FLUX2_REFERENCE; a bf16 engine is 64 GB on disk)
@@ -36,8 +37,7 @@ for job in "${@:-tests}"; do
     parallel-build) python3 scripts/bench_parallel.py --stage build --workdir .engines/parallel \
              --worlds "${PARALLEL_WORLDS:-1,2,4}" --out "$OUT/parallel_build.json" 2>&1 | tee "$OUT/parallel_build.log" || rc=1 ;;
     parallel) python3 scripts/bench_parallel.py --stage time --workdir .engines/parallel --out "$OUT/bench_parallel.json" \
-             --worlds "${PARALLEL_WORLDS:-1,2,4}" --chunk-variants "${PARALLEL_CHUNK_VARIANTS:-}" \
-             2>&1 | tee "$OUT/bench_parallel.log" || rc=1 ;;
+             --worlds "${PARALLEL_WORLDS:-1,2,4}" 2>&1 | tee "$OUT/bench_parallel.log" || rc=1 ;;
     flux2) python3 scripts/bench_flux2.py --phases "${FLUX2_PHASES:-eager,compile,bf16,fp8,nvfp4}" \
              --reference "${FLUX2_REFERENCE:-$OUT/flux2_reference.safetensors}" --out "$OUT/bench_flux2.json" \
              2>&1 | tee "$OUT/bench_flux2.log" || rc=1 ;;
