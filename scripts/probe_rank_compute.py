@@ -1,0 +1,99 @@
+"""One rank's share of a context-parallel loop, on ONE GPU: how well the per-rank compute scales, without the
+transfers. The fp8 FLUX.1-dev engines for 1, 2 and 4 ranks (built here as `gpu_tests.sh parallel-build` builds
+them) run in one process that plays rank 0 of N: runtime/parallel.py's world size reads N, its all-to-alls are
+left out (each transfer "done" at once, its buffer as it was: wrong values, the right shapes and kernels), the
+cache decision's all-reduce is a no-op and the final all-gather repeats rank 0's tokens. The loop is what
+probe_parallel_env.py's no-comm variant times on N GPUs, here on one; a multi-GPU loop cannot beat it.
+
+Per world size: the 28-step loop (bench_parallel.py's timing), the ideal share (one-GPU loop / N), and the
+kernels of 2 graphed steps under torch.profiler by class, per step, against the one-GPU step's / N.
+
+    python3 scripts/probe_rank_compute.py --out $OUT     (one H200)
+"""
+
+import gc
+import json
+import os
+
+import torch
+
+from bench_parallel import H, STEPS, W, build_all, engine_and_inputs, engine_path, time_loop
+
+WORKDIR = ".engines/parallel"
+WORLDS = [int(w) for w in os.environ.get("PROBE_WORLDS", "1,2,4").split(",")]
+CLASSES = [  # first match wins; a kernel's name, lower-cased
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("copy_heads", ("copy_heads",)),
+    ("fluxc kernels", ("_kernel",)),
+    ("inductor", ("triton_",)),
+    ("torch elementwise/copy", ("elementwise", "copy", "cat")),
+]
+
+
+def play_rank0_of(n: int) -> None:
+    """Make runtime/parallel.py behave as rank 0 of n with free transfers (this process only)."""
+    from fluxc.runtime import parallel
+
+    parallel.world_size = lambda: n
+    parallel.rank = lambda: 0
+    parallel._start = lambda got, send: parallel._in_flight.append(None)
+    parallel.all_reduce = lambda x: None
+    parallel.gather = lambda x, dim: torch.cat([x] * n, dim)
+
+
+def kernel_classes(path: str, steps: int = 2) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    engine, emb, z = engine_and_inputs(path)
+    engine.denoise(*emb, height=H, width=W, steps=steps, latents=z)  # capture
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.denoise(*emb, height=H, width=W, steps=steps, latents=z)
+        torch.cuda.synchronize()
+    del engine
+    ms, calls = {}, {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.name.startswith(("##", "aten::", "fluxc::")):
+            continue
+        name = e.name.lower()
+        cls = next((c for c, keys in CLASSES if any(k in name for k in keys)), "other")
+        ms[cls] = ms.get(cls, 0.0) + e.device_time / 1e3 / steps
+        calls[cls] = calls.get(cls, 0) + 1
+    return {c: {"ms_per_step": ms[c], "kernels_per_step": calls[c] / steps} for c in sorted(ms, key=lambda c: -ms[c])}
+
+
+def main():
+    from bench_transformer import probe_out
+
+    out = probe_out()
+    rec = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": os.environ.get("FLUXC_COMMIT"),
+           "build": build_all(WORKDIR, only=[("fp8", w, False) for w in WORLDS]), "results": {}}
+    for world in WORLDS:
+        play_rank0_of(world)
+        r = time_loop(engine_path(WORKDIR, "fp8", world), STEPS, False)
+        r.pop("latents")
+        r["kernels"] = kernel_classes(engine_path(WORKDIR, "fp8", world))
+        rec["results"][f"fp8 ws{world}"] = r
+        gc.collect()  # the engines' captured graphs
+        torch.cuda.empty_cache()
+        print(world, r["loop_ms"], flush=True)
+        with open(os.path.join(out, "probe_rank_compute.json"), "w") as f:
+            json.dump(rec, f, indent=1)
+    one = rec["results"].get("fp8 ws1")
+    print(f"\n{'ranks':>5} {'loop ms':>9} {'ideal':>8} {'share eff':>9}   per step, ms (x ideal)")
+    for world in WORLDS:
+        r = rec["results"][f"fp8 ws{world}"]
+        ideal = one["loop_ms"] / world if one else float("nan")
+        r["ideal_ms"], r["compute_efficiency"] = ideal, ideal / r["loop_ms"]
+        parts = []
+        for cls, k in r["kernels"].items():
+            base = one["kernels"].get(cls, {}).get("ms_per_step") if one else None
+            parts.append(f"{cls} {k['ms_per_step']:.2f}" + (f" ({k['ms_per_step'] * world / base:.2f})" if base else ""))
+        print(f"{world:>5} {r['loop_ms']:>9.1f} {ideal:>8.1f} {r['compute_efficiency']:>9.3f}   " + ", ".join(parts))
+    with open(os.path.join(out, "probe_rank_compute.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
