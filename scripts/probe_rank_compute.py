@@ -22,8 +22,8 @@ from bench_parallel import H, STEPS, W, build_all, engine_and_inputs, engine_pat
 WORKDIR = ".engines/parallel"
 WORLDS = [int(w) for w in os.environ.get("PROBE_WORLDS", "1,2,4").split(",")]
 CLASSES = [  # first match wins; a kernel's name, lower-cased
-    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
     ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
     ("copy_heads", ("copy_heads",)),
     ("fluxc kernels", ("_kernel",)),
     ("inductor", ("triton_",)),
@@ -31,13 +31,14 @@ CLASSES = [  # first match wins; a kernel's name, lower-cased
 ]
 
 
-def play_rank0_of(n: int) -> None:
-    """Make runtime/parallel.py behave as rank 0 of n with free transfers (this process only)."""
+def play_rank0_of(n: int, copy: bool = False) -> None:
+    """Make runtime/parallel.py behave as rank 0 of n with free transfers (this process only); with copy, each
+    transfer is a local copy of its buffer (the values a rank holding every rank's tokens would get)."""
     from fluxc.runtime import parallel
 
     parallel.world_size = lambda: n
     parallel.rank = lambda: 0
-    parallel._start = lambda got, send: parallel._in_flight.append(None)
+    parallel._start = lambda got, send: (copy and got.copy_(send), parallel._in_flight.append(None))
     parallel.all_reduce = lambda x: None
     parallel.gather = lambda x, dim: torch.cat([x] * n, dim)
 
@@ -52,7 +53,7 @@ def kernel_classes(path: str, steps: int = 2) -> dict:
         engine.denoise(*emb, height=H, width=W, steps=steps, latents=z)
         torch.cuda.synchronize()
     del engine
-    ms, calls = {}, {}
+    ms, calls, names = {}, {}, {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA or e.name.startswith(("##", "aten::", "fluxc::")):
             continue
@@ -60,7 +61,9 @@ def kernel_classes(path: str, steps: int = 2) -> dict:
         cls = next((c for c, keys in CLASSES if any(k in name for k in keys)), "other")
         ms[cls] = ms.get(cls, 0.0) + e.device_time / 1e3 / steps
         calls[cls] = calls.get(cls, 0) + 1
-    return {c: {"ms_per_step": ms[c], "kernels_per_step": calls[c] / steps} for c in sorted(ms, key=lambda c: -ms[c])}
+        names[e.name[:100]] = names.get(e.name[:100], 0.0) + e.device_time / 1e3 / steps
+    classes = {c: {"ms_per_step": ms[c], "kernels_per_step": calls[c] / steps} for c in sorted(ms, key=lambda c: -ms[c])}
+    return classes, dict(sorted(names.items(), key=lambda kv: -kv[1])[:30])
 
 
 def main():
@@ -73,11 +76,14 @@ def main():
         play_rank0_of(world)
         r = time_loop(engine_path(WORKDIR, "fp8", world), STEPS, False)
         r.pop("latents")
-        r["kernels"] = kernel_classes(engine_path(WORKDIR, "fp8", world))
+        r["kernels"], r["top_kernels_ms_per_step"] = kernel_classes(engine_path(WORKDIR, "fp8", world))
         rec["results"][f"fp8 ws{world}"] = r
+        if world > 1 and os.environ.get("PROBE_COPY"):  # the same with each transfer a local copy (real values)
+            play_rank0_of(world, copy=True)
+            r["loop_ms_with_copies"] = time_loop(engine_path(WORKDIR, "fp8", world), STEPS, False)["loop_ms"]
         gc.collect()  # the engines' captured graphs
         torch.cuda.empty_cache()
-        print(world, r["loop_ms"], flush=True)
+        print(world, r["loop_ms"], r.get("loop_ms_with_copies"), flush=True)
         with open(os.path.join(out, "probe_rank_compute.json"), "w") as f:
             json.dump(rec, f, indent=1)
     one = rec["results"].get("fp8 ws1")
