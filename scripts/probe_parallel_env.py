@@ -17,6 +17,7 @@ variant. A variant is a set of environment variables the ranks start with:
     nvl-chunk-2m NCCL_P2P_NVL_CHUNKSIZE=2 MiB (default 512 KiB): fewer, larger steps per peer transfer
     channels-32  NCCL_MIN_NCHANNELS=32: more CTAs (and SMs) for NCCL's kernels
     ce-memcpy    NCCL_P2P_USE_CUDA_MEMCPY=1: peer transfers by the copy engines instead of SMs
+    cta-efficiency  NCCL_CTA_POLICY=1 (NCCL >= 2.27): as few CTAs as give decent bandwidth, for overlap
 $PROBE_VARIANTS and $PROBE_WORLDS (default: all, "2,4") choose what runs.
 
     python3 scripts/probe_parallel_env.py --out $OUT     (on nvidia-h200-x4; builds what is missing)
@@ -44,6 +45,7 @@ VARIANTS = {
     "nvl-chunk-2m": {"NCCL_P2P_NVL_CHUNKSIZE": str(2 << 20)},
     "channels-32": {"NCCL_MIN_NCHANNELS": "32"},
     "ce-memcpy": {"NCCL_P2P_USE_CUDA_MEMCPY": "1"},
+    "cta-efficiency": {"NCCL_CTA_POLICY": "1"},
 }
 WORLDS = [int(w) for w in os.environ.get("PROBE_WORLDS", "2,4").split(",")]
 
