@@ -121,7 +121,7 @@ def main():
     out = probe_out()
     rec = {"mb_per_rank": MB, "repeats": REPEATS, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
            "commit": os.environ.get("FLUXC_COMMIT")}
-    for transport in ("kernels", "copy-engine"):
+    for transport in os.environ.get("PROBE_TRANSPORTS", "kernels,copy-engine").split(","):
         rec[transport] = parallel.launch(2, run, transport)
         print(transport, rec[transport], flush=True)
         with open(os.path.join(out, "probe_alltoall_ce.json"), "w") as f:
