@@ -8,7 +8,8 @@ variant. A variant is a set of environment variables the ranks start with:
     expandable-1 the same, one part per head group (no overlap split)
     legacy-reg   NCCL_LEGACY_CUDA_REGISTER=1: registration of plain cudaMalloc memory
     no-comm      the all-to-alls replaced by nothing (wrong values, right shapes): what the step costs without
-                 the transfers, i.e. the bound any transport change can reach
+                 the transfers, i.e. the bound any transport change can reach (an optimistic one: the stale
+                 buffers seem to let the power-capped GEMMs run faster; see probe_rank_compute.py)
     carveout-N   cuBLASLt GEMMs told to leave N SMs free (torch's experimental SM carveout), so that NCCL's kernels
                  run beside a GEMM instead of waiting for its persistent grid
     nccl-ctas-8  NCCL_MAX_CTAS=8: NCCL's kernels on fewer SMs

@@ -2,11 +2,15 @@
 transfers. The fp8 FLUX.1-dev engines for 1, 2 and 4 ranks (built here as `gpu_tests.sh parallel-build` builds
 them) run in one process that plays rank 0 of N: runtime/parallel.py's world size reads N, its all-to-alls are
 left out (each transfer "done" at once, its buffer as it was: wrong values, the right shapes and kernels), the
-cache decision's all-reduce is a no-op and the final all-gather repeats rank 0's tokens. The loop is what
-probe_parallel_env.py's no-comm variant times on N GPUs, here on one; a multi-GPU loop cannot beat it.
+cache decision's all-reduce is a no-op and the final all-gather repeats rank 0's tokens. That loop is what
+probe_parallel_env.py's no-comm variant times on N GPUs, here on one. With PROBE_COPY set, each world size's loop
+also runs with every transfer a local copy of its buffer: real values and the copies' cost. The two differ by
+more than the copies (stale buffers seem to make the H200's power-capped GEMMs faster), so the no-transfer loop
+is an optimistic bound.
 
 Per world size: the 28-step loop (bench_parallel.py's timing), the ideal share (one-GPU loop / N), and the
-kernels of 2 graphed steps under torch.profiler by class, per step, against the one-GPU step's / N.
+kernels of 2 graphed steps under torch.profiler by class, per step, against the one-GPU step's / N (the
+schedule's precompute, once per loop, counts half to each of the 2 steps).
 
     python3 scripts/probe_rank_compute.py --out $OUT     (one H200)
 """
@@ -43,7 +47,8 @@ def play_rank0_of(n: int, copy: bool = False) -> None:
     parallel.gather = lambda x, dim: torch.cat([x] * n, dim)
 
 
-def kernel_classes(path: str, steps: int = 2) -> dict:
+def kernel_classes(path: str, steps: int = 2) -> tuple[dict, dict]:
+    """(kernel ms and count per step by class, the 30 longest kernels' ms per step by name)."""
     from torch.profiler import ProfilerActivity, profile
 
     engine, emb, z = engine_and_inputs(path)
