@@ -18,19 +18,10 @@ import os
 
 import torch
 
+from bench_transformer import cuda_ms
+
 MB = 42
 REPEATS = 20
-
-
-def _ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    torch.cuda.synchronize()
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 def measure(transport: str) -> dict:
@@ -63,9 +54,12 @@ def measure(transport: str) -> dict:
     b = torch.randn(3072, 12288, device="cuda", dtype=torch.bfloat16)
     side = torch.cuda.Stream()
 
+    def transfer():
+        dist.all_to_all_single(y, x, group=group)
+
     def transfers():
         for _ in range(REPEATS):
-            dist.all_to_all_single(y, x, group=group)
+            transfer()
 
     def gemms():
         for _ in range(REPEATS):
@@ -88,7 +82,8 @@ def measure(transport: str) -> dict:
 
     both()
     gemm_beside, span = both()
-    rec |= {"transfer_ms": _ms(transfers) / REPEATS, "gemm_ms": _ms(gemms) / REPEATS,
+    timed = lambda fn: cuda_ms(fn, warmup=REPEATS, iters=1, calls=REPEATS)  # per call, after as many warm-ups
+    rec |= {"transfer_ms": timed(transfer), "gemm_ms": timed(lambda: a @ b),
             "gemm_beside_transfers_ms": gemm_beside / REPEATS, "both_span_ms": span / REPEATS}
     dist.barrier()
     y.zero_()
@@ -98,7 +93,7 @@ def measure(transport: str) -> dict:
     graph.replay()
     torch.cuda.synchronize()
     rec["graph_correct"] = bool(torch.equal(y, want))
-    rec["graph_transfer_ms"] = _ms(lambda: [graph.replay() for _ in range(REPEATS)]) / REPEATS
+    rec["graph_transfer_ms"] = timed(graph.replay)
     dist.barrier()
     return rec
 

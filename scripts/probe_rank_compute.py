@@ -22,6 +22,7 @@ import os
 import torch
 
 from bench_parallel import H, STEPS, W, build_all, engine_and_inputs, engine_path, time_loop
+from bench_transformer import kernel_breakdown
 
 WORKDIR = ".engines/parallel"
 WORLDS = [int(w) for w in os.environ.get("PROBE_WORLDS", "1,2,4").split(",")]
@@ -48,27 +49,20 @@ def play_rank0_of(n: int, copy: bool = False) -> None:
 
 
 def kernel_classes(path: str, steps: int = 2) -> tuple[dict, dict]:
-    """(kernel ms and count per step by class, the 30 longest kernels' ms per step by name)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """(kernel ms and count per step by class, the 30 longest kernels' ms per step by name): bench_transformer's
+    kernel_breakdown of one `steps`-step loop (its warm-up call captures the graphs), in finer classes."""
     engine, emb, z = engine_and_inputs(path)
-    engine.denoise(*emb, height=H, width=W, steps=steps, latents=z)  # capture
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.denoise(*emb, height=H, width=W, steps=steps, latents=z)
-        torch.cuda.synchronize()
+    kernels = kernel_breakdown(lambda: engine.denoise(*emb, height=H, width=W, steps=steps, latents=z), iters=1,
+                               top=10**6)["top_kernels"]
     del engine
-    ms, calls, names = {}, {}, {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA or e.name.startswith(("##", "aten::", "fluxc::")):
-            continue
-        name = e.name.lower()
-        cls = next((c for c, keys in CLASSES if any(k in name for k in keys)), "other")
-        ms[cls] = ms.get(cls, 0.0) + e.device_time / 1e3 / steps
-        calls[cls] = calls.get(cls, 0) + 1
-        names[e.name[:100]] = names.get(e.name[:100], 0.0) + e.device_time / 1e3 / steps
-    classes = {c: {"ms_per_step": ms[c], "kernels_per_step": calls[c] / steps} for c in sorted(ms, key=lambda c: -ms[c])}
-    return classes, dict(sorted(names.items(), key=lambda kv: -kv[1])[:30])
+    ms, calls = {}, {}
+    for k in kernels:
+        name = k["name"].lower()
+        cls = next((c for c, keys in CLASSES if any(key in name for key in keys)), "other")
+        ms[cls] = ms.get(cls, 0.0) + k["ms"] / steps
+        calls[cls] = calls.get(cls, 0) + k["calls"] / steps
+    classes = {c: {"ms_per_step": ms[c], "kernels_per_step": calls[c]} for c in sorted(ms, key=lambda c: -ms[c])}
+    return classes, {k["name"][:100]: k["ms"] / steps for k in kernels[:30]}
 
 
 def main():
