@@ -14,9 +14,9 @@ layer 0's weights, and a static scale is only as good as the activations it is c
 import torch
 
 from fluxc.ir import AMAX_SUFFIX
-from fluxc.runtime import flux_math
-from fluxc.runtime.families import FAMILIES
-from fluxc.runtime.flux_math import Profile
+from fluxc.runtime.core import flux_math
+from fluxc.runtime.core.families import FAMILIES
+from fluxc.runtime.core.profile import Profile
 
 CALIBRATION_STEPS = 8
 PROMPTS = ("a photo of an astronaut riding a horse on the moon", "a bowl of ramen on a wooden table, steam rising",
@@ -37,7 +37,7 @@ def _embeddings(model, comps, profile: Profile, n: int, device, dtype):
         return [(draw(1, profile.text_tokens, cfg["joint_attention_dim"]),
                  draw(1, cfg["pooled_projection_dim"]) if pooled else None) for _ in range(n)], \
             "seeded random prompt embeddings (transformer-only build)"
-    from fluxc.components import diffusers_pipeline
+    from fluxc.frontend.components import diffusers_pipeline
 
     pipe = diffusers_pipeline(model.module, comps)
     out = []
@@ -55,7 +55,7 @@ def _embeddings(model, comps, profile: Profile, n: int, device, dtype):
 
 
 def _as_example(kind: str, kwargs: dict) -> dict[str, torch.Tensor]:
-    """A block's forward kwargs as its traced segment's activation inputs (compiler/trace.py): the streams,
+    """A block's forward kwargs as its traced segment's activation inputs (compiler/frontend/trace.py): the streams,
     the block's modulation input (FLUX.1 temb; FLUX.2 temb_mod_img/txt, temb_mod) and the RoPE tables."""
     cos, sin = kwargs["image_rotary_emb"]
     rest = {k: kwargs[k] for k in MODULATIONS if kwargs.get(k) is not None} | dict(rope_cos=cos.float(),
@@ -92,13 +92,14 @@ def calibrate(model, comps, profile: Profile, samples: int, device, dtype):
                if isinstance(m, torch.nn.Linear) and name.startswith(BLOCKS)]
     handles += [blocks[0].register_forward_pre_hook(keep(kind), with_kwargs=True)
                 for kind, blocks in (("double", module.transformer_blocks), ("single", module.single_transformer_blocks))]
-    ids = flux_math.position_ids(profile, model.family).to(device)
+    family = FAMILIES[model.family]
+    ids = family.position_ids(profile).to(device)
     embeddings, source = _embeddings(model, comps, profile, samples, device, dtype)
-    sig = flux_math.sigmas(CALIBRATION_STEPS, profile.image_tokens, model.family)
+    sig = family.sigmas(CALIBRATION_STEPS, profile.image_tokens)
     guidance = torch.full((1,), 3.5, device=device) if cfg["guidance_embeds"] else None
     try:
         for i, (embeds, pooled) in enumerate(embeddings):
-            z = flux_math.initial_noise(1, profile, cfg["in_channels"] // 4, i, dtype, model.family).to(device)
+            z = family.initial_noise(1, profile, cfg["in_channels"], i, dtype).to(device)
             text = dict(encoder_hidden_states=embeds) | ({"pooled_projections": pooled} if pooled is not None else {})
             for step in range(CALIBRATION_STEPS):
                 capture[0] = i == 0 and step == CALIBRATION_STEPS // 2

@@ -10,8 +10,8 @@ import csv
 import io
 import json
 
-from fluxc.runtime.bundle import save_atomically
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.bundle import save_atomically
+from fluxc.runtime.core.errors import FluxcError
 
 SETTINGS = ("resolution", "steps", "batch")
 COLUMNS = ("name", "gpu", "precision", "recipe", "resolution", "steps", "batch", "ms/step", "p10-p90",

@@ -2,10 +2,9 @@
 
 import importlib
 import importlib.util
-import re
 
 from fluxc.records import machine_info, software_info
-from fluxc.runtime.device import local_target
+from fluxc.runtime.core import targets
 
 
 def _has(module: str) -> bool:
@@ -16,25 +15,20 @@ def _version(module: str) -> str:
     return getattr(importlib.import_module(module), "__version__", "version unknown")
 
 
-def _sm(target: str) -> int | None:
-    m = re.fullmatch(r"sm_(\d+)a?", target)
-    return int(m.group(1)) if m else None
-
-
 def precisions(target: str) -> dict[str, str]:
     """precision -> how an engine for `target` runs it ("native", "emulated", or why not)."""
-    sm = _sm(target)
-    if sm is None:  # the CPU target emulates FP8 GEMMs and NVFP4 in plain torch
+    if target == "cpu":  # the CPU target emulates FP8 GEMMs and NVFP4 in plain torch
         return {"fp32": "native", "bf16": "native", "fp8": "emulated (CPU _scaled_mm)", "nvfp4": "emulated"}
-    fp8 = "native" if sm >= 89 else "no: FP8 needs sm_89 or newer"
-    nvfp4 = "native" if sm >= 100 else ("emulated (quality preview)" if sm >= 89 else "no: needs sm_89 or newer")
+    fp8 = "native" if targets.has(target, "fp8") else f"no: FP8 needs sm_{targets.FIRST_SM['fp8']} or newer"
+    nvfp4 = ("native" if targets.has(target, "nvfp4") else "emulated (quality preview)" if targets.has(target, "fp8")
+             else f"no: needs sm_{targets.FIRST_SM['fp8']} or newer")
     return {"fp32": "native", "bf16": "native", "fp8": fp8, "nvfp4": nvfp4}
 
 
 def report() -> list[tuple[str, str]]:
     """(topic, finding) lines."""
     machine, software = machine_info(), software_info()
-    target = local_target()
+    target = targets.local_target()
     if machine["gpu"]:
         gpu = f"{machine['gpu']} ({target}, {machine['memory_gib']:.0f} GiB, driver {machine.get('driver') or '?'})"
     else:
@@ -42,7 +36,7 @@ def report() -> list[tuple[str, str]]:
     lines = [("GPU", gpu),
              ("software", ", ".join(f"{k} {v}" for k, v in software.items() if v is not None))]
     lines += [(f"precision {p}", how) for p, how in precisions(target).items()]
-    fp8_attention = _sm(target) is not None and _sm(target) >= 90 and _has("cudnn")
+    fp8_attention = targets.has(target, "cudnn_attention") and _has("cudnn")
     lines += [
         ("fp8 attention", "yes (cuDNN FP8 SDPA)" if fp8_attention else
          "no: needs sm_90+ and the nvidia-cudnn-frontend package (pip install -e '.[fp8-attention]')"),

@@ -11,15 +11,13 @@ import operator
 
 import torch
 
-from fluxc.runtime import nvfp4
-from fluxc.runtime.kernels import E4M3_MAX  # noqa: F401  (re-exported: the passes take it from here)
+from fluxc.runtime.ops.kernels import E4M3_MAX  # noqa: F401  (re-exported: the passes take it from here)
 
 _DTYPE_SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64",
                 torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3",
                 torch.uint8: "u8", torch.float4_e2m1fn_x2: "f4e2m1x2"}
 
 
-NVFP4_OPS = ("nvfp4", "nvfp4_scale", "nvfp4_global")  # WeightSource ops: NVFP4 codes, block scales, global
 AMAX_SUFFIX = ":act_amax"  # a checkpoint entry f"{linear}.weight{AMAX_SUFFIX}": that linear's calibrated input amax
 
 
@@ -28,18 +26,10 @@ class WeightSource:
     """What a weight placeholder holds, relative to its layer's state-dict prefix (placeholder meta["weight"]).
 
     op "load": the checkpoint tensor `name`; "cat": `sources` concatenated along `dim`; "slice": rows
-    [start, stop) of `sources[0]` along `dim`; "fp8" / "fp8_scale": `sources[0]` [N, K] quantized to
-    e4m3 with one scale per output channel (row), and those scales [N, 1] f32; "rms_fp8_scale": a bound on
-    |RMSNorm(x) * w| over the norm weights `sources` (sqrt(D) max |w|: a normed row has norm sqrt(D)) / 448,
-    as [1, 1, 1, 1] f32, the static e4m3 scale of normed q or k (rotary embedding keeps pair norms; 1% over,
-    for the bf16 rounding of the normed values); "act_scale": the static activation scale [1, 1] f32 of the
-    linears whose weights are `sources`: their calibrated input amax (compiler/calibrate.py) / 448; "act_global":
-    the same amax / 2688 as [1] f32, the static NVFP4 global scale of their input;
-    "nvfp4" / "nvfp4_scale" / "nvfp4_global": `sources[0]` [N, K] as NVFP4 e2m1 codes [N, K/2] u8, e4m3 block
-    scales [N, K/16] and its global scale [1] f32 (runtime/nvfp4.py); "nvfp4_swizzled": block scales
-    `sources[0]` in cuBLASLt's swizzled layout. Passes that rewrite weights (fused QKV, split projections,
-    quantization) say here how to make the new tensor; the build makes it once per layer and writes it to
-    the engine."""
+    [start, stop) of `sources[0]` along `dim`; any other op is a weight format (fp8, nvfp4, static scales ...)
+    made by its entry in fluxc.passes.weight_formats.FORMATS. Passes that rewrite weights (fused QKV, split
+    projections, quantization) say here how to make the new tensor; the build makes it once per layer and
+    writes it to the engine."""
 
     name: str
     op: str = "load"
@@ -60,29 +50,20 @@ class WeightSource:
         """The checkpoint tensors this one is made from."""
         return [self.name] if self.op == "load" else [n for s in self.sources for n in s.checkpoint_names()]
 
-    def make(self, tensors) -> torch.Tensor:
+    def make(self, tensors, formats: dict) -> torch.Tensor:
         """The tensor, from `tensors` (name -> tensor: the checkpoint, or a plan's weights, which hold made
-        tensors under their names too)."""
+        tensors under their names too). Ops other than load / cat / slice are weight formats, made by
+        formats[op](source, parts, tensors) (fluxc.passes.weight_formats.FORMATS, beside the passes that use them)."""
         if self.name in tensors or self.op == "load":
             return tensors[self.name]
-        if self.op in ("act_scale", "act_global"):
-            amax = torch.stack([tensors[n + AMAX_SUFFIX] for n in self.checkpoint_names()]).amax().float().clamp_min(1e-12)
-            return (amax / E4M3_MAX).reshape(1, 1) if self.op == "act_scale" else (amax / nvfp4.GLOBAL_DIVISOR).reshape(1)
-        parts = [s.make(tensors) for s in self.sources]
+        parts = [s.make(tensors, formats) for s in self.sources]
         if self.op == "cat":
             return torch.cat(parts, self.dim)
-        if self.op == "rms_fp8_scale":
-            bound = max(float(p.float().abs().max()) for p in parts) * parts[0].shape[-1] ** 0.5 * 1.01
-            return torch.full((1, 1, 1, 1), bound / E4M3_MAX, device=parts[0].device)
-        if self.op in ("fp8", "fp8_scale"):
-            w = parts[0].float()
-            scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
-            return scale if self.op == "fp8_scale" else (w / scale).to(torch.float8_e4m3fn)
-        if self.op in NVFP4_OPS:
-            return nvfp4.quantize_weight(parts[0])[NVFP4_OPS.index(self.op)]
-        if self.op == "nvfp4_swizzled":
-            return nvfp4.swizzle_scales(parts[0])
-        return parts[0].narrow(self.dim, self.start, self.stop - self.start).contiguous()
+        if self.op == "slice":
+            return parts[0].narrow(self.dim, self.start, self.stop - self.start).contiguous()
+        if self.op not in formats:
+            raise IRError(f"weight {self.name}: no weight format makes op '{self.op}'")
+        return formats[self.op](self, parts, tensors)
 
 
 def weight_placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

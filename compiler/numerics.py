@@ -21,7 +21,7 @@ FP8_LINEAR_SQNR_DB = 25.0
 FP8_SEGMENT_SQNR_DB = 20.0
 # FP8 attention (recipe sm90_fp8_attn): q.k in e4m3 errs by ~2^-4 of each score, and the softmax turns a
 # score's absolute error into a relative error of its weight; on diffuse random-weight attention cuDNN's
-# FP8 SDPA measured ~21 dB against float64 on its own (scripts/probe_fp8_attention.py).
+# FP8 SDPA measured ~21 dB against float64 on its own (a probe recorded in benchmarks/README.md).
 FP8_ATTENTION_SQNR_DB = 18.0
 FP8_ATTENTION_SEGMENT_SQNR_DB = 15.0
 

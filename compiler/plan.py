@@ -16,7 +16,9 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 
@@ -24,10 +26,10 @@ import torch
 
 from fluxc import __version__, ir
 from fluxc.recipes import Recipe, recipe_from_dict
-from fluxc.runtime.bundle import sha256_file, write_safetensors, write_texts
-from fluxc.runtime.errors import FluxcError
-from fluxc.runtime.flux_math import Profile
-from fluxc.trace import Segment
+from fluxc.runtime.core.bundle import sha256_file, write_safetensors, write_texts
+from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.core.profile import Profile
+from fluxc.frontend.trace import Segment
 
 PLAN_FORMAT = 1
 PLAN_JSON, WEIGHTS, CHECKS = "plan.json", "weights.safetensors", "checks.safetensors"
@@ -56,10 +58,11 @@ class Prepared:
 @contextmanager
 def atomic_directory(output: str):
     """Yield a temporary directory beside `output`, renamed into place when the block succeeds (an existing
-    directory there is replaced only then); removed on any failure."""
+    directory there is replaced only then); removed on any failure, Ctrl-C and SIGTERM (a `timeout` or a job
+    scheduler stopping the build) included."""
     parent = os.path.dirname(os.path.abspath(output))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
-    try:
+    with _terminate_raises(), _cleaned_up(tmp):
         yield tmp
         if os.path.exists(output):
             old = tmp + ".old"
@@ -68,9 +71,33 @@ def atomic_directory(output: str):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, output)
+
+
+@contextmanager
+def _cleaned_up(tmp: str):
+    try:
+        yield
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _terminate_raises():
+    """SIGTERM raises SystemExit (exit code 143) inside the block, so that cleanup runs; by default it kills the
+    process on the spot. Only the main thread can set signal handlers; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_plan(p: Prepared, output: str) -> dict:

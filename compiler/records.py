@@ -18,11 +18,11 @@ import torch
 
 from fluxc import __version__
 from fluxc.numerics import psnr_db, sqnr_db, ssim
-from fluxc.runtime import Engine, flux_math
-from fluxc.runtime.bundle import WEIGHTS
-from fluxc.runtime.device import local_target
-from fluxc.runtime.engine import _chunked
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime import Engine
+from fluxc.runtime.core.bundle import WEIGHTS
+from fluxc.runtime.core.targets import local_target
+from fluxc.runtime.loop import chunked
+from fluxc.runtime.core.errors import FluxcError
 
 RECORD_VERSION = 1
 DEFAULT_PROMPTS = ("a photo of a red fox in fresh snow, morning light",
@@ -81,8 +81,9 @@ def _inputs(engine: Engine, profile, prompts: list[str], seed: int):
     else:
         g = torch.Generator().manual_seed(seed + 1)
         embeds = torch.randn(len(prompts), profile.text_tokens, engine.config["joint_attention_dim"], generator=g)
-        pooled = torch.randn(len(prompts), engine.config["pooled_projection_dim"], generator=g)
-    noise = flux_math.initial_noise(len(prompts), profile, engine.config["in_channels"] // 4, seed, engine.dtype)
+        pooled = (torch.randn(len(prompts), engine.config["pooled_projection_dim"], generator=g)
+                  if engine.family.pooled else None)  # FLUX.2 conditions on prompt_embeds alone
+    noise = engine.family.initial_noise(len(prompts), profile, engine.config["in_channels"], seed, engine.dtype)
     return embeds, pooled, noise
 
 
@@ -111,7 +112,10 @@ def bench(engine: Engine, *, height=None, width=None, steps: int = 28, batch: in
             engine.generate(prompts, seed=i, timings=times, **run)
         else:
             embeds, pooled, noise = _inputs(engine, profile, prompts, seed=i)
-            _chunked(lambda e, p, z: [engine.denoise(e, p, latents=z, **run)], profile.batch, embeds, pooled, noise)
+            if pooled is None:
+                chunked(lambda e, z: [engine.denoise(e, None, latents=z, **run)], profile.batch, embeds, noise)
+            else:
+                chunked(lambda e, p, z: [engine.denoise(e, p, latents=z, **run)], profile.batch, embeds, pooled, noise)
         if i >= warmup:
             step_ms += loop_ms
             stages.append(times)
@@ -165,10 +169,13 @@ def _eager_runner(engine: Engine, profile, steps: int, guidance: float):
     """diffusers' FluxPipeline over the engine's model source, bf16, on the engine's device."""
     from diffusers import FluxPipeline
 
-    from fluxc.components import diffusers_pipeline, load_components
-    from fluxc.models import load_model
+    from fluxc.frontend.components import diffusers_pipeline, load_components
+    from fluxc.frontend.models import load_model
 
     source = engine.manifest["model"]["source"]
+    if engine.family.name != "flux1":
+        raise FluxcError(f"--reference eager runs diffusers' FluxPipeline, a FLUX.1 pipeline; this engine is "
+                         f"{engine.family.name}.", "Pass --reference ENGINE (e.g. a bf16 engine of the same model).")
     if source["kind"] not in ("random", "diffusers"):
         raise FluxcError(f"--reference eager needs a diffusers folder or a named architecture; this engine was "
                          f"built from a {source['kind']} checkpoint.", "Pass --reference ENGINE instead.")
@@ -177,10 +184,10 @@ def _eager_runner(engine: Engine, profile, steps: int, guidance: float):
     kw = dict(dtype=torch.bfloat16, device=engine.device, seed=source.get("seed", 0))
     model = load_model(where, **kw)
     pipe = diffusers_pipeline(model.module, load_components(where, model.family, **kw))
-    text = engine.components["tokenizers"]["t5"]["max_length"]
+    text = profile.text_tokens  # the engine's T5 length
 
     def run(prompt: str, seed: int):
-        noise = flux_math.initial_noise(1, profile, engine.config["in_channels"] // 4, seed, torch.bfloat16)
+        noise = engine.family.initial_noise(1, profile, engine.config["in_channels"], seed, torch.bfloat16)
         latents = pipe(prompt, height=profile.height, width=profile.width, num_inference_steps=steps,
                        guidance_scale=guidance, max_sequence_length=text, latents=noise.to(engine.device),
                        output_type="latent").images

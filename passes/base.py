@@ -40,8 +40,9 @@ class PassResult:
     graph: torch.fx.GraphModule
     counts: dict[str, int]  # rewrite counts by rule; pinned by tests/test_passes.py on `tiny`
     rejected: list[Rejection] = dataclasses.field(default_factory=list)
-    hoisted: object = None  # hoist_schedule.Hoisted: a graph the pass split off the segment
-    probe: object = None  # insert_cache_points.Probe: the cache probe graph split off the first double block
+    # graphs the pass split off the segment, by role: "schedule" (hoist_schedule.Hoisted: the per-generation part),
+    # "probe" (insert_cache_points.Probe: the TeaCache probe); the build makes each its own segment
+    side: dict[str, object] = dataclasses.field(default_factory=dict)
     report: dict | None = None  # what the manifest records of this pass beyond counts (quantized layers)
 
 

@@ -19,7 +19,6 @@ unfused graph does, then modulates in fp32 and rounds once (the unfused graph ro
 import torch
 
 from fluxc.passes.base import NoMatch, PassContext, PassResult, aten, call, expect, is_aten, rewrite_all
-from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
 
 def _modulation(node: torch.fx.Node, plus_one: bool, depth: int) -> torch.fx.Node:

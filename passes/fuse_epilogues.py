@@ -37,8 +37,7 @@ import torch
 from fluxc.ir import WeightSource
 from fluxc.passes.base import (VIEWS, NoMatch, PassContext, PassResult, add_weight, aten, call,
                                drop_unused_weights, expect, is_aten, rewrite_all)
-from fluxc.passes.fuse_qkv import linear_parts
-from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
+from fluxc.passes.linear import linear_parts
 
 
 def check_bias_gelu(gelu: torch.fx.Node):

@@ -26,7 +26,6 @@ import torch
 
 from fluxc.passes.base import (VIEWS, ATTENTION, NoMatch, PassContext, PassResult, aten, call, expect, is_aten,
                                rewrite_all, strip_casts)
-from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
 
 
 

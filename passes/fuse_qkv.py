@@ -25,21 +25,7 @@ import torch
 from fluxc.ir import WeightSource
 from fluxc.passes.base import (VIEWS, NoMatch, PassContext, PassResult, Rejection, add_weight, aten, call,
                                drop_unused_weights, is_aten)
-
-
-def linear_parts(node: torch.fx.Node):
-    """(input, weight placeholder, bias placeholder | None) of `addmm(b, x, t(w))` / `mm(x, t(w))`, else NoMatch."""
-    if is_aten(node, aten.addmm.default) and len(node.args) == 3 and not node.kwargs:
-        bias, x, wt = node.args
-    elif is_aten(node, aten.mm.default):
-        bias, (x, wt) = None, node.args
-    else:
-        raise NoMatch(node, "not addmm or mm")
-    if not is_aten(wt, aten.t.default) or "weight" not in wt.args[0].meta:
-        raise NoMatch(node, "the weight operand is not t(weight input)", 1)
-    if bias is not None and ("weight" not in bias.meta or bias.meta["val"].dim() != 1):
-        raise NoMatch(node, "the bias is not a 1-D weight input", 1)
-    return x, wt.args[0], bias
+from fluxc.passes.linear import linear_parts
 
 
 def feeds_gelu(node: torch.fx.Node) -> bool:

@@ -12,7 +12,7 @@ Pattern (a double block after fuse_qkv):
     %split = aten.split(%addmm, C, 1) ...   (the loop's uses: views of %addmm)
 Rewrite:
     loop graph:      %sched_addmm: [B, 12C] = input;  %split = aten.split(%sched_addmm, C, 1) ...
-    hoisted graph:   (%mod_weight, %mod_bias, %temb) -> %addmm          returned as PassResult.hoisted
+    hoisted graph:   (%mod_weight, %mod_bias, %temb) -> %addmm          returned as PassResult.side["schedule"]
 Why: each modulation GEMV reads its whole weight for one row per step (the 57 blocks' weights are 6.5 GB
 at FLUX.1-dev's size: ~2.1 ms per step on the H200, where a 3072 -> 36864 GEMV took 72 us for 1 row
 and 73 us for 32). Over 28 steps' rows at once they read it once per generation.
@@ -101,7 +101,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in [n for n in gm.graph.nodes if n.op == "placeholder" and not n.users]:
         gm.graph.erase_node(node)  # the schedule inputs, the weights only the hoisted graph reads
     gm.recompile()
-    return PassResult(gm, {"values": len(frontier)}, hoisted=hoisted)
+    return PassResult(gm, {"values": len(frontier)}, side={"schedule": hoisted})
 
 
 def _split_off(gm: torch.fx.GraphModule, frontier: list[torch.fx.Node], values: list[str]) -> Hoisted:

@@ -28,8 +28,7 @@ import dataclasses
 import torch
 
 from fluxc.passes.base import PassContext, PassResult, Rejection, call, copy_backward_slice, is_aten
-from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
-from fluxc.runtime.cache import PROBE_OUTPUT
+from fluxc.runtime.core.cache_config import PROBE_OUTPUT
 
 RESIDUAL = "hidden_states"  # the image stream: the name a double block's residual input and output share
 
@@ -53,7 +52,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     if modulation is None:
         return PassResult(gm, {"probes": 0}, [Rejection(
             residual.name, "no fluxc.adaln reads the image stream (fuse_adaln off?): no TeaCache probe", depth=1)])
-    return PassResult(gm, {"probes": 1}, probe=_split_off(gm, modulation))
+    return PassResult(gm, {"probes": 1}, side={"probe": _split_off(gm, modulation)})
 
 
 def _split_off(gm: torch.fx.GraphModule, modulation: torch.fx.Node) -> Probe:

@@ -24,15 +24,17 @@ import torch
 
 from fluxc.ir import WeightSource
 from fluxc.passes.base import PassContext, PassResult, add_weight, aten, call, drop_unused_weights, is_aten
-from fluxc.runtime import nvfp4
-
-NATIVE_SM = 100
-
+from fluxc.runtime.core import targets
+from fluxc.runtime.ops import nvfp4
 
 def mode(target: str) -> str:
     """"native" where the target has FP4 tensor cores (sm_100 and newer), else "emulated"."""
-    sm = int(target.removeprefix("sm_").rstrip("a")) if target.startswith("sm_") else 0
-    return "native" if sm >= NATIVE_SM else "emulated"
+    return "native" if targets.has(target, "nvfp4") else "emulated"
+
+
+def describe(target: str) -> str:
+    return ("native FP4 GEMMs (block-scaled _scaled_mm)" if mode(target) == "native"
+            else "emulated: quantize-dequantize, bf16 GEMMs")
 
 
 def _quantize(g: torch.fx.Graph, x: torch.fx.Node, swizzled: bool, x_global) -> list[torch.fx.Node]:

@@ -12,7 +12,7 @@ import torch
 from fluxc import ir
 from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_adaln, fuse_epilogues,
                           fuse_qk_norm_rope, fuse_qkv, hoist_schedule, insert_cache_points, lower_nvfp4, quantize_fp8,
-                          quantize_nvfp4, remove_noop_ops, select_attention, shard_attention)
+                          quantize_fp8_attention, quantize_nvfp4, remove_noop_ops, select_attention, shard_attention)
 from fluxc.passes.base import PassContext
 from fluxc.recipes import Precision
 
@@ -22,6 +22,7 @@ class Pass:
     name: str
     phase: str
     run: Callable
+    detail: str = ""  # what the pass does on this target, where that depends on it (`fluxc passes` prints it)
 
 
 LOWER = "lower"  # the target-specific phase: a plan (--stage plan) stops before it, --from PLAN runs it
@@ -29,7 +30,6 @@ LOWER = "lower"  # the target-specific phase: a plan (--stage plan) stops before
 
 def resolve(recipe, target: str) -> list[Pass]:
     """The passes a build with this recipe and target runs, in order."""
-    del target  # the lower phase's passes decide per target inside
     return [
         # canonicalize: make the traced graph small and pure before any pattern matching
         Pass("functionalize_inplace", "canonicalize", functionalize_inplace.run),  # first: others assume purity
@@ -44,6 +44,8 @@ def resolve(recipe, target: str) -> list[Pass]:
             Pass("fuse_adaln", "fuse", fuse_adaln.run),  # scale/shift may be fuse_qkv's slices of the fused GEMV
         ] if recipe.fusion else []),
         # quantize: after fusion, so a fused QKV weight quantizes as one tensor
+        # FP8 attention first: quantize_fp8 then feeds the output projections its e4m3 output
+        *([Pass("quantize_fp8_attention", "quantize", quantize_fp8_attention.run)] if recipe.fp8_attention else []),
         *([Pass("quantize_fp8", "quantize", quantize_fp8.run)] if recipe.precision is Precision.FP8 else []),
         *([Pass("quantize_nvfp4", "quantize", quantize_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),
         # hoist: after quantize, so the hoisted graph holds rewritten ops (the fused modulation GEMM)
@@ -53,8 +55,9 @@ def resolve(recipe, target: str) -> list[Pass]:
         # parallel: traced for one rank's tokens, attention over all ranks' (a no-op at world size 1)
         Pass("shard_attention", "parallel", shard_attention.run),
         # lower: kernel choices for the target (last: everything before it is portable across targets)
-        Pass("select_attention", LOWER, select_attention.run),
-        *([Pass("lower_nvfp4", LOWER, lower_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),
+        Pass("select_attention", LOWER, select_attention.run, select_attention.describe(recipe, target)),
+        *([Pass("lower_nvfp4", LOWER, lower_nvfp4.run, lower_nvfp4.describe(target))]
+          if recipe.precision is Precision.NVFP4 else []),
     ]
 
 
@@ -63,8 +66,7 @@ class PipelineResult:
     graph: torch.fx.GraphModule
     counts: dict[str, dict[str, int]]  # {pass: its rewrite counts}
     explain: dict[str, str]  # {pass that rewrote nothing: the check that rejected its nearest candidate}
-    hoisted: object = None  # hoist_schedule.Hoisted, when that pass split a graph off
-    probe: object = None  # insert_cache_points.Probe, when that pass split the TeaCache probe off
+    side: dict[str, object] = dataclasses.field(default_factory=dict)  # graphs passes split off, by role (PassResult)
     reports: dict[str, dict] = dataclasses.field(default_factory=dict)  # {pass: its report}, for the manifest
 
 
@@ -74,11 +76,11 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | Non
     passes = resolve(ctx.recipe, ctx.target) if passes is None else passes
     ir.verify(gm, f"{segment_name} at pipeline entry")
     _dump(dump_dir, 0, "trace", segment_name, gm)
-    counts, explain, hoisted, probe, reports = {}, {}, None, None, {}
+    counts, explain, side, reports = {}, {}, {}, {}
     for i, p in enumerate(passes, start=1):
         result = p.run(gm, ctx)
         gm, counts[p.name] = result.graph, result.counts
-        hoisted, probe = result.hoisted or hoisted, result.probe or probe
+        side |= result.side
         if result.report is not None:
             reports[p.name] = result.report
         if result.rejected and not any(result.counts.values()):
@@ -86,10 +88,10 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, dump_dir: str | Non
             explain[p.name] = f"%{nearest.node}: {nearest.reason}"
         ir.verify(gm, f"{segment_name} after {p.name}")
         _dump(dump_dir, i, p.name, segment_name, gm)
-        if result.hoisted:
-            ir.verify(result.hoisted.graph, f"{segment_name}, the graph {p.name} split off")
-            _dump(dump_dir, i, p.name, segment_name + "-hoisted", result.hoisted.graph)
-    return PipelineResult(gm, counts, explain, hoisted, probe, reports)
+        for role, split in result.side.items():
+            ir.verify(split.graph, f"{segment_name}, the {role} graph {p.name} split off")
+            _dump(dump_dir, i, p.name, f"{segment_name}-{role}", split.graph)
+    return PipelineResult(gm, counts, explain, side, reports)
 
 
 def _dump(dump_dir, index, pass_name, segment_name, gm) -> None:

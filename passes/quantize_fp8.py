@@ -20,44 +20,27 @@ dequantized in the graph (default: the AdaLN modulation GEMMs, which hoist_sched
 generation). The manifest lists all three sets (pass_reports).
 Built with --calibrate, each input is quantized on a static per-tensor scale stored per layer (weight
 op "act_scale": the calibrated amax / 448; x / scale saturates at 448) instead of per-token scales.
-With recipe.fp8_attention, attention over fluxc.qk_norm_rope's q and k becomes fluxc.attention_fp8
-(quantize_attention), and the output projections read its e4m3 output through the layout ops between.
+With recipe.fp8_attention, quantize_fp8_attention (the pass before) made attention fluxc.attention_fp8; the
+output projections read its e4m3 output through the layout ops between.
 Pre:  fusion passes ran (a fused QKV weight quantizes as one tensor; its channel scales are per row anyway).
 Post: counts["quantized"] linears call _scaled_mm on counts["inputs"] distinct quantized activations,
 counts["fused_inputs"] of them quantized by their producer (2 AdaLN + 2 GELU per double block, 1 + 1 per
 single block, + the attention outputs with fp8_attention), counts["static_inputs"] on calibrated scales
 (every input, when built with --calibrate); counts["weight_only"] and counts["excluded"]
-as the recipe says; counts["attention"] attention calls in FP8 (with fp8_attention).
+as the recipe says.
 Numerics: per-output-channel weight and per-token activation scales, amax / 448 (e4m3's largest finite
 value, so nothing saturates): each quantized linear at or above numerics.FP8_LINEAR_SQNR_DB against
 float64 math, a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph.
 """
 
-import fnmatch
 import operator
 
 import torch
 
 from fluxc.ir import E4M3_MAX, WeightSource
-from fluxc.passes.base import (ATTENTION, VIEWS, NoMatch, PassContext, PassResult, Rejection, add_weight, aten,
-                               call, drop_unused_weights, expect, is_aten, rewrite_all)
-from fluxc.passes.fuse_qkv import linear_parts
-from fluxc.runtime import kernels  # noqa: F401  (registers torch.ops.fluxc)
-
-
-def linear_operands(node: torch.fx.Node):
-    """(x, weight placeholder, bias | None, accumulate | None, gelu?) of a quantizable linear, else NoMatch.
-    `accumulate`: the [M, N] C operand of an addmm that adds onto a partial product (fuse_epilogues'
-    split output projection)."""
-    if is_aten(node, torch.ops.fluxc.linear_gelu.default):
-        x, weight, bias = node.args
-        return x, weight, bias, None, True
-    if is_aten(node, aten.addmm.default) and len(node.args) == 3 and node.args[0].meta["val"].dim() == 2:
-        c, x, wt = node.args
-        if is_aten(wt, aten.t.default) and "weight" in wt.args[0].meta:
-            return x, wt.args[0], None, c, False
-    x, weight, bias = linear_parts(node)
-    return x, weight, bias, None, False
+from fluxc.passes.base import VIEWS, PassContext, PassResult, add_weight, aten, call, is_aten
+from fluxc.passes.linear import (linear_operands, quantize_by_amax, quantized_result, recipe_linears, replace_linear,
+                                 replace_weight)
 
 
 def _producer(x: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
@@ -76,7 +59,7 @@ LAYOUT = (*VIEWS, aten.permute.default, aten.transpose.int, aten.slice.Tensor, a
 
 def _attention_output(x: torch.fx.Node):
     """(e4m3 attention output, its scale, the layout ops from it to x) when x is a fluxc.attention_fp8 output
-    dequantized (see quantize_attention) and then only moved, else None."""
+    dequantized (quantize_fp8_attention) and then only moved, else None."""
     chain = []
     while is_aten(x, *LAYOUT):
         chain.insert(0, x)
@@ -85,36 +68,6 @@ def _attention_output(x: torch.fx.Node):
             and is_aten(x.args[0].args[0], torch.ops.fluxc.attention_fp8.default)):
         return x.args[0].args[0], x.args[1], chain
     return None
-
-
-def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
-    """attention(q, k, v) over fluxc.qk_norm_rope's q and k -> fluxc.attention_fp8 on e4m3 q, k (static scales
-    from the norm weights, quantized by qk_norm_rope_fp8) and v (scale amax / 448 at run time); the output is
-    dequantized for its readers, and quantized linears reading it take the e4m3 output directly."""
-    q, k, v = node.args[:3]
-    qg, kg = (expect(t, aten.permute.default, depth=0, what="q/k: expected").args[0] for t in (q, k))
-    rope = qg.args[0] if is_aten(qg, operator.getitem) else None
-    if not (is_aten(rope, torch.ops.fluxc.qk_norm_rope.default) and kg.args[0] is rope
-            and (qg.args[1], kg.args[1]) == (0, 1) and q.args[1] == k.args[1] == [0, 2, 1, 3]):
-        raise NoMatch(node, "q and k are not fluxc.qk_norm_rope's outputs as [B, H, S, D]", 1)
-    out = [u for u in node.users if u.args[1] == 0]
-    g = gm.graph
-    q_weights, k_weights = rope.args[2:4]
-    scales = []
-    for weights in (q_weights, k_weights):
-        sources = tuple(w.meta["weight"] for w in weights)
-        name = f"rms_fp8_scale({','.join(s.name for s in sources)})"
-        scales.append(add_weight(gm, WeightSource(name, "rms_fp8_scale", sources),
-                                 weights[0].meta["val"].new_empty(1, 1, 1, 1, dtype=torch.float32)))
-    with g.inserting_before(node):
-        rope8 = call(g, torch.ops.fluxc.qk_norm_rope_fp8.default, *rope.args, *scales)
-        q8, k8 = (call(g, aten.permute.default, call(g, operator.getitem, rope8, i), [0, 2, 1, 3]) for i in (0, 1))
-        v8, v_scale = _quantize_by_amax(g, v, [0, 1, 2, 3])
-        softmax_scale = node.kwargs.get("scale") or q.meta["val"].shape[-1] ** -0.5
-        o8 = call(g, torch.ops.fluxc.attention_fp8.default, q8, k8, v8, *scales, v_scale, float(softmax_scale))
-        o = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, o8, dtype=q.meta["val"].dtype), v_scale)
-    for user in out:
-        user.replace_all_uses_with(o)
 
 
 def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[torch.fx.Node, torch.fx.Node, bool]:
@@ -140,15 +93,7 @@ def _quantize_input(g: torch.fx.Graph, x: torch.fx.Node, readers: int) -> tuple[
             xq = call(g, view.target, xq, shape)
             scale = call(g, view.target, scale, shape[:-1] + [1])
         return xq, scale, True
-    return (*_quantize_by_amax(g, x, [-1]), False)
-
-
-def _quantize_by_amax(g: torch.fx.Graph, x: torch.fx.Node, dims: list[int]) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """(x / scale in e4m3, scale) as aten ops, scale = amax of |x| over `dims` (kept) in f32 / 448."""
-    amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, x), dims, True),
-                dtype=torch.float32)
-    scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default, amax, 1e-12), E4M3_MAX)
-    return call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn), scale
+    return (*quantize_by_amax(g, x, [-1]), False)
 
 
 def _per_row(g: torch.fx.Graph, scale: torch.fx.Node, x: torch.fx.Node) -> torch.fx.Node:
@@ -188,21 +133,6 @@ def quantize(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], calibrated:
     return fused
 
 
-def replace_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, matmul) -> None:
-    """Replace the linear `node` (linear_operands) by matmul(graph), the new [M, N] product with its bias, followed
-    by the linear's GELU epilogue and its accumulation onto C where it has them."""
-    _, _, _, accumulate, gelu = linear_operands(node)
-    g = gm.graph
-    with g.inserting_before(node):
-        out = matmul(g)
-        if gelu:
-            out = call(g, aten.gelu.default, out, approximate="tanh")
-        if accumulate is not None:
-            out = call(g, aten.add.Tensor, out, accumulate)
-    node.replace_all_uses_with(out)
-    g.erase_node(node)
-
-
 def _fp8_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
     """New weight inputs: `weight` [N, K] in e4m3 and its per-output-channel scales [N, 1] f32."""
     source, val = weight.meta["weight"], weight.meta["val"]
@@ -219,71 +149,7 @@ def quantize_weight_only(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> Non
                                               call(g, aten._to_copy.default, w8, dtype=torch.float32), scale))
 
 
-def replace_weight(gm: torch.fx.GraphModule, weight: torch.fx.Node, dequantize) -> None:
-    """Weight-only quantization: every use of `weight` reads dequantize(graph) (f32 nodes, inserted before the
-    weight's first user) rounded to the weight's dtype."""
-    g = gm.graph
-    first_user = next(n for n in g.nodes if n in weight.users)
-    with g.inserting_before(first_user):
-        weight.replace_all_uses_with(call(g, aten._to_copy.default, dequantize(g), dtype=weight.meta["val"].dtype))
-
-
-def matches(ctx: PassContext, source: WeightSource, patterns) -> bool:
-    """Whether a linear's weight is named by recipe patterns over "segment kind:checkpoint name"."""
-    keys = [f"{ctx.segment_kind}:{n}" for n in source.checkpoint_names()]
-    return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
-
-
-def recipe_linears(gm: torch.fx.GraphModule, ctx: PassContext, quantize_weight_only, check=None):
-    """The recipe's linears, in graph order, sorted: the ones to quantize [(linear, weight name)]; the weight-only
-    ones, rewritten here by quantize_weight_only(gm, weight), and the excluded ones, by weight name; and the
-    rejections (near misses, and linears `check(linear, weight)` keeps out by returning a reason). Shared by
-    quantize_fp8 and quantize_nvfp4."""
-    linears, rejected = [], []
-    for node in list(gm.graph.nodes):
-        try:
-            _, weight, *_ = linear_operands(node)
-        except NoMatch as e:
-            if e.rejection.depth:
-                rejected.append(e.rejection)
-            continue
-        source = weight.meta["weight"]
-        how = ("exclude" if matches(ctx, source, ctx.recipe.quant_exclude)
-               else "weight_only" if matches(ctx, source, ctx.recipe.quant_weight_only) else "quantize")
-        linears.append((node, weight, how))
-    to_quantize, weight_only, excluded = [], [], []
-    for node, weight, how in linears:
-        name = weight.meta["weight"].name
-        why = check(node, weight) if check is not None and how != "exclude" else None
-        if why:
-            rejected.append(Rejection(node.name, why, 2))
-            how = "exclude"
-        if how == "exclude":
-            excluded.append(name)
-        elif how == "weight_only":
-            quantize_weight_only(gm, weight)
-            weight_only.append(name)
-        else:
-            to_quantize.append((node, name))
-    return to_quantize, weight_only, excluded, rejected
-
-
-def quantized_result(gm: torch.fx.GraphModule, counts: dict, rejected: list, quantized: list[str],
-                     weight_only: list[str], excluded: list[str]) -> PassResult:
-    """The rewritten graph cleaned up, the counts, and the manifest's report of which layers went which way."""
-    gm.graph.eliminate_dead_code()
-    drop_unused_weights(gm)
-    gm.recompile()
-    counts = {"quantized": len(quantized), **counts, "weight_only": len(weight_only), "excluded": len(excluded)}
-    return PassResult(gm, counts, rejected, report={"quantized": quantized, "weight_only": weight_only,
-                                                        "excluded": excluded})
-
-
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    attention, rejected = 0, []
-    if ctx.recipe.fp8_attention:
-        attention, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
-                                          lambda n: quantize_attention(gm, n))
     to_quantize, weight_only, excluded, near_misses = recipe_linears(gm, ctx, quantize_weight_only)
     by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # linear input -> the linears quantized on it
     for node, _ in to_quantize:
@@ -291,7 +157,4 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     input_ways = [quantize(gm, group, ctx.calibrated) for group in by_input.values()]  # "fused" | "static" | "aten"
     counts = {"inputs": len(by_input), "fused_inputs": input_ways.count("fused"),
               "static_inputs": input_ways.count("static")}
-    if ctx.recipe.fp8_attention:
-        counts["attention"] = attention
-    return quantized_result(gm, counts, rejected + near_misses, [name for _, name in to_quantize], weight_only,
-                            excluded)
+    return quantized_result(gm, counts, near_misses, [name for _, name in to_quantize], weight_only, excluded)

@@ -20,18 +20,18 @@ They are 0.3% of FLUX.1-dev's weights; the final projection's error would land o
 Linears whose K is not a multiple of 16 stay bf16 too (rejected, with the reason).
 Pre:  fusion passes ran (a fused QKV weight quantizes as one tensor: one global scale over the fused rows).
 Post: counts["quantized"] fluxc.nvfp4_linear calls, counts["weight_only"], counts["excluded"] as the recipe says.
-Numerics (runtime/nvfp4.py): per-block scales keep each 16-element block within e2m1's grid, ~20 dB per
+Numerics (runtime/ops/nvfp4.py): per-block scales keep each 16-element block within e2m1's grid, ~20 dB per
 operand on Gaussian data; each quantized linear at or above numerics.NVFP4_LINEAR_SQNR_DB against float64
 math, a segment at or above numerics.NVFP4_SEGMENT_SQNR_DB against its bf16 graph.
 """
 
 import torch
 
-from fluxc.ir import NVFP4_OPS, WeightSource
+from fluxc.ir import WeightSource
 from fluxc.passes.base import PassContext, PassResult, add_weight, aten, call
-from fluxc.passes.quantize_fp8 import (linear_operands, quantized_result, recipe_linears, replace_linear,
-                                       replace_weight)
-from fluxc.runtime import nvfp4
+from fluxc.passes.weight_formats import NVFP4_OPS
+from fluxc.passes.linear import linear_operands, quantized_result, recipe_linears, replace_linear, replace_weight
+from fluxc.runtime.ops import nvfp4
 
 def nvfp4_weights(gm: torch.fx.GraphModule, weight: torch.fx.Node) -> list[torch.fx.Node]:
     """New weight inputs: `weight` [N, K] as e2m1 codes [N, K/2] u8, e4m3 block scales [N, K/16], global f32 [1]."""

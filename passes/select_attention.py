@@ -7,7 +7,7 @@ Rewrite (recipe.attention "auto" on sm_90 and later, or "cudnn"):
           %sdpa = aten._scaled_dot_product_cudnn_attention(%q, %k, %v, None, False, 0.0, False, False, scale=s)
           %out  = getitem(%sdpa, 0)
 Why: on the H200 at FLUX shapes (B1 H24 S4608 D128, bf16) cuDNN's fused attention runs 598 TFLOP/s
-against flash's 326 (../shared/LAB.md); attention is 14.9 of FLUX.1-dev's 74.4 TFLOP per step.
+against flash's 326 (benchmarks/README.md, measured 2026-11-22); attention is 14.9 of FLUX.1-dev's 74.4 TFLOP per step.
 Pre:  q, k, v are [B, H, S, D] bf16/fp16 with D <= 128 (cuDNN's fast path), no dropout, not causal.
 Post: counts["cudnn"] (cuDNN attention nodes after the pass) == n_double + n_single segments' attention
 calls on sm_90+; counts["to_cudnn"] says how many this pass rewrote (0 where torch's own dispatch already
@@ -23,6 +23,7 @@ import operator
 import torch
 
 from fluxc.passes.base import PassContext, PassResult, call, replace_with
+from fluxc.runtime.core import targets
 
 aten = torch.ops.aten
 FLASH = aten._scaled_dot_product_flash_attention.default
@@ -32,12 +33,15 @@ CUDNN = aten._scaled_dot_product_cudnn_attention.default
 _DROPOUT_CAUSAL = {FLASH: (3, 4), EFFICIENT: (5, 6)}
 
 
-def wanted_kernel(ctx: PassContext) -> str:
+def wanted_kernel(recipe, target: str) -> str:
     """The kernel the recipe asks for on this target: "cudnn" or "traced" (keep what tracing chose)."""
-    if ctx.recipe.attention != "auto":
-        return ctx.recipe.attention
-    sm = int(ctx.target.removeprefix("sm_")) if ctx.target.startswith("sm_") else 0
-    return "cudnn" if sm >= 90 else "traced"
+    if recipe.attention != "auto":
+        return recipe.attention
+    return "cudnn" if targets.has(target, "cudnn_attention") else "traced"
+
+
+def describe(recipe, target: str) -> str:
+    return "cuDNN attention" if wanted_kernel(recipe, target) == "cudnn" else "keeps the traced attention kernel"
 
 
 def check(node: torch.fx.Node) -> str | None:
@@ -61,7 +65,7 @@ def check(node: torch.fx.Node) -> str | None:
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     counts = {"to_cudnn": 0, "cudnn": 0}
-    if wanted_kernel(ctx) != "cudnn":
+    if wanted_kernel(ctx.recipe, ctx.target) != "cudnn":
         return PassResult(gm, counts)
     for node in list(gm.graph.nodes):
         if check(node) is not None:

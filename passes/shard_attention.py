@@ -30,7 +30,6 @@ import operator
 import torch
 
 from fluxc.passes.base import ATTENTION, PassContext, PassResult, aten, call, is_aten, replace_with
-from fluxc.runtime import kernels, nvfp4, parallel  # noqa: F401  (register the fluxc ops)
 
 # where each kernel takes its attention bias and is_causal (positions after q, k, v; the CPU kernel's mask is
 # the keyword attn_mask, flash takes none)

@@ -3,7 +3,7 @@
 import dataclasses
 import enum
 
-from fluxc.runtime.cache import CacheConfig, cache_config_from_dict
+from fluxc.runtime.core.cache_config import CacheConfig, cache_config_from_dict
 
 
 class Precision(str, enum.Enum):

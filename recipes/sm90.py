@@ -5,7 +5,7 @@ import dataclasses
 from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB, FP8_SEGMENT_SQNR_DB
 from fluxc.recipes.base import Precision
 from fluxc.recipes.generic import bf16
-from fluxc.runtime.families import ENCODER_KINDS
+from fluxc.runtime.core.families import ENCODER_KINDS
 
 # Left in bf16: what is small and runs once per step (embedders, the time embedding), the final norm and
 # projection (their error lands on the prediction unaveraged), and every family's text encoders and the VAE.

@@ -15,18 +15,20 @@ repeating its last prompt.
 
 import math
 import os
-import time
 from contextlib import contextmanager
 
 import torch
 
-from fluxc.runtime import cache, flux_math, parallel
-from fluxc.runtime.backends import LOADERS
-from fluxc.runtime.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
-from fluxc.runtime.device import check_runs_here
-from fluxc.runtime.errors import FluxcError
-from fluxc.runtime.families import ENCODER_KINDS, FAMILIES
-from fluxc.runtime.flux_math import Profile
+from fluxc.runtime import cache, parallel
+from fluxc.runtime.core import flux_math
+from fluxc.runtime.core.cache_config import PROBE_SUFFIX, CacheConfig, cache_config_from_dict
+from fluxc.runtime.core.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
+from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.core.families import ENCODER_KINDS, get_family
+from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.core.targets import check_runs_here
+from fluxc.runtime.loaders import LOADERS
+from fluxc.runtime.loop import CachedStep, StageClock, Step, StepClock, chunked
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULE = "_schedule"  # kind suffix of a segment hoist_schedule split off its kind's segment
@@ -37,10 +39,10 @@ class Engine:
         self.path, self.manifest, self.device = path, manifest, device
         self.config = manifest["model"]["config"]
         self.dtype = DTYPES["float32" if manifest["precision"] == "fp32" else "bfloat16"]
-        self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p.get("world_size", 1))
+        self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p["world_size"])
                          for p in manifest["profiles"]}
         self.world_size = self._first.world_size  # > 1: this process is one rank of a context-parallel run
-        self.family = FAMILIES[manifest["model"].get("family", "flux1")]
+        self.family = get_family(manifest["model"]["family"])
         self.components = manifest["components"]  # None: transformer only
         self.encoders = self._encoder_placement(encoders)
         self._segments: dict[tuple[str, str | None], tuple[dict, object]] = {}
@@ -49,7 +51,7 @@ class Engine:
         self._schedule = [s for s in manifest["segments"] if s["kind"].endswith(SCHEDULE)]
         self._layout, self._regions = _schedule_layout(manifest["segments"])
         self._weights: dict[str, list[torch.Tensor]] = {}
-        self._graphs: dict[tuple, "_Step"] = {}  # captured steps by (profile, cache policy)
+        self._graphs: dict[tuple, "Step"] = {}  # captured steps by (profile, cache policy)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE tables on the device, by profile
         self._tokenizers = {}
 
@@ -117,10 +119,13 @@ class Engine:
     # ---- one transformer forward -------------------------------------------------------------
     def profile_for(self, height: int | None = None, width: int | None = None) -> Profile:
         """The profile of that size; a side left None takes the first profile's."""
-        name = f"{height or self._first.height}x{width or self._first.width}"
+        height, width = height or self._first.height, width or self._first.width
+        name = f"{height}x{width}"
         if name not in self.profiles:
+            fix = (f"rebuild with --resolution {name}" if height % 16 == 0 and width % 16 == 0 else
+                   f"FLUX sizes are multiples of 16 (e.g. {max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)})")
             raise FluxcError(f"This engine has no {name} profile; it was built for {', '.join(self.profiles)}.",
-                             f"Use one of those sizes, or rebuild with --resolution {name}.")
+                             f"Use one of those sizes, or {fix}.")
         return self.profiles[name]
 
     def rope(self, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +136,8 @@ class Engine:
         return self._rope[profile.name]
 
     def _rope_tables(self, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = flux_math.position_ids(profile, self.family.name)
-        tables = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]),
-                                       self.config.get("rope_theta", flux_math.ROPE_THETA))
+        ids = self.family.position_ids(profile)
+        tables = flux_math.rope_tables(ids, tuple(self.config["axes_dims_rope"]), self.family.rope_theta(self.config))
         return tuple(self._local(t, 0, profile.text_tokens).to(self.device) for t in tables)
 
     def _local(self, x: torch.Tensor, dim: int, text_tokens: int | None = None) -> torch.Tensor:
@@ -144,12 +148,12 @@ class Engine:
             return parallel.shard(x, dim, self.world_size, parallel.rank())
         return parallel.shard_joint(x, dim, text_tokens, self.world_size, parallel.rank())
 
-    def _run(self, kind: str, profile: Profile | None, layer: str, acts: dict) -> dict[str, torch.Tensor]:
+    def run_segment(self, kind: str, profile: Profile | None, layer: str, acts: dict) -> dict[str, torch.Tensor]:
         """One segment for one layer: inputs by name from `acts` (or from the step's schedule row), outputs by name."""
         seg, fn = self._segments[(kind, profile and profile.name)]
         args = []
         for i in seg["inputs"]:
-            where = self._layout.get((kind.removesuffix(cache.PROBE_SUFFIX), layer, i["name"]))  # a probe reads its block's row
+            where = self._layout.get((kind.removesuffix(PROBE_SUFFIX), layer, i["name"]))  # a probe reads its block's row
             if where is None:
                 args.append(acts[i["name"]])
             else:
@@ -159,8 +163,8 @@ class Engine:
         return dict(zip((o["name"] for o in seg["outputs"]), outs))
 
     def _rows(self, kind: str, profile: Profile | None, layer: str, names: list[str]):
-        """fn(*tensors) -> the segment's outputs as a list, the tensors being its inputs `names`: for _chunked."""
-        return lambda *xs: list(self._run(kind, profile, layer, dict(zip(names, xs))).values())
+        """fn(*tensors) -> the segment's outputs as a list, the tensors being its inputs `names`: for chunked."""
+        return lambda *xs: list(self.run_segment(kind, profile, layer, dict(zip(names, xs))).values())
 
     def schedule(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         """Every step's schedule row at once: timestep [steps, B], guidance [B] (guidance-distilled models),
@@ -177,7 +181,7 @@ class Engine:
             chunk = seg["inputs"][0]["shape"][0]  # compiled for this many rows: steps x batch run in chunks
             loop_kind = seg["kind"].removesuffix(SCHEDULE)
             for layer in seg["layers"]:
-                outs = _chunked(self._rows(seg["kind"], None, layer, names), chunk, *(values[n] for n in names))
+                outs = chunked(self._rows(seg["kind"], None, layer, names), chunk, *(values[n] for n in names))
                 for o, out in zip(seg["outputs"], outs):
                     rows[(loop_kind, layer, o["name"])] = out
                     values[o["name"]] = out  # the head's temb: an input of the other schedule segments
@@ -192,27 +196,35 @@ class Engine:
         acts = dict(acts)
         if "schedule" not in acts:
             acts["schedule"] = self.schedule(acts["timestep"][None], acts.get("guidance"), acts.get("pooled_projections"))[0]
-        acts |= self._run("head", profile, "", acts)
-        self._blocks(profile, acts)
-        return self._run("tail", profile, "", acts)["noise_pred"]
+        acts = self.head(profile, acts)
+        self.blocks(profile, acts)
+        return self.tail(profile, acts)
 
-    def _double_layers(self, profile: Profile) -> list[str]:
+    def head(self, profile: Profile, acts: dict) -> dict:
+        """acts with the head's outputs: the streams entering the first block, temb (and FLUX.2's modulations)."""
+        return dict(acts) | self.run_segment("head", profile, "", acts)
+
+    def tail(self, profile: Profile, acts: dict) -> torch.Tensor:
+        """noise_pred [B, S, C] from the last block's image stream."""
+        return self.run_segment("tail", profile, "", acts)["noise_pred"]
+
+    def double_layers(self, profile: Profile) -> list[str]:
         return self._segments[("double", profile.name)][0]["layers"]
 
-    def _blocks(self, profile: Profile, acts: dict, first: int = 0) -> None:
+    def blocks(self, profile: Profile, acts: dict, first: int = 0) -> None:
         """The block stack from double layer `first` on: acts' streams in, acts["hidden_states"] [B, S, C] out."""
-        for layer in self._double_layers(profile)[first:]:
-            acts |= self._run("double", profile, layer, acts)
+        for layer in self.double_layers(profile)[first:]:
+            acts |= self.run_segment("double", profile, layer, acts)
         acts["joint_hidden_states"] = torch.cat([acts["encoder_hidden_states"], acts["hidden_states"]], dim=1)
         for layer in self._segments[("single", profile.name)][0]["layers"]:
-            acts |= self._run("single", profile, layer, acts)
+            acts |= self.run_segment("single", profile, layer, acts)
         acts["hidden_states"] = acts["joint_hidden_states"][:, profile.local_text_tokens:]
 
     # ---- text to image ---------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], *, height: int | None = None, width: int | None = None,
                  steps: int = 28, guidance: float = 3.5, seed: int = 0, generator: torch.Generator | None = None,
                  max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None,
-                 cache_config: "cache.CacheConfig | None" = None, report: dict | None = None,
+                 cache_config: CacheConfig | None = None, report: dict | None = None,
                  step_ms: list | None = None):
         """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them.
 
@@ -226,20 +238,19 @@ class Engine:
         prompts = self._check_prompts(prompt)
         profile = self.profile_for(height, width)
         self._check_sampling(steps, guidance, max_sequence_length, output_type)
-        stage = _StageClock(self.device, timings)
+        stage = StageClock(self.device, timings)
         with stage("encode"):
             prompt_embeds, pooled = self.encode_prompt(prompts)
         with stage("denoise"):
-            channels = self.config["in_channels"] // 4
-            noise = flux_math.initial_noise(len(prompts), profile, channels, seed if generator is None else generator,
-                                             self.dtype, self.family.name)
+            noise = self.family.initial_noise(len(prompts), profile, self.config["in_channels"],
+                                              seed if generator is None else generator, self.dtype)
 
             def chunk(z, embeds, pooled_chunk=None):  # FLUX.2 has no pooled embedding to chunk
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
                                      guidance=guidance, latents=z, cache_config=cache_config, report=report,
                                      step_ms=step_ms)]
 
-            latents = _chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None])[0]
+            latents = chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None])[0]
         with stage("decode"):
             images = self.decode(latents, profile)
         if output_type == "pt":
@@ -263,7 +274,7 @@ class Engine:
                 seg = self._segments[(kind, None)][0]
                 tokens = self._tokenizers[kind](prompts)  # input_ids [N, L] (and attention_mask)
                 names = [i["name"] for i in seg["inputs"]]
-                outs = _chunked(self._rows(kind, None, seg["layers"][0], names), self._first.batch,
+                outs = chunked(self._rows(kind, None, seg["layers"][0], names), self._first.batch,
                                 *(tokens[n].to(self._encoder_device) for n in names))
                 outputs |= dict(zip((o["name"] for o in seg["outputs"]), outs))
         pooled = outputs.get("pooled_prompt_embeds")
@@ -291,7 +302,7 @@ class Engine:
         if self.components is None:
             raise _transformer_only_error()
         unpacked = self.family.unpack_latents(latents, profile)  # FLUX.1 [N, 16, H/8, W/8]; FLUX.2 [N, 128, H/16, W/16]
-        images, = _chunked(self._rows("vae", profile, "vae", ["latents"]), profile.batch, unpacked)
+        images, = chunked(self._rows("vae", profile, "vae", ["latents"]), profile.batch, unpacked)
         return images.float().cpu()
 
     def _check_prompts(self, prompt) -> list[str]:
@@ -321,7 +332,7 @@ class Engine:
     # ---- the denoising loop --------------------------------------------------------------------
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor | None, *, height: int, width: int,
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
-                cuda_graph: bool = True, cache_config: "cache.CacheConfig | None" = None,
+                cuda_graph: bool = True, cache_config: CacheConfig | None = None,
                 report: dict | None = None, step_ms: list | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
@@ -337,9 +348,8 @@ class Engine:
         config = cache_config or self.cache_config()
         self._check_cache(config)
         if latents is None:
-            latents = flux_math.initial_noise(profile.batch, profile, self.config["in_channels"] // 4, seed, self.dtype,
-                                              self.family.name)
-        sig = flux_math.sigmas(steps, profile.image_tokens, self.family.name)  # [steps + 1] f32
+            latents = self.family.initial_noise(profile.batch, profile, self.config["in_channels"], seed, self.dtype)
+        sig = self.family.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
         state = {  # this rank's tokens in a context-parallel run
             "hidden_states": self._local(latents, 1).to(self.device, self.dtype).contiguous(),
@@ -361,7 +371,7 @@ class Engine:
         state["rope_cos"], state["rope_sin"] = self.rope(profile)
 
         step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph)
-        skipped, clock = [], _StepClock(self.device) if step_ms is not None else None
+        skipped, clock = [], StepClock(self.device) if step_ms is not None else None
         for i in range(steps):
             if clock:
                 clock.tick()
@@ -376,18 +386,18 @@ class Engine:
                                                   "full_steps": steps - len(skipped)}
         return parallel.gather(step.state["hidden_states"].clone(), 1)
 
-    def cache_config(self, **overrides) -> "cache.CacheConfig":
+    def cache_config(self, **overrides) -> CacheConfig:
         """The engine's step-skipping policy (built with `fluxc build --cache`), with fields overridden:
         policy, threshold, warmup_steps, max_consecutive_skips, schedule (None keeps a field)."""
-        config = cache.cache_config_from_dict(self.manifest.get("cache", {}).get("config")).with_overrides(**overrides)
+        config = cache_config_from_dict(self.manifest["cache"]["config"]).with_overrides(**overrides)
         tuned = sorted(k for k, v in overrides.items() if k != "policy" and v is not None)
         if tuned and not config.on:
             raise FluxcError(f"Cache settings {tuned} were given, but no cache policy is on (this engine's default "
                              "is none).", "Add --cache fbcache or --cache teacache.")
         return config
 
-    def _check_cache(self, config: "cache.CacheConfig") -> None:
-        points = self.manifest.get("cache", {})
+    def _check_cache(self, config: CacheConfig) -> None:
+        points = self.manifest["cache"]
         if config.on and "cut" not in points:
             raise FluxcError("This engine has no cache points (built before fluxc had them).",
                              "Rebuild it with this fluxc, or run with --cache none.")
@@ -400,9 +410,9 @@ class Engine:
         channels = self.config["num_attention_heads"] * self.config["attention_head_dim"]
         return torch.empty(profile.batch, profile.local_image_tokens, channels, device=self.device, dtype=self.dtype)
 
-    def _step(self, profile: Profile, config: "cache.CacheConfig", state: dict, graphed: bool) -> "_Step":
+    def _step(self, profile: Profile, config: CacheConfig, state: dict, graphed: bool) -> "Step":
         """The step runner for this profile and policy; captured ones are kept for the next generation."""
-        kind = _CachedStep if config.on else _Step
+        kind = CachedStep if config.on else Step
         if not graphed:
             return kind(self, profile, config, state, graphed=False)
         key = self.graph_key(profile, config)
@@ -413,49 +423,12 @@ class Engine:
         return step
 
     @staticmethod
-    def graph_key(profile: Profile, config: "cache.CacheConfig") -> tuple:
+    def graph_key(profile: Profile, config: CacheConfig) -> tuple:
         """Which captured step serves this profile and policy (the schedule and warm-up are per-step inputs;
         the rest of a policy is baked into its graphs)."""
         if not config.on:
             return (profile.name,)
         return (profile.name, config.policy, config.limit, config.max_consecutive_skips)
-
-    # one step in pieces: the whole step, or (cached) the head up to the cut + decision, then the rest or the reuse
-    def _euler_step(self, profile: Profile, state: dict) -> None:
-        self._finish_step(state, self.transformer(profile, state))
-
-    def _finish_step(self, state: dict, noise_pred: torch.Tensor) -> None:
-        latents = state["hidden_states"]
-        latents.copy_(flux_math.euler_step(latents, noise_pred, state["dt"]))
-
-    def _cache_head(self, profile: Profile, config: "cache.CacheConfig", state: dict) -> tuple[dict, torch.Tensor]:
-        """Head (and FBCache's first block), the probe and the decision. Returns the streams at the cut and the probe."""
-        acts = dict(state)
-        acts |= self._run("head", profile, "", acts)
-        first = self._double_layers(profile)[0]
-        if config.policy == "fbcache":
-            before = acts["hidden_states"]
-            acts |= self._run("double", profile, first, acts)
-            probe = acts["hidden_states"] - before  # the first block's residual
-        else:
-            probe = self._run("double" + cache.PROBE_SUFFIX, profile, first, acts)[cache.PROBE_OUTPUT]  # its modulated input
-        cache.decide(config, state, probe, parallel.all_reduce)  # every rank decides on all tokens
-        return acts, probe
-
-    def _cache_rest(self, profile: Profile, config: "cache.CacheConfig", state: dict, cut: dict,
-                    probe: torch.Tensor) -> None:
-        """The rest of the stack from the cut; remembers its residual (and FBCache's probe) for later skips."""
-        acts = dict(cut)
-        self._blocks(profile, acts, first=1 if config.policy == "fbcache" else 0)
-        state["cache_tail"].copy_(acts["hidden_states"] - cut["hidden_states"])
-        if config.policy == "fbcache":
-            state["cache_prev"].copy_(probe)
-        self._finish_step(state, self._run("tail", profile, "", acts)["noise_pred"])
-
-    def _cache_reuse(self, profile: Profile, state: dict, cut: dict) -> None:
-        """A skipped step: the stream at the cut plus the remembered residual of the rest, then the tail."""
-        acts = dict(cut, hidden_states=cut["hidden_states"] + state["cache_tail"])
-        self._finish_step(state, self._run("tail", profile, "", acts)["noise_pred"])
 
     def _check_embeddings(self, profile: Profile, prompt_embeds, pooled) -> None:
         checks = [("prompt_embeds", prompt_embeds, (profile.batch, profile.text_tokens, self.config["joint_attention_dim"]))]
@@ -510,20 +483,6 @@ def _transformer_only_error() -> FluxcError:
                       "(`fluxc run --embeddings`, Engine.denoise).")
 
 
-def _chunked(fn, batch: int, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """fn over rows of `inputs` in chunks of the segments' static batch; the last chunk is padded by
-    repeating its last row, and the padding is dropped from the concatenated outputs."""
-    n = inputs[0].shape[0]
-    outs = []
-    for start in range(0, n, batch):
-        chunk = [x[start:start + batch] for x in inputs]
-        pad = batch - chunk[0].shape[0]
-        if pad:
-            chunk = [torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in chunk]
-        outs.append([y[:batch - pad] for y in fn(*chunk)])
-    return [ys[0] if len(ys) == 1 else torch.cat(ys) for ys in zip(*outs)]
-
-
 def to_pil(images: torch.Tensor) -> list:
     """float [N, H, W, 3] in [0, 1] -> PIL images, rounded as diffusers' numpy_to_pil does."""
     from PIL import Image
@@ -532,108 +491,9 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(p) for p in pixels]
 
 
-class _StepClock:
-    """Milliseconds between ticks (and from the last tick to done()): CUDA events recorded on the stream, read
-    once at the end, on a GPU; the wall clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def tick(self) -> None:
-        if self.cuda:
-            self.marks.append(torch.cuda.Event(enable_timing=True))
-            self.marks[-1].record()
-        else:
-            self.marks.append(time.perf_counter())
-
-    def done(self) -> list[float]:
-        self.tick()
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-
-
-class _StageClock:
-    """Wall seconds per stage into `timings` (synchronizing the GPU at stage ends), or nothing."""
-
-    def __init__(self, device: torch.device, timings: dict | None):
-        self.device, self.timings = device, timings
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        yield
-        if self.timings is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.timings[name] = time.perf_counter() - start
-
-
-class _Step:
-    """One Euler step as a list of pieces over the loop's state buffers, each captured as a CUDA graph (all in
-    one memory pool) when `graphed`, else run as is. run() runs the step; it returns whether the step skipped."""
-
-    def __init__(self, engine: Engine, profile: Profile, config, state: dict, graphed: bool):
-        self.engine, self.profile, self.config = engine, profile, config
-        self.state = {k: v.clone() for k, v in state.items()} if graphed else state
-        self.pieces = self._pieces()
-        self.graphs = _capture(self.pieces) if graphed else None
-
-    def _pieces(self) -> list:
-        return [lambda: self.engine._euler_step(self.profile, self.state)]
-
-    def _piece(self, i: int) -> None:
-        if self.graphs is None:
-            self.pieces[i]()
-        else:
-            self.graphs[i].replay()
-
-    def run(self) -> bool:
-        self._piece(0)
-        return False
-
-    def load(self, state: dict) -> None:
-        """Copy the caller's inputs into the captured buffers (the warm-up changed them)."""
-        for k, v in state.items():
-            self.state[k].copy_(v)
-
-
-class _CachedStep(_Step):
-    """A step with a cache policy: the head up to the cut with the decision, then the rest of the stack or
-    the reuse of its remembered residual, picked by reading the decision's flag (one host sync per step)."""
-
-    def _pieces(self) -> list:
-        e, profile, config, state = self.engine, self.profile, self.config, self.state
-
-        def head():
-            self.cut, self.probe = e._cache_head(profile, config, state)
-
-        return [head, lambda: e._cache_rest(profile, config, state, self.cut, self.probe),
-                lambda: e._cache_reuse(profile, state, self.cut)]
-
-    def run(self) -> bool:
-        self._piece(0)
-        skip = bool(self.state["cache_skip"])  # the flag read
-        self._piece(2 if skip else 1)
-        return skip
-
-
-def _capture(pieces: list) -> list[torch.cuda.CUDAGraph]:
-    """CUDA graphs of `pieces`, sharing one memory pool (later pieces read earlier pieces' outputs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside capture: lazy init, autotuning
-        for _ in range(2):
-            for piece in pieces:
-                piece()
-    torch.cuda.current_stream().wait_stream(side)
-    graphs, pool = [], None
-    for piece in pieces:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            piece()
-        pool = pool or graph.pool()
-        graphs.append(graph)
-    return graphs
+def run_engine(path: str, method: str, kwargs: dict, load: dict | None = None):
+    """Engine.load(path, **load).<method>(**kwargs) on this rank; rank 0 returns the result (on the CPU)."""
+    result = getattr(Engine.load(path, **(load or {})), method)(**kwargs)
+    if parallel.rank() != 0:
+        return None
+    return result.cpu() if isinstance(result, torch.Tensor) else result

@@ -36,10 +36,23 @@ class PromptTokenizer:
                 texts = [t.replace(s, "") for t in texts]
             texts = [prefix + t + suffix for t in texts]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=self.template is None)
-        for prompt, enc in zip(prompts, encodings):
+        for prompt, text, enc in zip(prompts, texts, encodings):
             if enc.overflowing:
-                dropped = " ".join(self.tokenizer.decode(o.ids) for o in enc.overflowing)
                 warnings.warn(f"Prompt {prompt[:40]!r}... was truncated to {self.max_length} {self.name} tokens; "
-                              f"dropped: {dropped!r}", stacklevel=3)
+                              f"dropped: {self._dropped(text, enc)!r}", stacklevel=3)
         return {"input_ids": torch.tensor([enc.ids for enc in encodings], dtype=torch.long),
                 "attention_mask": torch.tensor([enc.attention_mask for enc in encodings], dtype=torch.long)}
+
+    def _dropped(self, text: str, enc) -> str:
+        """The prompt's text from the first word truncation cut into (whole words, no special or pad tokens)."""
+        starts = [start for o in enc.overflowing for (start, end), special in zip(o.offsets, o.special_tokens_mask)
+                  if not special and end > start]
+        if not starts:
+            return ""
+        start = min(starts)
+        while start > 0 and not text[start - 1].isspace():  # back to the start of a word the cut split
+            start -= 1
+        dropped = text[start:]
+        if self.template:
+            dropped = dropped.removesuffix(self.template[1])
+        return dropped.strip()

@@ -23,13 +23,13 @@ import shutil
 import tempfile
 
 import torch
-from bench_transformer import cuda_ms, free, source_commit
+from timing import cuda_ms, free, source_commit
 
 from fluxc.build import BuildOptions, build
 from fluxc.numerics import sqnr_db
 from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
-from fluxc.runtime.cache import CacheConfig
+from fluxc.runtime.core.cache_config import CacheConfig
 
 H = W = 1024
 STEPS = 28

@@ -23,13 +23,14 @@ import time
 
 import torch
 from safetensors.torch import load_file, save_file
-from bench_transformer import cuda_ms, free, phase_peak, source_commit
+from timing import cuda_ms, free, phase_peak, source_commit
 
 from fluxc.build import BuildOptions, build
-from fluxc.models import load_model
+from fluxc.frontend.models import load_model
 from fluxc.numerics import relative_error, sqnr_db
 from fluxc.runtime import Engine
-from fluxc.runtime.flux_math import Profile, position_ids
+from fluxc.runtime.core.families import FAMILIES
+from fluxc.runtime.core.profile import Profile
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
 PHASES = ("eager", "compile") + PRECISIONS
@@ -101,7 +102,7 @@ def main():
     cfg = dict(model.config)
     x = inputs(cfg, profile)
     xb = to(x, device, torch.bfloat16)
-    ids = position_ids(profile, "flux2").to(device)
+    ids = FAMILIES["flux2"].position_ids(profile).to(device)
     call = lambda m: lambda: m(**xb, txt_ids=ids[:args.text], img_ids=ids[args.text:], return_dict=False)[0]
     eager_out = call(model)().float().cpu()
     parameters = sum(p.numel() for p in model.parameters())

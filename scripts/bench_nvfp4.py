@@ -12,23 +12,20 @@ Writes JSON to --out and prints a short table last.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-from bench_transformer import H, TEXT, W, source_commit
+from timing import H, TEXT, W, source_commit
 from fluxc.build import BuildOptions, build
-from fluxc.models import load_model
+from fluxc.frontend.models import load_model
 from fluxc.numerics import NVFP4_LINEAR_SQNR_DB, sqnr_db
 from fluxc.passes import lower_nvfp4, quantize_nvfp4
 from fluxc.passes.base import PassContext
 from fluxc.plan import verify_plan
 from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # the CPU tests' one-linear graphs
-from test_fp8 import _one_linear  # noqa: E402
-from test_passes import _run  # noqa: E402
+from fluxc.weights import call_graph, one_linear_graph
 
 
 def per_layer_sqnr(model, target: str) -> dict[str, float]:
@@ -43,8 +40,8 @@ def per_layer_sqnr(model, target: str) -> dict[str, float]:
             w, b = linear.weight.detach(), linear.bias.detach()
             x = torch.randn(H // 16 * W // 16 + TEXT, w.shape[1], device="cuda", generator=g).to(torch.bfloat16)
             ctx = PassContext(recipe, target, kind)
-            gm = lower_nvfp4.run(quantize_nvfp4.run(_one_linear(w, b, x.shape[0], name), ctx).graph, ctx).graph
-            (got,) = _run(gm, {f"{name}.weight": w, f"{name}.bias": b, "x_1": x})
+            gm = lower_nvfp4.run(quantize_nvfp4.run(one_linear_graph(w, b, x.shape[0], name), ctx).graph, ctx).graph
+            (got,) = call_graph(gm, {f"{name}.weight": w, f"{name}.bias": b, "x_1": x})
             out[f"{kind}:{name}"] = round(sqnr_db(got, x.double() @ w.double().t() + b.double()), 2)
     return out
 

@@ -114,14 +114,15 @@ def time_loop(path: str, steps: int, end_to_end: bool):
 
 def baselines(steps: int) -> dict:
     """diffusers' FluxTransformer2DModel on one GPU, eager and torch.compile: ms per call x steps."""
-    from bench_transformer import cuda_ms, diffusers_call, free, inputs
+    from timing import cuda_ms, diffusers_call, free, inputs
 
-    from fluxc.models import load_model
-    from fluxc.runtime.flux_math import Profile, position_ids
+    from fluxc.frontend.models import load_model
+    from fluxc.runtime.core.families import FAMILIES
+    from fluxc.runtime.core.profile import Profile
 
     model = load_model("flux1-dev", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
     x = inputs(model.config)
-    ids = position_ids(Profile(H, W, 512)).cuda()
+    ids = FAMILIES["flux1"].position_ids(Profile(H, W, 512)).cuda()
     out = {}
     with torch.no_grad():
         ms = cuda_ms(diffusers_call(model, x, ids), calls=3)
@@ -159,7 +160,7 @@ def main():
             _dump(args.out, done)
         return
 
-    from bench_transformer import source_commit
+    from timing import source_commit
 
     from fluxc.numerics import sqnr_db
     from fluxc.runtime import parallel

@@ -1,7 +1,7 @@
 """Text to image end to end: diffusers FluxPipeline eager vs the same with the transformer under
 torch.compile vs the fluxc engine (tokenizers, CLIP, T5, transformer, VAE all in the engine).
 
-One process, the same seeded random weights for every path, one prompt, batch 1, per ../shared/LAB.md.
+One process, the same seeded random weights for every path, one prompt, batch 1, per the benchmark protocol in benchmarks/README.md.
 Paths run one after another with only their own models on the GPU, so each peak-memory figure is that
 path's own. Correctness first (prompt embeddings and the final image vs diffusers eager), then time:
 end-to-end seconds (median of --repeats calls after one warm-up call) and the seconds of each stage
@@ -22,10 +22,11 @@ import time
 import numpy as np
 import torch
 
-from bench_transformer import free, phase_peak, source_commit
-from fluxc.build import BuildOptions, build, parse_resolution
-from fluxc.components import diffusers_pipeline, load_components
-from fluxc.models import ARCHITECTURES, load_model
+from timing import free, phase_peak, source_commit
+from fluxc.build import BuildOptions, build
+from fluxc.validate import parse_resolution
+from fluxc.frontend.components import diffusers_pipeline, load_components
+from fluxc.frontend.models import ARCHITECTURES, load_model
 from fluxc.numerics import psnr_db, relative_error
 from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine

@@ -1,7 +1,7 @@
 """FLUX.1-dev transformer on one GPU: diffusers eager vs torch.compile vs the fluxc bf16 engine.
 
 One process, the same seeded random FLUX.1-dev weights (bf16), 1024x1024 (4096 image + 512 text tokens),
-batch 1, per ../shared/LAB.md. Phases run one after another with only their own model on the GPU, so
+batch 1, per the benchmark protocol in benchmarks/README.md. Phases run one after another with only their own model on the GPU, so
 each peak-memory figure is that path's own. Correctness first: each path's output on the same inputs
 is compared with diffusers eager (relative error). Writes JSON to --out and prints a table last.
 ms/step is a loop's: fluxc's whole 28-step denoising loop (schedule segments, then each step's copies,
@@ -12,26 +12,23 @@ back to back, as a denoising loop runs them, lets each launch overlap the previo
 """
 
 import argparse
-import gc
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import tempfile
 import time
 
 import torch
 
 from fluxc.build import BuildOptions, build
-from fluxc.models import load_model
+from fluxc.frontend.models import load_model
 from fluxc.numerics import relative_error, sqnr_db
 from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
-from fluxc.runtime.flux_math import Profile, position_ids
+from fluxc.runtime.core.families import FAMILIES
+from fluxc.runtime.core.profile import Profile
+from timing import H, TEXT, W, cuda_ms, diffusers_call, free, inputs, kernel_breakdown, phase_peak, source_commit
 
-H = W = 1024
-TEXT = 512
 AUTOTUNE = (("emulate_precision_casts", True), ("max_autotune_gemm", True), ("coordinate_descent_tuning", True))
 # --variants: label -> (recipe, recipe overrides, calibration samples)
 VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("hoist_schedule", False),), 0),
@@ -39,122 +36,6 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
             "fluxc bf16 autotune": ("bf16", (("inductor_options", AUTOTUNE),), 0),
             "fluxc fp8": ("sm90_fp8", (), 0), "fluxc fp8 attn": ("sm90_fp8_attn", (), 0),
             "fluxc fp8 calibrated": ("sm90_fp8", (), 4)}
-
-
-def source_commit() -> str:
-    """The commit measured: $FLUXC_COMMIT (the lab GPU gets a copy of the tree without its history), else git."""
-    return os.environ.get("FLUXC_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                            capture_output=True, text=True).stdout.strip()
-
-
-def probe_out() -> str:
-    """A probe script's one argument, --out DIR (created): where it writes its JSON."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    out = ap.parse_args().out
-    os.makedirs(out, exist_ok=True)
-    return out
-
-
-def cuda_ms(fn, warmup=3, iters=10, calls=1) -> float:
-    """Median over `iters` CUDA-event timings of `calls` back-to-back fn() calls, per call, after warm-up.
-    calls > 1 times calls as a denoising loop makes them: each launch overlaps the previous call's GPU work."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
-def kernel_category(name: str) -> str:
-    """GEMM, attention or other, from a CUDA kernel's name (cuBLAS/cuBLASLt/CUTLASS, cuDNN/flash SDPA)."""
-    n = name.lower()
-    if n.startswith("triton") or n.startswith("_"):  # Inductor's and fluxc's Triton kernels: fused elementwise work
-        return "other"
-    if any(s in n for s in ("sdpa", "fmha", "flash_fwd", "attention")):
-        return "attention"
-    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
-        return "gemm"
-    return "other"
-
-
-def kernel_breakdown(fn, iters: int = 3, top: int = 20) -> dict:
-    """torch.profiler over `iters` calls of fn: GPU kernel ms per call by category, and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    by_name: dict[str, list[float]] = {}
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0),
-                     key=lambda e: e.time_range.start)
-    for e in kernels:
-        t = by_name.setdefault(e.name, [0.0, 0])
-        t[0] += e.device_time / 1000 / iters  # us -> ms per call
-        t[1] += 1 / iters
-    # idle GPU time between kernels (the calls run back to back), charged to the kernel that ends the wait
-    idle_before: dict[str, float] = {}
-    busy_until = kernels[0].time_range.start if kernels else 0
-    for e in kernels:
-        if e.time_range.start > busy_until:
-            idle_before[e.name] = idle_before.get(e.name, 0.0) + (e.time_range.start - busy_until) / 1000 / iters
-        busy_until = max(busy_until, e.time_range.end)
-    cats = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
-    for name, (ms, _) in by_name.items():
-        cats[kernel_category(name)] += ms
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
-    return {**{f"{c}_ms": round(v, 3) for c, v in cats.items()}, "kernel_ms": round(sum(cats.values()), 3),
-            "top_kernels": [{"name": n[:160], "category": kernel_category(n), "ms": round(ms, 3), "calls": round(c, 1)}
-                            for n, (ms, c) in ranked[:top]],
-            "top_other": [{"name": n[:160], "ms": round(ms, 3), "calls": round(c, 1)}
-                          for n, (ms, c) in ranked if kernel_category(n) == "other"][:top],
-            "idle_ms": round(sum(idle_before.values()), 3),
-            "top_idle_before": [{"name": n[:160], "ms": round(ms, 3)}
-                                for n, ms in sorted(idle_before.items(), key=lambda kv: -kv[1])[:10]]}
-
-
-def inputs(cfg, seed=123):
-    """Transformer inputs as FluxPipeline passes them at step 0 (bf16 activations, f32 guidance)."""
-    g = torch.Generator("cuda").manual_seed(seed)
-    p = Profile(H, W, TEXT)
-    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
-    return {
-        "hidden_states": torch.randn(1, p.image_tokens, cfg["in_channels"], **bf),
-        "encoder_hidden_states": torch.randn(1, TEXT, cfg["joint_attention_dim"], **bf),
-        "pooled_projections": torch.randn(1, cfg["pooled_projection_dim"], **bf),
-        "timestep": torch.full((1,), 0.75, device="cuda", dtype=torch.bfloat16),
-        "guidance": torch.full((1,), 3.5, device="cuda"),
-    }
-
-
-def diffusers_call(model, x, ids):
-    txt_ids, img_ids = ids[:TEXT], ids[TEXT:]
-    return lambda: model(hidden_states=x["hidden_states"], encoder_hidden_states=x["encoder_hidden_states"],
-                         pooled_projections=x["pooled_projections"], timestep=x["timestep"], guidance=x["guidance"],
-                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-
-
-def phase_peak(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, torch.cuda.max_memory_allocated() / 2**30
-
-
-def free():
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -229,7 +110,7 @@ def main():
         return
     # 2. diffusers eager on the same weights
     model = load_model("flux1-dev", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
-    ids = position_ids(Profile(H, W, TEXT)).cuda()
+    ids = FAMILIES["flux1"].position_ids(Profile(H, W, TEXT)).cuda()
     call = diffusers_call(model, x, ids)
     eager_out = outputs["diffusers eager"] = call().float().cpu()
     ms, peak = phase_peak(lambda: cuda_ms(call, calls=3))
@@ -250,7 +131,8 @@ def main():
         results[name]["sqnr_db_vs_eager"] = sqnr_db(out, eager_out)
     base = results["torch.compile"]["ms_per_step"]
     for r in results.values():
-        r["ratio_to_torch_compile"] = r["ms_per_step"] / base
+        r["ratio_to_torch_compile"] = r["ms_per_step"] / base  # < 1: faster than torch.compile
+        r["speedup_vs_torch_compile"] = base / r["ms_per_step"]
     rec["results"] = results
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -262,11 +144,11 @@ def main():
         for k in r["kernels"]["top_kernels"]:
             print(f"  {k['ms']:8.3f} {k['calls']:6.1f}x {k['category']:<9} {k['name'][:110]}")
     print(f"\nms/step: fluxc's {args.steps}-step denoising loop / {args.steps}; diffusers: back-to-back transformer calls")
-    print(f"\n{'path':<18}{'ms/step':>9}{'x compile':>11}{'rel.err':>10}{'SQNR dB':>9}{'peak GiB':>10}{'GEMM':>8}{'attn':>8}"
+    print(f"\n{'path':<18}{'ms/step':>9}{'speedup':>9}{'x compile':>11}{'rel.err':>10}{'SQNR dB':>9}{'peak GiB':>10}{'GEMM':>8}{'attn':>8}"
           f"{'other':>8}{'idle':>7}{'weights GB':>11}")
     for name, r in results.items():
         k = r["kernels"]
-        print(f"{name:<18}{r['ms_per_step']:>9.1f}{r['ratio_to_torch_compile']:>11.3f}"
+        print(f"{name:<18}{r['ms_per_step']:>9.1f}{r['speedup_vs_torch_compile']:>9.3f}{r['ratio_to_torch_compile']:>11.3f}"
               f"{r['relative_error_vs_eager']:>10.2e}{r['sqnr_db_vs_eager']:>9.1f}{r['peak_gib']:>10.1f}"
               f"{k['gemm_ms']:>8.1f}{k['attention_ms']:>8.1f}{k['other_ms']:>8.1f}{k['idle_ms']:>7.1f}"
               f"{r.get('weights_gb', float('nan')):>11.2f}")

@@ -4,13 +4,14 @@
 #   smoke        bench_pipeline.py on the tiny pipeline (a minute; checks the script before a long run)
 #   pipeline     text-to-image benchmark, FLUX.1-dev 1024x1024, 28 steps      -> $OUT/bench_pipeline.json
 #   transformer  per-step transformer benchmark, FLUX.1-dev 1024x1024          -> $OUT/bench_transformer.json
+#                ($TRANSFORMER_VARIANTS: the fluxc engines, default "fluxc bf16,fluxc bf16 no hoist,fluxc bf16 unfused")
 #   nvfp4        NVFP4 emulated engine, per-layer SQNR, sm_100 plan (FLUX.1-dev)  -> $OUT/bench_nvfp4.json
 #   cache        cache points: skipped-step cost, forced 12/28 schedule ($CACHE_RECIPES, default bf16,sm90_fp8)
 #                                                                               -> $OUT/bench_cache.json
 #   parallel-build  engines for 1, 2, 4 ranks (bf16, fp8; fp8 pipeline for 4), side by side (multi-GPU kinds)
 #   parallel        context parallelism on 1, 2, 4 GPUs after parallel-build    -> $OUT/bench_parallel.json
 #                   ($PARALLEL_WORLDS, default 1,2,4, picks the world sizes for both: 1,2 on nvidia-h200-x2;
-#                   other overlap-part counts: scripts/probe_parallel_env.py's chunks-N variants)
+#                   other overlap-part counts: FLUXC_ULYSSES_CHUNKS=N)
 #   flux2           FLUX.2-dev bf16/fp8/nvfp4 engines vs eager and torch.compile  -> $OUT/bench_flux2.json
 #                   ($FLUX2_PHASES splits it over calls: eager,bf16 writes $OUT/flux2_reference.safetensors, which
 #                   later calls carry and name in $FLUX2_REFERENCE; a bf16 engine is 64 GB on disk)
@@ -30,7 +31,8 @@ for job in "${@:-tests}"; do
     smoke) python3 scripts/bench_pipeline.py --model tiny --resolution 144x112 --steps 2 --repeats 1 \
              --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" || rc=1 ;;
     pipeline) python3 scripts/bench_pipeline.py --out "$OUT/bench_pipeline.json" 2>&1 | tee "$OUT/bench_pipeline.log" || rc=1 ;;
-    transformer) python3 scripts/bench_transformer.py --out "$OUT/bench_transformer.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    transformer) python3 scripts/bench_transformer.py --out "$OUT/bench_transformer.json" \
+             ${TRANSFORMER_VARIANTS:+--variants "$TRANSFORMER_VARIANTS"} 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     nvfp4) python3 scripts/bench_nvfp4.py --out "$OUT/bench_nvfp4.json" 2>&1 | tee "$OUT/bench_nvfp4.log" || rc=1 ;;
     cache) python3 scripts/bench_cache.py --recipes "${CACHE_RECIPES:-bf16,sm90_fp8}" --out "$OUT/bench_cache.json" \
              2>&1 | tee "$OUT/bench_cache.log" || rc=1 ;;

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_fp32():
     """The tiny model in fp32 on CPU (seed 0): the diffusers module the engines are built from."""
-    from fluxc.models import load_model
+    from fluxc.frontend.models import load_model
 
     return load_model("tiny", dtype=torch.float32, device=torch.device("cpu"), seed=0)
 
@@ -46,7 +46,7 @@ def tiny_engine_path(tmp_path_factory):
 def tiny_pipeline_dir(tmp_path_factory, tiny_fp32):
     """The tiny pipeline saved as a diffusers FLUX folder: the source of the pipeline engine, and what
     the reference FluxPipeline.from_pretrained loads independently of fluxc."""
-    from fluxc.components import load_components, save_pipeline_folder
+    from fluxc.frontend.components import load_components, save_pipeline_folder
 
     path = str(tmp_path_factory.mktemp("pipelines") / "tiny-flux")
     comps = load_components("tiny", "flux1", dtype=torch.float32, device=torch.device("cpu"), seed=0)

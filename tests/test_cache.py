@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import random_embeddings
 
-from fluxc.components import diffusers_pipeline
+from fluxc.frontend.components import diffusers_pipeline
 from fluxc.runtime import FluxcError
-from fluxc.runtime.cache import CacheConfig
+from fluxc.runtime.core.cache_config import CacheConfig
 
 SIZE = dict(height=144, width=112)
 STEPS, SEED = 8, 5
@@ -197,13 +197,13 @@ def test_unfused_double_block_gets_no_teacache_probe(tiny_fp32):
     from fluxc.passes.base import PassContext
     from fluxc.passes.pipeline import resolve, run_pipeline
     from fluxc.recipes import RECIPES
-    from fluxc.runtime.flux_math import Profile
-    from fluxc.trace import trace_model
+    from fluxc.runtime.core.profile import Profile
+    from fluxc.frontend.trace import trace_model
 
     recipe = dataclasses.replace(RECIPES["reference"](), fusion=False)
     double = next(s for s in trace_model(tiny_fp32, [Profile(144, 112, 13)], torch.device("cpu"), torch.float32)
                   if s.kind == "double")
     passes = [p for p in resolve(recipe, "cpu") if p.phase != "lower"]
     result = run_pipeline(double.graph, PassContext(recipe, "cpu", "double"), passes=passes)
-    assert result.counts["insert_cache_points"] == {"probes": 0} and result.probe is None
+    assert result.counts["insert_cache_points"] == {"probes": 0} and "probe" not in result.side
     assert "fuse_adaln off" in result.explain["insert_cache_points"]

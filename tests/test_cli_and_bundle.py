@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxc.cli import main
-from fluxc.runtime.bundle import MANIFEST, SAFETENSORS_DTYPES, bundle_files, sha256_file, write_safetensors
+from fluxc.runtime.core.bundle import MANIFEST, SAFETENSORS_DTYPES, bundle_files, sha256_file, write_safetensors
 
 
 def test_manifest_lists_every_file_with_its_hash(tiny_engine_path):

@@ -4,9 +4,11 @@ import pytest
 import torch
 from conftest import TINY_PROFILES, TINY_TEXT, random_embeddings
 
-from fluxc.components import diffusers_pipeline
+from fluxc.frontend.components import diffusers_pipeline
 from fluxc.numerics import assert_close_report
-from fluxc.runtime import flux_math
+from fluxc.runtime.core import flux_math
+from fluxc.runtime.core.families import FAMILIES
+from fluxc.runtime.core.profile import Profile
 
 
 def _transformer_inputs(profile, seed):
@@ -21,7 +23,7 @@ def _transformer_inputs(profile, seed):
 def test_engine_transformer_equals_diffusers(tiny_engine, tiny_fp32, height, width):
     profile = tiny_engine.profile_for(height, width)
     x = _transformer_inputs(profile, seed=height)
-    ids = flux_math.position_ids(profile)
+    ids = FAMILIES["flux1"].position_ids(profile)
     with torch.no_grad():
         expected = tiny_fp32.module(**x, txt_ids=ids[:TINY_TEXT], img_ids=ids[TINY_TEXT:], return_dict=False)[0]
     cos, sin = tiny_engine.rope(profile)
@@ -41,8 +43,8 @@ def test_latents_after_8_steps_equal_flux_pipeline(tiny_engine, tiny_fp32, heigh
 
 
 def test_rope_tables_equal_diffusers_pos_embed(tiny_fp32):
-    profile = flux_math.Profile(144, 112, TINY_TEXT)
-    ids = flux_math.position_ids(profile)
+    profile = Profile(144, 112, TINY_TEXT)
+    ids = FAMILIES["flux1"].position_ids(profile)
     cos, sin = flux_math.rope_tables(ids, (16, 56, 56))
     ref_cos, ref_sin = tiny_fp32.module.pos_embed(ids)
     assert torch.allclose(cos, ref_cos, atol=1e-6) and torch.allclose(sin, ref_sin, atol=1e-6)
@@ -56,7 +58,7 @@ def test_sigmas_equal_diffusers_scheduler(steps, tokens):
 
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens))
-    assert torch.allclose(flux_math.sigmas(steps, tokens), sched.sigmas, atol=1e-6)
+    assert torch.allclose(FAMILIES["flux1"].sigmas(steps, tokens), sched.sigmas, atol=1e-6)
 
 
 def test_pack_unpack_roundtrip_matches_pipeline():

@@ -24,7 +24,7 @@ def flux2_engine(tmp_path_factory):
 def test_transformer_equals_diffusers_flux2_eager(flux2_engine):
     """One forward of the engine's segments (head with the shared modulations hoisted into the schedule, double
     and single blocks, tail) against Flux2Transformer2DModel itself, with the Flux2Pipeline's position ids."""
-    from fluxc.models import load_model
+    from fluxc.frontend.models import load_model
     from fluxc.runtime import Engine
 
     engine = Engine.load(flux2_engine)
@@ -50,7 +50,7 @@ def test_flux2_passes_fuse_what_the_blocks_share_with_flux1(flux2_engine):
     """The same passes run on FLUX.2's graphs: QKV, q/k norm + RoPE and AdaLN (FLUX.2's `(1 + scale) * ln + shift`
     on [B, 1, C] slices of the shared modulation) fuse; the head's timestep embedding and shared modulations are
     hoisted into the per-step schedule; the first double block gets its TeaCache probe."""
-    from fluxc.runtime.bundle import read_manifest
+    from fluxc.runtime.core.bundle import read_manifest
 
     m = read_manifest(flux2_engine)
     double, single = m["pass_counts"]["double-128x112"], m["pass_counts"]["single-128x112"]
@@ -98,8 +98,8 @@ def test_denoising_loop_equals_flux2_pipeline(flux2_engine):
     FLUX.2 checkpoint config can be downloaded here to confirm FLUX.2-dev's."""
     from diffusers import Flux2Pipeline
 
-    from fluxc.components import flux2_scheduler
-    from fluxc.models import load_model
+    from fluxc.frontend.components import flux2_scheduler
+    from fluxc.frontend.models import load_model
     from fluxc.runtime import Engine
 
     model = load_model("tiny-flux2", dtype=torch.float32, device=torch.device("cpu"), seed=0).module
@@ -140,8 +140,8 @@ PIPE_TEXT = 48  # the chat-formatted prompt: the tiny tokenizer spends about 30 
 def flux2_pipeline(tmp_path_factory):
     """tiny-flux2 with its components saved as a diffusers FLUX.2 folder, and the fp32 engine built from it."""
     from fluxc.build import BuildOptions, build
-    from fluxc.components import load_components, save_pipeline_folder
-    from fluxc.models import load_model
+    from fluxc.frontend.components import load_components, save_pipeline_folder
+    from fluxc.frontend.models import load_model
 
     root = tmp_path_factory.mktemp("flux2-pipeline")
     cpu = torch.device("cpu")

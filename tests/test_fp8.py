@@ -5,23 +5,25 @@ import os
 
 import pytest
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from fluxc.build import BuildOptions, build, validate
+from fluxc.build import BuildOptions, build
+from fluxc.validate import validate
 from fluxc.ir import WeightSource
 from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB, FP8_LINEAR_SQNR_DB, FP8_SEGMENT_SQNR_DB, sqnr_db
-from fluxc.runtime.kernels import norm_rope_reference
+from fluxc.runtime.ops.kernels import norm_rope_reference
 from fluxc.passes import quantize_fp8
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import run_pipeline
+from fluxc.passes.weight_formats import FORMATS
 from fluxc.recipes import RECIPES, bf16
-from fluxc.runtime.bundle import MANIFEST
-from fluxc.runtime.errors import FluxcError
-from fluxc.runtime.flux_math import Profile
-from fluxc.trace import trace_model
+from fluxc.runtime.core.bundle import MANIFEST
+from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.core.profile import Profile
+from fluxc.frontend.trace import trace_model
 
 from conftest import TINY_TEXT, denoised_sqnr
-from test_passes import _run, _tensors
+from test_passes import _tensors
+from fluxc.weights import call_graph as _run, one_linear_graph as _one_linear
 
 # Per segment on `tiny`: every block linear is quantized (a double block's fused img/txt QKV, both output
 # projections, both MLPs; a single block's QKV, MLP and both halves of its split output projection), the
@@ -38,7 +40,7 @@ GOLDEN = {"head": {"quantized": 0, "inputs": 0, "fused_inputs": 0, "static_input
 
 @pytest.fixture(scope="module")
 def tiny_bf16():
-    from fluxc.models import load_model
+    from fluxc.frontend.models import load_model
 
     return load_model("tiny", dtype=torch.bfloat16, device=torch.device("cpu"), seed=0)
 
@@ -69,7 +71,8 @@ def test_fp8_attention_counts_and_segment_sqnr(tiny_bf16):
     in e4m3 directly; segments against bf16 at the FP8-attention floor."""
     for seg, result, sqnrs in _fp8_segments(tiny_bf16, "sm90_fp8_attn"):
         attention_outputs = {"double": 2, "single": 1}.get(seg.kind, 0)  # to_out + to_add_out; proj_out's half
-        assert result.counts["quantize_fp8"] == {**GOLDEN[seg.kind], "attention": int(attention_outputs > 0),
+        assert result.counts["quantize_fp8_attention"] == {"attention": int(attention_outputs > 0)}
+        assert result.counts["quantize_fp8"] == {**GOLDEN[seg.kind],
                                                  "fused_inputs": GOLDEN[seg.kind]["fused_inputs"] + attention_outputs}
         ops = {n.target for n in result.graph.graph.nodes}
         assert (torch.ops.fluxc.attention_fp8.default in ops) == (attention_outputs > 0)
@@ -88,19 +91,10 @@ def test_rms_fp8_scale_bounds_normed_rotated_rows():
     parts = [torch.cat([one_hot, torch.randn(1, 64, h, d, generator=g) * 50], 1).to(torch.bfloat16) for _ in weights]
     angles = torch.rand(2 * (d + 64), d // 2, generator=g).repeat_interleave(2, dim=1) * 6.3
     scale = WeightSource("s", "rms_fp8_scale", (WeightSource("a"), WeightSource("b"))).make(
-        dict(zip("ab", weights)))
+        dict(zip("ab", weights)), FORMATS)
     y = norm_rope_reference(parts, weights, angles.cos(), angles.sin(), 1e-6)
     ratio = float(y.float().abs().max() / (scale * 448))
     assert 0.95 < ratio <= 1.0, ratio
-
-
-def _one_linear(weight: torch.Tensor, bias: torch.Tensor, rows: int, layer: str) -> torch.fx.GraphModule:
-    gm = make_fx(lambda w, b, x: [torch.addmm(b, x, w.t())], tracing_mode="fake")(
-        weight, bias, weight.new_empty(rows, weight.shape[1]))
-    for node, name in zip(gm.graph.nodes, ("weight", "bias")):
-        node.meta["weight"] = WeightSource(f"{layer}.{name}")
-    next(n for n in gm.graph.nodes if n.op == "output").meta["names"] = ["y"]
-    return gm
 
 
 def block_linears(model):
@@ -177,7 +171,7 @@ def test_calibrated_fp8_engine_stores_static_scales_and_denoises_close_to_bf16(t
     time), and the engine's 8-step latents at the fp8 floor against the bf16 engine's."""
     from safetensors.torch import load_file
 
-    from fluxc.runtime.bundle import WEIGHTS
+    from fluxc.runtime.core.bundle import WEIGHTS
 
     m = json.load(open(os.path.join(tiny_engines["fp8-calibrated"], MANIFEST)))
     assert m["calibration"]["samples"] == 2 and "random prompt embeddings" in m["calibration"]["how"]

@@ -5,7 +5,7 @@ import torch
 
 from conftest import random_embeddings
 from fluxc.numerics import sqnr_db
-from fluxc.components import diffusers_pipeline
+from fluxc.frontend.components import diffusers_pipeline
 
 pytestmark = pytest.mark.gpu
 
@@ -30,8 +30,8 @@ def tiny_bf16_cuda(tiny_bf16_path):
 @pytest.fixture(scope="module")
 def tiny_bf16_reference():
     """diffusers' FluxPipeline over the same random components, bf16 on the GPU."""
-    from fluxc.components import load_components
-    from fluxc.models import load_model
+    from fluxc.frontend.components import load_components
+    from fluxc.frontend.models import load_model
 
     cuda = torch.device("cuda")
     return diffusers_pipeline(load_model("tiny", dtype=torch.bfloat16, device=cuda, seed=0).module,
@@ -64,7 +64,7 @@ def test_graphed_loop_equals_eager_loop_on_gpu(tiny_bf16_cuda):
 def test_cached_graphed_loop_equals_cached_eager_loop_on_gpu(tiny_bf16_cuda, policy, threshold):
     """The cached step's three CUDA graphs (head + decision, rest, reuse) replay what the eager pieces compute,
     with the same decisions; threshold 0 skips nothing and equals the plain graphed loop."""
-    from fluxc.runtime.cache import CacheConfig
+    from fluxc.runtime.core.cache_config import CacheConfig
 
     emb = random_embeddings(dtype=torch.bfloat16)
     run = dict(height=144, width=112, steps=8, seed=3)
@@ -82,7 +82,7 @@ def test_cached_graphed_loop_equals_cached_eager_loop_on_gpu(tiny_bf16_cuda, pol
 
 
 def test_bf16_engine_matches_diffusers_pipeline_on_gpu(tiny_bf16_cuda):
-    from fluxc.models import load_model
+    from fluxc.frontend.models import load_model
     from fluxc.numerics import assert_close_report
 
     model = load_model("tiny", dtype=torch.bfloat16, device=torch.device("cuda"), seed=0).module
@@ -154,10 +154,10 @@ def test_qk_norm_rope_kernel_matches_its_reference():
 
 
 def test_qk_norm_rope_kernel_writes_the_ulysses_send_layout():
-    """qk_norm_rope_into, the kernel writing [B, S, rank, part, head, D] views of a send buffer (runtime/parallel.py),
+    """qk_norm_rope_into, the kernel writing [B, S, rank, part, head, D] views of a send buffer (runtime/ops/ulysses.py),
     holds bit for bit what the op's kernel returns, regrouped by torch; batch 2, two parts, 12 heads as 2 ranks x
     2 parts x 3."""
-    from fluxc.runtime.kernels import qk_norm_rope_into
+    from fluxc.runtime.ops.kernels import qk_norm_rope_into
 
     g = torch.Generator().manual_seed(0)
     b, t, s, h, d = 2, 7, 37, 12, 128
@@ -189,10 +189,10 @@ def test_linear_gelu_uses_the_tanh_form_on_gpu():
 
 
 def test_copy_heads_kernel_moves_what_torchs_copy_moves():
-    """kernels.copy_heads against torch's copy on the regroupings runtime/parallel.py makes (to and from the send
+    """kernels.copy_heads against torch's copy on the regroupings runtime/ops/ulysses.py makes (to and from the send
     layout [part, rank, token, batch, q|k|v, head, D]), batch 2, with a strided source (v in the fused QKV)
     and a head count that is not a power of two."""
-    from fluxc.runtime.kernels import copy_heads
+    from fluxc.runtime.ops.kernels import copy_heads
 
     n, c, hc, s, b, d = 2, 2, 3, 37, 2, 128
     qkv = torch.randn(b, s, 3 * n * c * hc * d, device="cuda").to(torch.bfloat16)

@@ -5,7 +5,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from fluxc.models import load_model
+from fluxc.frontend.models import load_model
 
 CPU = torch.device("cpu")
 
@@ -21,7 +21,7 @@ def test_random_weights_are_deterministic_per_seed():
 
 
 def test_named_architectures_have_the_real_shapes():
-    from fluxc.models import ARCHITECTURES, FLUX1_DEFAULTS
+    from fluxc.frontend.models import ARCHITECTURES, FLUX1_DEFAULTS
 
     family, cfg, text = ARCHITECTURES["flux1-dev"]
     assert (family, cfg["num_layers"], cfg["num_single_layers"], text) == ("flux1", 19, 38, 512)
@@ -86,7 +86,7 @@ def test_bfl_single_file_checkpoint_with_real_shapes(tmp_path):
     """Real FLUX.1-dev key names and tensor shapes (inner dim 3072), one block of each kind."""
     from diffusers import FluxTransformer2DModel
 
-    from fluxc.models import FLUX1_DEFAULTS, init_random_
+    from fluxc.frontend.models import FLUX1_DEFAULTS, init_random_
 
     with torch.device("meta"):
         ref = FluxTransformer2DModel(**dict(FLUX1_DEFAULTS, num_layers=1, num_single_layers=1))
@@ -159,9 +159,9 @@ def test_in_code_tokenizers_are_the_same_in_every_process():
     import subprocess
     import sys
 
-    from fluxc.components import clip_tokenizer, t5_tokenizer
+    from fluxc.frontend.components import clip_tokenizer, t5_tokenizer
 
-    code = "from fluxc.components import clip_tokenizer as c, t5_tokenizer as t; print(c().tokenizer.to_str()); print(t().tokenizer.to_str())"
+    code = "from fluxc.frontend.components import clip_tokenizer as c, t5_tokenizer as t; print(c().tokenizer.to_str()); print(t().tokenizer.to_str())"
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)]
     here = clip_tokenizer().tokenizer.to_str() + "\n" + t5_tokenizer().tokenizer.to_str() + "\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxc.runtime import nvfp4
+from fluxc.runtime.ops import nvfp4
 
 
 # ---- the spec, independently -------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_linear_reference_matches_float64():
 # ---- Triton: compiled for Blackwell here, run on the lab GPU ----------------------------------------------
 def _kernels():
     """(kernel, signature, constexprs) for every fluxc Triton kernel."""
-    from fluxc.runtime import kernels
+    from fluxc.runtime.ops import kernels
 
     return [
         (nvfp4._quantize_kernel, {"x_ptr": "*bf16", "g_ptr": "*fp32", "codes_ptr": "*u8", "scales_ptr": "*fp8e4nv",

@@ -10,20 +10,22 @@ import pytest
 import torch
 
 from fluxc import ir
-from fluxc.build import BuildOptions, build, engine_weights
+from fluxc.build import BuildOptions, build
+from fluxc.weights import engine_weights
 from fluxc.numerics import NVFP4_LINEAR_SQNR_DB, NVFP4_SEGMENT_SQNR_DB, sqnr_db
 from fluxc.passes import lower_nvfp4, quantize_nvfp4
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import LOWER, resolve, run_pipeline
 from fluxc.plan import read_plan, verify_plan
 from fluxc.recipes import RECIPES, bf16
-from fluxc.runtime import nvfp4
-from fluxc.runtime.bundle import MANIFEST
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.ops import nvfp4
+from fluxc.runtime.core.bundle import MANIFEST
+from fluxc.runtime.core.errors import FluxcError
 
 from conftest import TINY_TEXT, denoised_sqnr, random_embeddings
-from test_fp8 import _one_linear, _segments, block_linears, tiny_bf16  # noqa: F401  (fixture)
-from test_passes import _run, _tensors
+from test_fp8 import _segments, block_linears, tiny_bf16  # noqa: F401  (fixture)
+from test_passes import _tensors
+from fluxc.weights import call_graph as _run, one_linear_graph as _one_linear
 
 # Per segment on `tiny`: every block linear becomes one fluxc.nvfp4_linear (a double block's fused img/txt QKV,
 # both output projections, both MLPs; a single block's QKV, MLP and both halves of its split output

@@ -27,7 +27,7 @@ def onnx_engine_path(tmp_path_factory, tiny_pipeline_dir):
 
 
 def test_every_segment_is_a_checked_opset_23_model(onnx_engine_path):
-    from fluxc.runtime.bundle import read_manifest
+    from fluxc.runtime.core.bundle import read_manifest
 
     manifest = read_manifest(onnx_engine_path)
     assert manifest["backend"]["name"] == "onnx" and manifest["backend"]["opset"] == "23"
@@ -69,7 +69,7 @@ def _one_op_model(path, op_type: str, elem_type: int) -> None:
 
 def test_bf16_models_run_widened_and_rounded_like_bf16(tmp_path):
     """ONNX Runtime's CPU provider has no bf16 Sigmoid: the loader runs it in float32 and rounds to bf16."""
-    from fluxc.runtime.backends import load_onnx
+    from fluxc.runtime.loaders import load_onnx
 
     _one_op_model(tmp_path, "Sigmoid", onnx.TensorProto.BFLOAT16)
     x = torch.randn(64).to(torch.bfloat16)
@@ -78,8 +78,8 @@ def test_bf16_models_run_widened_and_rounded_like_bf16(tmp_path):
 
 
 def test_a_model_onnx_runtime_cannot_run_is_a_clear_error(tmp_path):
-    from fluxc.runtime.backends import load_onnx
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.loaders import load_onnx
+    from fluxc.runtime.core.errors import FluxcError
 
     _one_op_model(tmp_path, "Gelu", onnx.TensorProto.DOUBLE)  # no float64 Gelu kernel in ONNX Runtime's CPU provider
     with pytest.raises(FluxcError, match="cannot run segment"):
@@ -103,14 +103,14 @@ def transformer_engines(tmp_path_factory):
 
 
 def _segment_models(path):
-    from fluxc.runtime.bundle import read_manifest
+    from fluxc.runtime.core.bundle import read_manifest
 
     return {seg["kind"]: onnx.load(os.path.join(path, seg["dir"], "segment.onnx")) for seg in read_manifest(path)["segments"]}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8", "nvfp4"])
 def test_every_transformer_segment_passes_the_full_onnx_check(transformer_engines, precision):
-    from fluxc.runtime.bundle import read_manifest
+    from fluxc.runtime.core.bundle import read_manifest
 
     path = transformer_engines[precision, "onnx"]
     for seg in read_manifest(path)["segments"]:
@@ -155,7 +155,7 @@ def _assert_float8_qdq(model):
 def test_nvfp4_segments_are_tensorrt_s_fp4_pattern(transformer_engines):
     """Each NVFP4 linear as ModelOpt exports it: TRT_FP4DynamicQuantize of the activation on a constant-per-layer
     global scale, two-level DequantizeLinear (block 16) of it and of a packed FLOAT4E2M1 weight input, MatMul."""
-    from fluxc.runtime.bundle import read_manifest
+    from fluxc.runtime.core.bundle import read_manifest
 
     path = transformer_engines["nvfp4", "onnx"]
     counts = {seg["kind"]: seg["op_counts"]["fluxc.nvfp4_linear.default"] for seg in read_manifest(path)["segments"]
@@ -186,7 +186,7 @@ def test_one_nvfp4_linear_in_onnx_reference_matches_the_torch_op(tmp_path):
 
     from fluxc.backends.onnx import OnnxBackend
     from fluxc.numerics import NVFP4_LINEAR_SQNR_DB, sqnr_db
-    from fluxc.runtime import nvfp4
+    from fluxc.runtime.ops import nvfp4
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 256, generator=g), torch.randn(96, generator=g).to(torch.bfloat16)
@@ -248,7 +248,7 @@ def test_tensorrt_engine_denoises_like_the_inductor_engine(tmp_path, precision):
     from conftest import denoised_sqnr
 
     from fluxc.build import BuildOptions, build
-    from fluxc.runtime.device import local_target
+    from fluxc.runtime.core.targets import local_target
 
     if precision == "nvfp4" and int(local_target().removeprefix("sm_").rstrip("a")) < 100:
         pytest.skip("TensorRT's NVFP4 kernels need sm_100 or newer")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import random_embeddings
+from fluxc.runtime.engine import run_engine
 
 TEXT = 16  # the tiny T5 length here: 2 ranks take 8 text tokens each
 SIZE = (128, 112)  # 8 x 7 = 56 image tokens: 28 per rank
@@ -33,7 +34,7 @@ def test_two_gloo_ranks_make_the_same_image_as_one_process_and_as_diffusers(pipe
 
     prompt = "a photo of a cat sitting on a red chair"
     kw = dict(prompt=prompt, height=SIZE[0], width=SIZE[1], steps=4, seed=3, output_type="np")
-    two = parallel.launch(2, parallel.run_engine, pipelines[2], "generate", kw, backend="gloo")
+    two = parallel.launch(2, run_engine, pipelines[2], "generate", kw, backend="gloo")
     one = Engine.load(pipelines[1]).generate(**kw)
     ref = FluxPipeline.from_pretrained(tiny_pipeline_dir, torch_dtype=torch.float32)(
         prompt, height=SIZE[0], width=SIZE[1], num_inference_steps=4, guidance_scale=3.5, max_sequence_length=TEXT,
@@ -47,7 +48,8 @@ def _ulysses_rank(heads: int, tokens: int, batch: int):
     segments hold them), with other work between them as shard_attention places it, and the same with the send
     taking q and k before qk_norm_rope (text and image parts, as a double block has them), against softmax
     attention in float64 over every rank's rows; returns the largest difference."""
-    from fluxc.runtime import kernels, parallel
+    from fluxc.runtime.ops import kernels
+    from fluxc.runtime import parallel
 
     n, r = parallel.world_size(), parallel.rank()
     g = torch.Generator().manual_seed(0)  # every rank draws the whole sequence
@@ -86,7 +88,7 @@ def test_ranks_make_one_cache_decision_from_all_tokens(tmp_path, policy, thresho
     """Each rank sees half the tokens; the decision's means are all-reduced, so the 2-rank run skips exactly the
     steps the one-process run skips (a mixed pattern at these thresholds), with the same latents."""
     from fluxc.runtime import Engine, parallel
-    from fluxc.runtime.cache import CacheConfig
+    from fluxc.runtime.core.cache_config import CacheConfig
 
     engines = {n: _build(tmp_path / f"t{n}.fluxe", "tiny", n, transformer_only=True) for n in (1, 2)}
     pe, pooled = random_embeddings(text=TEXT)
@@ -111,15 +113,15 @@ def _denoise_with_report(path, kw):
 def test_a_failing_rank_is_reported_by_rank_and_stops_the_run(pipelines):
     """A 1-rank engine launched on 2 ranks: both refuse it; the launcher stops and names a rank, no hang."""
     from fluxc.runtime import parallel
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.errors import FluxcError
 
     with pytest.raises(FluxcError, match=r"Rank \d of 2 failed: .*built for 1 rank"):
-        parallel.launch(2, parallel.run_engine, pipelines[1], "generate", dict(prompt="x", steps=1), backend="gloo")
+        parallel.launch(2, run_engine, pipelines[1], "generate", dict(prompt="x", steps=1), backend="gloo")
 
 
 def test_a_two_rank_engine_in_one_process_says_how_to_launch_it(pipelines):
     from fluxc.runtime import Engine
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.errors import FluxcError
 
     with pytest.raises(FluxcError, match="--gpus 2"):
         Engine.load(pipelines[2])
@@ -132,7 +134,7 @@ def test_a_two_rank_engine_in_one_process_says_how_to_launch_it(pipelines):
 ])
 def test_world_sizes_that_cannot_split_the_tokens_are_refused(tmp_path, world_size, resolution, message):
     from fluxc.build import BuildOptions, build
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.errors import FluxcError
 
     out = tmp_path / "e.fluxe"
     with pytest.raises(FluxcError, match=message):
@@ -158,14 +160,14 @@ def test_two_nccl_ranks_in_cuda_graphs_match_one_gpu(tmp_path):
                            world_size=n, transformer_only=True))
     pe, pooled = random_embeddings(text=TEXT, dtype=torch.bfloat16)
     kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=SIZE[0], width=SIZE[1], steps=8, seed=5)
-    two = parallel.launch(2, parallel.run_engine, paths[2], "denoise", kw)
+    two = parallel.launch(2, run_engine, paths[2], "denoise", kw)
     one = Engine.load(paths[1]).denoise(**kw).cpu()
     assert sqnr_db(two.float(), one.float()) >= 35.0
 
 
 @pytest.mark.parametrize("how", ["fluxc run --gpus 2", "torchrun"])
 def test_cli_runs_a_two_rank_engine_and_rank_0_writes_the_image(pipelines, tmp_path, how):
-    """The two launches README gives: fluxc's own (--gpus) and a bare torchrun of fluxc.runtime.parallel."""
+    """The two launches README gives: fluxc's own (--gpus) and a bare torchrun of the runtime (python -m fluxc.runtime)."""
     import subprocess
     import sys
 
@@ -176,7 +178,7 @@ def test_cli_runs_a_two_rank_engine_and_rank_0_writes_the_image(pipelines, tmp_p
             "-o", str(out)]
     if how == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "fluxc.runtime.parallel", *args]
+               "-m", "fluxc.runtime", *args]
     else:
         cmd = [sys.executable, "-c", "from fluxc.cli import main; main()", "run", *args, "--gpus", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

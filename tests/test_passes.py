@@ -11,9 +11,10 @@ from fluxc.passes import fuse_qk_norm_rope, remove_noop_ops
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import resolve, run_pipeline
 from fluxc.recipes import bf16, reference
-from fluxc.runtime.flux_math import Profile
-from fluxc.runtime.families import FAMILIES
-from fluxc.trace import schedule_segment, segment_modules, trace_model
+from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.core.families import FAMILIES
+from fluxc.frontend.trace import schedule_segment, segment_modules, trace_model
+from fluxc.weights import call_graph as _run
 
 SCHEDULE_INPUTS = FAMILIES["flux1"].schedule_inputs
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -46,7 +47,7 @@ FUSIONS = ["fuse_qkv", "fuse_epilogues", "fuse_qk_norm_rope", "fuse_adaln"]
 def tiny_model(request, tiny_fp32):
     if request.param == "fp32":
         return tiny_fp32, reference()
-    from fluxc.models import load_model
+    from fluxc.frontend.models import load_model
 
     return load_model("tiny", dtype=torch.bfloat16, device=torch.device("cpu"), seed=0), bf16()
 
@@ -65,13 +66,6 @@ def _tensors(gm) -> dict[str, torch.Tensor]:
             key = n.meta["weight"].name if "weight" in n.meta else n.name
             out[key] = torch.randn(n.meta["val"].shape, generator=g).to(n.meta["val"].dtype) * 0.5
     return out
-
-
-def _run(gm, tensors):
-    """Call a (possibly rewritten) graph: weights made from their sources, as the build makes them."""
-    args = [n.meta["weight"].make(tensors) if "weight" in n.meta else tensors[n.name]
-            for n in gm.graph.nodes if n.op == "placeholder"]
-    return gm(*args)
 
 
 def _pipeline(seg, recipe, only=None):
@@ -187,7 +181,7 @@ def test_hoist_schedule_splits_exactly_and_row_by_row(tiny_model, fusion):
         expected = dict(zip(plain.outputs, _run(_pipeline(plain, recipe).graph, tensors)))
         result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind, SCHEDULE_INPUTS[seg.kind]))
         assert result.counts["hoist_schedule"] == {"values": want_values[seg.kind]}, seg.name
-        hoisted = result.hoisted
+        hoisted = result.side["schedule"]
         assert not set(SCHEDULE_INPUTS[seg.kind]) & set(seg.inputs)  # the loop no longer reads them
         values = dict(zip(hoisted.values, _run(hoisted.graph, tensors)))
         got = values | dict(zip(seg.outputs, _run(result.graph, tensors | values)))
@@ -255,9 +249,10 @@ def test_dump_ir_writes_one_file_per_pass(tiny_fp32, tmp_path):
     seg = trace_model(tiny_fp32, [Profile(144, 112, 13)], torch.device("cpu"), torch.float32)[1]
     run_pipeline(seg.graph, PassContext(reference(), "cpu", seg.kind), str(tmp_path), seg.name)
     names = sorted(p.name for p in tmp_path.iterdir())
-    expected = [f"{i:02d}-{p}-{seg.name}.txt" for i, p in
-                enumerate(["trace"] + [p.name for p in resolve(reference(), "cpu")])]
-    assert names == expected
+    passes = ["trace"] + [p.name for p in resolve(reference(), "cpu")]
+    expected = [f"{i:02d}-{p}-{seg.name}.txt" for i, p in enumerate(passes)]
+    expected.append(f"{passes.index('insert_cache_points'):02d}-insert_cache_points-{seg.name}-probe.txt")  # its side graph
+    assert names == sorted(expected)
     text = (tmp_path / names[-1]).read_text()
     assert "%cat0_attn_to_q_weight_attn_to_k_weight_attn_to_v_weight: f32[768, 256] = input" in text
     assert "fluxc.qk_norm_rope(" in text and "add_." not in text

@@ -66,7 +66,7 @@ def test_seed_and_generator_agree_and_repeat(tiny_pipeline_engine):
 
 
 def test_chunks_pad_to_the_static_batch():
-    from fluxc.runtime.engine import _chunked
+    from fluxc.runtime.loop import chunked as _chunked
 
     x = torch.arange(10.0, dtype=torch.float64).view(5, 2)
     seen = []
@@ -104,7 +104,7 @@ MINIMAL = """
 import importlib.abc, sys
 class Forbid(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("diffusers", "transformers") or name.startswith(("fluxc.passes", "fluxc.build", "fluxc.trace")):
+        if name.split(".")[0] in ("diffusers", "transformers") or name.startswith(("fluxc.passes", "fluxc.build", "fluxc.frontend.trace")):
             raise ImportError(f"minimal runtime imported {name}")
 sys.meta_path.insert(0, Forbid())
 import numpy as np

@@ -2,7 +2,7 @@
 
 The interface is deliberately small: `compile(gm, example_inputs, out_dir) -> callable` writes the
 artifact under `out_dir` and returns something callable for the build-time numerics check. Loading is
-the runtime's job (`fluxc.runtime.backends`), keyed by the backend's `name`, so production never
+the runtime's job (`fluxc.runtime.loaders`), keyed by the backend's `name`, so production never
 imports the compiler.
 """
 
@@ -26,6 +26,6 @@ def get_backend(name: str) -> Backend:
     from fluxc.backends.onnx import OnnxBackend
     from fluxc.backends.tensorrt import TensorRTBackend
 
-    backends = {"inductor": InductorBackend, "onnx": OnnxBackend, "tensorrt": TensorRTBackend}  # build._check_backend
+    backends = {"inductor": InductorBackend, "onnx": OnnxBackend, "tensorrt": TensorRTBackend}  # validate._check_backend
     # checked the name and that this machine can run it
     return backends[name]()

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from fluxc.runtime.backends import INDUCTOR_ARTIFACT, backend_versions
+from fluxc.runtime.loaders import INDUCTOR_ARTIFACT, backend_versions
 
 
 class InductorBackend:

@@ -16,8 +16,8 @@ import os
 import torch
 
 from fluxc.backends import onnx_ops
-from fluxc.runtime.backends import ONNX_MODEL, backend_versions, load_onnx
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.loaders import ONNX_MODEL, backend_versions, load_onnx
+from fluxc.runtime.core.errors import FluxcError
 
 OPSET = 23
 

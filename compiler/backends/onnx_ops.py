@@ -23,7 +23,7 @@ fluxc does) with two-level DequantizeLinear, and TensorRT's own op for the activ
         MatMul(x', w'^T) + bias, in float32, cast back to x's type
     fluxc.nvfp4_dequantize(codes, scales)  DequantizeLinear(codes, Cast(scales, float), axis=-1, block_size=16)
 x_global is the calibrated global scale (--calibrate): TensorRT takes it as a build-time constant. ONNX
-Runtime has no TRT_ ops; fluxc.runtime.onnx_reference runs such models with onnx.reference and a
+Runtime has no TRT_ ops; fluxc.runtime.ops.onnx_reference runs such models with onnx.reference and a
 transcription of the op's documented math.
 """
 
@@ -33,7 +33,7 @@ import torch
 from onnxscript import opset23 as op
 from onnxscript import values
 
-from fluxc.runtime.onnx_reference import TRT_DOMAIN, register_trt_schemas
+from fluxc.runtime.ops.onnx_reference import TRT_DOMAIN, register_trt_schemas
 
 FLOAT, FLOAT8E4M3FN = 1, 17  # onnx.TensorProto
 E4M3_MAX = 448.0
@@ -124,7 +124,7 @@ def _block_dequantize(q, block_scale, scale):
 
 
 def nvfp4_linear(x, w_codes, w_scales, w_global, bias=None, x_global=None):
-    if x_global is None:  # build._check_backend refuses these builds first
+    if x_global is None:  # validate._check_backend refuses these builds first
         raise ValueError("NVFP4 export needs calibrated activation global scales (--calibrate)")
     x_global = op.Squeeze(x_global)  # [1] -> a scalar: per-tensor quantization
     xq, xs = trt.TRT_FP4DynamicQuantize(op.Cast(x, to=FLOAT), x_global, axis=-1, block_size=NVFP4_BLOCK,

@@ -14,9 +14,9 @@ import json
 import os
 
 from fluxc.backends.onnx import OnnxBackend
-from fluxc.runtime.bundle import save_atomically
-from fluxc.runtime.backends import ONNX_MODEL, TENSORRT_IO, TENSORRT_PLAN, load_tensorrt
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.bundle import save_atomically
+from fluxc.runtime.loaders import ONNX_MODEL, TENSORRT_IO, TENSORRT_PLAN, load_tensorrt
+from fluxc.runtime.core.errors import FluxcError
 
 TIMING_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fluxc", "tensorrt-timing.cache")
 

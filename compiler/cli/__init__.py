@@ -11,7 +11,7 @@ import time
 import click
 
 from fluxc import __version__
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.errors import FluxcError
 
 
 class _Group(click.Group):
@@ -26,8 +26,11 @@ class _Group(click.Group):
         except FluxcError as e:
             click.echo(f"error: {e.message}" + (f"\n  remedy: {e.remedy}" if e.remedy else ""), err=True)
             ctx.exit(1)
+        except click.exceptions.Exit as e:  # --help, --version: no work was done, so no status line
+            status = None if e.exit_code == 0 else status
+            raise
         finally:
-            if ctx.invoked_subcommand and not ctx.resilient_parsing:
+            if status and ctx.invoked_subcommand and not ctx.resilient_parsing:
                 click.echo(f"{status} | {time.perf_counter() - start:.1f} s | {command}")
 
 

@@ -20,15 +20,17 @@ def command(engine, resolution, steps, batch, warmup, repeat, name, output, **ca
     """
     import time
 
-    from fluxc.build import parse_resolution
+    from fluxc.validate import parse_resolution
     from fluxc.cli.records_io import write_record
     from fluxc.records import bench
     from fluxc.runtime import Engine
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.bundle import check_writable
+    from fluxc.runtime.core.errors import FluxcError
 
     if steps < 1 or warmup < 0 or repeat < 1 or batch < 1:
         raise FluxcError("--steps, --repeat and --batch must be at least 1 and --warmup at least 0.",
                          "e.g. --steps 28 --warmup 1 --repeat 3.")
+    check_writable(output)
     height, width = parse_resolution(resolution) if resolution else (None, None)
     start = time.perf_counter()
     eng = Engine.load(engine)

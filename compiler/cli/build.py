@@ -6,8 +6,8 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.command("build")
 @click.option("--model", default=None, help="Diffusers folder, BFL .safetensors file, or tiny|flux1-dev|flux1-schnell|flux2-dev|tiny-flux2.")
 @click.option("--target", default="auto", show_default=True, help="cpu, sm_90, sm_100, sm_120 or auto (this machine).")
-@click.option("--precision", default="bf16", show_default=True, help="fp32 | bf16 | fp8 | nvfp4.")
-@click.option("--recipe", default=None, help="Named recipe (default: the precision's).")
+@click.option("--precision", default=None, help="fp32 | bf16 | fp8 | nvfp4 (default: the recipe's, else bf16).")
+@click.option("--recipe", default=None, help="Named recipe; it implies its precision (default: the precision's).")
 @click.option("--resolution", "resolutions", multiple=True, default=("1024x1024",), show_default=True,
               help="HEIGHTxWIDTH; repeat for several profiles sharing one weight file.")
 @click.option("--text-tokens", type=int, default=None, help="Text sequence length (default: the model's, 512 for FLUX.1-dev).")
@@ -45,8 +45,9 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
     For a GPU you do not have here: fluxc build --model flux1-dev --target sm_100 --precision nvfp4 --stage plan
     -o dev.fluxp, then on the B200: fluxc build --from dev.fluxp -o dev.fluxe
     """
-    from fluxc.build import BuildOptions, build, parse_resolution
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.build import BuildOptions, build
+    from fluxc.validate import parse_resolution
+    from fluxc.runtime.core.errors import FluxcError
 
     if (model is None) == (from_plan is None):
         raise FluxcError("Give exactly one of --model (compile a model) and --from (finish a plan).",

@@ -2,7 +2,7 @@
 
 import click
 
-from fluxc.runtime.cache import POLICIES
+from fluxc.runtime.core.cache_config import POLICIES
 
 
 def cache_options(command):

@@ -17,15 +17,17 @@ def command(engine, reference, prompts_file, seeds, resolution, steps, guidance,
 
     Typical use: fluxc eval dev-fp8.fluxe --reference dev-bf16.fluxe --seeds 2 -o h200-fp8-quality.json
     """
-    from fluxc.build import parse_resolution
+    from fluxc.validate import parse_resolution
     from fluxc.cli.records_io import write_record
     from fluxc.cli.run import _read_prompts
     from fluxc.records import evaluate
     from fluxc.runtime import Engine
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.bundle import check_writable
+    from fluxc.runtime.core.errors import FluxcError
 
     if seeds < 1 or steps < 1:
         raise FluxcError("--seeds and --steps must be at least 1.", "e.g. --seeds 2 --steps 28.")
+    check_writable(output)
     height, width = parse_resolution(resolution) if resolution else (None, None)
     prompts = _read_prompts(prompts_file) if prompts_file else None
     eng = Engine.load(engine)

@@ -11,7 +11,7 @@ def command(engine, as_json):
 
     Typical use: fluxc inspect flux1-dev.fluxe
     """
-    from fluxc.runtime.bundle import read_manifest
+    from fluxc.runtime.core.bundle import read_manifest
 
     m = read_manifest(engine)
     if as_json:

@@ -2,26 +2,21 @@ import click
 
 
 @click.command("passes")
-@click.option("--target", default="auto", show_default=True)
-@click.option("--precision", default="bf16", show_default=True)
-@click.option("--recipe", default=None)
+@click.option("--target", default="auto", show_default=True, help="cpu, sm_90, sm_100, sm_120 or auto (this machine).")
+@click.option("--precision", default=None, help="fp32 | bf16 | fp8 | nvfp4 (default: the recipe's, else bf16).")
+@click.option("--recipe", default=None, help="Named recipe; it implies its precision.")
 def command(target, precision, recipe):
-    """Print the resolved pass pipeline for a target and precision.
+    """Print the resolved pass pipeline for a target and precision (or recipe).
 
-    Typical use: fluxc passes --target sm_90 --precision bf16
+    Typical use: fluxc passes --target sm_100 --precision nvfp4
     """
-    from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision
+    from fluxc.validate import BuildOptions, choose_recipe
     from fluxc.passes.pipeline import resolve
-    from fluxc.runtime.device import local_target
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core import targets
 
-    try:
-        name = recipe or DEFAULT_FOR_PRECISION[Precision(precision)]
-        rec = RECIPES[name]()
-    except (ValueError, KeyError):
-        raise FluxcError(f"No recipe for precision '{precision}' / recipe '{recipe}'.",
-                         "Use --precision fp32 or bf16, or a recipe from `fluxc.recipes.RECIPES`.") from None
-    target = local_target() if target == "auto" else target
+    rec = choose_recipe(BuildOptions(model="", output="", precision=precision, recipe=recipe))
+    target = targets.local_target() if target == "auto" else target
+    targets.sm(target)  # a FluxcError for a name that is no target
     click.echo(f"# recipe {rec.name} ({rec.precision.value}) for {target}")
     for i, p in enumerate(resolve(rec, target), start=1):
-        click.echo(f"{i:2d}. [{p.phase}] {p.name}")
+        click.echo(f"{i:2d}. [{p.phase}] {p.name}" + (f": {p.detail}" if p.detail else ""))

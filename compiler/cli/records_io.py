@@ -1,17 +1,11 @@
-"""Writing a record: the output folder checked first, the file written atomically."""
+"""Writing a record atomically (the commands check the output with check_writable before their work)."""
 
 import json
-import os
 
-from fluxc.runtime.bundle import save_atomically
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.bundle import save_atomically
 
 
 def write_record(path: str, record: dict) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
-
     def dump(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1)

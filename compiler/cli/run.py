@@ -15,7 +15,7 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.option("--width", type=int, default=None)
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--guidance", type=float, default=3.5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
 @click.option("--encoders", type=click.Choice(["gpu", "offload", "cpu"]), default=None,
               help="Where the text encoders stay between prompts (default: as built).")
 @cache_options
@@ -25,7 +25,7 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.option("--gpus", type=int, default=1, show_default=True, metavar="N",
               help="Run an engine built with --world-size N on N GPUs of this machine (ranks launched through "
                    "torchrun's launcher; rank 0 writes the images). Under your own launcher: torchrun "
-                   "--nproc-per-node N -m fluxc.runtime.parallel ENGINE --prompt ... -o OUT.")
+                   "--nproc-per-node N -m fluxc.runtime ENGINE --prompt ... -o OUT.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
 def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
@@ -34,8 +34,8 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
     """
-    from fluxc.runtime.cache import check_schedule, parse_schedule
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.cache_config import check_schedule, parse_schedule
+    from fluxc.runtime.core.errors import FluxcError
 
     overrides = cache_overrides(**cache, schedule=parse_schedule(cache_schedule))
     if "schedule" in overrides:
@@ -46,6 +46,7 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
         raise FluxcError("--embeddings replaces the text encoders; it cannot be combined with a prompt.",
                          "Pass either a prompt or --embeddings.")
     if prompt is None and prompts_file is None:
+        _check_latents_output(output)
         return _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output, overrides,
                                         verbose)
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
@@ -57,12 +58,13 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     if gpus < 1:
         raise FluxcError(f"--gpus {gpus} is less than 1.", "Use --gpus 1 or the engine's world size.")
     if gpus > 1 and parallel.world_size() == 1:
+        _check_world(engine, gpus)  # before any rank starts
         images, timings, report = parallel.launch(gpus, _generate, engine, encoders, prompts, settings, overrides)
     else:  # one process, or one rank of a group started by the user's torchrun
         images, timings, report = _generate(engine, encoders, prompts, settings, overrides)
         if parallel.rank() != 0:
             return
-    from fluxc.runtime.bundle import save_atomically
+    from fluxc.runtime.core.bundle import save_atomically
 
     for image, path in zip(images, paths):
         save_atomically(path, image.save)
@@ -91,7 +93,7 @@ def _echo_cache(report: dict, verbose: bool) -> None:
 
 
 def _read_prompts(path: str) -> list[str]:
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.errors import FluxcError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -104,20 +106,45 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _image_paths(output: str, n: int) -> list[str]:
-    """The files to write, checked before any work: a known image extension and an existing folder."""
+    """The files to write, checked before any work: a known image extension and a folder that takes them."""
     import os
 
     from PIL import Image
 
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.bundle import check_writable
+    from fluxc.runtime.core.errors import FluxcError
 
     stem, ext = os.path.splitext(output)
+    if ext.lower() == ".safetensors":
+        raise FluxcError(f"'{output}' is a latents file, but a prompt was given: prompts make images.",
+                         "Name the output like out.png, or pass --embeddings to write latents.")
     if ext.lower() not in Image.registered_extensions():
         raise FluxcError(f"Cannot tell an image format from '{output}'.", "Name the output like out.png.")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
+    check_writable(output)
     return [output] if n == 1 else [f"{stem}-{i:03d}{ext}" for i in range(n)]
+
+
+def _check_latents_output(output: str) -> None:
+    """Without a prompt, run writes latents: a .safetensors file (an image name means a forgotten --prompt)."""
+    from fluxc.runtime.core.bundle import check_writable
+    from fluxc.runtime.core.errors import FluxcError
+
+    if not output.lower().endswith(".safetensors"):
+        raise FluxcError(f"No --prompt or --prompts was given, so run would write latents, but '{output}' is not "
+                         "a .safetensors file.", "Add --prompt \"...\" for an image, or name the output "
+                         "latents.safetensors to write latents from --embeddings (or seeded random ones).")
+    check_writable(output)
+
+
+def _check_world(engine: str, gpus: int) -> None:
+    """The engine exists and was built for `gpus` ranks: checked in this process, before launching any rank."""
+    from fluxc.runtime.core.bundle import read_manifest
+    from fluxc.runtime.core.errors import FluxcError
+
+    built = read_manifest(engine)["profiles"][0]["world_size"]
+    if built != gpus:
+        raise FluxcError(f"This engine was built for {built} rank(s) (--world-size {built}); --gpus {gpus} was given.",
+                         f"Use --gpus {built}, or rebuild with --world-size {gpus}.")
 
 
 def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output, overrides, verbose):
@@ -127,7 +154,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     from safetensors.torch import save_file
 
     from fluxc.runtime import Engine
-    from fluxc.runtime.bundle import save_atomically
+    from fluxc.runtime.core.bundle import save_atomically
 
     eng = Engine.load(engine)
     profile = eng.profile_for(height, width)
@@ -149,7 +176,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
 def _embeddings(path, eng, profile, seed):
     import torch
 
-    from fluxc.runtime.errors import FluxcError
+    from fluxc.runtime.core.errors import FluxcError
 
     if path is None:  # seeded random embeddings, for smoke tests and benchmarks
         gen = torch.Generator().manual_seed(seed + 1)

@@ -9,7 +9,7 @@ The other components (unless --transformer-only):
     clip    CLIP-L text model, token ids [B, 77]        -> pooled output [B, 768]   (once per engine)
     t5      T5 encoder, token ids [B, T]                -> hidden states [B, T, 4096] (once per engine)
     vae     scale/shift, VAE decoder, [0, 1] postprocess -> image [B, H, W, 3]     (per profile)
-    FLUX.2 (the same four transformer kinds, with the wrappers of runtime/families.py's FLUX.2 row):
+    FLUX.2 (the same four transformer kinds, with the wrappers of runtime/core/families.py's FLUX.2 row):
     mistral Mistral3 language model, token ids and mask [B, T] -> hidden states of 3 layers [B, T, 3 x 5120]
     vae     batch-norm de-normalisation, 2x2 unpatchify, VAE decoder, postprocess     (per profile)
 
@@ -23,13 +23,13 @@ import dataclasses
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fluxc.components import CLIP_MAX_LENGTH, Flux2Components
+from fluxc.frontend.components import CLIP_MAX_LENGTH, Flux2Components
 from fluxc import ir
 from fluxc.ir import WeightSource
-from fluxc.models import LoadedModel
-from fluxc.runtime.cache import PROBE_SUFFIX
-from fluxc.runtime.families import ENCODER_KINDS, FAMILIES, SEGMENT_KINDS
-from fluxc.runtime.flux_math import Profile
+from fluxc.frontend.models import LoadedModel
+from fluxc.runtime.core.cache_config import PROBE_SUFFIX
+from fluxc.runtime.core.families import ENCODER_KINDS, FAMILIES, SEGMENT_KINDS
+from fluxc.runtime.core.profile import Profile
 
 PER_ENGINE = ENCODER_KINDS  # the text encoders: shapes independent of the resolution, traced once (profile None)
 COMPONENT_KINDS = PER_ENGINE + ("vae",)

@@ -37,7 +37,7 @@ Engines that use these ops need this module imported before their segments load;
 import torch
 import torch.nn.functional as F
 
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.errors import FluxcError
 
 try:
     import triton

@@ -36,7 +36,7 @@ Ops (torch.ops.fluxc.*; the plain-torch reference runs on the CPU, Triton kernel
 
 import torch
 
-from fluxc.runtime.kernels import E4M3_MAX, triton
+from fluxc.runtime.ops.kernels import E4M3_MAX, triton
 
 if triton is not None:
     import triton.language as tl

@@ -4,9 +4,9 @@ import os
 
 import torch
 
-from fluxc.runtime import kernels, nvfp4, parallel  # noqa: F401  (segments call torch.ops.fluxc.*; register them first)
-from fluxc.runtime import onnx_reference
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.ops import onnx_reference  # the package import registers torch.ops.fluxc.*, which segments call
+from fluxc.runtime.ops.onnx_reference import from_numpy, to_numpy, widen_bf16
 
 INDUCTOR_ARTIFACT = "artifact.bin"
 ONNX_MODEL = "segment.onnx"
@@ -46,7 +46,7 @@ def load_onnx(segment_dir: str):
     Where the provider has no kernels for the model's bfloat16 ops (ONNX Runtime's CPU provider has almost none),
     the model runs widened to float32 (widen_bf16) and its bfloat16 outputs are rounded back. Models ONNX
     Runtime cannot run at all (NVFP4: TensorRT's TRT_FP4DynamicQuantize, float4 weights) run in onnx.reference
-    (fluxc.runtime.onnx_reference): slow, for checks and tiny engines."""
+    (fluxc.runtime.ops.onnx_reference): slow, for checks and tiny engines."""
     try:
         import onnx
         import onnxruntime
@@ -75,78 +75,10 @@ def load_onnx(segment_dir: str):
     inputs, outputs = session.get_inputs(), [o.name for o in session.get_outputs()]
 
     def run(*tensors: torch.Tensor) -> list[torch.Tensor]:
-        feeds = {i.name: _to_numpy(t, i.type) for i, t in zip(inputs, tensors)}
+        feeds = {i.name: to_numpy(t, i.type) for i, t in zip(inputs, tensors)}
         return [from_numpy(a, tensors[0].device, name in rounded) for a, name in zip(session.run(None, feeds), outputs)]
 
     return run
-
-
-def widen_bf16(path: str) -> tuple[bytes, set[str]]:
-    """The model computing in float32 where it computed in bfloat16, with every value that was bfloat16 still
-    rounded to bfloat16 (Cast to bfloat16 and back after the op that makes it: ONNX Runtime's CPU provider
-    casts bfloat16 but has few other bfloat16 kernels), serialized; and the names of the bfloat16 outputs.
-    Rounding stays where the model rounds (FLUX's timestep * 1000 in bfloat16 moves the time embedding by
-    ~50% if it does not); only accumulation inside ops gets wider."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.shape_inference.infer_shapes(onnx.load(path))
-    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
-    graph = model.graph
-    was_bf16 = {v.name for v in [*graph.input, *graph.output, *graph.value_info] if v.type.tensor_type.elem_type == bf16}
-    was_bf16 |= {i.name for i in graph.initializer if i.data_type == bf16}
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.type.tensor_type.elem_type == bf16:
-            value.type.tensor_type.elem_type = f32
-
-    def widened(tensor):
-        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
-
-    for init in graph.initializer:
-        if init.data_type == bf16:
-            init.CopyFrom(widened(init))
-    nodes = []
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.name == "to" and attr.i == bf16:
-                attr.i = f32
-            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == bf16:
-                attr.t.CopyFrom(widened(attr.t))
-        nodes.append(node)
-        for k, out in enumerate(node.output):
-            if out in was_bf16:  # round it as the bfloat16 model stores it
-                node.output[k] = f"{out}__wide"
-                nodes += [helper.make_node("Cast", [f"{out}__wide"], [f"{out}__bf16"], to=bf16),
-                          helper.make_node("Cast", [f"{out}__bf16"], [out], to=f32)]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return model.SerializeToString(), {o.name for o in graph.output if o.name in was_bf16}
-
-
-def _to_numpy(t: torch.Tensor, ort_type: str):
-    """A tensor as the session's input type wants it ('tensor(float)', 'tensor(bfloat16)', ...); float8 goes in
-    as its bytes with the ONNX type named (numpy has no float8)."""
-    t = t.detach().cpu()
-    if t.dtype == torch.float8_e4m3fn:
-        from onnxruntime import OrtValue
-
-        return OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.uint8).numpy(), 17)  # FLOAT8E4M3FN
-    if t.dtype != torch.bfloat16:
-        return t.numpy()
-    if ort_type == "tensor(float)":
-        return t.float().numpy()
-    import ml_dtypes
-
-    return t.float().numpy().astype(ml_dtypes.bfloat16)
-
-
-def from_numpy(a, device: torch.device, to_bf16: bool) -> torch.Tensor:
-    """A runtime's output array as a tensor on `device`: bfloat16 where it is (or was, before widen_bf16)."""
-    if a.dtype.name == "bfloat16":
-        a, to_bf16 = a.astype("float32"), True
-    t = torch.from_numpy(a)
-    return (t.to(torch.bfloat16) if to_bf16 else t).to(device)
 
 
 def load_tensorrt(segment_dir: str):

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.errors import FluxcError
 
 FLUX1_DEFAULTS = dict(
     patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
@@ -35,7 +35,7 @@ ARCHITECTURES = {
     "flux1-dev": ("flux1", dict(FLUX1_DEFAULTS), 512),
     "flux1-schnell": ("flux1", dict(FLUX1_DEFAULTS, guidance_embeds=False), 256),
     "flux2-dev": ("flux2", dict(), 512),
-    # joint_attention_dim: 3 stacked hidden states of the tiny Mistral text encoder (compiler/components.py);
+    # joint_attention_dim: 3 stacked hidden states of the tiny Mistral text encoder (compiler/frontend/components.py);
     # 48 text tokens hold its chat-formatted prompts (the system message takes about 30)
     "tiny-flux2": ("flux2", dict(num_layers=2, num_single_layers=2, num_attention_heads=2,
                                  joint_attention_dim=96), 48),
@@ -74,6 +74,24 @@ def check_source(source: str) -> str:
 def load_model(source: str, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
     load = {"named": _random_model, "diffusers": _diffusers_folder, "single-file": _bfl_single_file}[check_source(source)]
     return load(source, dtype, device, seed)
+
+
+def weight_bytes(source: str, dtype: torch.dtype) -> int:
+    """The transformer's weights in bytes at `dtype`, known before loading anything: counted on the meta device for a
+    named architecture, the checkpoint files' size (scaled from bf16) otherwise. A lower bound of what a build holds."""
+    kind = check_source(source)
+    per = torch.empty((), dtype=dtype).element_size()
+    if kind == "named":
+        family, overrides, _ = ARCHITECTURES[source]
+        with torch.device("meta"):
+            module = _model_class(family)(**overrides)
+        return sum(p.numel() for p in module.parameters()) * per
+    if kind == "single-file":
+        files = [source]
+    else:
+        folder = os.path.join(source, "transformer") if os.path.isdir(os.path.join(source, "transformer")) else source
+        files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
+    return sum(os.path.getsize(f) for f in files) * per // 2
 
 
 def _model_class(family: str):

@@ -12,11 +12,16 @@
 import hashlib
 import json
 import os
+import tempfile
 
 import torch
 
-from fluxc import FORMAT_VERSION
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.errors import FluxcError
+
+# The engine bundle format; the runtime refuses any other. 2: text encoders, VAE, tokenizers; 3: fused weights,
+# single blocks over the joint text+image sequence; 4: cache points (manifest "cache", probe segments),
+# profiles' world_size and the model family always recorded (no defaults for older manifests).
+FORMAT_VERSION = 4
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -126,6 +131,25 @@ def verify_files(root: str, manifest: dict) -> None:
         if sha256_file(os.path.join(root, rel)) != digest:
             raise FluxcError(f"Engine file {rel} does not match its sha256 in the manifest (changed or corrupt).",
                              "Rebuild the engine or copy it again whole; never edit engine files by hand.")
+
+
+def check_writable(path: str) -> None:
+    """FluxcError unless a file or directory can be created at `path` (checked before long work, so that it does not
+    end in a traceback): its folder exists and takes a new file (tried: permission bits do not stop root, and
+    read-only mounts like /proc refuse anyway)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FluxcError(f"Output folder '{parent}' does not exist.", "Create it, or choose another -o path.")
+    ours = any(os.path.exists(os.path.join(path, name)) for name in (MANIFEST, "plan.json"))
+    if os.path.isdir(path) and os.listdir(path) and not ours:
+        raise FluxcError(f"'{path}' is a folder that holds no fluxc engine or plan; writing there would replace it.",
+                         "Choose another -o path, or remove the folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fluxc-write-check-", dir=parent)
+    except OSError as e:
+        raise FluxcError(f"Cannot write to '{parent}': {e.strerror}.", "Choose an -o path in a folder you can write.") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def save_atomically(path: str, save) -> None:

@@ -1,8 +1,36 @@
-"""Targets: `cpu` or `sm_XY` for the CUDA compute capability X.Y an engine is compiled for."""
+"""Targets: `cpu`, or `sm_XY` (optionally `sm_XYa`) for the CUDA compute capability X.Y an engine is compiled for,
+and one table of what each capability can do. Every caller (build validation, the passes' lowering, doctor)
+asks here; nothing else parses a target name.
+"""
+
+import re
 
 import torch
 
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.errors import FluxcError
+
+# The lowest SM with each feature. The CPU target has none natively and emulates what the recipes allow.
+FIRST_SM = {
+    "fp8": 89,  # e4m3 tensor cores (torch._scaled_mm): Ada, Hopper, Blackwell
+    "cudnn_attention": 90,  # cuDNN's SDPA as the fastest attention kernel, and its FP8 variant
+    "nvfp4": 100,  # block-scaled FP4 tensor cores (Blackwell); below it NVFP4 is an exact emulation
+}
+
+
+def sm(target: str) -> int | None:
+    """The SM number of a target name (90 for sm_90 and sm_90a), None for the CPU; FluxcError for anything else."""
+    if target == "cpu":
+        return None
+    m = re.fullmatch(r"sm_(\d{2,3})a?", target)
+    if not m:
+        raise FluxcError(f"Unknown target '{target}'.", "Use cpu, auto, or a GPU architecture such as sm_90 or sm_100.")
+    return int(m.group(1))
+
+
+def has(target: str, feature: str) -> bool:
+    """Whether the target runs `feature` (a FIRST_SM key) natively."""
+    number = sm(target)
+    return number is not None and number >= FIRST_SM[feature]
 
 
 def local_target() -> str:

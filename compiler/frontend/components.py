@@ -1,7 +1,7 @@
 """The rest of a pipeline: FLUX.1's CLIP-L and T5 text encoders, their tokenizers and VAE; FLUX.2's Mistral3 text
 encoder (hidden states of three layers), its chat-template tokenizer and VAE (with batch-norm latent statistics).
 
-`load_components(source, ...)` mirrors `fluxc.models.load_model`:
+`load_components(source, ...)` mirrors `fluxc.frontend.models.load_model`:
 - named architectures get seeded random components of the real shapes (CLIP-L, T5-XXL v1.1 encoder,
   the 16-channel FLUX VAE for `flux1-*`; small ones of the same structure for `tiny`) and tokenizers
   built in code from a fixed corpus, because no real tokenizer can be downloaded here;
@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from fluxc.runtime.errors import FluxcError
+from fluxc.runtime.core.errors import FluxcError
 
 CLIP_MAX_LENGTH = 77  # CLIP-L's position table; FluxPipeline always pads CLIP to it
 
@@ -85,7 +85,7 @@ def _spec(tok: Tokenizer, max_length: int, **extra) -> dict:
 
 def load_components(source: str, family: str, *, dtype, device, seed: int = 0) -> LoadedComponents:
     """Components for a named architecture or a diffusers pipeline folder (checked by build validation)."""
-    from fluxc.models import ARCHITECTURES
+    from fluxc.frontend.models import ARCHITECTURES
 
     if family == "flux2":
         if source in ARCHITECTURES:
