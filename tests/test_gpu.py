@@ -306,7 +306,7 @@ def test_fp8_attention_engine_denoises_close_to_bf16_on_gpu(tmp_path):
         build(BuildOptions(model="tiny", output=paths[recipe], precision="fp8" if "fp8" in recipe else "bf16",
                            recipe=recipe, resolutions=((144, 112),), text_tokens=13, transformer_only=True))
     counts = Engine.load(paths["sm90_fp8_attn"]).manifest["pass_counts"]
-    assert counts["double-144x112"]["quantize_fp8"]["attention"] == 1
+    assert counts["double-144x112"]["quantize_fp8_attention"]["attention"] == 1
     pe, pooled = (t.cuda() for t in random_embeddings(dtype=torch.bfloat16))
     got, want = (Engine.load(paths[r]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
                  for r in ("sm90_fp8_attn", "bf16"))
