@@ -90,9 +90,10 @@ def _inputs(engine: Engine, profile, prompts: list[str], seed: int):
 @torch.no_grad()
 def bench(engine: Engine, *, height=None, width=None, steps: int = 28, batch: int = 1, warmup: int = 1,
           repeat: int = 3, guidance: float = 3.5, name: str | None = None, load_s: float | None = None,
-          cache_config=None) -> dict:
+          cache_config=None, on_generation=None) -> dict:
     """A bench record: ms per step (median, p10, p90 over every step of `repeat` loops, CUDA events on a GPU),
-    end-to-end seconds per stage (whole-pipeline engines), peak GPU memory, build and load time."""
+    end-to-end seconds per stage (whole-pipeline engines), peak GPU memory, build and load time.
+    on_generation(), if given, is called after each generation (warm-ups included): for progress bars."""
     profile = engine.profile_for(height, width)
     if batch % profile.batch:
         raise FluxcError(f"--batch {batch} is not a multiple of the engine's static batch {profile.batch}.",
@@ -119,6 +120,8 @@ def bench(engine: Engine, *, height=None, width=None, steps: int = 28, batch: in
         if i >= warmup:
             step_ms += loop_ms
             stages.append(times)
+        if on_generation is not None:
+            on_generation()
     q = statistics.quantiles(step_ms, n=10) if len(step_ms) > 1 else [step_ms[0]] * 9
     speed = {"ms_per_step": {"median": statistics.median(step_ms), "p10": q[0], "p90": q[-1], "samples": len(step_ms)},
              "load_s": load_s, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
@@ -130,9 +133,11 @@ def bench(engine: Engine, *, height=None, width=None, steps: int = 28, batch: in
 
 @torch.no_grad()
 def evaluate(engine: Engine, reference: "Engine | str", *, prompts: list[str] | None = None, seeds: int = 1,
-             height=None, width=None, steps: int = 28, guidance: float = 3.5, name: str | None = None) -> dict:
+             height=None, width=None, steps: int = 28, guidance: float = 3.5, name: str | None = None,
+             on_item=None) -> dict:
     """An eval record: latent SQNR, image PSNR and SSIM of `engine` against `reference` (an engine, or "eager":
-    diffusers' FluxPipeline in bf16 on the engine's model source) for the same prompts, seeds and noise."""
+    diffusers' FluxPipeline in bf16 on the engine's model source) for the same prompts, seeds and noise.
+    on_item(), if given, is called after each prompt and seed: for progress bars."""
     if engine.components is None:
         raise FluxcError("fluxc eval compares images; this engine was built with --transformer-only.",
                          "Rebuild it without --transformer-only.")
@@ -147,6 +152,8 @@ def evaluate(engine: Engine, reference: "Engine | str", *, prompts: list[str] | 
             ref_latents, ref_image = run_reference(prompt, seed)
             items.append({"prompt": prompt, "seed": seed, "latent_sqnr_db": sqnr_db(latents, ref_latents),
                           "image_psnr_db": psnr_db(image, ref_image), "ssim": ssim(image, ref_image)})
+            if on_item is not None:
+                on_item()
     mean = {k: float(np.mean([it[k] for it in items])) for k in ("latent_sqnr_db", "image_psnr_db", "ssim")}
     settings = {"resolution": profile.name, "steps": steps, "batch": 1, "guidance": guidance,
                 "prompts": len(prompts), "seeds": seeds}

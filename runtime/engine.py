@@ -225,7 +225,7 @@ class Engine:
                  steps: int = 28, guidance: float = 3.5, seed: int = 0, generator: torch.Generator | None = None,
                  max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None,
                  cache_config: CacheConfig | None = None, report: dict | None = None,
-                 step_ms: list | None = None):
+                 step_ms: list | None = None, on_step=None):
         """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them.
 
         height/width default to the engine's first profile; the initial noise for all prompts is drawn at
@@ -234,7 +234,7 @@ class Engine:
         "np" (float32 [N, H, W, 3] in [0, 1]) or "pt" (the same as a tensor). `timings`, if given, receives
         the seconds of each stage (encode, denoise, decode). cache_config, `report` and `step_ms`: as in
         Engine.denoise (with more prompts than the engine's batch, the report describes the last chunk and
-        step_ms holds every chunk's steps)."""
+        step_ms holds every chunk's steps); on_step too, called for every chunk's steps."""
         prompts = self._check_prompts(prompt)
         profile = self.profile_for(height, width)
         self._check_sampling(steps, guidance, max_sequence_length, output_type)
@@ -248,7 +248,7 @@ class Engine:
             def chunk(z, embeds, pooled_chunk=None):  # FLUX.2 has no pooled embedding to chunk
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
                                      guidance=guidance, latents=z, cache_config=cache_config, report=report,
-                                     step_ms=step_ms)]
+                                     step_ms=step_ms, on_step=on_step)]
 
             latents = chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None])[0]
         with stage("decode"):
@@ -333,7 +333,7 @@ class Engine:
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor | None, *, height: int, width: int,
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: CacheConfig | None = None,
-                report: dict | None = None, step_ms: list | None = None) -> torch.Tensor:
+                report: dict | None = None, step_ms: list | None = None, on_step=None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
@@ -341,7 +341,9 @@ class Engine:
         cuda_graph=False runs the same step eagerly on CUDA (for debugging and for tests of the graph).
         cache_config: the step-skipping policy (default: the engine's, see Engine.cache_config); `report`, if
         given, receives report["cache"]: the policy and which steps it skipped. `step_ms`, if given, receives
-        each step's milliseconds (CUDA events on a GPU, no sync inside the loop; wall clock on the CPU)."""
+        each step's milliseconds (CUDA events on a GPU, no sync inside the loop; wall clock on the CPU).
+        on_step(i), if given, is called after step i is launched (for progress bars: on a GPU the step may still
+        run; the caller synchronizes if it wants the bar to follow the GPU)."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         _check_steps(steps)
@@ -379,6 +381,8 @@ class Engine:
                 step.state[k].copy_(v[i])  # device to device: no host sync
             if step.run():
                 skipped.append(i)
+            if on_step is not None:
+                on_step(i)
         if clock:
             step_ms.extend(clock.done())
         if report is not None and config.on:

@@ -1,5 +1,6 @@
 """Every user-facing error: one paragraph with a remedy, exit code 1, no traceback."""
 
+import importlib.util
 import json
 import os
 
@@ -273,3 +274,167 @@ def test_a_build_stopped_by_sigterm_leaves_nothing(tmp_path):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert not os.listdir(tmp_path)
+
+
+def test_inspect_says_what_it_checked(engine_copy):
+    code, out = fluxc("inspect", engine_copy)
+    assert code == 0 and "not verified" in out
+    code, out = fluxc("inspect", engine_copy, "--verify")
+    assert code == 0 and "every sha256 verified" in out
+    path = os.path.join(engine_copy, "weights.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    assert_user_error(["inspect", engine_copy, "--verify"], "weights.safetensors", "sha256")
+
+
+# ---- every other user-facing error, each triggered once ------------------------------------------------------
+def test_run_argument_errors(tiny_engine_path, tiny_pipeline_engine_path, tmp_path):
+    img, lat = str(tmp_path / "x.png"), str(tmp_path / "l.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert_user_error(["run", tiny_pipeline_engine_path, "--prompt", "a", "--prompts", str(prompts), "-o", img],
+                      "Both --prompt and --prompts")
+    assert_user_error(["run", tiny_pipeline_engine_path, "--prompt", "a", "--embeddings", lat, "-o", img],
+                      "--embeddings replaces the text encoders")
+    assert_user_error(["run", tiny_pipeline_engine_path, "--prompt", "a", "--gpus", "0", "-o", img], "--gpus 0")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert_user_error(["run", tiny_pipeline_engine_path, "--prompts", str(latin), "-o", img], "Cannot read prompts")
+    assert_user_error(["run", tiny_pipeline_engine_path, "--prompt", "a", "-o", str(tmp_path / "x.notanimage")],
+                      "Cannot tell an image format")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    assert_user_error(["run", tiny_engine_path, "--embeddings", str(bad), "-o", lat], "Cannot read embeddings")
+    save_file({"prompt_embeds": torch.zeros(1, 13, 64)}, str(tmp_path / "half.safetensors"))
+    assert_user_error(["run", tiny_engine_path, "--embeddings", str(tmp_path / "half.safetensors"), "-o", lat],
+                      "lacks ['pooled_prompt_embeds']")
+    assert_user_error(["run", tiny_engine_path, "--cache", "fbcache", "--cache-schedule", "2,x", "-o", lat],
+                      "--cache-schedule takes step numbers")
+    assert not os.path.exists(img) and not os.path.exists(lat)
+
+
+def test_build_option_errors(tmp_path):
+    from fluxc.build import BuildOptions
+    from fluxc.runtime import FluxcError
+    from fluxc.validate import validate
+
+    out = str(tmp_path / "e.fluxe")
+
+    def refused(match, **kw):
+        with pytest.raises(FluxcError, match=match):
+            validate(BuildOptions(model="tiny", output=out, target="cpu", **kw))
+
+    refused("Unknown stage 'half'", stage="half")
+    refused("cannot be negative", precision="fp8", calibrate=-1)
+    refused("Batch size 0", batch=0)
+    refused(r"Unknown recipe fields \['speed'\]", recipe_overrides=(("speed", 11),))
+    refused("Unknown backend 'xla'", backend="xla")
+    refused("Unknown encoder placement 'disk'", encoders="disk")
+    if torch.cuda.is_available():
+        refused("context parallelism does not shard", recipe="sm90_fp8_attn", world_size=2, target="auto")
+    else:
+        with pytest.raises(FluxcError, match="context parallelism does not shard"):
+            validate(BuildOptions(model="tiny", output=out, target="sm_90", recipe="sm90_fp8_attn", world_size=2,
+                                  stage="plan"))
+    if importlib.util.find_spec("tensorrt"):
+        refused("not --target cpu", backend="tensorrt")
+    assert not os.listdir(tmp_path)
+
+
+def test_plan_errors(tiny_fp32, tmp_path):
+    """A damaged plan, and a good one finished the wrong way."""
+    plan = tmp_path / "p.fluxp"
+    plan.mkdir()
+    (plan / "plan.json").write_text("{broken")
+    assert_user_error(["build", "--from", str(plan), "-o", str(tmp_path / "e")], "plan.json is unreadable")
+    (plan / "plan.json").write_text(json.dumps({"format": "fluxc-plan", "format_version": 0}))
+    assert_user_error(["build", "--from", str(plan), "-o", str(tmp_path / "e")], "has plan format 0")
+    good = str(tmp_path / "good.fluxp")
+    code, out = fluxc("build", "--model", "tiny", "--target", "cpu", "--transformer-only", "--resolution", "144x112",
+                      "--text-tokens", "13", "--stage", "plan", "-o", good)
+    assert code == 0, out
+    assert_user_error(["build", "--from", good, "--stage", "plan", "-o", str(tmp_path / "e")], "Drop --stage")
+    if not torch.cuda.is_available():
+        assert_user_error(["build", "--from", good, "--target", "sm_90", "-o", str(tmp_path / "e")],
+                          "Cannot finish a plan for sm_90 on this machine (cpu)")
+        _edit_json(os.path.join(good, "plan.json"), lambda h: [s.update(device="cuda") for s in h["segments"]])
+        assert_user_error(["build", "--from", good, "-o", str(tmp_path / "e")], "was traced on a cuda machine")
+    assert not os.path.exists(tmp_path / "e")
+
+
+def _edit_json(path, edit):
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_damaged_engines(engine_copy, tmp_path):
+    os.makedirs(tmp_path / "empty.fluxe")
+    assert_user_error(["inspect", str(tmp_path / "empty.fluxe")], "has no manifest.json")
+    manifest = os.path.join(engine_copy, MANIFEST)
+    data = open(manifest, "rb").read()
+    open(os.path.join(engine_copy, "notes.txt"), "w").write("x")
+    assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "does not list: notes.txt")
+    os.remove(os.path.join(engine_copy, "notes.txt"))
+    open(manifest, "wb").write(data[:-10])
+    assert_user_error(["inspect", engine_copy], "Cannot read", "damaged")
+    open(manifest, "wb").write(data)
+    _edit_manifest(engine_copy, lambda m: m["model"].update(family="flux9"))
+    assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "Unknown model family 'flux9'")
+
+
+def test_a_segment_artifact_that_does_not_load(engine_copy):
+    """Damaged by someone who also updated its sha256 in the manifest: the loader's error, not a traceback."""
+    import hashlib
+
+    seg = sorted(os.listdir(os.path.join(engine_copy, "segments")))[0]
+    artifact = os.path.join(engine_copy, "segments", seg, "artifact.bin")
+    open(artifact, "wb").write(b"\x00" * 64)
+    digest = hashlib.sha256(b"\x00" * 64).hexdigest()
+    _edit_manifest(engine_copy, lambda m: m["files"].update({f"segments/{seg}/artifact.bin": digest}))
+    assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "Cannot load compiled segment")
+
+
+def test_engine_api_errors(tiny_pipeline_engine, tiny_pipeline_engine_path):
+    from fluxc.runtime import Engine, FluxcError
+
+    with pytest.raises(FluxcError, match="Unknown output_type 'jpeg'"):
+        tiny_pipeline_engine.generate("a cat", steps=1, output_type="jpeg")
+    with pytest.raises(FluxcError, match="Unknown encoder placement 'disk'"):
+        Engine.load(tiny_pipeline_engine_path, verify=False, encoders="disk")
+    with pytest.raises(FluxcError, match="compiled for the CPU"):
+        Engine.load(tiny_pipeline_engine_path, verify=False, encoders="gpu")
+
+
+def test_damaged_pipeline_components(tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    vae = next((folder / "vae").glob("*.safetensors"))
+    vae.write_bytes(vae.read_bytes()[:100])
+    assert_user_error(["build", "--model", str(folder), "--target", "cpu", "--resolution", "144x112",
+                       "--text-tokens", "13", "-o", str(tmp_path / "e.fluxe")], "Cannot load the pipeline components")
+    assert not os.path.exists(tmp_path / "e.fluxe")
+
+
+def test_a_weight_no_format_can_hold(tmp_path):
+    """NaN in a weight an NVFP4 build quantizes: the build names the tensor."""
+    import types
+
+    from fluxc.passes import quantize_nvfp4
+    from fluxc.passes.base import PassContext
+    from fluxc.recipes import RECIPES
+    from fluxc.runtime import FluxcError
+    from fluxc.weights import engine_weights, one_linear_graph
+
+    w, b = torch.randn(32, 64), torch.zeros(32)
+    gm = quantize_nvfp4.run(one_linear_graph(w, b, 8, "proj"), PassContext(RECIPES["sm100_nvfp4"](), "cpu", "double")).graph
+    seg = types.SimpleNamespace(graph=gm, kind="double", layers=["transformer_blocks.0"])
+    w[3, 5] = float("nan")
+    tensors = {"transformer_blocks.0.proj.weight": w, "transformer_blocks.0.proj.bias": b}
+    with pytest.raises(FluxcError, match=r"Cannot make transformer_blocks\.0\.nvfp4"):
+        engine_weights([seg], tensors)

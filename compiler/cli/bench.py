@@ -21,6 +21,7 @@ def command(engine, resolution, steps, batch, warmup, repeat, name, output, **ca
     import time
 
     from fluxc.validate import parse_resolution
+    from fluxc.cli.progress import progress_bar
     from fluxc.cli.records_io import write_record
     from fluxc.records import bench
     from fluxc.runtime import Engine
@@ -35,8 +36,10 @@ def command(engine, resolution, steps, batch, warmup, repeat, name, output, **ca
     start = time.perf_counter()
     eng = Engine.load(engine)
     load_s = time.perf_counter() - start
-    record = bench(eng, height=height, width=width, steps=steps, batch=batch, warmup=warmup, repeat=repeat,
-                   name=name, load_s=load_s, cache_config=eng.cache_config(**cache_overrides(**cache)))
+    with progress_bar(warmup + repeat, "generations") as advance:
+        record = bench(eng, height=height, width=width, steps=steps, batch=batch, warmup=warmup, repeat=repeat,
+                       name=name, load_s=load_s, cache_config=eng.cache_config(**cache_overrides(**cache)),
+                       on_generation=advance)
     write_record(output, record)
     ms = record["speed"]["ms_per_step"]
     click.echo(f"wrote {output}: {record['name']} on {record['machine']['gpu'] or 'cpu'}, {ms['median']:.2f} ms/step "

@@ -18,9 +18,10 @@ def command(engine, reference, prompts_file, seeds, resolution, steps, guidance,
     Typical use: fluxc eval dev-fp8.fluxe --reference dev-bf16.fluxe --seeds 2 -o h200-fp8-quality.json
     """
     from fluxc.validate import parse_resolution
+    from fluxc.cli.progress import progress_bar
     from fluxc.cli.records_io import write_record
     from fluxc.cli.run import _read_prompts
-    from fluxc.records import evaluate
+    from fluxc.records import DEFAULT_PROMPTS, evaluate
     from fluxc.runtime import Engine
     from fluxc.runtime.core.bundle import check_writable
     from fluxc.runtime.core.errors import FluxcError
@@ -32,8 +33,9 @@ def command(engine, reference, prompts_file, seeds, resolution, steps, guidance,
     prompts = _read_prompts(prompts_file) if prompts_file else None
     eng = Engine.load(engine)
     ref = reference if reference == "eager" else Engine.load(reference)
-    record = evaluate(eng, ref, prompts=prompts, seeds=seeds, height=height, width=width, steps=steps,
-                      guidance=guidance, name=name)
+    with progress_bar(len(prompts or DEFAULT_PROMPTS) * seeds, "images") as advance:
+        record = evaluate(eng, ref, prompts=prompts, seeds=seeds, height=height, width=width, steps=steps,
+                          guidance=guidance, name=name, on_item=advance)
     write_record(output, record)
     mean = record["quality"]["mean"]
     click.echo(f"wrote {output}: {record['name']} vs {record['reference']['name']}: latent SQNR "

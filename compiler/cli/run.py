@@ -74,13 +74,17 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
 
 
 def _generate(engine: str, encoders, prompts: list[str], settings: dict, overrides: dict):
-    """(images, stage timings, cache report) of Engine.generate, on this process (a rank, for --gpus N)."""
-    from fluxc.runtime import Engine
+    """(images, stage timings, cache report) of Engine.generate, on this process (a rank, for --gpus N); rank 0
+    shows the denoising steps' progress."""
+    from fluxc.cli.progress import progress_bar
+    from fluxc.runtime import Engine, parallel
 
     eng = Engine.load(engine, encoders=encoders)
     timings, report = {}, {}
-    images = eng.generate(prompts, **settings, timings=timings, cache_config=eng.cache_config(**overrides),
-                          report=report)
+    chunks = -(-len(prompts) // eng.profile_for(settings["height"], settings["width"]).batch)
+    with progress_bar(settings["steps"] * chunks, "denoise", show=parallel.rank() == 0) as advance:
+        images = eng.generate(prompts, **settings, timings=timings, cache_config=eng.cache_config(**overrides),
+                              report=report, on_step=advance)
     return images, timings, report
 
 
@@ -159,9 +163,13 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     eng = Engine.load(engine)
     profile = eng.profile_for(height, width)
     prompt_embeds, pooled = _embeddings(embeddings, eng, profile, seed)
+    from fluxc.cli.progress import progress_bar
+
     start, report = time.perf_counter(), {}
-    packed = eng.denoise(prompt_embeds, pooled, height=profile.height, width=profile.width, steps=steps,
-                         guidance=guidance, seed=seed, cache_config=eng.cache_config(**overrides), report=report)
+    with progress_bar(steps, "denoise") as advance:
+        packed = eng.denoise(prompt_embeds, pooled, height=profile.height, width=profile.width, steps=steps,
+                             guidance=guidance, seed=seed, cache_config=eng.cache_config(**overrides), report=report,
+                             on_step=advance)
     if packed.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -113,7 +113,8 @@ def _random_components(name: str, dtype, device, seed: int) -> LoadedComponents:
         clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
         t5 = T5EncoderModel(T5Config(**t5_cfg))
         vae = AutoencoderKL(**vae_cfg)
-    return LoadedComponents(*(m.to(dtype).eval() for m in (clip, t5, vae)), clip_tok, t5_tok)
+    # torch's own to(): diffusers' override warns that the VAE's (empty) list of float32 modules is not kept
+    return LoadedComponents(*(torch.nn.Module.to(m, dtype).eval() for m in (clip, t5, vae)), clip_tok, t5_tok)
 
 
 def _diffusers_components(path: str, dtype, device) -> LoadedComponents:
@@ -293,7 +294,7 @@ def _random_flux2_components(name: str, dtype, device, seed: int) -> Flux2Compon
         bn = vae.bn  # latent statistics as a trained VAE has them, not the identity
         bn.running_mean.copy_(torch.randn(bn.num_features) * 0.5)
         bn.running_var.copy_(torch.rand(bn.num_features) * 2 + 0.25)
-    return Flux2Components(text_encoder.to(dtype).eval(), tokenizer, vae.to(dtype).eval())
+    return Flux2Components(text_encoder.to(dtype).eval(), tokenizer, torch.nn.Module.to(vae, dtype).eval())
 
 
 def _diffusers_flux2_components(path: str, dtype, device) -> Flux2Components:

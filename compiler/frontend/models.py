@@ -105,7 +105,8 @@ def _random_model(name: str, dtype, device, seed: int) -> LoadedModel:
     cls = _model_class(family)
     with torch.device("meta"):
         module = cls(**overrides)
-    module = module.to_empty(device=device).to(dtype)
+    # torch's own to(): diffusers' override warns that the (empty) list of modules kept in float32 is not kept
+    module = torch.nn.Module.to(module.to_empty(device=device), dtype)
     buffers = [name for name, _ in module.named_buffers()]
     assert not buffers, f"to_empty left buffers {buffers} uninitialised"
     init_random_(module, seed)

@@ -267,11 +267,13 @@ class _Flux2VaeDecode(_VaeDecoder):
         return dict(latents=torch.randn(b, c, profile.height // 16, profile.width // 16, device=device, dtype=dtype))
 
 
+_WRAPPERS = {"flux1": (_Head, _Block, _SingleJoint), "flux2": (_Flux2Head, _Flux2Block, _Flux2SingleJoint)}  # head, blocks
+
+
 def segment_modules(model: LoadedModel, text_tokens: int) -> dict[str, tuple[torch.nn.Module, list[str]]]:
     """kind -> (an eager module of that kind, the state-dict prefixes of every layer it serves)."""
     m = model.module
-    flux2 = model.family == "flux2"
-    head, block, single = (_Flux2Head, _Flux2Block, _Flux2SingleJoint) if flux2 else (_Head, _Block, _SingleJoint)
+    head, block, single = _WRAPPERS[model.family]
     return {
         "head": (head(m), [""]),
         "double": (block(m.transformer_blocks[0]), [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))]),
@@ -306,23 +308,22 @@ def example_activations(model: LoadedModel, kind: str, profile: Profile, device,
     def new(*shape, dt=dtype):
         return torch.randn(*shape, device=device, dtype=dt)
 
-    flux2 = model.family == "flux2"
+    family = FAMILIES[model.family]
     if kind == "head":
         acts = dict(hidden_states=new(b, s, cfg["in_channels"]), encoder_hidden_states=new(b, t, cfg["joint_attention_dim"]))
-        if not flux2:
+        if family.pooled:
             acts["pooled_projections"] = new(b, cfg["pooled_projection_dim"])
         acts["timestep"] = new(b).abs()
         if cfg["guidance_embeds"]:
             acts["guidance"] = new(b, dt=torch.float32).abs() * 4
         return acts
     rope_tables = dict(rope_cos=new(t + s, rope, dt=torch.float32), rope_sin=new(t + s, rope, dt=torch.float32))
-    # the per-step conditioning: FLUX.1 blocks take temb, FLUX.2 blocks the head's modulations (6 or 3 x d)
-    double_mod = dict(temb_mod_img=new(b, 6 * d), temb_mod_txt=new(b, 6 * d)) if flux2 else dict(temb=new(b, d))
-    single_mod = dict(temb_mod=new(b, 3 * d)) if flux2 else dict(temb=new(b, d))
+    # the per-step conditioning: FLUX.1 blocks take temb, FLUX.2 blocks the head's modulations (families.py)
+    conditioning = {n: new(b, family.conditioning_widths[n] * d) for n in family.schedule_inputs.get(kind, ())}
     if kind == "double":
-        return dict(hidden_states=new(b, s, d), encoder_hidden_states=new(b, t, d), **double_mod, **rope_tables)
+        return dict(hidden_states=new(b, s, d), encoder_hidden_states=new(b, t, d), **conditioning, **rope_tables)
     if kind == "single":
-        return dict(joint_hidden_states=new(b, t + s, d), **single_mod, **rope_tables)
+        return dict(joint_hidden_states=new(b, t + s, d), **conditioning, **rope_tables)
     return dict(hidden_states=new(b, s, d), temb=new(b, d))
 
 

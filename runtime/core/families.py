@@ -35,6 +35,7 @@ class Family:
     pooled: bool  # the head takes pooled_projections (CLIP's pooled prompt embedding)
     outputs: dict  # segment kind -> its output names
     schedule_inputs: dict  # segment kind -> its activation inputs known for every step before the loop
+    conditioning_widths: dict  # a block's per-step conditioning input -> its width in multiples of the inner dim
     encoders: tuple  # text-encoder segment kinds, run in order; together they give prompt_embeds (and pooled)
 
     def position_ids(self, profile: Profile) -> torch.Tensor:
@@ -70,6 +71,7 @@ class Flux1(Family):
     outputs = {"head": ["hidden_states", "encoder_hidden_states", "temb"], **_BLOCK_OUTPUTS}
     schedule_inputs = {"head": ("timestep", "guidance", "pooled_projections"), "double": ("temb",),
                        "single": ("temb",), "tail": ("temb",)}
+    conditioning_widths = {"temb": 1}  # every block computes its own AdaLN modulation from temb
     # FluxPipeline / FlowMatchEulerDiscreteScheduler constants
     BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 
@@ -101,6 +103,7 @@ class Flux2(Family):
                **_BLOCK_OUTPUTS}
     schedule_inputs = {"head": ("timestep", "guidance"), "double": ("temb_mod_img", "temb_mod_txt"),
                        "single": ("temb_mod",), "tail": ("temb",)}
+    conditioning_widths = {"temb": 1, "temb_mod_img": 6, "temb_mod_txt": 6, "temb_mod": 3}  # shift, scale, gate (x2)
 
     def _text_ids(self, text_tokens: int) -> torch.Tensor:
         zeros = torch.zeros(text_tokens, dtype=torch.long)
