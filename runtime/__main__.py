@@ -37,12 +37,13 @@ def _paths(output: str, n: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     from fluxc.runtime import Engine, parallel
-    from fluxc.runtime.core.bundle import save_atomically
+    from fluxc.runtime.core.bundle import check_writable, save_atomically
 
     distributed = "WORLD_SIZE" in os.environ  # started by torchrun
     if distributed:
         parallel.init()
     try:
+        check_writable(args.output)  # before the work, not after it
         engine = Engine.load(args.engine)
         config = engine.cache_config(policy=args.cache, threshold=args.cache_threshold)
         images = engine.generate(args.prompt, height=args.height, width=args.width, steps=args.steps,

@@ -31,7 +31,6 @@ def chunked(fn, batch: int, *inputs: torch.Tensor) -> list[torch.Tensor]:
     return [ys[0] if len(ys) == 1 else torch.cat(ys) for ys in zip(*outs)]
 
 
-
 class StepClock:
     """Milliseconds between ticks (and from the last tick to done()): CUDA events recorded on the stream, read
     once at the end, on a GPU; the wall clock on the CPU."""
