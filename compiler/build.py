@@ -30,9 +30,12 @@ from fluxc.manifest import engine_manifest, jsonable, segment_entry
 from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import LOWER, run_pipeline
 from fluxc.plan import Prepared, atomic_directory, read_plan, verify_plan, write_plan
-from fluxc.runtime.core.bundle import MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, sha256_file, write_safetensors, write_texts
+from fluxc.runtime.core.bundle import (MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, file_digest, write_safetensors,
+                                      write_seal, write_texts)
+from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.families import FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.core.signing import load_private_key, sign_engine
 from fluxc.validate import BuildOptions, Settings, check_shards, validate, validate_finish
 from fluxc.weights import engine_weights, layer_inputs
 
@@ -61,6 +64,7 @@ def build(opts: BuildOptions, report=None) -> dict:
     """Build the engine at opts.output (with opts.stage "plan", a portable plan); returns its manifest (or
     plan.json). Nothing is left behind on failure."""
     stages = Stages(report)
+    key = _signing_key(opts)
     if opts.from_plan:
         header = verify_plan(opts.from_plan)
         settings = validate_finish(opts, header)
@@ -72,7 +76,17 @@ def build(opts: BuildOptions, report=None) -> dict:
     if opts.stage == "plan":
         with stages("write plan"):
             return write_plan(prepared, opts.output)
-    return finish(prepared, settings, opts, stages)
+    return finish(prepared, settings, opts, stages, key)
+
+
+def _signing_key(opts: BuildOptions):
+    """The private key to sign the engine with, read before any work (a bad key fails in a second, not an hour)."""
+    if opts.sign_key is None:
+        return None
+    if opts.stage == "plan":
+        raise FluxcError("Plans are not signed: only engines are (their segments are code; a plan holds none).",
+                         "Drop --sign-key here and pass it to fluxc build --from PLAN, or sign the engine after.")
+    return load_private_key(opts.sign_key)
 
 
 def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
@@ -159,7 +173,7 @@ def _checkpoint(model, comps) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) -> dict:
+def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages, key=None) -> dict:
     """Lower for the target, compile, check against the recorded eager outputs, write the engine atomically."""
     backend = get_backend(opts.backend)
     lower = [ps for ps in settings.pipeline if ps.phase == LOWER and ps.name not in backend.translates]
@@ -188,10 +202,13 @@ def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages) 
             digests = {WEIGHTS: write_safetensors(os.path.join(tmp, WEIGHTS), weights)}
             write_texts(tmp, p.tokenizers)
         with stages("hash"):
-            files = {rel: digests.get(rel) or sha256_file(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
+            files = {rel: digests.get(rel) or file_digest(os.path.join(tmp, rel)) for rel in bundle_files(tmp)}
         manifest = engine_manifest(p, settings, seg_entries, backend, numerics, files, stages.seconds)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+        write_seal(tmp)
+        if key is not None:
+            sign_engine(tmp, key)
     return manifest
 
 

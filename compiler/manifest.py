@@ -1,5 +1,5 @@
 """The engine's manifest.json: what shaped the engine (hashed into its cache key), its segments' I/O, the files'
-sha256, build times and numerics."""
+BLAKE3 digests, build times and numerics."""
 
 import dataclasses
 import hashlib
@@ -28,6 +28,7 @@ def segment_entry(seg) -> dict:
         "name": seg.name, "kind": seg.kind, "profile": seg.profile and seg.profile.name, "dir": f"segments/{seg.name}",
         "device": seg.device.type,
         "layers": seg.layers, "weights": seg.weight_names, "schedule": seg.schedule and seg.schedule.name,
+        "weight_specs": [describe(n) | {"name": name} for n, name in zip(placeholders, seg.weight_names)],
         "inputs": [describe(n) | {"name": name} for n, name in zip(placeholders[len(seg.weight_names):], seg.inputs)],
         "outputs": [describe(n) | {"name": name} for n, name in zip(outputs, seg.outputs)],
         "op_counts": ir.op_counts(seg.graph),

@@ -4,7 +4,7 @@ finished on the target by `fluxc build --from PLAN`.
 A plan is a directory (`*.fluxp`, written atomically like an engine):
     plan.json            format version, model, target, recipe, profiles, components, pass counts and reports,
                          each segment's rewritten graph (ir.to_json) and how the runtime feeds it, and the
-                         sha256 of every other file
+                         BLAKE3 digest of every other file
     weights.safetensors  the transformed weights (packed NVFP4, e4m3, fused QKV ...), per layer
     checks.safetensors   each segment's example inputs and diffusers eager's outputs on them: the finished
                          engine's numerics check, without the model
@@ -26,12 +26,12 @@ import torch
 
 from fluxc import __version__, ir
 from fluxc.recipes import Recipe, recipe_from_dict
-from fluxc.runtime.core.bundle import sha256_file, write_safetensors, write_texts
+from fluxc.runtime.core.bundle import file_digest, write_safetensors, write_texts
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.profile import Profile
 from fluxc.frontend.trace import Segment
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: BLAKE3 file digests
 PLAN_JSON, WEIGHTS, CHECKS = "plan.json", "weights.safetensors", "checks.safetensors"
 
 
@@ -52,7 +52,7 @@ class Prepared:
     reports: dict
     calibration: dict | None
     seconds: dict[str, float]  # the preparing stages' times
-    source: dict | None = None  # {"plan": path, "plan_json_sha256": ...} when finished from a plan
+    source: dict | None = None  # {"plan": path, "plan_json_digest": ...} when finished from a plan
 
 
 @contextmanager
@@ -119,7 +119,7 @@ def write_plan(p: Prepared, output: str) -> dict:
             "calibration": p.calibration, "pass_counts": p.pass_counts, "pass_explain": p.explain,
             "pass_reports": p.reports, "build_seconds": p.seconds,
             "segments": [_segment_entry(seg) for seg in p.segments],
-            "files": digests | {rel: sha256_file(os.path.join(tmp, rel)) for rel in p.tokenizers},
+            "files": digests | {rel: file_digest(os.path.join(tmp, rel)) for rel in p.tokenizers},
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         with open(os.path.join(tmp, PLAN_JSON), "w") as f:
@@ -135,7 +135,7 @@ def _segment_entry(seg: Segment) -> dict:
 
 
 def verify_plan(path: str) -> dict:
-    """plan.json of the plan at `path`, after checking its format and every file's sha256; FluxcError if not."""
+    """plan.json of the plan at `path`, after checking its format and every file's digest; FluxcError if not."""
     remedy = "Write the plan again with fluxc build --stage plan."
     manifest = os.path.join(path, PLAN_JSON)
     if not os.path.isfile(manifest):
@@ -150,8 +150,8 @@ def verify_plan(path: str) -> dict:
                          remedy)
     for rel, digest in header["files"].items():
         file = os.path.join(path, rel)
-        if not os.path.isfile(file) or sha256_file(file) != digest:
-            raise FluxcError(f"Plan file {rel} is missing or changed since the plan was written (sha256 mismatch).",
+        if not os.path.isfile(file) or file_digest(file) != digest:
+            raise FluxcError(f"Plan file {rel} is missing or changed since the plan was written (digest mismatch).",
                              remedy)
     return header
 
@@ -182,9 +182,9 @@ def read_plan(path: str, header: dict, device: torch.device) -> Prepared:
         if rel not in (WEIGHTS, CHECKS):
             with open(os.path.join(path, rel)) as f:
                 tokenizers[rel] = f.read()
-    digest = sha256_file(os.path.join(path, PLAN_JSON))
+    digest = file_digest(os.path.join(path, PLAN_JSON))
     return Prepared(recipe_from_dict(header["recipe"]), header["target"], header["model"],
                     [Profile(**prof) for prof in header["profiles"]], list(segments.values()), weights,
                     header["components"], tokenizers, header["pass_counts"], header["pass_explain"],
                     header["pass_reports"], header["calibration"], header["build_seconds"],
-                    source={"plan": os.path.basename(os.path.abspath(path)), "plan_json_sha256": digest})
+                    source={"plan": os.path.basename(os.path.abspath(path)), "plan_json_digest": digest})

@@ -38,6 +38,7 @@ class BuildOptions:
     from_plan: str | None = None  # finish this plan (compiler/plan.py) into an engine for the target
     cache: dict | None = None  # CacheConfig fields over the recipe's default step-skipping policy (--cache ...)
     world_size: int = 1  # ranks one image's tokens are split over (context parallelism, runtime/parallel.py)
+    sign_key: str | None = None  # Ed25519 private key (PEM) to sign the engine with (runtime/core/signing.py)
 
 
 @dataclasses.dataclass(frozen=True)

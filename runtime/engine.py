@@ -15,6 +15,7 @@ repeating its last prompt.
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -22,12 +23,13 @@ import torch
 from fluxc.runtime import cache, parallel
 from fluxc.runtime.core import flux_math
 from fluxc.runtime.core.cache_config import PROBE_SUFFIX, CacheConfig, cache_config_from_dict
-from fluxc.runtime.core.bundle import ENCODER_PLACEMENTS, WEIGHTS, read_manifest, verify_files
+from fluxc.runtime.core.bundle import (ENCODER_PLACEMENTS, REBUILD, WEIGHTS, read_manifest, read_seal, verify_file,
+                                      verify_files)
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.families import ENCODER_KINDS, get_family
 from fluxc.runtime.core.profile import Profile
 from fluxc.runtime.core.targets import check_runs_here
-from fluxc.runtime.loaders import LOADERS
+from fluxc.runtime.loaders import LOADERS, compile_cache_at, segment_cache
 from fluxc.runtime.loop import CachedStep, StageClock, Step, StepClock, chunked
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,21 +63,35 @@ class Engine:
         return sum(t.numel() * t.element_size() for ts in self._weights.values() for t in ts)
 
     @classmethod
-    def load(cls, path: str, verify: bool = True, encoders: str | None = None) -> "Engine":
-        """Validate (format, files and hashes, GPU arch, torch version), then load weights and segments.
+    def load(cls, path: str, verify: bool = True, encoders: str | None = None, trusted_keys=None) -> "Engine":
+        """Check the engine (digests, format and manifest, GPU arch, torch version), then load weights and segments.
 
+        trusted_keys: Ed25519 public keys (PEM paths or raw bytes). Given, the engine must carry a valid signature by
+        one of them (the policy is in fluxc.runtime.core.signing); None accepts unsigned engines. No artifact is read
+        before its digest (and that signature) checks out; the weights file, data only, is hashed on the other cores
+        while it loads, and the load fails if it does not match. verify=False skips the digests (not with keys).
         encoders: override where a GPU engine keeps its text encoders between prompts: "gpu" (resident) or
         "offload" (in pinned CPU memory, copied to the GPU for each encode); "cpu" is fixed at build time."""
-        manifest = read_manifest(path)
-        if verify:
-            verify_files(path, manifest)
+        if trusted_keys is not None and not verify:
+            raise FluxcError("A signature vouches for the files only through their digests: verify=False cannot be "
+                             "combined with trusted keys.", "Drop verify=False (or --no-verify).")
+        manifest = read_manifest(path, trusted_keys)
         device = check_runs_here(manifest)
+        if verify:
+            verify_files(path, manifest, skip=(WEIGHTS,))
         engine = cls(path, manifest, device, encoders)
         parallel.check_world(engine.world_size)  # before any weights move
-        engine._load_weights()
+        with ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(verify_file, path, WEIGHTS, manifest["files"][WEIGHTS]) if verify else None
+            try:
+                engine._load_weights()
+            finally:
+                if checked is not None:
+                    checked.result()  # a digest mismatch is the error to report, even if the load failed first
         loader = LOADERS[manifest["backend"]["name"]]
-        for seg in manifest["segments"]:
-            engine._segments[(seg["kind"], seg["profile"])] = (seg, loader(os.path.join(path, seg["dir"])))
+        with compile_cache_at(segment_cache(read_seal(path)[0] if verify else None, engine)):
+            for seg in manifest["segments"]:
+                engine._segments[(seg["kind"], seg["profile"])] = (seg, loader(os.path.join(path, seg["dir"])))
         if engine.components:
             from fluxc.runtime.text import PromptTokenizer
 
@@ -98,16 +114,23 @@ class Engine:
         return asked
 
     def _load_weights(self) -> None:
-        from safetensors import safe_open
+        """Every segment's weights, each checked against the shape and dtype the segment was compiled for before
+        it is read."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(os.path.join(self.path, WEIGHTS), framework="pt", device="cpu") as f:
-            for seg in self.manifest["segments"]:
-                place = self._placer(seg)
-                for layer in seg["layers"]:
-                    prefix = f"{layer}." if layer else ""
-                    key = f"{seg['kind']}:{layer}"
-                    if key not in self._weights:
-                        self._weights[key] = [place(f.get_tensor(prefix + w)) for w in seg["weights"]]
+        try:
+            with safe_open(os.path.join(self.path, WEIGHTS), framework="pt", device="cpu") as f:
+                stored = set(f.keys())
+                for seg in self.manifest["segments"]:
+                    place = self._placer(seg)
+                    for layer in seg["layers"]:
+                        prefix = f"{layer}." if layer else ""
+                        key = f"{seg['kind']}:{layer}"
+                        if key not in self._weights:
+                            self._weights[key] = [place(_checked_tensor(f, stored, prefix + spec["name"], spec))
+                                                  for spec in seg["weight_specs"]]
+        except SafetensorError as e:
+            raise FluxcError(f"Cannot read {WEIGHTS} of '{self.path}': {e}.", REBUILD) from None
 
     def _placer(self, seg: dict):
         if seg["device"] == "cpu":
@@ -159,8 +182,7 @@ class Engine:
             else:
                 offset, shape = where
                 args.append(acts["schedule"].narrow(0, offset, math.prod(shape)).view(shape))
-        outs = fn(*self._weights[f"{kind}:{layer}"], *args)
-        return dict(zip((o["name"] for o in seg["outputs"]), outs))
+        return dict(zip((o["name"] for o in seg["outputs"]), _call(seg, fn, self._weights[f"{kind}:{layer}"], args)))
 
     def _rows(self, kind: str, profile: Profile | None, layer: str, names: list[str]):
         """fn(*tensors) -> the segment's outputs as a list, the tensors being its inputs `names`: for chunked."""
@@ -474,6 +496,42 @@ def _schedule_layout(segments: list[dict]) -> tuple[dict[tuple[str, str, str], t
                     offset += math.prod(i["shape"])
                 layout[(seg["kind"], layer, i["name"])] = (regions[region], i["shape"])
     return layout, list(regions)
+
+
+def _call(seg: dict, fn, weights: list, args: list) -> list:
+    """A compiled segment on its weights and inputs, the inputs first checked against the manifest's record of
+    them, so that a manifest that does not describe its segments gives a FluxcError, not an Inductor assertion."""
+    for spec, t in zip(seg["inputs"], args):
+        got = (str(t.dtype).removeprefix("torch."), list(t.shape))
+        if got != (spec["dtype"], spec["shape"]):
+            raise FluxcError(f"Segment {seg['name']} takes {spec['name']} as {spec['dtype']} {spec['shape']} and was "
+                             f"given {got[0]} {got[1]}: its manifest entry does not fit the engine.", REBUILD)
+    try:
+        outs = fn(*weights, *args)
+    except AssertionError as e:  # Inductor's size/stride asserts: the manifest does not describe the artifact
+        raise FluxcError(f"Segment {seg['name']} refused its inputs ({e}): its manifest entry does not fit its "
+                         "compiled artifact.", REBUILD) from None
+    if len(outs) != len(seg["outputs"]):
+        raise FluxcError(f"Segment {seg['name']} gave {len(outs)} outputs; its manifest lists {len(seg['outputs'])}.",
+                         REBUILD)
+    return outs
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _checked_tensor(f, stored: set, name: str, spec: dict) -> torch.Tensor:
+    """Tensor `name` from an open safetensors file, after checking its header entry against the manifest's spec."""
+    if name not in stored:
+        raise FluxcError(f"{WEIGHTS} has no tensor {name}, which the manifest names.", REBUILD)
+    entry = f.get_slice(name)
+    shape, dtype = list(entry.get_shape()), _SAFETENSORS_DTYPES.get(entry.get_dtype())
+    if shape != spec["shape"] or dtype != spec["dtype"]:
+        raise FluxcError(f"{WEIGHTS}: tensor {name} is {dtype} {shape}; the engine was compiled for {spec['dtype']} "
+                         f"{spec['shape']}.", REBUILD)
+    return f.get_tensor(name)
 
 
 def _check_steps(steps) -> None:

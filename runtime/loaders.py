@@ -1,6 +1,10 @@
 """Loading saved segment artifacts, one loader per backend name (the compile side is in fluxc.backends)."""
 
 import os
+import shutil
+import tempfile
+import weakref
+from contextlib import contextmanager
 
 import torch
 
@@ -32,11 +36,48 @@ def backend_versions() -> dict[str, str]:
     }
 
 
+def segment_cache(digest: str | None, owner) -> str:
+    """The folder Inductor's and Triton's on-disk caches use while an engine's segments load: an Inductor artifact
+    is a set of cache entries (pickles, generated modules) that loading copies into the cache and runs from there,
+    so with the shared cache (/tmp/torchinductor_<user>) an entry one engine brings could run when another engine
+    loads. Each verified engine gets its own folder, named by its digest, under $FLUXC_CACHE_DIR (default
+    ~/.cache/fluxc), kept across processes so that what loading compiles (the CPU's C++ kernels) is compiled once.
+    An engine loaded unverified (digest None) gets a temporary folder that goes with `owner`."""
+    if digest is None:
+        folder = tempfile.mkdtemp(prefix="fluxc-segments-")
+        weakref.finalize(owner, shutil.rmtree, folder, True)
+        return folder
+    root = os.environ.get("FLUXC_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                             os.path.expanduser("~/.cache"), "fluxc")
+    folder = os.path.join(root, "segments", digest)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise FluxcError(f"Cannot create the segment cache {folder}: {e.strerror}.",
+                         "Set FLUXC_CACHE_DIR to a folder you can write.") from None
+    return folder
+
+
+@contextmanager
+def compile_cache_at(folder: str):
+    """Inductor's and Triton's cache folders set to `folder` for the block."""
+    saved = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = folder, os.path.join(folder, "triton")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def load_inductor(segment_dir: str):
     path = os.path.join(segment_dir, INDUCTOR_ARTIFACT)
     try:
         return torch._inductor.CompiledArtifact.load(path=path, format="binary")
-    except Exception as e:  # a corrupt artifact passed the hash check only if the manifest lies
+    except Exception as e:  # a damaged artifact passes the digest check only when the digests were rewritten
         raise FluxcError(f"Cannot load compiled segment {path}: {type(e).__name__}: {e}",
                          "Rebuild the engine with this torch version.") from None
 

@@ -19,9 +19,18 @@ class PromptTokenizer:
     def __init__(self, root: str, spec: dict, name: str):
         from tokenizers import Tokenizer
 
+        from fluxc.runtime.core.bundle import REBUILD
+        from fluxc.runtime.core.errors import FluxcError
+
         self.name, self.max_length = name, spec["max_length"]
         self.template, self.strip = spec.get("template"), spec.get("strip", [])
-        self.tokenizer = Tokenizer.from_file(os.path.join(root, spec["file"]))
+        try:
+            self.tokenizer = Tokenizer.from_file(os.path.join(root, spec["file"]))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise FluxcError(f"Cannot read the {name} tokenizer {spec['file']}: {e}.", REBUILD) from None
+        if self.tokenizer.token_to_id(spec["pad_token"]) != spec["pad_id"]:
+            raise FluxcError(f"The {name} tokenizer's pad token {spec['pad_token']!r} is not token {spec['pad_id']}, "
+                             "as the manifest says.", REBUILD)
         self.tokenizer.enable_truncation(self.max_length, direction=spec.get("truncation_side", "right"))
         self.tokenizer.enable_padding(length=self.max_length, pad_id=spec["pad_id"], pad_token=spec["pad_token"],
                                       direction=spec.get("padding_side", "right"))

@@ -1,9 +1,9 @@
 """The CLI happy paths and the engine bundle's contract."""
 
-import hashlib
 import json
 import os
 
+import blake3
 import pytest
 import torch
 from click.testing import CliRunner
@@ -11,13 +11,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxc.cli import main
-from fluxc.runtime.core.bundle import MANIFEST, SAFETENSORS_DTYPES, bundle_files, sha256_file, write_safetensors
+from fluxc.runtime.core.bundle import MANIFEST, SAFETENSORS_DTYPES, bundle_files, write_safetensors
 
 
 def test_manifest_lists_every_file_with_its_hash(tiny_engine_path):
     m = json.load(open(os.path.join(tiny_engine_path, MANIFEST)))
     assert sorted(m["files"]) == bundle_files(tiny_engine_path)
-    assert all(sha256_file(os.path.join(tiny_engine_path, f)) == h for f, h in m["files"].items())
+    assert all(blake3.blake3(open(os.path.join(tiny_engine_path, f), "rb").read()).hexdigest() == h
+               for f, h in m["files"].items())
     assert [p["name"] for p in m["profiles"]] == ["144x112", "128x96"]
     # 4 kinds and the TeaCache probe (insert_cache_points) x 2 profiles, and the 4 schedule segments
     # hoist_schedule split off (one each, for every profile)
@@ -39,7 +40,7 @@ def test_streamed_weights_file_reads_back_through_safetensors(tmp_path):
     tensors |= {"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "transposed": base.t(), "row view": base[2]}
     path = str(tmp_path / "w.safetensors")
     digest = write_safetensors(path, tensors)
-    assert digest == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert digest == blake3.blake3(open(path, "rb").read()).hexdigest()
     bits = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # bit-exact, for every dtype
     with safe_open(path, framework="pt") as f:
         assert sorted(f.keys()) == sorted(tensors)

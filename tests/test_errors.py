@@ -4,13 +4,14 @@ import importlib.util
 import json
 import os
 
+import blake3
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from fluxc.cli import main
-from fluxc.runtime.core.bundle import MANIFEST
+from fluxc.runtime.core.bundle import MANIFEST, SEAL
 
 
 def fluxc(*args):
@@ -77,11 +78,20 @@ def test_foreign_target_and_plan_arguments(tmp_path):
 
 
 def _edit_manifest(path, edit):
+    """Edit the manifest as someone who also rewrites the engine digest in seal.json would (an unsigned engine)."""
     with open(os.path.join(path, MANIFEST)) as f:
         m = json.load(f)
     edit(m)
     with open(os.path.join(path, MANIFEST), "w") as f:
         json.dump(m, f)
+    _reseal(path)
+
+
+def _reseal(path):
+    with open(os.path.join(path, MANIFEST), "rb") as f:
+        digest = blake3.blake3(f.read()).hexdigest()
+    with open(os.path.join(path, SEAL), "w") as f:
+        json.dump({"format": "fluxc-seal", "digest": digest, "signatures": []}, f)
 
 
 def test_engine_for_another_gpu_arch(engine_copy):
@@ -104,7 +114,7 @@ def test_tampered_weights(engine_copy):
     data = bytearray(open(path, "rb").read())
     data[-1] ^= 0x01  # one bit of one weight
     open(path, "wb").write(bytes(data))
-    assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "weights.safetensors", "sha256")
+    assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "weights.safetensors", "digest")
 
 
 def test_missing_segment_file(engine_copy):
@@ -280,12 +290,12 @@ def test_inspect_says_what_it_checked(engine_copy):
     code, out = fluxc("inspect", engine_copy)
     assert code == 0 and "not verified" in out
     code, out = fluxc("inspect", engine_copy, "--verify")
-    assert code == 0 and "every sha256 verified" in out
+    assert code == 0 and "every digest verified" in out
     path = os.path.join(engine_copy, "weights.safetensors")
     data = bytearray(open(path, "rb").read())
     data[-1] ^= 0x01
     open(path, "wb").write(bytes(data))
-    assert_user_error(["inspect", engine_copy, "--verify"], "weights.safetensors", "sha256")
+    assert_user_error(["inspect", engine_copy, "--verify"], "weights.safetensors", "digest")
 
 
 # ---- every other user-facing error, each triggered once ------------------------------------------------------
@@ -380,20 +390,20 @@ def test_damaged_engines(engine_copy, tmp_path):
     assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "does not list: notes.txt")
     os.remove(os.path.join(engine_copy, "notes.txt"))
     open(manifest, "wb").write(data[:-10])
-    assert_user_error(["inspect", engine_copy], "Cannot read", "damaged")
+    assert_user_error(["inspect", engine_copy], "does not match the engine digest")
+    _reseal(engine_copy)
+    assert_user_error(["inspect", engine_copy], "is not valid JSON")
     open(manifest, "wb").write(data)
     _edit_manifest(engine_copy, lambda m: m["model"].update(family="flux9"))
-    assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "Unknown model family 'flux9'")
+    assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "unknown model family 'flux9'")
 
 
 def test_a_segment_artifact_that_does_not_load(engine_copy):
-    """Damaged by someone who also updated its sha256 in the manifest: the loader's error, not a traceback."""
-    import hashlib
-
+    """Damaged by someone who also updated its digest in the manifest: the loader's error, not a traceback."""
     seg = sorted(os.listdir(os.path.join(engine_copy, "segments")))[0]
     artifact = os.path.join(engine_copy, "segments", seg, "artifact.bin")
     open(artifact, "wb").write(b"\x00" * 64)
-    digest = hashlib.sha256(b"\x00" * 64).hexdigest()
+    digest = blake3.blake3(b"\x00" * 64).hexdigest()
     _edit_manifest(engine_copy, lambda m: m["files"].update({f"segments/{seg}/artifact.bin": digest}))
     assert_user_error(["run", engine_copy, "-o", engine_copy + ".safetensors"], "Cannot load compiled segment")
 

@@ -44,10 +44,12 @@ def main():
 
 
 def _register():
-    from fluxc.cli import bench, build, compare, doctor, evaluate, inspect, passes, run
+    from fluxc.cli import bench, build, compare, doctor, evaluate, inspect, passes, run, trust
 
     for module in (build, run, inspect, passes, bench, evaluate, compare, doctor):
         main.add_command(module.command)
+    for command in (trust.keygen, trust.sign, trust.verify):
+        main.add_command(command)
 
 
 _register()

@@ -34,10 +34,12 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.option("--world-size", type=int, default=1, show_default=True, metavar="N",
               help="Split each image's tokens over N GPUs (context parallelism; Ulysses attention over the heads): "
                    "run the engine with fluxc run --gpus N.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
+              help="Sign the engine with this Ed25519 private key (PEM; fluxc keygen makes one).")
 @cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, calibrate, stage, from_plan, explain, backend, world_size, output, **cache):
+            encoders, calibrate, stage, from_plan, explain, backend, world_size, sign_key, output, **cache):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -57,7 +59,8 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
                         resolutions=tuple(parse_resolution(r) for r in resolutions), text_tokens=text_tokens,
                         batch=batch, seed=seed, dump_ir=dump_ir,
                         transformer_only=transformer_only, encoders=encoders, calibrate=calibrate, stage=stage,
-                        from_plan=from_plan, backend=backend, world_size=world_size, cache=cache_overrides(**cache))
+                        from_plan=from_plan, backend=backend, world_size=world_size, cache=cache_overrides(**cache),
+                        sign_key=sign_key)
 
     def report(stage, done):
         if done:

@@ -6,7 +6,7 @@ import click
 @click.command("inspect")
 @click.argument("engine", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
-@click.option("--verify", is_flag=True, help="Also check every file against its sha256 (reads every byte).")
+@click.option("--verify", is_flag=True, help="Also check every file against its digest (reads every byte; fluxc verify also checks signatures).")
 def command(engine, as_json, verify):
     """Print an engine's manifest readably.
 
@@ -46,7 +46,7 @@ def command(engine, as_json, verify):
                    + (", modulated input" if cache["probes"]["modulated"] else f" (no TeaCache: {cache['why_no_probe']})"))
     click.echo("build time   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["build_seconds"].items()))
     click.echo(f"cache key    {m['cache_key'][:16]}")
-    click.echo(f"files        {len(m['files'])} files, " + ("every sha256 verified" if verify else
+    click.echo(f"files        {len(m['files'])} files, " + ("every digest verified" if verify else
                "not verified: inspect reads the manifest only (--verify checks every file; Engine.load always does)"))
 
 

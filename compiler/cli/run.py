@@ -26,10 +26,12 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
               help="Run an engine built with --world-size N on N GPUs of this machine (ranks launched through "
                    "torchrun's launcher; rank 0 writes the images). Under your own launcher: torchrun "
                    "--nproc-per-node N -m fluxc.runtime ENGINE --prompt ... -o OUT.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM); repeat for several. Given, the engine must be signed by one of them.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
 def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
-            verbose, gpus, output, **cache):
+            verbose, gpus, trusted_keys, output, **cache):
     """Generate images from prompts with an engine (or latents from prompt embeddings).
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
@@ -38,6 +40,7 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     from fluxc.runtime.core.errors import FluxcError
 
     overrides = cache_overrides(**cache, schedule=parse_schedule(cache_schedule))
+    load = dict(encoders=encoders, trusted_keys=list(trusted_keys) or None)
     if "schedule" in overrides:
         check_schedule(overrides["schedule"], steps)  # before any loading
     if prompt is not None and prompts_file is not None:
@@ -47,8 +50,8 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
                          "Pass either a prompt or --embeddings.")
     if prompt is None and prompts_file is None:
         _check_latents_output(output)
-        return _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output, overrides,
-                                        verbose)
+        return _latents_from_embeddings(engine, load, embeddings, height, width, steps, guidance, seed, output,
+                                        overrides, verbose)
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     paths = _image_paths(output, len(prompts))
 
@@ -59,9 +62,9 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
         raise FluxcError(f"--gpus {gpus} is less than 1.", "Use --gpus 1 or the engine's world size.")
     if gpus > 1 and parallel.world_size() == 1:
         _check_world(engine, gpus)  # before any rank starts
-        images, timings, report = parallel.launch(gpus, _generate, engine, encoders, prompts, settings, overrides)
+        images, timings, report = parallel.launch(gpus, _generate, engine, load, prompts, settings, overrides)
     else:  # one process, or one rank of a group started by the user's torchrun
-        images, timings, report = _generate(engine, encoders, prompts, settings, overrides)
+        images, timings, report = _generate(engine, load, prompts, settings, overrides)
         if parallel.rank() != 0:
             return
     from fluxc.runtime.core.bundle import save_atomically
@@ -73,13 +76,13 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     _echo_cache(report, verbose)
 
 
-def _generate(engine: str, encoders, prompts: list[str], settings: dict, overrides: dict):
+def _generate(engine: str, load: dict, prompts: list[str], settings: dict, overrides: dict):
     """(images, stage timings, cache report) of Engine.generate, on this process (a rank, for --gpus N); rank 0
     shows the denoising steps' progress."""
     from fluxc.cli.progress import progress_bar
     from fluxc.runtime import Engine, parallel
 
-    eng = Engine.load(engine, encoders=encoders)
+    eng = Engine.load(engine, **load)
     timings, report = {}, {}
     chunks = -(-len(prompts) // eng.profile_for(settings["height"], settings["width"]).batch)
     with progress_bar(settings["steps"] * chunks, "denoise", show=parallel.rank() == 0) as advance:
@@ -151,7 +154,7 @@ def _check_world(engine: str, gpus: int) -> None:
                          f"Use --gpus {built}, or rebuild with --world-size {gpus}.")
 
 
-def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance, seed, output, overrides, verbose):
+def _latents_from_embeddings(engine, load, embeddings, height, width, steps, guidance, seed, output, overrides, verbose):
     import time
 
     import torch
@@ -160,7 +163,7 @@ def _latents_from_embeddings(engine, embeddings, height, width, steps, guidance,
     from fluxc.runtime import Engine
     from fluxc.runtime.core.bundle import save_atomically
 
-    eng = Engine.load(engine)
+    eng = Engine.load(engine, **load)
     profile = eng.profile_for(height, width)
     prompt_embeds, pooled = _embeddings(embeddings, eng, profile, seed)
     from fluxc.cli.progress import progress_bar

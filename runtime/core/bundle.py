@@ -1,7 +1,9 @@
 """The engine bundle on disk (`*.fluxe` directory): writing its weights, reading and verifying it.
 
     manifest.json          format version, model, target, precision, recipe, passes, backend, profiles,
-                           segments, sha256 of every other file, build times, numerics, cache key
+                           segments, the BLAKE3 digest of every other file, build times, numerics, cache key
+    seal.json              the engine digest (BLAKE3 of manifest.json's bytes, so it covers every file) and the
+                           Ed25519 signatures over it (fluxc.runtime.core.signing); written last
     weights.safetensors    transformed weights, diffusers pipeline-folder names (transformer at the top
                            level; text_encoder., text_encoder_2., vae. prefixes for the other components)
     segments/<name>/       one compiled artifact per segment and profile
@@ -9,32 +11,36 @@
     tokenizers/t5.json     (absent in a transformer-only engine)
 """
 
-import hashlib
 import json
 import os
 import tempfile
 
+import blake3
 import torch
 
 from fluxc.runtime.core.errors import FluxcError
 
 # The engine bundle format; the runtime refuses any other. 2: text encoders, VAE, tokenizers; 3: fused weights,
 # single blocks over the joint text+image sequence; 4: cache points (manifest "cache", probe segments),
-# profiles' world_size and the model family always recorded (no defaults for older manifests).
-FORMAT_VERSION = 4
+# profiles' world_size and the model family always recorded (no defaults for older manifests); 5: BLAKE3 file
+# digests, seal.json (the manifest's digest and signatures), each segment's weight shapes and dtypes.
+FORMAT_VERSION = 5
 
 MANIFEST = "manifest.json"
+SEAL = "seal.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizers"
 ENCODER_PLACEMENTS = ("gpu", "offload", "cpu")  # resident on the GPU | parked in CPU memory between prompts | run on the CPU
 
 
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_digest(path: str) -> str:
+    """BLAKE3 of a file's bytes, hex: a tree hash, so one file is hashed on every core (memory-mapped; the GIL is
+    released, so other threads go on meanwhile)."""
+    return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+
+
+def bytes_digest(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
 
 
 # torch dtype -> safetensors dtype name (the format's spec; safetensors.torch reads them back)
@@ -44,8 +50,8 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> str:
-    """Write tensors (on any device) as one safetensors file, one tensor at a time, and return its sha256,
-    computed on the way. safetensors.torch.save_file holds every tensor's bytes in host memory at once (twice,
+    """Write tensors (on any device) as one safetensors file, one tensor at a time, and return its digest
+    (file_digest's), computed on the way. safetensors.torch.save_file holds every tensor's bytes in host memory at once (twice,
     with the CPU copies): 128 GB for a bf16 FLUX.2-dev engine. Format: u64 little-endian header length, the
     JSON header (space-padded to 8 bytes), then each tensor's bytes in header order."""
     names = sorted(tensors)
@@ -60,7 +66,7 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> str:
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    digest = hashlib.sha256()
+    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
     with open(path, "wb") as f:
         for block in _safetensors_blocks(text, (tensors[n] for n in names)):
             f.write(block)
@@ -84,53 +90,122 @@ def write_texts(root: str, files: dict[str, str]) -> None:
 
 
 def bundle_files(root: str) -> list[str]:
-    """Every file of a bundle except the manifest, as sorted relative paths."""
+    """Every file of a bundle except the manifest and the seal, as sorted relative paths."""
     out = []
     for dirpath, _, files in os.walk(root):
         for name in files:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel != MANIFEST:
+            if rel not in (MANIFEST, SEAL):
                 out.append(rel.replace(os.sep, "/"))
     return sorted(out)
 
 
-def read_manifest(root: str) -> dict:
-    path = os.path.join(root, MANIFEST)
+REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by hand."
+
+
+def read_manifest(root: str, trusted_keys=None) -> dict:
+    """The engine's manifest, after checking manifest.json's bytes against the seal's digest, then (with
+    trusted_keys, raw or PEM paths) a trusted signature over that digest before anything is parsed, then the
+    format version and the whole structure (fluxc.runtime.core.schema). FluxcError on any failure."""
     if not os.path.isdir(root):
         raise FluxcError(f"No engine at '{root}'.", "Check the path, or build one with `fluxc build ... -o ENGINE`.")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise FluxcError(f"'{root}' has no {MANIFEST}; it is not a fluxc engine.",
-                         "Point at a directory written by `fluxc build`.") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise FluxcError(f"Cannot read {path}: {e}.", "The engine is damaged: rebuild it.") from None
-    version = manifest.get("format_version")
+    raw = _read(root, MANIFEST)
+    digest, signatures = read_seal(root)
+    if bytes_digest(raw) != digest:
+        raise FluxcError(f"{MANIFEST} of '{root}' does not match the engine digest in {SEAL} (changed or corrupt).",
+                         REBUILD)
+    if trusted_keys is not None:
+        from fluxc.runtime.core.signing import check_trusted, public_keys
+
+        check_trusted(digest, signatures, public_keys(trusted_keys), root)
+    manifest = _parse(raw, os.path.join(root, MANIFEST))
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise FluxcError(
             f"Engine format version {version!r} is not supported by this fluxc (it reads version {FORMAT_VERSION}).",
             "Rebuild the engine with this fluxc, or use the fluxc version that built it "
             f"({manifest.get('fluxc_version', 'unknown')}).",
         )
+    from fluxc.runtime.core.schema import check_manifest
+
+    check_manifest(manifest)
     return manifest
 
 
-def verify_files(root: str, manifest: dict) -> None:
-    """Every listed file exists with its recorded sha256, and no file is unlisted."""
+def _read(root: str, name: str) -> bytes:
+    path = os.path.join(root, name)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        if name == SEAL:
+            raise FluxcError(f"'{root}' has no {SEAL}: it was built by a fluxc older than engine format "
+                             f"{FORMAT_VERSION}, or the file was lost.", "Rebuild the engine with this fluxc.") from None
+        raise FluxcError(f"'{root}' has no {name}; it is not a fluxc engine.",
+                         "Point at a directory written by `fluxc build`.") from None
+    except OSError as e:
+        raise FluxcError(f"Cannot read {path}: {e.strerror}.", REBUILD) from None
+
+
+def _parse(raw: bytes, path: str):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FluxcError(f"{path} is not valid JSON ({type(e).__name__}: {e}).", REBUILD) from None
+
+
+def read_seal(root: str) -> tuple[str, list[dict]]:
+    """(the engine digest, its signatures) from seal.json, checked for shape (not for validity)."""
+    seal = _parse(_read(root, SEAL), os.path.join(root, SEAL))
+    ok = (isinstance(seal, dict) and isinstance(seal.get("digest"), str) and _is_hex(seal["digest"], 64)
+          and isinstance(seal.get("signatures"), list)
+          and all(isinstance(e, dict) and _is_hex(e.get("public_key"), 64) and _is_hex(e.get("signature"), 128)
+                  for e in seal["signatures"]))
+    if not ok:
+        raise FluxcError(f"{SEAL} of '{root}' is damaged.", REBUILD)
+    return seal["digest"], seal["signatures"]
+
+
+def _is_hex(value, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
+def write_seal(root: str, signatures: list[dict] = ()) -> str:
+    """Write seal.json for the manifest now in `root` (atomically) and return the engine digest."""
+    digest = bytes_digest(_read(root, MANIFEST))
+
+    def save(tmp):
+        with open(tmp, "w") as f:
+            json.dump({"format": "fluxc-seal", "digest": digest, "signatures": list(signatures)}, f, indent=1)
+
+    save_atomically(os.path.join(root, SEAL), save)
+    return digest
+
+
+def verify_files(root: str, manifest: dict, skip: tuple[str, ...] = ()) -> None:
+    """Every listed file exists with its recorded digest, and no file is unlisted; the files in `skip` are only
+    checked for presence (the caller verifies them itself: Engine.load hashes the weights while it reads them)."""
     recorded = manifest["files"]
     on_disk = set(bundle_files(root))
     missing = sorted(set(recorded) - on_disk)
     if missing:
-        raise FluxcError(f"Engine file {missing[0]} is missing from '{root}'.", "Rebuild the engine or copy it again whole.")
+        raise FluxcError(f"Engine file {missing[0]} is missing from '{root}'.", REBUILD)
     extra = sorted(on_disk - set(recorded))
     if extra:
         raise FluxcError(f"Engine '{root}' holds a file its manifest does not list: {extra[0]}.",
                          "Remove the file, or rebuild the engine.")
-    for rel, digest in recorded.items():
-        if sha256_file(os.path.join(root, rel)) != digest:
-            raise FluxcError(f"Engine file {rel} does not match its sha256 in the manifest (changed or corrupt).",
-                             "Rebuild the engine or copy it again whole; never edit engine files by hand.")
+    for rel in sorted(set(recorded) - set(skip)):
+        verify_file(root, rel, recorded[rel])
+
+
+def verify_file(root: str, rel: str, digest: str) -> None:
+    path = os.path.join(root, rel)
+    try:
+        ok = file_digest(path) == digest
+    except OSError as e:
+        raise FluxcError(f"Cannot read engine file {rel}: {e}.", REBUILD) from None
+    if not ok:
+        raise FluxcError(f"Engine file {rel} does not match its digest in the manifest (changed or corrupt).", REBUILD)
 
 
 def check_writable(path: str) -> None:

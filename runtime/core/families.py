@@ -37,6 +37,7 @@ class Family:
     schedule_inputs: dict  # segment kind -> its activation inputs known for every step before the loop
     conditioning_widths: dict  # a block's per-step conditioning input -> its width in multiples of the inner dim
     encoders: tuple  # text-encoder segment kinds, run in order; together they give prompt_embeds (and pooled)
+    rope_axes: int  # position id axes (len of the config's axes_dims_rope)
 
     def position_ids(self, profile: Profile) -> torch.Tensor:
         """[T + S, axes] float ids of the text tokens, then the image tokens row by row."""
@@ -45,7 +46,7 @@ class Family:
         return torch.cat([self._text_ids(profile.text_tokens), self._image_ids(r, c)]).float()
 
     def rope_theta(self, config: dict) -> float:
-        return config.get("rope_theta", flux_math.ROPE_THETA)
+        raise NotImplementedError
 
     def sigmas(self, steps: int, image_tokens: int) -> torch.Tensor:
         """[steps + 1] float32: the flow-matching schedule, shifted by the family's mu."""
@@ -67,7 +68,7 @@ class Family:
 
 
 class Flux1(Family):
-    name, pooled, encoders = "flux1", True, ("clip", "t5")
+    name, pooled, encoders, rope_axes = "flux1", True, ("clip", "t5"), 3
     outputs = {"head": ["hidden_states", "encoder_hidden_states", "temb"], **_BLOCK_OUTPUTS}
     schedule_inputs = {"head": ("timestep", "guidance", "pooled_projections"), "double": ("temb",),
                        "single": ("temb",), "tail": ("temb",)}
@@ -80,6 +81,9 @@ class Flux1(Family):
 
     def _image_ids(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.zeros_like(r), r, c], 1)
+
+    def rope_theta(self, config):
+        return flux_math.ROPE_THETA  # fixed in FluxTransformer2DModel: a config entry would not change diffusers
 
     def initial_noise(self, n, profile, in_channels, seed, dtype):
         """FluxPipeline: one randn of [n, C/4, H/8, W/8], packed 2x2."""
@@ -98,7 +102,7 @@ class Flux1(Family):
 
 
 class Flux2(Family):
-    name, pooled, encoders = "flux2", False, ("mistral",)
+    name, pooled, encoders, rope_axes = "flux2", False, ("mistral",), 4
     outputs = {"head": ["hidden_states", "encoder_hidden_states", "temb", "temb_mod_img", "temb_mod_txt", "temb_mod"],
                **_BLOCK_OUTPUTS}
     schedule_inputs = {"head": ("timestep", "guidance"), "double": ("temb_mod_img", "temb_mod_txt"),
@@ -112,6 +116,9 @@ class Flux2(Family):
     def _image_ids(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         zeros = torch.zeros_like(r)
         return torch.stack([zeros, r, c, zeros], 1)
+
+    def rope_theta(self, config):
+        return config["rope_theta"]
 
     def initial_noise(self, n, profile, in_channels, seed, dtype):
         """Flux2Pipeline: randn already patchified, [n, C, H/16, W/16], flattened into tokens."""
