@@ -31,11 +31,11 @@ from fluxc.passes.base import PassContext
 from fluxc.passes.pipeline import LOWER, run_pipeline
 from fluxc.plan import Prepared, atomic_directory, read_plan, verify_plan, write_plan
 from fluxc.runtime.core.bundle import (MANIFEST, TOKENIZER_DIR, WEIGHTS, bundle_files, file_digest, write_safetensors,
-                                      write_seal, write_texts)
+                                      sign_engine, write_seal, write_texts)
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.families import FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.core.profile import Profile
-from fluxc.runtime.core.signing import load_private_key, sign_engine
+from fluxc.runtime.core.signing import load_private_key
 from fluxc.validate import BuildOptions, Settings, check_shards, validate, validate_finish
 from fluxc.weights import engine_weights, layer_inputs
 

@@ -10,7 +10,8 @@ from fluxc.frontend.models import check_source, weight_bytes
 from fluxc.passes.pipeline import Pass, resolve
 from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe, recipe_from_dict
 from fluxc.runtime.core import targets
-from fluxc.runtime.core.bundle import ENCODER_PLACEMENTS, check_writable
+from fluxc.runtime.core.bundle import check_writable
+from fluxc.runtime.core.schema import ENCODER_PLACEMENTS
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.profile import Profile
 

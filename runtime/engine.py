@@ -23,13 +23,13 @@ import torch
 from fluxc.runtime import cache, parallel
 from fluxc.runtime.core import flux_math
 from fluxc.runtime.core.cache_config import PROBE_SUFFIX, CacheConfig, cache_config_from_dict
-from fluxc.runtime.core.bundle import (ENCODER_PLACEMENTS, REBUILD, WEIGHTS, read_manifest, read_seal, verify_file,
-                                      verify_files)
+from fluxc.runtime.core.bundle import WEIGHTS, read_manifest, verify_file, verify_files
+from fluxc.runtime.core.schema import ENCODER_PLACEMENTS, REBUILD, SEGMENT_FILES
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.families import ENCODER_KINDS, get_family
 from fluxc.runtime.core.profile import Profile
 from fluxc.runtime.core.targets import check_runs_here
-from fluxc.runtime.loaders import LOADERS, compile_cache_at, segment_cache
+from fluxc.runtime.loaders import LOADERS
 from fluxc.runtime.loop import CachedStep, StageClock, Step, StepClock, chunked
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -88,10 +88,10 @@ class Engine:
             finally:
                 if checked is not None:
                     checked.result()  # a digest mismatch is the error to report, even if the load failed first
-        loader = LOADERS[manifest["backend"]["name"]]
-        with compile_cache_at(segment_cache(read_seal(path)[0] if verify else None, engine)):
-            for seg in manifest["segments"]:
-                engine._segments[(seg["kind"], seg["profile"])] = (seg, loader(os.path.join(path, seg["dir"])))
+        loader, artifact = LOADERS[manifest["backend"]["name"]], SEGMENT_FILES[manifest["backend"]["name"]]
+        for seg in manifest["segments"]:
+            digest = manifest["files"][f"{seg['dir']}/{artifact}"] if verify else None
+            engine._segments[(seg["kind"], seg["profile"])] = (seg, loader(os.path.join(path, seg["dir"]), digest))
         if engine.components:
             from fluxc.runtime.text import PromptTokenizer
 
@@ -376,11 +376,12 @@ class Engine:
         sig = self.family.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
         state = {  # this rank's tokens in a context-parallel run
-            "hidden_states": self._local(latents, 1).to(self.device, self.dtype).contiguous(),
-            "encoder_hidden_states": self._local(prompt_embeds, 1).to(self.device, self.dtype),
+            # copies: the step updates its state in place, and the caller's tensors stay theirs
+            "hidden_states": self._local(latents, 1).to(self.device, self.dtype, copy=True).contiguous(),
+            "encoder_hidden_states": self._local(prompt_embeds, 1).to(self.device, self.dtype, copy=True),
         }
         if self.family.pooled:
-            state["pooled_projections"] = pooled_prompt_embeds.to(self.device, self.dtype)
+            state["pooled_projections"] = pooled_prompt_embeds.to(self.device, self.dtype, copy=True)
         if self.config["guidance_embeds"]:
             state["guidance"] = torch.full((profile.batch,), float(guidance), device=self.device)
         per_step = {

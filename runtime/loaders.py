@@ -1,20 +1,20 @@
 """Loading saved segment artifacts, one loader per backend name (the compile side is in fluxc.backends)."""
 
+import atexit
 import os
 import shutil
 import tempfile
-import weakref
 from contextlib import contextmanager
 
 import torch
 
+from fluxc.runtime.core.schema import SEGMENT_FILES
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.ops import onnx_reference  # the package import registers torch.ops.fluxc.*, which segments call
 from fluxc.runtime.ops.onnx_reference import from_numpy, to_numpy, widen_bf16
 
-INDUCTOR_ARTIFACT = "artifact.bin"
-ONNX_MODEL = "segment.onnx"
-TENSORRT_PLAN, TENSORRT_IO = "segment.plan", "io.json"
+INDUCTOR_ARTIFACT, ONNX_MODEL, TENSORRT_PLAN = (SEGMENT_FILES[b] for b in ("inductor", "onnx", "tensorrt"))
+TENSORRT_IO = "io.json"
 
 
 def _triton_version() -> str:
@@ -36,17 +36,20 @@ def backend_versions() -> dict[str, str]:
     }
 
 
-def segment_cache(digest: str | None, owner) -> str:
-    """The folder Inductor's and Triton's on-disk caches use while an engine's segments load: an Inductor artifact
-    is a set of cache entries (pickles, generated modules) that loading copies into the cache and runs from there,
-    so with the shared cache (/tmp/torchinductor_<user>) an entry one engine brings could run when another engine
-    loads. Each verified engine gets its own folder, named by its digest, under $FLUXC_CACHE_DIR (default
-    ~/.cache/fluxc), kept across processes so that what loading compiles (the CPU's C++ kernels) is compiled once.
-    An engine loaded unverified (digest None) gets a temporary folder that goes with `owner`."""
+def segment_cache(digest: str | None) -> str:
+    """The folder Inductor's and Triton's on-disk caches use while one artifact loads. An Inductor artifact is a set
+    of cache entries (pickles, generated modules) that loading copies into the cache and runs from there, so with
+    the shared cache (/tmp/torchinductor_<user>) an entry one engine brings could run when another engine loads.
+    Each verified artifact gets its own folder, named by its digest, under $FLUXC_CACHE_DIR (default
+    ~/.cache/fluxc): only byte-identical artifacts share one, and what loading compiles (the CPU's C++ kernels)
+    is compiled once, not at every start. Artifacts loaded unverified (digest None) share a temporary folder private
+    to this process."""
+    global _unverified
     if digest is None:
-        folder = tempfile.mkdtemp(prefix="fluxc-segments-")
-        weakref.finalize(owner, shutil.rmtree, folder, True)
-        return folder
+        if _unverified is None:
+            _unverified = tempfile.mkdtemp(prefix="fluxc-unverified-")
+            atexit.register(shutil.rmtree, _unverified, True)
+        return _unverified
     root = os.environ.get("FLUXC_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                                              os.path.expanduser("~/.cache"), "fluxc")
     folder = os.path.join(root, "segments", digest)
@@ -58,8 +61,11 @@ def segment_cache(digest: str | None, owner) -> str:
     return folder
 
 
+_unverified: str | None = None
+
+
 @contextmanager
-def compile_cache_at(folder: str):
+def _caches_at(folder: str):
     """Inductor's and Triton's cache folders set to `folder` for the block."""
     saved = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = folder, os.path.join(folder, "triton")
@@ -73,16 +79,18 @@ def compile_cache_at(folder: str):
                 os.environ[name] = value
 
 
-def load_inductor(segment_dir: str):
+def load_inductor(segment_dir: str, digest: str | None):
+    """The compiled segment; digest: the artifact's, as verified (None: not verified)."""
     path = os.path.join(segment_dir, INDUCTOR_ARTIFACT)
     try:
-        return torch._inductor.CompiledArtifact.load(path=path, format="binary")
+        with _caches_at(segment_cache(digest)):
+            return torch._inductor.CompiledArtifact.load(path=path, format="binary")
     except Exception as e:  # a damaged artifact passes the digest check only when the digests were rewritten
         raise FluxcError(f"Cannot load compiled segment {path}: {type(e).__name__}: {e}",
                          "Rebuild the engine with this torch version.") from None
 
 
-def load_onnx(segment_dir: str):
+def load_onnx(segment_dir: str, digest: str | None = None):
     """An ONNX Runtime session over the segment's model, called like a compiled segment: tensors in, tensors out.
     Where the provider has no kernels for the model's bfloat16 ops (ONNX Runtime's CPU provider has almost none),
     the model runs widened to float32 (widen_bf16) and its bfloat16 outputs are rounded back. Models ONNX
@@ -122,7 +130,7 @@ def load_onnx(segment_dir: str):
     return run
 
 
-def load_tensorrt(segment_dir: str):
+def load_tensorrt(segment_dir: str, digest: str | None = None):
     """A TensorRT execution context over the segment's plan, called like a compiled segment: CUDA tensors in (the
     layer's weights first, bound by address, no copies), new CUDA tensors out, on torch's current stream (so a
     CUDA graph captures it like any kernel)."""

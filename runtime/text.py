@@ -19,7 +19,7 @@ class PromptTokenizer:
     def __init__(self, root: str, spec: dict, name: str):
         from tokenizers import Tokenizer
 
-        from fluxc.runtime.core.bundle import REBUILD
+        from fluxc.runtime.core.schema import REBUILD
         from fluxc.runtime.core.errors import FluxcError
 
         self.name, self.max_length = name, spec["max_length"]

@@ -26,8 +26,8 @@ def sign(engine, key):
 
     Typical use: fluxc sign flux1-dev.fluxe --key release.key
     """
-    from fluxc.runtime.core.bundle import read_manifest, verify_files
-    from fluxc.runtime.core.signing import load_private_key, sign_engine
+    from fluxc.runtime.core.bundle import read_manifest, sign_engine, verify_files
+    from fluxc.runtime.core.signing import load_private_key
 
     private = load_private_key(key)  # a bad key fails before the engine is read
     verify_files(engine, read_manifest(engine))

@@ -17,6 +17,7 @@ import os
 import torch
 
 from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.core.profile import VAE_SCALE
 
 CLIP_MAX_LENGTH = 77  # CLIP-L's position table; FluxPipeline always pads CLIP to it
 
@@ -130,7 +131,17 @@ def _diffusers_components(path: str, dtype, device) -> LoadedComponents:
     clip, t5, vae, *toks = _from_folder(path, "FLUX", ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                                                        "vae"], load, dtype)
     clip_tok, t5_tok = (Tokenizer(t.backend_tokenizer, t.pad_token_id, t.pad_token) for t in toks)
+    _check_vae_scale(vae, path)
     return LoadedComponents(clip.to(device).eval(), t5.to(device).eval(), vae.to(device).eval(), clip_tok, t5_tok)
+
+
+def _check_vae_scale(vae, path: str) -> None:
+    """Both FLUX families' VAEs scale images by 8 (4 levels); the runtime's latent sizes assume it (VAE_SCALE)."""
+    levels = len(vae.config.block_out_channels)
+    if 2 ** (levels - 1) != VAE_SCALE:
+        raise FluxcError(f"The VAE in '{path}/vae' has {levels} levels, so it scales images by {2 ** (levels - 1)}; "
+                         f"FLUX's VAEs scale by {VAE_SCALE} (4 levels), and fluxc engines are built for that.",
+                         "Use the model's own VAE (block_out_channels of 4 entries), or build with --transformer-only.")
 
 
 def _from_folder(path: str, what: str, needed: list[str], load, dtype):
@@ -307,6 +318,7 @@ def _diffusers_flux2_components(path: str, dtype, device) -> Flux2Components:
                 AutoTokenizer.from_pretrained(folder("tokenizer"), use_fast=True))
 
     text_encoder, vae, tokenizer = _from_folder(path, "FLUX.2", ["tokenizer", "text_encoder", "vae"], load, dtype)
+    _check_vae_scale(vae, path)
     if not getattr(tokenizer, "chat_template", None):
         raise FluxcError(f"The tokenizer in '{path}/tokenizer' has no chat template; FLUX.2 prompts are chat-formatted.",
                          "Re-copy the tokenizer folder with its chat_template.")

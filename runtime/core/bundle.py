@@ -19,6 +19,7 @@ import blake3
 import torch
 
 from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.core.schema import REBUILD, check_manifest
 
 # The engine bundle format; the runtime refuses any other. 2: text encoders, VAE, tokenizers; 3: fused weights,
 # single blocks over the joint text+image sequence; 4: cache points (manifest "cache", probe segments),
@@ -30,7 +31,6 @@ MANIFEST = "manifest.json"
 SEAL = "seal.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizers"
-ENCODER_PLACEMENTS = ("gpu", "offload", "cpu")  # resident on the GPU | parked in CPU memory between prompts | run on the CPU
 
 
 def file_digest(path: str) -> str:
@@ -100,9 +100,6 @@ def bundle_files(root: str) -> list[str]:
     return sorted(out)
 
 
-REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by hand."
-
-
 def read_manifest(root: str, trusted_keys=None) -> dict:
     """The engine's manifest, after checking manifest.json's bytes against the seal's digest, then (with
     trusted_keys, raw or PEM paths) a trusted signature over that digest before anything is parsed, then the
@@ -126,8 +123,6 @@ def read_manifest(root: str, trusted_keys=None) -> dict:
             "Rebuild the engine with this fluxc, or use the fluxc version that built it "
             f"({manifest.get('fluxc_version', 'unknown')}).",
         )
-    from fluxc.runtime.core.schema import check_manifest
-
     check_manifest(manifest)
     return manifest
 
@@ -180,6 +175,17 @@ def write_seal(root: str, signatures: list[dict] = ()) -> str:
 
     save_atomically(os.path.join(root, SEAL), save)
     return digest
+
+
+def sign_engine(root: str, private_key) -> str:
+    """Add private_key's signature over the engine digest to the seal (replacing an older one by the same key); the
+    key's fingerprint. The caller has verified the engine: a signature vouches for what is there."""
+    from fluxc.runtime.core.signing import fingerprint, sign
+
+    digest, signatures = read_seal(root)
+    entry = sign(digest, private_key)
+    write_seal(root, [e for e in signatures if e["public_key"] != entry["public_key"]] + [entry])
+    return fingerprint(bytes.fromhex(entry["public_key"]))
 
 
 def verify_files(root: str, manifest: dict, skip: tuple[str, ...] = ()) -> None:

@@ -14,9 +14,10 @@ import re
 
 from fluxc.runtime.core.errors import FluxcError
 
-REMEDY = "Rebuild the engine or copy it again whole; never edit engine files by hand."
+SEGMENT_FILES = {"inductor": "artifact.bin", "onnx": "segment.onnx", "tensorrt": "segment.plan"}  # backend -> its file
+ENCODER_PLACEMENTS = ("gpu", "offload", "cpu")  # resident on the GPU | parked in CPU memory between prompts | run on the CPU
+REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by hand."
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
-BACKENDS = {"inductor": "artifact.bin", "onnx": "segment.onnx", "tensorrt": "segment.plan"}  # -> a segment's file
 DEVICES = ("cpu", "cuda")
 SIDES = ("left", "right")
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8",
@@ -34,7 +35,7 @@ def check_manifest(m) -> None:
     try:
         _check(m)
     except _Damaged as e:
-        raise FluxcError(f"The engine's manifest is damaged: {e}.", REMEDY) from None
+        raise FluxcError(f"The engine's manifest is damaged: {e}.", REBUILD) from None
 
 
 def _need(ok: bool, what: str) -> None:
@@ -80,7 +81,7 @@ def _check(m) -> None:
     backend = _get(m, "backend", dict, "manifest")
     for key in ("name", "torch", "triton", "cuda", "cudnn"):
         _get(backend, key, str, "backend")
-    _need(backend["name"] in BACKENDS, f"unknown backend {backend['name']!r}")
+    _need(backend["name"] in SEGMENT_FILES, f"unknown backend {backend['name']!r}")
     for section in ("numerics", "build_seconds"):
         _get(m, section, dict, "manifest")
     _need(all(isinstance(v, (int, float)) for v in m["build_seconds"].values()), "build_seconds holds a non-number")
@@ -176,7 +177,7 @@ def _tensor_specs(seg: dict, key: str, where: str) -> list:
 def _check_segments(m, family, profiles: dict, files: dict) -> None:
     segments = _get(m, "segments", list, "manifest")
     names, keys = set(), set()
-    artifact = BACKENDS[m["backend"]["name"]]
+    artifact = SEGMENT_FILES[m["backend"]["name"]]
     for i, seg in enumerate(segments):
         where = f"segments[{i}]"
         name, kind = _get(seg, "name", str, where), _get(seg, "kind", str, where)
@@ -207,8 +208,6 @@ def _check_segments(m, family, profiles: dict, files: dict) -> None:
 
 
 def _check_components(m, family, files: dict) -> None:
-    from fluxc.runtime.core.bundle import ENCODER_PLACEMENTS
-
     _need("components" in m, "manifest has no 'components'")
     components = m["components"]
     if components is None:

@@ -109,17 +109,6 @@ def sign(digest: str, private_key) -> dict:
     return {"public_key": public.hex(), "signature": private_key.sign(DOMAIN + bytes.fromhex(digest)).hex()}
 
 
-def sign_engine(root: str, private_key) -> str:
-    """Add private_key's signature over the digest in the engine's seal (replacing an older one by the same key);
-    the key's fingerprint. The caller has verified the engine: a signature vouches for what is there."""
-    from fluxc.runtime.core.bundle import read_seal, write_seal
-
-    digest, signatures = read_seal(root)
-    entry = sign(digest, private_key)
-    write_seal(root, [e for e in signatures if e["public_key"] != entry["public_key"]] + [entry])
-    return fingerprint(bytes.fromhex(entry["public_key"]))
-
-
 def valid(digest: str, entry: dict) -> bool:
     """Whether `entry`'s signature over the digest verifies with the public key it names."""
     _, ed25519 = _serialization()
