@@ -15,6 +15,8 @@
 #   flux2           FLUX.2-dev bf16/fp8/nvfp4 engines vs eager and torch.compile  -> $OUT/bench_flux2.json
 #                   ($FLUX2_PHASES splits it over calls: eager,bf16 writes $OUT/flux2_reference.safetensors, which
 #                   later calls carry and name in $FLUX2_REFERENCE; a bf16 engine is 64 GB on disk)
+#   load            cold start: verification and Engine.load of the FLUX.1-dev bf16 whole-pipeline engine
+#                   (signed), against one-thread sha256                        -> $OUT/bench_load.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -43,6 +45,7 @@ for job in "${@:-tests}"; do
     flux2) python3 scripts/bench_flux2.py --phases "${FLUX2_PHASES:-eager,compile,bf16,fp8,nvfp4}" \
              --reference "${FLUX2_REFERENCE:-$OUT/flux2_reference.safetensors}" --out "$OUT/bench_flux2.json" \
              2>&1 | tee "$OUT/bench_flux2.log" || rc=1 ;;
+    load) python3 scripts/bench_load.py --out "$OUT/bench_load.json" 2>&1 | tee "$OUT/bench_load.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
