@@ -25,6 +25,8 @@ def _arguments(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", choices=["none", "fbcache", "teacache"], default=None)
     ap.add_argument("--cache-threshold", type=float, default=None)
+    ap.add_argument("--trusted-key", action="append", default=None,
+                    help="Ed25519 public key (PEM); repeat for several; given, the engine must be signed by one")
     ap.add_argument("-o", "--output", required=True, help="image path; several prompts write NAME-000.png, ...")
     return ap.parse_args(argv)
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel.init()
     try:
         check_writable(args.output)  # before the work, not after it
-        engine = Engine.load(args.engine)
+        engine = Engine.load(args.engine, trusted_keys=args.trusted_key)
         config = engine.cache_config(policy=args.cache, threshold=args.cache_threshold)
         images = engine.generate(args.prompt, height=args.height, width=args.width, steps=args.steps,
                                  guidance=args.guidance, seed=args.seed, cache_config=config)

@@ -23,7 +23,7 @@ import torch
 from fluxc.runtime import cache, parallel
 from fluxc.runtime.core import flux_math
 from fluxc.runtime.core.cache_config import PROBE_SUFFIX, CacheConfig, cache_config_from_dict
-from fluxc.runtime.core.bundle import WEIGHTS, read_manifest, verify_file, verify_files
+from fluxc.runtime.core.bundle import SAFETENSORS_DTYPES, WEIGHTS, read_manifest, verify_file, verify_files
 from fluxc.runtime.core.schema import ENCODER_PLACEMENTS, REBUILD, SEGMENT_FILES
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.families import ENCODER_KINDS, get_family
@@ -74,7 +74,7 @@ class Engine:
         "offload" (in pinned CPU memory, copied to the GPU for each encode); "cpu" is fixed at build time."""
         if trusted_keys is not None and not verify:
             raise FluxcError("A signature vouches for the files only through their digests: verify=False cannot be "
-                             "combined with trusted keys.", "Drop verify=False (or --no-verify).")
+                             "combined with trusted keys.", "Drop verify=False.")
         manifest = read_manifest(path, trusted_keys)
         device = check_runs_here(manifest)
         if verify:
@@ -178,6 +178,9 @@ class Engine:
         for i in seg["inputs"]:
             where = self._layout.get((kind.removesuffix(PROBE_SUFFIX), layer, i["name"]))  # a probe reads its block's row
             if where is None:
+                if i["name"] not in acts:
+                    raise FluxcError(f"Segment {seg['name']} takes an input {i['name']!r} that nothing in the engine "
+                                     "makes.", REBUILD)
                 args.append(acts[i["name"]])
             else:
                 offset, shape = where
@@ -518,9 +521,7 @@ def _call(seg: dict, fn, weights: list, args: list) -> list:
     return outs
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_DTYPE_NAMES = {name: str(dtype).removeprefix("torch.") for dtype, name in SAFETENSORS_DTYPES.items()}  # BF16: bfloat16
 
 
 def _checked_tensor(f, stored: set, name: str, spec: dict) -> torch.Tensor:
@@ -528,7 +529,7 @@ def _checked_tensor(f, stored: set, name: str, spec: dict) -> torch.Tensor:
     if name not in stored:
         raise FluxcError(f"{WEIGHTS} has no tensor {name}, which the manifest names.", REBUILD)
     entry = f.get_slice(name)
-    shape, dtype = list(entry.get_shape()), _SAFETENSORS_DTYPES.get(entry.get_dtype())
+    shape, dtype = list(entry.get_shape()), _DTYPE_NAMES.get(entry.get_dtype())
     if shape != spec["shape"] or dtype != spec["dtype"]:
         raise FluxcError(f"{WEIGHTS}: tensor {name} is {dtype} {shape}; the engine was compiled for {spec['dtype']} "
                          f"{spec['shape']}.", REBUILD)

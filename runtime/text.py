@@ -11,23 +11,37 @@ attention mask the text encoder takes.
 
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
+
+from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.core.schema import REBUILD
+
+
+@contextmanager
+def _tokenizer_errors(what: str):
+    """The tokenizers library's failures on a damaged tokenizer file as a FluxcError: a bare Exception for a file
+    it cannot parse, and a Rust panic (pyo3's PanicException, a BaseException) for some it parses wrongly."""
+    try:
+        yield
+    except Exception as e:
+        raise FluxcError(f"{what} failed: {e}.", REBUILD) from None
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise FluxcError(f"{what} failed: the tokenizers library panicked ({e}).", REBUILD) from None
 
 
 class PromptTokenizer:
     def __init__(self, root: str, spec: dict, name: str):
         from tokenizers import Tokenizer
 
-        from fluxc.runtime.core.schema import REBUILD
-        from fluxc.runtime.core.errors import FluxcError
-
         self.name, self.max_length = name, spec["max_length"]
         self.template, self.strip = spec.get("template"), spec.get("strip", [])
-        try:
-            self.tokenizer = Tokenizer.from_file(os.path.join(root, spec["file"]))
-        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
-            raise FluxcError(f"Cannot read the {name} tokenizer {spec['file']}: {e}.", REBUILD) from None
+        self.file = spec["file"]
+        with _tokenizer_errors(f"Reading the {name} tokenizer {self.file}"):
+            self.tokenizer = Tokenizer.from_file(os.path.join(root, self.file))
         if self.tokenizer.token_to_id(spec["pad_token"]) != spec["pad_id"]:
             raise FluxcError(f"The {name} tokenizer's pad token {spec['pad_token']!r} is not token {spec['pad_id']}, "
                              "as the manifest says.", REBUILD)
@@ -44,7 +58,8 @@ class PromptTokenizer:
             for s in self.strip:
                 texts = [t.replace(s, "") for t in texts]
             texts = [prefix + t + suffix for t in texts]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=self.template is None)
+        with _tokenizer_errors(f"Tokenizing with the {self.name} tokenizer {self.file}"):
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=self.template is None)
         for prompt, text, enc in zip(prompts, texts, encodings):
             if enc.overflowing:
                 warnings.warn(f"Prompt {prompt[:40]!r}... was truncated to {self.max_length} {self.name} tokens; "

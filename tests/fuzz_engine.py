@@ -4,7 +4,7 @@ test_trust.test_fuzzed_engines (a crash or a hang there must not take pytest wit
     python tests/fuzz_engine.py ENGINE OUT.jsonl --mode damage|tamper|signed --cases N --seed S [--trusted-key PUB]
 
 Each case mutates one file in place (a bit flip, an inserted or deleted byte, or a truncation), loads the engine
-and generates one image of one step, then restores the file. Modes:
+and generates one image of one step, runs `fluxc inspect` on it, then restores the file. Modes:
     damage   the digests are left alone, as bad luck leaves them; every file, artifacts included
     tamper   the mutated file's digest in the manifest and the seal's digest are rewritten, as someone who can
              write the engine would; the data files only (manifest, seal, tokenizers, weights): a rewritten
@@ -24,7 +24,9 @@ import traceback
 
 import blake3
 import torch
+from click.testing import CliRunner
 
+from fluxc.cli import main as fluxc
 from fluxc.runtime import Engine, FluxcError
 
 MANIFEST, SEAL, WEIGHTS = "manifest.json", "seal.json", "weights.safetensors"
@@ -70,6 +72,24 @@ def rehash(engine: str, rel: str) -> None:
             json.dump(s, f)
 
 
+def case_outcome(args, rel: str, keys, baseline: torch.Tensor) -> dict:
+    """Rehash (unless the mode is damage), load and run the mutated engine: its outcome and message."""
+    signal.alarm(60)
+    try:
+        if args.mode != "damage":
+            rehash(args.engine, rel)
+        image = run(args.engine, keys)
+        return {"outcome": "same" if torch.equal(image, baseline) else "differs"}
+    except FluxcError as e:
+        return {"outcome": "error", "message": str(e)}
+    except TimeoutError:
+        return {"outcome": "hang"}
+    except Exception:
+        return {"outcome": "traceback", "message": traceback.format_exc()[-2000:]}
+    finally:
+        signal.alarm(0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("engine")
@@ -98,20 +118,12 @@ def main() -> int:
             with open(os.path.join(args.engine, rel), "wb") as f:
                 f.write(data)
             record = {"case": case, "file": rel, "mutation": how}
-            signal.alarm(60)
             try:
-                if args.mode != "damage":
-                    rehash(args.engine, rel)
-                image = run(args.engine, keys)
-                record["outcome"] = "same" if torch.equal(image, baseline) else "differs"
-            except FluxcError as e:
-                record |= {"outcome": "error", "message": str(e)}
-            except TimeoutError:
-                record["outcome"] = "hang"
-            except Exception:
-                record |= {"outcome": "traceback", "message": traceback.format_exc()[-2000:]}
+                record |= case_outcome(args, rel, keys, baseline)
+                inspected = CliRunner().invoke(fluxc, ["inspect", args.engine])  # a FluxcError exits 1, a bug raises
+                if inspected.exception is not None and not isinstance(inspected.exception, SystemExit):
+                    record |= {"outcome": "traceback", "message": "fluxc inspect: " + repr(inspected.exception)}
             finally:
-                signal.alarm(0)
                 for name in {rel, MANIFEST, SEAL}:
                     with open(os.path.join(args.engine, name), "wb") as f:
                         f.write(originals[name])

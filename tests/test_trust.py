@@ -122,6 +122,14 @@ def test_build_signs_and_run_requires_a_trusted_key(tmp_path, keys):
     assert not os.path.exists(tmp_path / "x.fluxe")
 
 
+def test_the_runtime_entry_takes_trusted_keys(tiny_pipeline_engine_path, keys, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fluxc.runtime", tiny_pipeline_engine_path, "--prompt", "a cat",
+                           "--trusted-key", str(keys / "bob.pub"), "-o", str(tmp_path / "cat.png")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "is not signed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "cat.png")
+
+
 PLANT = r'''
 import dataclasses, os, pickle, sys
 from torch.utils._appending_byte_serializer import AppendingByteSerializer, BytesReader, BytesWriter

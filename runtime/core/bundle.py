@@ -51,8 +51,8 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> str:
     """Write tensors (on any device) as one safetensors file, one tensor at a time, and return its digest
-    (file_digest's), computed on the way. safetensors.torch.save_file holds every tensor's bytes in host memory at once (twice,
-    with the CPU copies): 128 GB for a bf16 FLUX.2-dev engine. Format: u64 little-endian header length, the
+    (file_digest's), computed on the way. safetensors.torch.save_file holds every tensor's bytes in host memory
+    at once (twice, with the CPU copies): 128 GB for a bf16 FLUX.2-dev engine. Format: u64 little-endian header length, the
     JSON header (space-padded to 8 bytes), then each tensor's bytes in header order."""
     names = sorted(tensors)
     header, offset = {}, 0

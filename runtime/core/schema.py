@@ -146,10 +146,11 @@ def _check_profiles(m) -> dict:
 
 
 def _check_cache(m) -> None:
-    from fluxc.runtime.core.cache_config import cache_config_from_dict
+    from fluxc.runtime.core.cache_config import CacheConfig, cache_config_from_dict
 
     cache = _get(m, "cache", dict, "manifest")
-    _get(cache, "config", dict, "cache")
+    fields = set(_get(cache, "config", dict, "cache"))
+    _need(fields == set(CacheConfig.__dataclass_fields__), f"cache.config has the fields {sorted(fields)}")
     try:
         cache_config_from_dict(cache["config"])
     except (FluxcError, TypeError, ValueError, KeyError) as e:
@@ -158,8 +159,9 @@ def _check_cache(m) -> None:
         for key in ("after_kind", "after_layer"):
             _get(cache["cut"], key, str, "cache.cut")
         probes = _get(cache, "probes", dict, "cache")
-        _need(probes.get("modulated") is None or isinstance(probes["modulated"], str), "cache.probes.modulated is malformed")
-        _need(probes.get("modulated") is not None or isinstance(cache.get("why_no_probe"), str),
+        _need("modulated" in probes and (probes["modulated"] is None or isinstance(probes["modulated"], str)),
+              "cache.probes.modulated is missing or malformed")
+        _need(probes["modulated"] is not None or isinstance(cache.get("why_no_probe"), str),
               "cache has neither a TeaCache probe nor why_no_probe")
 
 
@@ -196,7 +198,10 @@ def _check_segments(m, family, profiles: dict, files: dict) -> None:
         _need(len(specs) == len(weights) and [s["name"] for s in specs] == weights,
               f"segment {name}'s weight_specs do not match its weights")
         inputs = _tensor_specs(seg, "inputs", where)
-        _tensor_specs(seg, "outputs", where)
+        outputs = [o["name"] for o in _tensor_specs(seg, "outputs", where)]
+        wanted = _outputs(family, kind)
+        _need(wanted is None or (set(outputs) <= set(wanted) if kind == "head" else sorted(outputs) == sorted(wanted)),
+              f"segment {name}'s outputs {outputs} are not {wanted}")
         if kind.endswith("_schedule"):
             _need(bool(inputs) and bool(inputs[0]["shape"]) and inputs[0]["shape"][0] >= 1,
                   f"schedule segment {name} has no batched input")
@@ -205,6 +210,18 @@ def _check_segments(m, family, profiles: dict, files: dict) -> None:
         wanted |= {("vae", p) for p in profiles} | {(kind, None) for kind in family.encoders}
     missing = sorted(wanted - keys, key=str)
     _need(not missing, f"it has no {missing[0][0]} segment for profile {missing[0][1]}" if missing else "")
+
+
+def _outputs(family, kind: str) -> list | None:
+    """The outputs the runtime reads by name from a segment of this kind (a head's are a subset: the schedule
+    segments compute the rest); None where it reads them in order (the VAE's, the schedule segments')."""
+    from fluxc.runtime.core.cache_config import PROBE_OUTPUT, PROBE_SUFFIX
+
+    if kind in family.outputs:
+        return family.outputs[kind]
+    if kind.endswith(PROBE_SUFFIX):
+        return [PROBE_OUTPUT]
+    return {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "mistral": ["prompt_embeds"]}.get(kind)
 
 
 def _check_components(m, family, files: dict) -> None:
