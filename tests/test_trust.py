@@ -154,13 +154,14 @@ open(path, "wb").write(writer.to_bytes())
 '''
 
 LOAD = r'''
-import sys
+import json, sys
 from fluxc.runtime import Engine, FluxcError
 try:
     Engine.load(sys.argv[1], trusted_keys=sys.argv[2:] or None)
-    print("LOADED")
+    result = "LOADED"
 except FluxcError as e:
-    print("REFUSED", e)
+    result = f"REFUSED {e}"
+print(json.dumps(result))
 '''
 
 RAW_LOAD = r'''
@@ -173,10 +174,12 @@ except Exception as e:
 
 
 def _python(code, *args, env):
+    """The last line of stdout of `code` run in a fresh interpreter (JSON where the code prints JSON)."""
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and "Traceback" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    return proc.stdout
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if code is LOAD else (lines[-1] if lines else "")
 
 
 def test_a_planted_pickle_never_runs_from_a_signed_load_or_from_another_engine(engine_copy, tiny_engine_path,
@@ -199,15 +202,19 @@ def test_a_planted_pickle_never_runs_from_a_signed_load_or_from_another_engine(e
     json.dump(seal, open(os.path.join(engine_copy, "seal.json"), "w"))
 
     out = _python(LOAD, engine_copy, keys / "alice.pub", env=env)
-    assert out.startswith("REFUSED") and "does not verify" in out and not marker.exists(), out
+    assert out.startswith("REFUSED") and "does not verify" in out, out
+    assert not marker.exists()
     out = _python(LOAD, engine_copy, env=env)
-    assert out.startswith("REFUSED") and "Cannot load compiled segment" in out and marker.exists(), out
+    assert out.startswith("REFUSED") and "Cannot load compiled segment" in out, out
+    assert marker.exists()
 
     marker.unlink()
     out = _python(LOAD, tiny_engine_path, env=env)
-    assert out.startswith("LOADED") and not marker.exists(), out
+    assert out == "LOADED", out
+    assert not marker.exists()
     out = _python(LOAD, tiny_engine_path, keys / "bob.pub", env=env)  # unsigned: refused before anything loads
-    assert "is not signed" in out and not marker.exists(), out
+    assert "is not signed" in out, out
+    assert not marker.exists()
 
     # the control: torch's loader with the shared cache runs the payload again from the clean artifact
     _python(RAW_LOAD, os.path.join(engine_copy, rel), env=env)
