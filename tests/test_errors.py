@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from fluxc.cli import main
-from fluxc.runtime.core.bundle import MANIFEST, SEAL
+from fluxc.runtime.core.bundle import MANIFEST
+
+from fuzz_engine import rehash
 
 
 def fluxc(*args):
@@ -84,14 +86,7 @@ def _edit_manifest(path, edit):
     edit(m)
     with open(os.path.join(path, MANIFEST), "w") as f:
         json.dump(m, f)
-    _reseal(path)
-
-
-def _reseal(path):
-    with open(os.path.join(path, MANIFEST), "rb") as f:
-        digest = blake3.blake3(f.read()).hexdigest()
-    with open(os.path.join(path, SEAL), "w") as f:
-        json.dump({"format": "fluxc-seal", "digest": digest, "signatures": []}, f)
+    rehash(path, MANIFEST)
 
 
 def test_engine_for_another_gpu_arch(engine_copy):
@@ -391,7 +386,7 @@ def test_damaged_engines(engine_copy, tmp_path):
     os.remove(os.path.join(engine_copy, "notes.txt"))
     open(manifest, "wb").write(data[:-10])
     assert_user_error(["inspect", engine_copy], "does not match the engine digest")
-    _reseal(engine_copy)
+    rehash(engine_copy, MANIFEST)
     assert_user_error(["inspect", engine_copy], "is not valid JSON")
     open(manifest, "wb").write(data)
     _edit_manifest(engine_copy, lambda m: m["model"].update(family="flux9"))

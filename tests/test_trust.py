@@ -15,21 +15,15 @@ import sys
 import blake3
 import pytest
 import torch
-from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
-from fluxc.cli import main
 from fluxc.runtime.core.signing import DOMAIN
 
 from conftest import random_embeddings
-from test_errors import assert_user_error
+from fuzz_engine import rehash
+from test_errors import assert_user_error, fluxc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def fluxc(*args):
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +189,7 @@ def test_a_planted_pickle_never_runs_from_a_signed_load_or_from_another_engine(e
     assert code == 0, out
     rel = sorted(f for f in _files(engine_copy) if f.endswith("artifact.bin"))[0]
     _python(PLANT, os.path.join(engine_copy, rel), marker, env=env)
-    manifest = json.load(open(os.path.join(engine_copy, "manifest.json")))
-    manifest["files"][rel] = blake3.blake3(open(os.path.join(engine_copy, rel), "rb").read()).hexdigest()
-    json.dump(manifest, open(os.path.join(engine_copy, "manifest.json"), "w"))
-    seal = json.load(open(os.path.join(engine_copy, "seal.json")))
-    seal["digest"] = blake3.blake3(open(os.path.join(engine_copy, "manifest.json"), "rb").read()).hexdigest()
-    json.dump(seal, open(os.path.join(engine_copy, "seal.json"), "w"))
+    rehash(engine_copy, rel)
 
     out = _python(LOAD, engine_copy, keys / "alice.pub", env=env)
     assert out.startswith("REFUSED") and "does not verify" in out, out
