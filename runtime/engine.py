@@ -247,7 +247,8 @@ class Engine:
 
     # ---- text to image ---------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], *, height: int | None = None, width: int | None = None,
-                 steps: int = 28, guidance: float = 3.5, seed: int = 0, generator: torch.Generator | None = None,
+                 steps: int = 28, guidance: float = 3.5, seed: int | list[int] = 0,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
                  max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None,
                  cache_config: CacheConfig | None = None, report: dict | None = None,
                  step_ms: list | None = None, on_step=None):
@@ -255,20 +256,21 @@ class Engine:
 
         height/width default to the engine's first profile; the initial noise for all prompts is drawn at
         once from `generator` (default: a CPU generator seeded with `seed`), so an engine of any batch size
-        gives the same images as FluxPipeline with the whole list. output_type: "pil" (list of PIL images),
+        gives the same images as FluxPipeline with the whole list. A list of seeds or generators, one per prompt,
+        draws each prompt's noise alone, as FluxPipeline does with a list of generators: each image is then the
+        one that prompt and seed give by themselves (what a server batching requests needs). output_type: "pil" (list of PIL images),
         "np" (float32 [N, H, W, 3] in [0, 1]) or "pt" (the same as a tensor). `timings`, if given, receives
         the seconds of each stage (encode, denoise, decode). cache_config, `report` and `step_ms`: as in
         Engine.denoise (with more prompts than the engine's batch, the report describes the last chunk and
         step_ms holds every chunk's steps); on_step too, called for every chunk's steps."""
-        prompts = self._check_prompts(prompt)
-        profile = self.profile_for(height, width)
-        self._check_sampling(steps, guidance, max_sequence_length, output_type)
+        prompts, profile = self.check_generation(prompt, height=height, width=width, steps=steps, guidance=guidance,
+                                                 max_sequence_length=max_sequence_length, output_type=output_type,
+                                                 cache_config=cache_config)
         stage = StageClock(self.device, timings)
         with stage("encode"):
             prompt_embeds, pooled = self.encode_prompt(prompts)
         with stage("denoise"):
-            noise = self.family.initial_noise(len(prompts), profile, self.config["in_channels"],
-                                              seed if generator is None else generator, self.dtype)
+            noise = self._initial_noise(len(prompts), profile, seed if generator is None else generator)
 
             def chunk(z, embeds, pooled_chunk=None):  # FLUX.2 has no pooled embedding to chunk
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
@@ -283,6 +285,27 @@ class Engine:
         if output_type == "np":
             return images.numpy()
         return to_pil(images)
+
+    def check_generation(self, prompt, *, height: int | None = None, width: int | None = None, steps: int = 28,
+                         guidance: float = 3.5, max_sequence_length: int | None = None, output_type: str = "pil",
+                         cache_config: CacheConfig | None = None) -> tuple[list[str], Profile]:
+        """The checks generate makes before any work (prompts, size, sampling settings, cache policy), without
+        touching the device: a FluxcError for the first that fails, else (the prompts as a list, the profile).
+        A server runs them per request, before queueing it."""
+        prompts = self._check_prompts(prompt)
+        profile = self.profile_for(height, width)
+        self._check_sampling(steps, guidance, max_sequence_length, output_type)
+        self._check_cache(cache_config or self.cache_config())
+        return prompts, profile
+
+    def _initial_noise(self, n: int, profile: Profile, seed) -> torch.Tensor:
+        """Packed noise for n prompts from one seed or generator, or row by row from a list of them."""
+        if not isinstance(seed, (list, tuple)):
+            return self.family.initial_noise(n, profile, self.config["in_channels"], seed, self.dtype)
+        if len(seed) != n:
+            raise FluxcError(f"{len(seed)} seeds or generators were given for {n} prompts.",
+                             "Pass one seed (or generator) for all prompts, or a list of one per prompt.")
+        return torch.cat([self.family.initial_noise(1, profile, self.config["in_channels"], s, self.dtype) for s in seed])
 
     @property
     def _first(self) -> Profile:
@@ -511,7 +534,9 @@ def _call(seg: dict, fn, weights: list, args: list) -> list:
             raise FluxcError(f"Segment {seg['name']} takes {spec['name']} as {spec['dtype']} {spec['shape']} and was "
                              f"given {got[0]} {got[1]}: its manifest entry does not fit the engine.", REBUILD)
     try:
-        outs = fn(*weights, *args)
+        # contiguous: Inductor compiled each segment for dense inputs, and a slice such as the image rows of the
+        # joint stream keeps its parent's strides (with batch > 1 the artifact's stride assert refuses it)
+        outs = fn(*weights, *(t.contiguous() for t in args))
     except AssertionError as e:  # Inductor's size/stride asserts: the manifest does not describe the artifact
         raise FluxcError(f"Segment {seg['name']} refused its inputs ({e}): its manifest entry does not fit its "
                          "compiled artifact.", REBUILD) from None

@@ -1,0 +1,5 @@
+import sys
+
+from fluxc.runtime.serve.main import main
+
+sys.exit(main())
