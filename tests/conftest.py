@@ -105,3 +105,34 @@ def engine_copy(tiny_engine_path, tmp_path):
     dst = os.path.join(tmp_path, "copy.fluxe")
     shutil.copytree(tiny_engine_path, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_b4_path(tmp_path_factory, tiny_pipeline_dir):
+    """The whole-pipeline engine of tiny_pipeline_engine_path with a static batch of 4 (the server tests' engine)."""
+    from fluxc.build import BuildOptions, build
+
+    path = str(tmp_path_factory.mktemp("engines") / "tiny-b4.fluxe")
+    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
+                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, batch=4))
+    return path
+
+
+BATCH_PROMPTS = ["a red cube", "a blue sphere on green grass", "a cat", "the moon over the sea", "a small boat"]
+BATCH_SEEDS = [3, 14, 15, 92, 65]
+
+
+def assert_batches_match(batched, single, rtol: float, steps: int = 3) -> None:
+    """A batched engine's images for 1, batch - 1 and batch + 1 prompts (fewer than its batch, and a padded second
+    chunk), one seed per prompt, each within rtol of the image the batch-1 engine makes for that prompt and seed."""
+    from fluxc.numerics import assert_close_report
+
+    batch = batched.profile_for().batch
+    alone = [single.generate(p, seed=s, steps=steps, output_type="pt")
+             for p, s in zip(BATCH_PROMPTS[:batch + 1], BATCH_SEEDS)]
+    for count in sorted({1, batch - 1, batch + 1}):
+        got = batched.generate(BATCH_PROMPTS[:count], seed=BATCH_SEEDS[:count], steps=steps, output_type="pt")
+        assert got.shape[0] == count
+        for i in range(count):
+            assert_close_report(got[i:i + 1], alone[i], rtol=rtol,
+                                name=f"batch-{batch} engine, {count} prompts, image {i}")

@@ -313,3 +313,17 @@ def test_fp8_attention_engine_denoises_close_to_bf16_on_gpu(tmp_path):
     sqnr = sqnr_db(got, want)
     print(f"tiny sm90_fp8_attn engine, 8-step latents against bf16 on the GPU: {sqnr:.1f} dB")
     assert sqnr >= FP8_ATTENTION_SEGMENT_SQNR_DB
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_batched_engine_matches_batch_1_on_gpu(tiny_bf16_cuda, tmp_path, batch):
+    """bf16 on the GPU: a batched engine's image per prompt and seed, with fewer prompts than its batch and with a
+    padded second chunk, within the bf16 image contract (rtol 3e-2) of the batch-1 engine's; CUDA graphs on."""
+    from conftest import assert_batches_match
+    from fluxc.build import BuildOptions, build
+    from fluxc.runtime import Engine
+
+    path = str(tmp_path / f"tiny-bf16-b{batch}.fluxe")
+    build(BuildOptions(model="tiny", output=path, precision="bf16", resolutions=((144, 112),), text_tokens=13,
+                       batch=batch))
+    assert_batches_match(Engine.load(path), tiny_bf16_cuda, rtol=3e-2)

@@ -1,0 +1,184 @@
+"""fluxc serve on the GPU: cold start (process start to /health/ready) and throughput under concurrent clients.
+
+    --stage start   build a signed whole-pipeline engine (--precision), then start `python -m fluxc.runtime.serve
+                    ENGINE --trusted-key PUB` --repeats times with the engine's files in the page cache (a replica
+                    restarting on its host) and once after evicting them (cold disk); each start is timed from
+                    before the process is spawned to the first 200 of /health/ready (engine verified, signature
+                    checked, loaded, every profile warmed up), then one request checks an image comes back and
+                    SIGTERM must give exit 0.
+    --stage load    build a whole-pipeline engine with --batch, serve it, and send --requests requests of --steps steps each from 1, 4
+                    and 16 concurrent clients (each client one request at a time): images/s, p50/p99 latency, the
+                    batch sizes the server formed; then Engine.generate called directly in this process, one request
+                    at a time, for the server's overhead at one client.
+
+Random weights (no checkpoints here), 1024x1024. Writes JSON to --out and prints a table last.
+"""
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from bench_load import evict, every_file, timed
+from timing import source_commit
+from fluxc.build import BuildOptions, build
+from fluxc.runtime.core.signing import generate
+
+PROMPT = "a photo of a red fox in the snow, golden hour"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(engine: str, port: int, *args: str):
+    """(process, seconds from spawn to the first 200 of /health/ready)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "fluxc.runtime.serve", engine, "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:
+                ready = json.load(r)
+                return proc, time.perf_counter() - start, ready
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.02)
+
+
+def stop_server(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=120)
+
+
+def request(port: int, steps: int, seed: int) -> tuple[float, int]:
+    """(seconds, image bytes) of one POST /v1/images/generations."""
+    body = json.dumps({"prompt": PROMPT, "size": "1024x1024", "steps": steps, "seed": seed}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", body,
+                                 {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        data = json.load(r)
+    return time.perf_counter() - start, len(base64.b64decode(data["data"][0]["b64_json"]))
+
+
+def metric(port: int, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+        lines = r.read().decode().splitlines()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line.startswith(name)}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def stage_start(args, r: dict) -> None:
+    key = os.path.join(args.workdir, "release.key")
+    generate(key)
+    engine = os.path.join(args.workdir, f"flux1-dev-{args.precision}.fluxe")
+    _, r["build_s"] = timed(lambda: build(BuildOptions(model="flux1-dev", output=engine, precision=args.precision,
+                                                       resolutions=((1024, 1024),), sign_key=key)))
+    r["engine_bytes"] = sum(os.path.getsize(p) for p in every_file(engine))
+    print(f"built {engine}: {r['engine_bytes'] / 1e9:.1f} GB in {r['build_s']:.0f} s", flush=True)
+    starts = []
+    for i in range(args.repeats + 1):  # the first start after the build fills the segment caches: reported apart
+        if i == args.repeats:
+            evict(engine)
+        port = free_port()
+        proc, seconds, ready = start_server(engine, port, "--trusted-key", key + ".pub")
+        latency, png = request(port, 4, i)
+        code = stop_server(proc)
+        starts.append({"seconds": seconds, "server_startup": ready["startup_seconds"], "cold_disk": i == args.repeats,
+                       "first_after_build": i == 0, "first_request_4_steps_s": latency, "png_bytes": png,
+                       "exit_code": code})
+        print(f"start {i}: {seconds:.2f} s to ready {ready['startup_seconds']}, exit {code}", flush=True)
+    r["starts"] = starts
+    warm = [s["seconds"] for s in starts[1:-1]]
+    r["start_to_ready_warm_s"] = statistics.median(warm)
+    r["start_to_ready_cold_disk_s"] = starts[-1]["seconds"]
+    r["bar_s"] = 10.0 if args.precision == "fp8" else 15.0
+
+
+def stage_load(args, r: dict) -> None:
+    engine = os.path.join(args.workdir, f"flux1-dev-bf16-b{args.batch}.fluxe")
+    _, r["build_s"] = timed(lambda: build(BuildOptions(model="flux1-dev", output=engine, precision="bf16",
+                                                       resolutions=((1024, 1024),), batch=args.batch)))
+    port = free_port()
+    proc, r["start_to_ready_s"], _ = start_server(engine, port)
+    r["clients"] = {}
+    seed = 0
+    for clients in (1, 4, 16):
+        n = max(args.requests, clients)
+        before = metric(port, "fluxc_batch_images")
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda s: request(port, args.steps, s), range(seed, seed + n)))
+        wall = time.perf_counter() - start
+        seed += n
+        after = metric(port, "fluxc_batch_images")
+        calls = after["fluxc_batch_images_count"] - before["fluxc_batch_images_count"]
+        lat = [x for x, _ in results]
+        r["clients"][clients] = {"requests": n, "wall_s": wall, "images_per_s": n / wall,
+                                 "p50_s": statistics.median(lat), "p99_s": percentile(lat, 0.99),
+                                 "mean_s": statistics.mean(lat), "engine_calls": calls, "images_per_call": n / calls}
+        print(f"{clients} clients: {r['clients'][clients]}", flush=True)
+    r["exit_code"] = stop_server(proc)
+    from fluxc.runtime import Engine
+
+    eng = Engine.load(engine)
+    eng.generate("warm-up", steps=2)
+    direct = [timed(lambda: eng.generate(PROMPT, steps=args.steps, seed=i))[1] for i in range(args.requests)]
+    r["direct_mean_s"] = statistics.mean(direct)
+    r["direct_p50_s"] = statistics.median(direct)
+    r["overhead_one_client"] = r["clients"][1]["mean_s"] / r["direct_mean_s"] - 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=["start", "load"], required=True)
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--requests", type=int, default=4, help="per concurrency level (at least one per client)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=".engines/serve")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    r = {"stage": args.stage, "precision": args.precision, "batch": args.batch, "steps": args.steps,
+         "resolution": "1024x1024", "gpu": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(),
+         "torch": torch.__version__, "commit": source_commit()}
+    (stage_start if args.stage == "start" else stage_load)(args, r)
+    with open(args.out, "w") as f:
+        json.dump(r, f, indent=1)
+    print(f"\n{args.stage}: FLUX.1-dev {args.precision} batch {args.batch} on {r['gpu']}, commit {r['commit']}")
+    if args.stage == "start":
+        print(f"start to ready, page cache warm: {r['start_to_ready_warm_s']:.2f} s (bar {r['bar_s']:.0f} s); "
+              f"cold disk: {r['start_to_ready_cold_disk_s']:.2f} s; first after build: {r['starts'][0]['seconds']:.2f} s")
+    else:
+        print(f"{'clients':>8}{'images/s':>10}{'p50 s':>8}{'p99 s':>8}{'img/call':>10}")
+        for c, x in r["clients"].items():
+            print(f"{c:>8}{x['images_per_s']:>10.3f}{x['p50_s']:>8.2f}{x['p99_s']:>8.2f}{x['images_per_call']:>10.2f}")
+        print(f"direct Engine.generate mean {r['direct_mean_s']:.3f} s; server overhead at 1 client "
+              f"{100 * r['overhead_one_client']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
