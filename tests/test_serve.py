@@ -1,0 +1,266 @@
+"""fluxc serve on the tiny whole-pipeline engine (batch 4, 144x112: OpenAI size "112x144"), each server a real
+subprocess on a free loopback port, talked to through the official `openai` client or plain HTTP (httpx)."""
+
+import base64
+import io
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+SIZE = "112x144"  # OpenAI's WIDTHxHEIGHT of the 144x112 profile
+KEY = "test-key-0123456789"
+HERE = os.path.dirname(__file__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process; `url` once /health/ready answers 200."""
+
+    def __init__(self, argv: list[str], port: int, env: dict | None = None, timeout: float = 300):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(argv, env=os.environ | (env or {}), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{''.join(self.log)}"
+            assert time.monotonic() < deadline, "server not ready in time:\n" + "".join(self.log)
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, parsed by prometheus-client's own parser: 'name{label="v"}' -> value."""
+        out = {}
+        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics").text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+        return out
+
+
+def fluxc_serve(engine: str, *args: str, env: dict | None = None) -> Server:
+    port = free_port()
+    return Server([sys.executable, "-m", "fluxc.runtime.serve", engine, "--port", str(port), *args], port, env)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pipeline_b4_path):
+    """The batch-4 engine behind an API key, at most 2 images per request."""
+    s = fluxc_serve(tiny_pipeline_b4_path, "--api-key-env", "FLUXC_TEST_KEY", "--max-n", "2",
+                    env={"FLUXC_TEST_KEY": KEY})
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pipeline_b4_path):
+    from fluxc.runtime import Engine
+
+    return Engine.load(tiny_pipeline_b4_path)
+
+
+def png(b64: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return np.asarray(image)
+
+
+def post(server, body: dict | bytes, key: str = KEY) -> httpx.Response:
+    kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    return httpx.post(server.url + "/v1/images/generations", timeout=60,
+                      headers={"Authorization": f"Bearer {key}"} | kwargs.pop("headers", {}), **kwargs)
+
+
+def test_openai_client_gets_the_image_engine_generate_makes(client, engine):
+    """A non-square size, n=2 (seeds 7 and 8), fluxc's fields as extra_body."""
+    result = client.images.generate(model="tiny-b4", prompt="a photo of a cat", n=2, size=SIZE,
+                                    response_format="b64_json", extra_body={"steps": 3, "seed": 7, "guidance": 4.0})
+    assert len(result.data) == 2
+    for datum, seed in zip(result.data, (7, 8)):
+        want = engine.generate("a photo of a cat", height=144, width=112, steps=3, seed=seed, guidance=4.0)[0]
+        got = png(datum.b64_json)
+        assert got.shape == (144, 112, 3)
+        assert np.array_equal(got, np.asarray(want)), f"seed {seed}: max diff {np.abs(got - np.asarray(want)).max()}"
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-b4"] and models[0].sizes == [SIZE] and models[0].batch == 4
+
+
+def test_api_key_is_required(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.images.generate(prompt="a cat", size=SIZE)
+    assert httpx.post(server.url + "/v1/images/generations", json={"prompt": "a cat"}).status_code == 401
+    assert httpx.get(server.url + "/health/live").status_code == 200  # probes need no key
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"prompt": "a cat", "size": "144x112"}, 400, "is not one of this engine's sizes: 112x144"),
+    ({"prompt": "a cat", "n": 3}, 400, "n is 3; this server makes 1 to 2 images"),
+    ({"prompt": "   "}, 400, "The prompt is empty"),
+    ({"prompt": "a" * 4001}, 400, "The prompt has 4001 characters"),
+    ({"prompt": "a cat", "steps": 0}, 400, "steps is 0"),
+    ({"prompt": "a cat", "steps": 101}, 400, "steps is 101"),
+    (b'{"prompt": "a cat", "guidance": NaN}', 400, "guidance must be a finite number"),
+    ({"prompt": "a cat", "cache": "teacache", "cache_threshold": -1}, 400, "cache threshold must be a finite number"),
+    ({"prompt": "a cat", "response_format": "url"}, 400, "response_format 'url' is not served"),
+    ({"prompt": "a cat", "model": "dall-e-3"}, 404, "'dall-e-3' does not exist"),
+    ({"prompt": "a cat", "steps": "many"}, 422, "steps: Input should be a valid integer"),
+    ({"prompt": "a cat", "style": "vivid"}, 422, "style: Extra inputs are not permitted"),
+    ({"n": 1}, 422, "prompt: Field required"),
+])
+def test_bad_input_gets_its_status_and_one_paragraph(server, body, status, words):
+    r = post(server, body)
+    error = r.json()["error"]
+    assert r.status_code == status and words in error["message"] and "\n" not in error["message"], r.text
+    if status == 400 and "Remedy" not in error["message"]:
+        pytest.fail(f"no remedy in {error['message']!r}")
+
+
+def test_metrics_and_health(server, client):
+    client.images.generate(prompt="a lighthouse", size=SIZE, extra_body={"steps": 2, "seed": 1})
+    m = server.metrics()
+    assert m["fluxc_ready"] == 1 and m["fluxc_queue_images"] == 0 and m["fluxc_requests_in_flight"] == 0
+    assert m["fluxc_images_total"] >= 1 and m["fluxc_batch_images_count"] >= 1
+    for stage in ("queue", "encode", "denoise", "decode", "png", "request"):
+        assert m[f'fluxc_stage_seconds_count{{stage="{stage}"}}'] >= 1, stage
+    assert m['fluxc_errors_total{kind="invalid_value"}'] >= 0  # labelled by kind once any error happened
+    ready = httpx.get(server.url + "/health/ready").json()
+    assert ready["status"] == "ready" and ready["startup_seconds"]["load"] > 0
+
+
+def test_load_every_request_answered_and_batched(tiny_pipeline_b4_path):
+    """64 concurrent clients, 5 requests each, a queue of 16 images: every request 200 or 429 (none lost, none
+    hung: each client has a 60 s timeout), several batches larger than 1. Then SIGTERM under load."""
+    s = fluxc_serve(tiny_pipeline_b4_path, "--max-queue", "16", "--batch-window-ms", "20")
+    codes, latencies = [], []
+
+    def client(i):
+        with httpx.Client(timeout=60) as c:
+            for j in range(5):
+                start = time.perf_counter()
+                r = c.post(s.url + "/v1/images/generations",
+                           json={"prompt": f"a lighthouse {j}", "size": SIZE, "steps": 2, "seed": 5 * i + j})
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                    assert len(r.json()["data"]) == 1
+                else:
+                    assert r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "queue_full"
+
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            list(pool.map(client, range(64)))
+        m = s.metrics()
+    except BaseException:
+        s.stop()
+        raise
+    _sigterm_under_load(s)
+    assert len(codes) == 320 and set(codes) <= {200, 429} and codes.count(200) >= 16
+    assert m["fluxc_images_total"] == codes.count(200)
+    assert m["fluxc_batch_images_sum"] == codes.count(200)  # every engine call's images went to a client
+    assert m["fluxc_batch_images_count"] < codes.count(200)  # batches larger than 1 formed
+    q = statistics.quantiles(latencies, n=100)
+    print(f"\nload: {codes.count(200)} x 200, {codes.count(429)} x 429; {codes.count(200) / m['fluxc_batch_images_count']:.2f} "
+          f"images per engine call; latency p50 {q[49] * 1e3:.0f} ms, p99 {q[98] * 1e3:.0f} ms")
+
+
+def test_deadline_and_disconnect(tiny_pipeline_b4_path):
+    """--timeout 0.5: a 100-step request (about 2 s here) gets 504 and a 2-step one 200; a client that hangs up
+    while queued behind it is dropped (its image never made)."""
+    s = fluxc_serve(tiny_pipeline_b4_path, "--timeout", "0.5", "--batch-window-ms", "0")
+    try:
+        r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "slow", "size": SIZE, "steps": 100}, timeout=30)
+        assert r.status_code == 504 and "limit of 0.5 s" in r.json()["error"]["message"]
+        time.sleep(2.5)  # the discarded 100-step batch finishes
+        calls = s.metrics()["fluxc_batch_images_count"]
+        slow = threading.Thread(target=httpx.post, args=(s.url + "/v1/images/generations",),
+                                kwargs={"json": {"prompt": "slow", "size": SIZE, "steps": 100}, "timeout": 30})
+        slow.start()
+        time.sleep(0.3)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the slow one, then gone
+            httpx.post(s.url + "/v1/images/generations", json={"prompt": "gone", "size": SIZE, "steps": 2}, timeout=0.2)
+        slow.join()  # 504 after 0.5 s; its batch runs on
+        time.sleep(2.5)
+        m = s.metrics()
+        assert m['fluxc_errors_total{kind="client_gone"}'] == 1 and m["fluxc_queue_images"] == 0
+        assert m["fluxc_batch_images_count"] == calls + 1  # the slow one ran; the gone one never did
+        assert httpx.post(s.url + "/v1/images/generations", json={"prompt": "ok", "size": SIZE, "steps": 2},
+                          timeout=30).status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+def _sigterm_under_load(s: Server):
+    """SIGTERM with 8 requests in flight: all 8 answered 200, exit 0, and the port closed."""
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(httpx.post, s.url + "/v1/images/generations", timeout=30,
+                               json={"prompt": f"p{i}", "size": SIZE, "steps": 50}) for i in range(8)]
+        deadline = time.monotonic() + 10
+        while s.metrics()["fluxc_requests_in_flight"] < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        s.proc.send_signal(signal.SIGTERM)
+        codes = [f.result().status_code for f in futures]
+    assert codes == [200] * 8
+    assert s.proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(s.url + "/health/live")
+
+
+def test_internal_error_answers_500_and_the_worker_goes_on(tiny_pipeline_b4_path):
+    port = free_port()
+    s = Server([sys.executable, os.path.join(HERE, "serve_fault.py"), tiny_pipeline_b4_path, str(port)], port)
+    try:
+        r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "a fault", "size": SIZE, "steps": 2}, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert "RuntimeError" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "a cat", "size": SIZE, "steps": 2}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_unsigned_engine_refused_with_a_trusted_key(tiny_pipeline_b4_path, tmp_path):
+    from fluxc.runtime.core.signing import generate
+
+    generate(str(tmp_path / "k"))
+    r = subprocess.run([sys.executable, "-m", "fluxc.runtime.serve", tiny_pipeline_b4_path, "--port",
+                        str(free_port()), "--trusted-key", str(tmp_path / "k.pub")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "error:" in r.stderr and "signed" in r.stderr, r.stderr
