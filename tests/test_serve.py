@@ -253,7 +253,7 @@ def test_internal_error_answers_500_and_the_worker_goes_on(tiny_pipeline_b4_path
         r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "a cat", "size": SIZE, "steps": 2}, timeout=30)
         assert r.status_code == 200
     finally:
-        assert s.stop() == 0
+        s.stop()  # plain uvicorn.run: it re-raises SIGTERM once stopped (fluxc serve's exit 0 is tested above)
 
 
 def test_unsigned_engine_refused_with_a_trusted_key(tiny_pipeline_b4_path, tmp_path):
@@ -264,3 +264,76 @@ def test_unsigned_engine_refused_with_a_trusted_key(tiny_pipeline_b4_path, tmp_p
                         str(free_port()), "--trusted-key", str(tmp_path / "k.pub")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "error:" in r.stderr and "signed" in r.stderr, r.stderr
+
+
+def test_playground_makes_an_image_in_chromium(server, engine, tmp_path):
+    """The page at / in headless Chromium (Debian's chromium and chromium-driver, driven by Selenium): key typed,
+    size list filled from /v1/models, Generate clicked; the image shown is Engine.generate's for its settings."""
+    import shutil
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("no browser: needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    with webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path)) as page:
+        page.get(server.url + "/")
+        wait = WebDriverWait(page, 60)
+        page.find_element(By.ID, "key").send_keys(KEY + "\t")  # change event: reload the model list with the key
+        wait.until(lambda p: p.find_element(By.ID, "generate").is_enabled())
+        assert page.find_element(By.ID, "size").get_attribute("value") == SIZE
+        for field, value in (("steps", "3"), ("seed", "21")):
+            page.find_element(By.ID, field).clear()
+            page.find_element(By.ID, field).send_keys(value)
+        page.find_element(By.ID, "generate").click()
+        wait.until(lambda p: p.execute_script("const i = document.getElementById('image');"
+                                              "return !i.hidden && i.complete && i.naturalWidth > 0;"))
+        src = page.find_element(By.ID, "image").get_attribute("src")
+        status = page.find_element(By.ID, "status").text
+        prompt = page.find_element(By.ID, "prompt").get_attribute("value")
+    assert src.startswith("data:image/png;base64,") and status.startswith("seed 21"), status
+    want = engine.generate(prompt, height=144, width=112, steps=3, seed=21)[0]
+    assert np.array_equal(png(src.split(",", 1)[1]), np.asarray(want))
+
+
+def test_ray_serve_two_replicas_answer_the_openai_client(tiny_pipeline_b4_path, engine, tmp_path):
+    """`serve run config.yaml`: the same app as a Ray Serve application with two replicas on the CPU; both
+    replicas answer (two server processes behind Ray's proxy) and the official client gets Engine.generate's
+    images through it."""
+    import json
+    import shutil
+
+    pytest.importorskip("ray.serve")
+    serve_cli = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
+    port = free_port()
+    config = tmp_path / "fluxc.yaml"
+    config.write_text(json.dumps({  # YAML is a superset of JSON
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "fluxc", "route_prefix": "/", "import_path": "fluxc.runtime.serve.ray_app:app_builder",
+                          "args": {"engine": tiny_pipeline_b4_path, "num_replicas": 2, "num_gpus": 0,
+                                   "num_cpus": 0.5}}]}))
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    s = Server([serve_cli, "run", str(config)], port, env=env, timeout=300)
+    try:
+        pids = {httpx.get(s.url + "/health/ready").json()["pid"] for _ in range(40)}  # Ray spreads requests
+        assert len(pids) == 2, pids
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda seed: client.images.generate(
+                prompt="a red barn", size=SIZE, extra_body={"steps": 2, "seed": seed}), (1, 2, 3, 4)))
+        for seed, result in zip((1, 2, 3, 4), results):
+            want = np.asarray(engine.generate("a red barn", height=144, width=112, steps=2, seed=seed)[0], dtype=int)
+            # Ray runs a replica of num_cpus=0.5 with OMP_NUM_THREADS=1: other reduction orders, so an fp32
+            # value may round to the neighbouring 8-bit level
+            assert np.abs(png(result.data[0].b64_json).astype(int) - want).max() <= 1
+    finally:
+        s.proc.send_signal(signal.SIGINT)
+        s.proc.wait(timeout=120)

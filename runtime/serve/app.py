@@ -105,7 +105,7 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @app.get("/health/ready")
     async def ready():
         _ready(worker)
-        return {"status": "ready", "model": name, "startup_seconds": worker.timings}
+        return {"status": "ready", "model": name, "startup_seconds": worker.timings, "pid": os.getpid()}
 
     @app.get("/metrics")
     async def prometheus():

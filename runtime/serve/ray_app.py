@@ -16,8 +16,6 @@ num_replicas (a number or "auto" for Ray's autoscaling), num_gpus (per replica, 
 and the server settings max_queue, batch_window_ms, timeout_s, max_n, api_key_env, trusted_key.
 """
 
-import functools
-
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.serve.main import api_key
 from fluxc.runtime.serve.settings import ServeSettings
@@ -45,7 +43,10 @@ def app_builder(args: dict):
         raise FluxcError(f"Unknown arguments {sorted(args)} for the fluxc Ray Serve application.",
                          "See fluxc.runtime.serve.ray_app's docstring for the ones it takes.")
 
-    @serve.ingress(functools.partial(create_app, engine, settings))  # built on each replica
+    def build_app():  # run on each replica (a plain function: Ray takes other callables for ASGI apps)
+        return create_app(engine, settings)
+
+    @serve.ingress(build_app)
     class FluxcReplica:
         pass
 
