@@ -3,7 +3,6 @@ subprocess on a free loopback port, talked to through the official `openai` clie
 
 import base64
 import io
-import math
 import os
 import signal
 import socket
