@@ -1,17 +1,19 @@
 """fluxc serve on the GPU: cold start (process start to /health/ready) and throughput under concurrent clients.
 
-    --stage start   build a signed whole-pipeline engine (--precision), then start `python -m fluxc.runtime.serve
+    Both stages build a signed FLUX.1-dev whole-pipeline engine (--precision, --batch) and serve it with
+    --trusted-key; `--stage start,load` runs both on one build.
+    --stage start   start `python -m fluxc.runtime.serve
                     ENGINE --trusted-key PUB` --repeats times with the engine's files in the page cache (a replica
                     restarting on its host) and once after evicting them (cold disk); each start is timed from
                     before the process is spawned to the first 200 of /health/ready (engine verified, signature
                     checked, loaded, every profile warmed up), then one request checks an image comes back and
                     SIGTERM must give exit 0.
-    --stage load    build a whole-pipeline engine with --batch, serve it, and send --requests requests of --steps steps each from 1, 4
+    --stage load    serve it and send --requests requests of --steps steps each from 1, 4
                     and 16 concurrent clients (each client one request at a time): images/s, p50/p99 latency, the
                     batch sizes the server formed; then Engine.generate called directly in this process, one request
                     at a time, for the server's overhead at one client.
 
-Random weights (no checkpoints here), 1024x1024. Writes JSON to --out and prints a table last.
+Random weights (no checkpoints here), 1024x1024 unless --resolution says otherwise. Writes JSON to --out and prints a table last.
 """
 
 import argparse
@@ -48,11 +50,13 @@ def free_port() -> int:
 def start_server(engine: str, port: int, *args: str):
     """(process, seconds from spawn to the first 200 of /health/ready)."""
     start = time.perf_counter()
+    log = open(f"{engine}.server.log", "w")  # a pipe nobody reads would fill and block the server
     proc = subprocess.Popen([sys.executable, "-m", "fluxc.runtime.serve", engine, "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            with open(f"{engine}.server.log") as f:
+                raise RuntimeError(f"server exited {proc.returncode}: {f.read()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:
                 ready = json.load(r)
@@ -67,8 +71,8 @@ def stop_server(proc) -> int:
 
 
 def request(port: int, steps: int, seed: int) -> tuple[float, int]:
-    """(seconds, image bytes) of one POST /v1/images/generations."""
-    body = json.dumps({"prompt": PROMPT, "size": "1024x1024", "steps": steps, "seed": seed}).encode()
+    """(seconds, image bytes) of one POST /v1/images/generations (the engine's first size)."""
+    body = json.dumps({"prompt": PROMPT, "steps": steps, "seed": seed}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", body,
                                  {"Content-Type": "application/json"})
     start = time.perf_counter()
@@ -88,20 +92,27 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def stage_start(args, r: dict) -> None:
+def build_engine(args, r: dict) -> tuple[str, str]:
+    """(engine, public key): the FLUX.1-dev whole-pipeline engine at 1024x1024, signed with a fresh key."""
     key = os.path.join(args.workdir, "release.key")
     generate(key)
-    engine = os.path.join(args.workdir, f"flux1-dev-{args.precision}.fluxe")
-    _, r["build_s"] = timed(lambda: build(BuildOptions(model="flux1-dev", output=engine, precision=args.precision,
-                                                       resolutions=((1024, 1024),), sign_key=key)))
+    engine = os.path.join(args.workdir, f"{args.model}-{args.precision}-b{args.batch}.fluxe")
+    h, w = (int(v) for v in args.resolution.split("x"))
+    _, r["build_s"] = timed(lambda: build(BuildOptions(model=args.model, output=engine, precision=args.precision,
+                                                       resolutions=((h, w),), batch=args.batch, sign_key=key,
+                                                       target="auto" if torch.cuda.is_available() else "cpu")))
     r["engine_bytes"] = sum(os.path.getsize(p) for p in every_file(engine))
     print(f"built {engine}: {r['engine_bytes'] / 1e9:.1f} GB in {r['build_s']:.0f} s", flush=True)
+    return engine, key + ".pub"
+
+
+def stage_start(args, r: dict, engine: str, public: str) -> None:
     starts = []
     for i in range(args.repeats + 1):  # the first start after the build fills the segment caches: reported apart
         if i == args.repeats:
             evict(engine)
         port = free_port()
-        proc, seconds, ready = start_server(engine, port, "--trusted-key", key + ".pub")
+        proc, seconds, ready = start_server(engine, port, "--trusted-key", public)
         latency, png = request(port, 4, i)
         code = stop_server(proc)
         starts.append({"seconds": seconds, "server_startup": ready["startup_seconds"], "cold_disk": i == args.repeats,
@@ -109,18 +120,14 @@ def stage_start(args, r: dict) -> None:
                        "exit_code": code})
         print(f"start {i}: {seconds:.2f} s to ready {ready['startup_seconds']}, exit {code}", flush=True)
     r["starts"] = starts
-    warm = [s["seconds"] for s in starts[1:-1]]
-    r["start_to_ready_warm_s"] = statistics.median(warm)
+    r["start_to_ready_warm_s"] = statistics.median(s["seconds"] for s in starts[1:-1])
     r["start_to_ready_cold_disk_s"] = starts[-1]["seconds"]
     r["bar_s"] = 10.0 if args.precision == "fp8" else 15.0
 
 
-def stage_load(args, r: dict) -> None:
-    engine = os.path.join(args.workdir, f"flux1-dev-bf16-b{args.batch}.fluxe")
-    _, r["build_s"] = timed(lambda: build(BuildOptions(model="flux1-dev", output=engine, precision="bf16",
-                                                       resolutions=((1024, 1024),), batch=args.batch)))
+def stage_load(args, r: dict, engine: str, public: str) -> None:
     port = free_port()
-    proc, r["start_to_ready_s"], _ = start_server(engine, port)
+    proc, r["start_to_ready_s"], _ = start_server(engine, port, "--trusted-key", public)
     r["clients"] = {}
     seed = 0
     for clients in (1, 4, 16):
@@ -151,7 +158,9 @@ def stage_load(args, r: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["start", "load"], required=True)
+    ap.add_argument("--stage", required=True, help="start, load, or start,load (both on one engine)")
+    ap.add_argument("--model", default="flux1-dev", help="tiny: a smoke test of this script on the CPU")
+    ap.add_argument("--resolution", default="1024x1024")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=28)
@@ -163,16 +172,20 @@ def main() -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
     r = {"stage": args.stage, "precision": args.precision, "batch": args.batch, "steps": args.steps,
-         "resolution": "1024x1024", "gpu": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(),
+         "model": args.model, "resolution": args.resolution,
+         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu_cores": os.cpu_count(),
          "torch": torch.__version__, "commit": source_commit()}
-    (stage_start if args.stage == "start" else stage_load)(args, r)
+    stages = args.stage.split(",")
+    engine, public = build_engine(args, r)
+    for stage in stages:
+        {"start": stage_start, "load": stage_load}[stage](args, r, engine, public)
     with open(args.out, "w") as f:
         json.dump(r, f, indent=1)
-    print(f"\n{args.stage}: FLUX.1-dev {args.precision} batch {args.batch} on {r['gpu']}, commit {r['commit']}")
-    if args.stage == "start":
+    print(f"\n{args.stage}: {args.model} {args.precision} batch {args.batch} on {r['gpu']}, commit {r['commit']}")
+    if "start" in stages:
         print(f"start to ready, page cache warm: {r['start_to_ready_warm_s']:.2f} s (bar {r['bar_s']:.0f} s); "
               f"cold disk: {r['start_to_ready_cold_disk_s']:.2f} s; first after build: {r['starts'][0]['seconds']:.2f} s")
-    else:
+    if "load" in stages:
         print(f"{'clients':>8}{'images/s':>10}{'p50 s':>8}{'p99 s':>8}{'img/call':>10}")
         for c, x in r["clients"].items():
             print(f"{c:>8}{x['images_per_s']:>10.3f}{x['p50_s']:>8.2f}{x['p99_s']:>8.2f}{x['images_per_call']:>10.2f}")

@@ -17,10 +17,9 @@
 #                   later calls carry and name in $FLUX2_REFERENCE; a bf16 engine is 64 GB on disk)
 #   load            cold start: verification and Engine.load of the FLUX.1-dev bf16 whole-pipeline engine
 #                   (signed), against one-thread sha256                        -> $OUT/bench_load.json
-#   serve-start     fluxc serve cold start, process start to ready, signed FLUX.1-dev whole-pipeline engine
-#                   ($SERVE_PRECISION, default fp8)                              -> $OUT/bench_serve_start.json
-#   serve-load      fluxc serve under 1, 4, 16 clients and Engine.generate direct ($SERVE_BATCH, default 1)
-#                                                                               -> $OUT/bench_serve_load.json
+#   serve           fluxc serve on a signed FLUX.1-dev whole-pipeline engine ($SERVE_PRECISION, default fp8;
+#                   $SERVE_BATCH, default 1): $SERVE_STAGES start (cold start, process start to ready) and/or
+#                   load (1, 4, 16 clients, Engine.generate direct), default start  -> $OUT/bench_serve.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -50,10 +49,8 @@ for job in "${@:-tests}"; do
              --reference "${FLUX2_REFERENCE:-$OUT/flux2_reference.safetensors}" --out "$OUT/bench_flux2.json" \
              2>&1 | tee "$OUT/bench_flux2.log" || rc=1 ;;
     load) python3 scripts/bench_load.py --out "$OUT/bench_load.json" 2>&1 | tee "$OUT/bench_load.log" || rc=1 ;;
-    serve-start) python3 scripts/bench_serve.py --stage start --precision "${SERVE_PRECISION:-fp8}" \
-             --out "$OUT/bench_serve_start.json" 2>&1 | tee "$OUT/bench_serve_start.log" || rc=1 ;;
-    serve-load) python3 scripts/bench_serve.py --stage load --batch "${SERVE_BATCH:-1}" \
-             --out "$OUT/bench_serve_load.json" 2>&1 | tee "$OUT/bench_serve_load.log" || rc=1 ;;
+    serve) python3 scripts/bench_serve.py --stage "${SERVE_STAGES:-start}" --precision "${SERVE_PRECISION:-fp8}" \
+             --batch "${SERVE_BATCH:-1}" --out "$OUT/bench_serve.json" 2>&1 | tee "$OUT/bench_serve.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
