@@ -25,7 +25,8 @@ AMAX_SUFFIX = ":act_amax"  # a checkpoint entry f"{linear}.weight{AMAX_SUFFIX}":
 class WeightSource:
     """What a weight placeholder holds, relative to its layer's state-dict prefix (placeholder meta["weight"]).
 
-    op "load": the checkpoint tensor `name`; "cat": `sources` concatenated along `dim`; "slice": rows
+    op "load": the checkpoint tensor `name` (of `shape`, recorded by the trace: adapters and refits check against
+    it); "cat": `sources` concatenated along `dim`; "slice": rows
     [start, stop) of `sources[0]` along `dim`; any other op is a weight format (fp8, nvfp4, static scales ...)
     made by its entry in fluxc.passes.weight_formats.FORMATS. Passes that rewrite weights (fused QKV, split
     projections, quantization) say here how to make the new tensor; the build makes it once per layer and
@@ -37,6 +38,7 @@ class WeightSource:
     dim: int = 0
     start: int = 0
     stop: int = 0
+    shape: tuple[int, ...] = ()
 
     @classmethod
     def cat(cls, sources, dim: int = 0) -> "WeightSource":
@@ -218,7 +220,8 @@ def _op(name: str) -> torch._ops.OpOverload:
 
 
 def _weight_source(d: dict) -> WeightSource:
-    return WeightSource(**(d | {"sources": tuple(_weight_source(s) for s in d["sources"])}))
+    return WeightSource(**(d | {"sources": tuple(_weight_source(s) for s in d["sources"]),
+                                "shape": tuple(d["shape"])}))
 
 
 _SCALAR_TYPES = {"dtype": torch.dtype, "memory_format": torch.memory_format, "layout": torch.layout}

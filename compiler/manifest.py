@@ -29,6 +29,8 @@ def segment_entry(seg) -> dict:
         "device": seg.device.type,
         "layers": seg.layers, "weights": seg.weight_names, "schedule": seg.schedule and seg.schedule.name,
         "weight_specs": [describe(n) | {"name": name} for n, name in zip(placeholders, seg.weight_names)],
+        # how each weight is made from the checkpoint's tensors (fluxc.ir.WeightSource): adapters and refits read it
+        "weight_sources": [dataclasses.asdict(n.meta["weight"]) for n in placeholders[:len(seg.weight_names)]],
         "inputs": [describe(n) | {"name": name} for n, name in zip(placeholders[len(seg.weight_names):], seg.inputs)],
         "outputs": [describe(n) | {"name": name} for n, name in zip(outputs, seg.outputs)],
         "op_counts": ir.op_counts(seg.graph),

@@ -31,7 +31,7 @@ from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.profile import Profile
 from fluxc.frontend.trace import Segment
 
-PLAN_FORMAT = 2  # 2: BLAKE3 file digests
+PLAN_FORMAT = 3  # 2: BLAKE3 file digests; 3: checkpoint tensor shapes in the weight sources
 PLAN_JSON, WEIGHTS, CHECKS = "plan.json", "weights.safetensors", "checks.safetensors"
 
 

@@ -65,7 +65,7 @@ def one_linear_graph(weight: torch.Tensor, bias: torch.Tensor, rows: int, layer:
 
     gm = make_fx(lambda w, b, x: [torch.addmm(b, x, w.t())], tracing_mode="fake")(
         weight, bias, weight.new_empty(rows, weight.shape[1]))
-    for node, name in zip(gm.graph.nodes, ("weight", "bias")):
-        node.meta["weight"] = ir.WeightSource(f"{layer}.{name}")
+    for node, name, t in zip(gm.graph.nodes, ("weight", "bias"), (weight, bias)):
+        node.meta["weight"] = ir.WeightSource(f"{layer}.{name}", shape=tuple(t.shape))
     gm.graph.output_node().meta["names"] = ["y"]
     return gm

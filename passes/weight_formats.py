@@ -17,14 +17,14 @@ import torch
 
 from fluxc.ir import AMAX_SUFFIX, E4M3_MAX
 from fluxc.runtime.ops import nvfp4
+from fluxc.runtime.ops.kernels import quantize_rows
 
 NVFP4_OPS = ("nvfp4", "nvfp4_scale", "nvfp4_global")  # codes, block scales, global: one quantize_weight each
 
 
 def _fp8(source, parts, tensors, scale_only: bool) -> torch.Tensor:
-    w = parts[0].float()
-    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
-    return scale if scale_only else (w / scale).to(torch.float8_e4m3fn)
+    weight, scale = quantize_rows(parts[0].float())  # the runtime re-quantizes adapted weights with it too
+    return scale if scale_only else weight
 
 
 def _rms_fp8_scale(source, parts, tensors) -> torch.Tensor:

@@ -15,6 +15,7 @@ repeating its last prompt.
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -56,6 +57,8 @@ class Engine:
         self._graphs: dict[tuple, "Step"] = {}  # captured steps by (profile, cache policy)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE tables on the device, by profile
         self._tokenizers = {}
+        self._adapter_slots = None  # AdapterSlots, made by the first set_adapters
+        self._adapter_files: dict[str, "Adapter"] = {}  # adapters read so far, their factors on the device
 
     @property
     def weight_bytes(self) -> int:
@@ -138,6 +141,47 @@ class Engine:
         if seg["kind"] in ENCODER_KINDS and self.encoders == "offload":
             return torch.Tensor.pin_memory
         return lambda t: t.to(self.device)
+
+    # ---- LoRA adapters ---------------------------------------------------------------------------
+    def set_adapters(self, adapters) -> dict:
+        """Apply LoRA adapters, replacing the ones set before: a list of (adapter, scale), an adapter being a `.fluxa`
+        path (written by `fluxc adapter`) or a read Adapter; [] restores the base weights bit for bit. Every
+        weight an adapter changes is made again from its base (runtime/adapters.py) into the same buffer, so the
+        captured CUDA graphs stay valid. Returns {"tensors": how many were written, "seconds": the time it took}."""
+        from fluxc.runtime.adapters import AdapterSlots, check_adapter, engine_linears
+
+        start = time.perf_counter()
+        pairs = [self._adapter(item) for item in adapters]
+        if self._adapter_slots is None:
+            self._adapter_slots = AdapterSlots(self.manifest, self._weights)
+            self._linears = engine_linears(self.manifest)
+        for adapter, _ in pairs:
+            check_adapter(adapter, self.family.name, self._linears)
+        with torch.no_grad():
+            written = self._adapter_slots.apply(pairs, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"tensors": written, "seconds": time.perf_counter() - start}
+
+    @property
+    def adapters(self) -> list[tuple[str, float]]:
+        """The adapters set now: (name, scale)."""
+        return [(a.name, s) for a, s in self._adapter_slots.active] if self._adapter_slots else []
+
+    def _adapter(self, item) -> tuple["Adapter", float]:
+        from fluxc.runtime.adapters import Adapter, read_adapter
+
+        adapter, scale = item if isinstance(item, (tuple, list)) else (item, 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise FluxcError(f"An adapter's scale must be a finite number, got {scale!r}.", "Use e.g. 0.8.")
+        if not isinstance(adapter, Adapter):
+            path = os.path.abspath(os.fspath(adapter))
+            if path not in self._adapter_files:
+                read = read_adapter(path)
+                read.factors = {m: (d.to(self.device), u.to(self.device)) for m, (d, u) in read.factors.items()}
+                self._adapter_files[path] = read
+            adapter = self._adapter_files[path]
+        return adapter, float(scale)
 
     # ---- one transformer forward -------------------------------------------------------------
     def profile_for(self, height: int | None = None, width: int | None = None) -> Profile:

@@ -28,10 +28,12 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
                    "--nproc-per-node N -m fluxc.runtime ENGINE --prompt ... -o OUT.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (PEM); repeat for several. Given, the engine must be signed by one of them.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A LoRA adapter (.fluxa from `fluxc adapter`) at a scale (default 1); repeat for several.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
 def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
-            verbose, gpus, trusted_keys, output, **cache):
+            verbose, gpus, trusted_keys, loras, output, **cache):
     """Generate images from prompts with an engine (or latents from prompt embeddings).
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
@@ -40,7 +42,7 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     from fluxc.runtime.core.errors import FluxcError
 
     overrides = cache_overrides(**cache, schedule=parse_schedule(cache_schedule))
-    load = dict(encoders=encoders, trusted_keys=list(trusted_keys) or None)
+    load = dict(encoders=encoders, trusted_keys=list(trusted_keys) or None, adapters=parse_loras(loras))
     if "schedule" in overrides:
         check_schedule(overrides["schedule"], steps)  # before any loading
     if prompt is not None and prompts_file is not None:
@@ -80,15 +82,46 @@ def _generate(engine: str, load: dict, prompts: list[str], settings: dict, overr
     """(images, stage timings, cache report) of Engine.generate, on this process (a rank, for --gpus N); rank 0
     shows the denoising steps' progress."""
     from fluxc.cli.progress import progress_bar
-    from fluxc.runtime import Engine, parallel
+    from fluxc.runtime import parallel
 
-    eng = Engine.load(engine, **load)
+    eng = load_engine(engine, load)
     timings, report = {}, {}
     chunks = -(-len(prompts) // eng.profile_for(settings["height"], settings["width"]).batch)
     with progress_bar(settings["steps"] * chunks, "denoise", show=parallel.rank() == 0) as advance:
         images = eng.generate(prompts, **settings, timings=timings, cache_config=eng.cache_config(**overrides),
                               report=report, on_step=advance)
     return images, timings, report
+
+
+def parse_loras(loras) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] values -> [(file, scale)], checked before any loading."""
+    import os
+
+    from fluxc.runtime.core.errors import FluxcError
+
+    out = []
+    for value in loras:
+        path, _, scale = value.rpartition(":") if ":" in value else (value, "", "1")
+        try:
+            out.append((path, float(scale)))
+        except ValueError:
+            raise FluxcError(f"--lora {value}: {scale!r} is not a scale.", "Write --lora FILE or --lora FILE:0.8.") from None
+        if not os.path.isfile(path):
+            raise FluxcError(f"--lora {value}: no adapter file at '{path}'.",
+                             "Make one with `fluxc adapter ENGINE LORA.safetensors -o NAME.fluxa`.")
+    return out
+
+
+def load_engine(engine: str, load: dict):
+    """Engine.load with `load`'s options, then its adapters set."""
+    from fluxc.runtime import Engine
+
+    options = dict(load)
+    adapters = options.pop("adapters", [])
+    eng = Engine.load(engine, **options)
+    if adapters:
+        eng.set_adapters(adapters)
+    return eng
 
 
 def _echo_cache(report: dict, verbose: bool) -> None:
@@ -160,10 +193,9 @@ def _latents_from_embeddings(engine, load, embeddings, height, width, steps, gui
     import torch
     from safetensors.torch import save_file
 
-    from fluxc.runtime import Engine
     from fluxc.runtime.core.bundle import save_atomically
 
-    eng = Engine.load(engine, **load)
+    eng = load_engine(engine, load)
     profile = eng.profile_for(height, width)
     prompt_embeds, pooled = _embeddings(embeddings, eng, profile, seed)
     from fluxc.cli.progress import progress_bar

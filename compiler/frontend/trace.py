@@ -348,7 +348,7 @@ def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile
         gm = make_fx(fn, tracing_mode="fake")(*state.values(), *activations.values())
     _name_placeholders(gm, weight_names + list(activations))
     for node, name in zip(gm.graph.nodes, weight_names):
-        node.meta["weight"] = WeightSource(name)
+        node.meta["weight"] = WeightSource(name, shape=tuple(node.meta["val"].shape))
     gm.graph.output_node().meta["names"] = list(outputs)
     return Segment(kind, profile, gm, weight_names, layers, activations, traced_outputs=list(outputs))
 

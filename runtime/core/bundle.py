@@ -24,8 +24,9 @@ from fluxc.runtime.core.schema import REBUILD, check_manifest
 # The engine bundle format; the runtime refuses any other. 2: text encoders, VAE, tokenizers; 3: fused weights,
 # single blocks over the joint text+image sequence; 4: cache points (manifest "cache", probe segments),
 # profiles' world_size and the model family always recorded (no defaults for older manifests); 5: BLAKE3 file
-# digests, seal.json (the manifest's digest and signatures), each segment's weight shapes and dtypes.
-FORMAT_VERSION = 5
+# digests, seal.json (the manifest's digest and signatures), each segment's weight shapes and dtypes; 6: each
+# segment's weight_sources (how its weights are made from the checkpoint: adapters and refits).
+FORMAT_VERSION = 6
 
 MANIFEST = "manifest.json"
 SEAL = "seal.json"

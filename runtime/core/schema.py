@@ -197,6 +197,9 @@ def _check_segments(m, family, profiles: dict, files: dict) -> None:
         specs = _tensor_specs(seg, "weight_specs", where)
         _need(len(specs) == len(weights) and [s["name"] for s in specs] == weights,
               f"segment {name}'s weight_specs do not match its weights")
+        sources = _get(seg, "weight_sources", list, where)
+        _need([_source(s, f"segment {name}'s weight_sources") for s in sources] == weights,
+              f"segment {name}'s weight_sources do not match its weights")
         inputs = _tensor_specs(seg, "inputs", where)
         outputs = [o["name"] for o in _tensor_specs(seg, "outputs", where)]
         wanted = _outputs(family, kind)
@@ -210,6 +213,19 @@ def _check_segments(m, family, profiles: dict, files: dict) -> None:
         wanted |= {("vae", p) for p in profiles} | {(kind, None) for kind in family.encoders}
     missing = sorted(wanted - keys, key=str)
     _need(not missing, f"it has no {missing[0][0]} segment for profile {missing[0][1]}" if missing else "")
+
+
+def _source(d, where: str) -> str:
+    """The name of a weight source tree (fluxc.ir.WeightSource as a dict), after checking its structure."""
+    name, op = _get(d, "name", str, where), _get(d, "op", str, where)
+    for key in ("dim", "start", "stop"):
+        _get(d, key, int, where)
+    shape = _get(d, "shape", list, where)
+    _need(all(isinstance(n, int) and n >= 0 for n in shape), f"{where}: {name}'s shape is not a list of sizes")
+    _need(op != "load" or bool(shape), f"{where}: checkpoint tensor {name} has no shape")
+    for s in _get(d, "sources", list, where):
+        _source(s, where)
+    return name
 
 
 def _outputs(family, kind: str) -> list | None:

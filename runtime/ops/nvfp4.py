@@ -102,6 +102,13 @@ def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
     return tiles.reshape(nr, nc, 4, 32, 4).transpose(2, 3).reshape(-1).view(torch.float8_e4m3fn)
 
 
+def unswizzle_scales(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The scales [rows, cols] that swizzle_scales laid out as `flat` (its inverse)."""
+    nr, nc = -(-rows // 128), -(-cols // 4)
+    tiles = flat.view(torch.uint8).reshape(nr, nc, 32, 4, 4).transpose(2, 3).reshape(nr, nc, 128, 4)
+    return tiles.permute(0, 2, 1, 3).reshape(nr * 128, nc * 4)[:rows, :cols].contiguous().view(torch.float8_e4m3fn)
+
+
 def swizzled_numel(rows: int, cols: int) -> int:
     return -(-rows // 128) * 128 * -(-cols // 4) * 4
 
