@@ -68,7 +68,8 @@ def write_adapter(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor
 
     tensors = {}
     for module, (down, up) in factors.items():
-        tensors[f"{module}.down"], tensors[f"{module}.up"] = down.contiguous().cpu(), up.contiguous().cpu()
+        # clones: converters share one down factor between q, k and v, and safetensors refuses shared storage
+        tensors[f"{module}.down"], tensors[f"{module}.up"] = down.detach().cpu().clone(), up.detach().cpu().clone()
     text = json.dumps({"format": "fluxc-adapter", "format_version": ADAPTER_FORMAT} | manifest, sort_keys=True)
     digest = _digest(text, tensors)
     save_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"fluxc_adapter": text, "digest": digest}))

@@ -7,6 +7,7 @@ its round trip through diffusers' converters before it is used.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -14,22 +15,24 @@ from click.testing import CliRunner
 
 from conftest import TINY_TEXT
 from fluxc.cli import main
-from fluxc.numerics import assert_close_report, relative_error, sqnr_db
+from fluxc.numerics import (ADAPTER_SQNR_LOSS_DB, FP8_SEGMENT_SQNR_DB, NVFP4_SEGMENT_SQNR_DB, RELATIVE_ERROR_FLOORS,
+                            assert_close_report, relative_error, sqnr_db)
 
 SAMPLING = dict(height=144, width=112, steps=4, guidance=3.5)
 PROMPT = "a watercolor fox in the snow"
 
 
 def peft_lora(pipeline_dir: str, path: str, seed: int, targets=None, rank: int = 4, alpha: int = 8) -> str:
-    """A PEFT LoRA on the tiny transformer's linears (`targets`: module-name regex, default every linear), its
+    """A PEFT LoRA on the tiny transformer's linears (`targets`: a regex their names match, default every one), its
     up factors drawn small (a real adapter moves weights by a few percent), saved by diffusers with its metadata."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     transformer = FluxTransformer2DModel.from_pretrained(pipeline_dir, subfolder="transformer")
-    linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=targets or linears)
+    linears = [n for n, m in transformer.named_modules()
+               if isinstance(m, torch.nn.Linear) and re.fullmatch(targets or ".*", n)]
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=linears)
     transformer.add_adapter(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -123,3 +126,149 @@ def test_removing_restores_the_base_and_switching_repeats(tiny_pipeline_engine_p
     engine.set_adapters([])
     assert all(torch.equal(t, b) for k, ts in engine._weights.items() for t, b in zip(ts, before[k]))
     assert torch.equal(engine.generate(PROMPT, seed=1, output_type="pt", **SAMPLING), base)
+
+
+# ---- the same adapter in kohya (sd-scripts) and XLabs key layouts ---------------------------------------------
+KOHYA_DOUBLE = {"img_attn_proj": ["attn.to_out.0"], "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+                "img_mlp_0": ["ff.net.0.proj"], "img_mlp_2": ["ff.net.2"], "img_mod_lin": ["norm1.linear"],
+                "txt_attn_proj": ["attn.to_add_out"],
+                "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+                "txt_mlp_0": ["ff_context.net.0.proj"], "txt_mlp_2": ["ff_context.net.2"],
+                "txt_mod_lin": ["norm1_context.linear"]}
+KOHYA_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
+                "modulation_lin": ["norm.linear"]}
+XLABS_DOUBLE = {"processor.qkv_lora1": ["attn.to_q", "attn.to_k", "attn.to_v"], "processor.proj_lora1": ["attn.to_out.0"],
+                "processor.qkv_lora2": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+                "processor.proj_lora2": ["attn.to_add_out"]}
+XLABS_SINGLE = {"processor.qkv_lora": ["attn.to_q", "attn.to_k", "attn.to_v"], "processor.proj_lora": ["proj_out"]}
+BLOCKS = r"(single_)?transformer_blocks\.\d+\..*"
+ATTENTION = r"(single_)?transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|proj_out)"
+
+
+def products(state_dict: dict, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """module -> scale * B @ A of a diffusers-layout LoRA state dict."""
+    modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in state_dict}
+    return {m: scale * state_dict[f"transformer.{m}.lora_B.weight"].double() @ state_dict[f"transformer.{m}.lora_A.weight"].double()
+            for m in modules}
+
+
+def fused(state_dict: dict, block: str, modules: list[str], scale: float):
+    """One fused LoRA for `modules` of a block: A stacked, B block-diagonal, so that each module keeps its own delta."""
+    downs = [state_dict[f"transformer.{block}.{m}.lora_A.weight"] for m in modules]
+    ups = [state_dict[f"transformer.{block}.{m}.lora_B.weight"] for m in modules]
+    return torch.cat(downs), torch.block_diag(*ups) * scale
+
+
+def relayout(state_dict: dict, scale: float, double: dict, single: dict, key) -> dict:
+    """The adapter in another key layout: key(kind, block index, name, "down" | "up") names each factor."""
+    out = {}
+    blocks = sorted({k.split(".")[1:3] and ".".join(k.split(".")[1:3]) for k in state_dict})
+    for block in blocks:
+        kind, index = block.split(".")
+        for name, modules in (double if kind == "transformer_blocks" else single).items():
+            if f"transformer.{block}.{modules[0]}.lora_A.weight" in state_dict:
+                down, up = fused(state_dict, block, modules, scale)
+                out[key(kind, index, name, "down")], out[key(kind, index, name, "up")] = down, up
+    return out
+
+
+def kohya(state_dict: dict, scale: float) -> dict:
+    def key(kind, index, name, which):
+        return f"lora_unet_{'double' if kind == 'transformer_blocks' else 'single'}_blocks_{index}_{name}.lora_{which}.weight"
+
+    out = relayout(state_dict, 1.0, KOHYA_DOUBLE, KOHYA_SINGLE, key)
+    for k in [k for k in out if k.endswith(".lora_down.weight")]:  # kohya's alpha: scale = alpha / rank
+        out[k.replace(".lora_down.weight", ".alpha")] = torch.tensor(scale * out[k].shape[0])
+    return out
+
+
+def xlabs(state_dict: dict, scale: float) -> dict:  # XLabs has no alpha: the scale goes into up
+    def key(kind, index, name, which):
+        return f"{'double' if kind == 'transformer_blocks' else 'single'}_blocks.{index}.{name}.{which}.weight"
+
+    return relayout(state_dict, scale, XLABS_DOUBLE, XLABS_SINGLE, key)
+
+
+def assert_same_products(converted: dict, original: dict) -> None:
+    assert converted.keys() == original.keys()
+    for m in original:
+        torch.testing.assert_close(converted[m], original[m], rtol=1e-6, atol=1e-9, msg=m)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "xlabs"])
+def test_kohya_and_xlabs_layouts_match_flux_pipeline(layout, tiny_pipeline_dir, tiny_pipeline_engine_path, reference,
+                                                     tmp_path):
+    """The fixture round-trips through diffusers' converter to the PEFT adapter's deltas (kohya: all but the single
+    blocks' linear1, which diffusers 0.42.1 splits at FLUX.1-dev's widths only); the engine with the converted
+    adapter (fluxc adapter runs diffusers' kohya converter at the tiny widths) equals FluxPipeline with the PEFT file."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file, save_file
+
+    from fluxc.runtime import Engine
+
+    peft_file = peft_lora(tiny_pipeline_dir, str(tmp_path / "peft"), 3, targets=BLOCKS if layout == "kohya" else ATTENTION)
+    original = load_file(peft_file)
+    fixture = (kohya if layout == "kohya" else xlabs)(original, scale=2.0)
+    checkable = {k: v for k, v in fixture.items() if "_linear1." not in k}
+    converted = FluxPipeline.lora_state_dict(dict(checkable))
+    assert_same_products(products(converted), {m: p for m, p in products(original, 2.0).items()
+                                               if layout == "xlabs" or not m.startswith("single_transformer_blocks")
+                                               or m.endswith(("proj_out", "norm.linear"))})
+    save_file(fixture, str(tmp_path / f"{layout}.safetensors"))
+
+    result = CliRunner().invoke(main, ["adapter", tiny_pipeline_engine_path, str(tmp_path / f"{layout}.safetensors"),
+                                       "-o", str(tmp_path / f"{layout}.fluxa")])
+    assert result.exit_code == 0, result.output
+    reference.load_lora_weights(peft_file, adapter_name=layout)
+    try:
+        embeds, pooled, noise = inputs(reference)
+        want = reference_latents(reference, embeds, pooled, noise)
+    finally:
+        reference.unload_lora_weights()
+    engine = Engine.load(tiny_pipeline_engine_path)
+    engine.set_adapters([(str(tmp_path / f"{layout}.fluxa"), 1.0)])
+    assert_close_report(engine_latents(engine, embeds, pooled, noise), want, rtol=1e-4, name=layout)
+
+
+@pytest.fixture(scope="module")
+def precision_engines(tiny_pipeline_dir, tmp_path_factory):
+    """Transformer-only bf16, fp8 and nvfp4 (emulated) engines of the tiny pipeline's transformer."""
+    from fluxc.build import BuildOptions, build
+
+    root = tmp_path_factory.mktemp("precisions")
+    paths = {p: str(root / f"{p}.fluxe") for p in ("bf16", "fp8", "nvfp4")}
+    for precision, path in paths.items():
+        build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision=precision,
+                           resolutions=((144, 112),), text_tokens=TINY_TEXT, transformer_only=True))
+    return paths
+
+
+def test_quantized_engines_keep_their_floor_with_an_adapter(precision_engines, adapters, loras, tiny_pipeline_dir):
+    """The adapter file made against the fp32 engine fits every precision's engine. bf16: within bf16 noise of
+    diffusers bf16 with the adapter; fp8 / nvfp4: the merge-then-re-quantize contract (numerics.ADAPTER_SQNR_LOSS_DB)
+    above the precision's floor. Removing the adapter restores every weight bit for bit."""
+    from diffusers import FluxPipeline
+
+    from fluxc.runtime import Engine
+
+    pipe = FluxPipeline.from_pretrained(tiny_pipeline_dir, torch_dtype=torch.bfloat16)
+    embeds, pooled, noise = inputs(pipe)
+    base = reference_latents(pipe, embeds, pooled, noise, torch.bfloat16)
+    pipe.load_lora_weights(loras["a"])
+    want = reference_latents(pipe, embeds, pooled, noise, torch.bfloat16)
+    floors = {"fp8": FP8_SEGMENT_SQNR_DB, "nvfp4": NVFP4_SEGMENT_SQNR_DB}
+    for precision, path in precision_engines.items():
+        engine = Engine.load(path)
+        before = {k: [t.clone() for t in ts] for k, ts in engine._weights.items()}
+        plain = sqnr_db(engine_latents(engine, embeds, pooled, noise), base)
+        engine.set_adapters([(adapters["a"], 1.0)])
+        got = engine_latents(engine, embeds, pooled, noise)
+        adapted = sqnr_db(got, want)
+        print(f"tiny {precision} engine against diffusers bf16: {plain:.1f} dB, with the adapter {adapted:.1f} dB")
+        if precision == "bf16":
+            assert relative_error(got, want) <= RELATIVE_ERROR_FLOORS["bf16"]
+        else:
+            assert adapted >= max(plain - ADAPTER_SQNR_LOSS_DB, floors[precision]), (precision, plain, adapted)
+        engine.set_adapters([])
+        assert all(torch.equal(t.view(torch.uint8), b.view(torch.uint8))
+                   for k, ts in engine._weights.items() for t, b in zip(ts, before[k]))
