@@ -59,6 +59,7 @@ class Engine:
         self._tokenizers = {}
         self._adapter_slots = None  # AdapterSlots, made by the first set_adapters
         self._adapter_files: dict[str, "Adapter"] = {}  # adapters read so far, their factors on the device
+        self._linears = None  # the checkpoint linears adapters may change (runtime/adapters.engine_linears)
 
     @property
     def weight_bytes(self) -> int:
@@ -148,15 +149,14 @@ class Engine:
         path (written by `fluxc adapter`) or a read Adapter; [] restores the base weights bit for bit. Every
         weight an adapter changes is made again from its base (runtime/adapters.py) into the same buffer, so the
         captured CUDA graphs stay valid. Returns {"tensors": how many were written, "seconds": the time it took}."""
-        from fluxc.runtime.adapters import AdapterSlots, check_adapter, engine_linears
+        from fluxc.runtime.adapters import AdapterSlots, check_adapter
 
         start = time.perf_counter()
         pairs = [self._adapter(item) for item in adapters]
+        for adapter, _ in pairs:  # those read here were checked already; an Adapter made elsewhere may not be
+            check_adapter(adapter, self.family.name, self._linears)
         if self._adapter_slots is None:
             self._adapter_slots = AdapterSlots(self.manifest, self._weights)
-            self._linears = engine_linears(self.manifest)
-        for adapter, _ in pairs:
-            check_adapter(adapter, self.family.name, self._linears)
         with torch.no_grad():
             written = self._adapter_slots.apply(pairs, self.device)
         if self.device.type == "cuda":
@@ -168,20 +168,30 @@ class Engine:
         """The adapters set now: (name, scale)."""
         return [(a.name, s) for a, s in self._adapter_slots.active] if self._adapter_slots else []
 
+    def load_adapter(self, path: str) -> "Adapter":
+        """The adapter file at `path`, verified and checked to fit this engine, its factors on the engine's device
+        (read once per path; set_adapters takes it or the path)."""
+        from fluxc.runtime.adapters import check_adapter, engine_linears, read_adapter
+
+        path = os.path.abspath(os.fspath(path))
+        if path not in self._adapter_files:
+            adapter = read_adapter(path)
+            if self._linears is None:
+                self._linears = engine_linears(self.manifest)
+            check_adapter(adapter, self.family.name, self._linears)
+            adapter.factors = {m: (d.to(self.device), u.to(self.device)) for m, (d, u) in adapter.factors.items()}
+            self._adapter_files[path] = adapter
+        return self._adapter_files[path]
+
     def _adapter(self, item) -> tuple["Adapter", float]:
-        from fluxc.runtime.adapters import Adapter, read_adapter
+        from fluxc.runtime.adapters import Adapter, engine_linears
 
         adapter, scale = item if isinstance(item, (tuple, list)) else (item, 1.0)
+        if self._linears is None:
+            self._linears = engine_linears(self.manifest)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise FluxcError(f"An adapter's scale must be a finite number, got {scale!r}.", "Use e.g. 0.8.")
-        if not isinstance(adapter, Adapter):
-            path = os.path.abspath(os.fspath(adapter))
-            if path not in self._adapter_files:
-                read = read_adapter(path)
-                read.factors = {m: (d.to(self.device), u.to(self.device)) for m, (d, u) in read.factors.items()}
-                self._adapter_files[path] = read
-            adapter = self._adapter_files[path]
-        return adapter, float(scale)
+        return (adapter if isinstance(adapter, Adapter) else self.load_adapter(adapter)), float(scale)
 
     # ---- one transformer forward -------------------------------------------------------------
     def profile_for(self, height: int | None = None, width: int | None = None) -> Profile:

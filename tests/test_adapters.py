@@ -9,6 +9,7 @@ its round trip through diffusers' converters before it is used.
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -272,3 +273,31 @@ def test_quantized_engines_keep_their_floor_with_an_adapter(precision_engines, a
         engine.set_adapters([])
         assert all(torch.equal(t.view(torch.uint8), b.view(torch.uint8))
                    for k, ts in engine._weights.items() for t, b in zip(ts, before[k]))
+
+
+def test_served_requests_alternate_adapters(tiny_pipeline_b4_path, adapters):
+    """fluxc serve --lora a=... --lora b=...: requests naming adapters in extra_body get the image the engine makes
+    with those adapters set; unknown names are a 400; the metrics count each change of adapter set."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from test_serve import SIZE, fluxc_serve, png, post
+
+    from fluxc.runtime import Engine
+
+    engine = Engine.load(tiny_pipeline_b4_path)
+    server = fluxc_serve(tiny_pipeline_b4_path, "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+        assert client.models.list().data[0].adapters == ["a", "b"]
+        sequence = [[{"name": "a"}], [{"name": "b", "scale": 0.5}], [{"name": "a"}], [],
+                    [{"name": "a", "scale": 0.6}, {"name": "b", "scale": 0.4}]]
+        for lora in sequence:
+            result = client.images.generate(prompt=PROMPT, size=SIZE, extra_body={"steps": 2, "seed": 5, "lora": lora})
+            engine.set_adapters([(adapters[ref["name"]], ref.get("scale", 1.0)) for ref in lora])
+            want = engine.generate(PROMPT, height=144, width=112, steps=2, seed=5)[0]
+            assert np.array_equal(png(result.data[0].b64_json), np.asarray(want)), lora
+        assert server.metrics()["fluxc_adapter_swaps_total"] == len(sequence)
+        r = post(server, {"prompt": "a cat", "lora": [{"name": "c"}]}, key="-")
+        assert r.status_code == 400 and "No adapter named 'c'" in r.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0

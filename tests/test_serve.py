@@ -158,7 +158,9 @@ def test_metrics_and_health(server, client):
     assert m["fluxc_images_total"] >= 1 and m["fluxc_batch_images_count"] >= 1
     for stage in ("queue", "encode", "denoise", "decode", "png", "request"):
         assert m[f'fluxc_stage_seconds_count{{stage="{stage}"}}'] >= 1, stage
-    assert m['fluxc_errors_total{kind="invalid_value"}'] >= 0  # labelled by kind once any error happened
+    errors = m.get('fluxc_errors_total{kind="invalid_value"}', 0)
+    assert post(server, {"prompt": "a cat", "steps": 0}).status_code == 400
+    assert server.metrics()['fluxc_errors_total{kind="invalid_value"}'] == errors + 1
     ready = httpx.get(server.url + "/health/ready").json()
     assert ready["status"] == "ready" and ready["startup_seconds"]["load"] > 0
 

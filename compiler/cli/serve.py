@@ -20,9 +20,13 @@ _D = ServeSettings()
               help="Require `Authorization: Bearer $VAR` on /v1 requests (the key is read from that variable).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (PEM); repeat for several. Given, the engine must be signed by one of them.")
+@click.option("--lora", "loras", multiple=True, metavar="NAME=FILE",
+              help="Register a LoRA adapter (.fluxa from `fluxc adapter`) that requests name in extra_body "
+                   "{\"lora\": [{\"name\": NAME, \"scale\": 0.8}]}; repeat for several.")
 @click.option("--encoders", type=click.Choice(["gpu", "offload", "cpu"]), default=None,
               help="Where the text encoders stay between prompts (default: as built).")
-def command(engine, host, port, max_queue, batch_window_ms, timeout_s, max_n, api_key_env, trusted_keys, encoders):
+def command(engine, host, port, max_queue, batch_window_ms, timeout_s, max_n, api_key_env, trusted_keys, loras,
+            encoders):
     """Serve an engine over HTTP with OpenAI's images API (needs `pip install fluxc[serve]`).
 
     Typical use: fluxc serve dev.fluxe --port 8000, then from Python: OpenAI(base_url="http://127.0.0.1:8000/v1",
@@ -32,10 +36,11 @@ def command(engine, host, port, max_queue, batch_window_ms, timeout_s, max_n, ap
     from fluxc.runtime.core.errors import FluxcError
 
     try:
-        from fluxc.runtime.serve.main import api_key, serve
+        from fluxc.runtime.serve.main import api_key, parse_adapters, serve
     except ImportError as e:
         raise FluxcError(f"fluxc serve needs the serving extra ({e.name} is missing).",
                          "pip install 'fluxc[serve]'") from None
     settings = ServeSettings(max_queue=max_queue, batch_window_ms=batch_window_ms, timeout_s=timeout_s, max_n=max_n,
-                             api_key=api_key(api_key_env), trusted_keys=tuple(trusted_keys), encoders=encoders)
+                             api_key=api_key(api_key_env), trusted_keys=tuple(trusted_keys), encoders=encoders,
+                             adapters=parse_adapters(loras))
     serve(engine, host, port, settings)

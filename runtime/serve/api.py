@@ -4,6 +4,7 @@ OpenAI's sizes are "WIDTHxHEIGHT"; fluxc's profiles (and `fluxc build --resoluti
 OpenAI's body, {"error": {"message", "type", "param", "code"}}, so existing clients raise their usual exceptions.
 """
 
+import math
 import re
 from typing import Literal
 
@@ -11,6 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fluxc.runtime.core.cache_config import POLICIES
 from fluxc.runtime.core.errors import FluxcError
+
+
+class LoraRef(BaseModel):
+    """One adapter a request asks for: a name the server registered (`fluxc serve --lora NAME=FILE`) and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    scale: float = 1.0
 
 
 class ImagesRequest(BaseModel):
@@ -30,6 +40,7 @@ class ImagesRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)  # None: a random seed, returned with the image
     cache: Literal[POLICIES] | None = None  # step skipping; default: the engine's policy
     cache_threshold: float | None = None
+    lora: list[LoraRef] = []  # LoRA adapters for this request's images; [] the base model
 
 
 class Image(BaseModel):
@@ -54,6 +65,7 @@ class Model(BaseModel):
     max_n: int
     max_steps: int
     cache: str
+    adapters: list[str]  # the LoRA adapters requests may name
 
 
 class ModelList(BaseModel):
@@ -95,6 +107,16 @@ def check_request(body: ImagesRequest, settings) -> None:
     if not 1 <= body.steps <= settings.max_steps:
         raise FluxcError(f"steps is {body.steps}; this server runs 1 to {settings.max_steps} steps.",
                          "Use e.g. steps=28 (FLUX.1-dev) or 4 (schnell).")
+    registered = dict(settings.adapters)
+    for ref in body.lora:
+        if ref.name not in registered:
+            raise FluxcError(f"No adapter named {ref.name!r} is registered on this server"
+                             + (f" (it has {', '.join(registered)})." if registered else " (it has none)."),
+                             "Name a registered adapter, or start the server with --lora NAME=FILE.")
+        if not math.isfinite(ref.scale):
+            raise FluxcError(f"Adapter {ref.name}'s scale is {ref.scale}.", "Use a finite scale, e.g. 0.8.")
+    if len({ref.name for ref in body.lora}) != len(body.lora):
+        raise FluxcError("An adapter is named twice in `lora`.", "Name each adapter once, with its scale.")
     if body.response_format == "url":
         raise FluxcError("response_format 'url' is not served: fluxc keeps no image store to link to.",
                          "Ask for response_format='b64_json' (the image is in the response).")

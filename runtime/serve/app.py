@@ -49,7 +49,7 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         path, load = None, engine
     name = settings.model_name or (os.path.basename(os.path.normpath(path)).removesuffix(".fluxe") if path else "fluxc")
     metrics = Metrics()
-    worker = Worker(load, settings.max_queue, settings.batch_window_ms / 1e3, metrics)
+    worker = Worker(load, settings.max_queue, settings.batch_window_ms / 1e3, metrics, dict(settings.adapters))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,7 +96,7 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         return api.ModelList(data=[api.Model(
             id=name, created=int(os.path.getmtime(path)) if path else 0, batch=worker.batch, max_n=settings.max_n,
             max_steps=settings.max_steps, sizes=[api.openai_size(p) for p in engine.profiles.values()],
-            cache=engine.cache_config().policy)])
+            cache=engine.cache_config().policy, adapters=list(worker.adapters))])
 
     @app.get("/health/live")
     async def live():
@@ -155,7 +155,8 @@ def _job(engine, body: api.ImagesRequest, settings: ServeSettings, name: str) ->
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
     seeds = [(seed + i) % 2**64 for i in range(body.n)]
     return Job(prompts[0], seeds, dict(height=profile.height, width=profile.width, steps=body.steps,
-                                       guidance=float(body.guidance), cache_config=cache_config))
+                                       guidance=float(body.guidance), cache_config=cache_config),
+               tuple((ref.name, float(ref.scale)) for ref in body.lora))
 
 
 async def _outcome(worker: Worker, job: Job, request: Request, timeout: float):

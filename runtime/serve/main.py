@@ -24,6 +24,24 @@ def check_engine(path: str, settings: ServeSettings) -> None:
                          "turn prompts into images.", "Serve an engine built without --transformer-only.")
 
 
+def parse_adapters(values) -> tuple[tuple[str, str], ...]:
+    """--lora NAME=FILE values -> ((name, path), ...), each file present and each name once."""
+    import os
+
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise FluxcError(f"--lora {value!r} is not NAME=FILE.", "Write e.g. --lora style=style.fluxa.")
+        if name in out:
+            raise FluxcError(f"--lora names {name!r} twice.", "Give each adapter its own name.")
+        if not os.path.isfile(path):
+            raise FluxcError(f"--lora {value}: no adapter file at '{path}'.",
+                             "Make one with `fluxc adapter ENGINE LORA.safetensors -o NAME.fluxa`.")
+        out[name] = path
+    return tuple(out.items())
+
+
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings = ServeSettings(),
           log_level: str = "info") -> int:
     """Serve until SIGTERM/SIGINT; the exit code (0 after a graceful stop, 1 if the engine failed to start)."""
@@ -69,6 +87,7 @@ def arguments(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-n", type=int, default=ServeSettings.max_n)
     ap.add_argument("--api-key-env", default=None)
     ap.add_argument("--trusted-key", action="append", default=[])
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE")
     return ap.parse_args(argv)
 
 
@@ -89,7 +108,8 @@ def main(argv=None) -> int:
     a = arguments(argv)
     try:
         settings = ServeSettings(max_queue=a.max_queue, batch_window_ms=a.batch_window_ms, timeout_s=a.timeout,
-                                 max_n=a.max_n, api_key=api_key(a.api_key_env), trusted_keys=tuple(a.trusted_key))
+                                 max_n=a.max_n, api_key=api_key(a.api_key_env), trusted_keys=tuple(a.trusted_key),
+                                 adapters=parse_adapters(a.lora))
         return serve(a.engine, a.host, a.port, settings)
     except FluxcError as e:
         print(f"error: {e.message}" + (f"\n  remedy: {e.remedy}" if e.remedy else ""), file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STAGES = ("queue", "encode", "denoise", "decode", "png", "request")  # request: arrival to response, all stages
+STAGES = ("queue", "adapters", "encode", "denoise", "decode", "png", "request")  # request: arrival to response, all stages
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
 
@@ -17,5 +17,7 @@ class Metrics:
                                buckets=_SECONDS, registry=r)
         self.images = Counter("fluxc_images", "Images returned to clients.", registry=r)
         self.errors = Counter("fluxc_errors", "Failed image requests by kind.", ["kind"], registry=r)
+        self.swaps = Counter("fluxc_adapter_swaps", "Changes of the engine's LoRA adapter set between batches.",
+                             registry=r)
         self.ready = Gauge("fluxc_ready", "1 once the engine is loaded and every profile warmed up.", registry=r)
         self.startup = Gauge("fluxc_startup_seconds", "Seconds of the start, by phase.", ["phase"], registry=r)

@@ -15,6 +15,7 @@ class ServeSettings:
     api_key: str | None = None  # given: every /v1 request needs `Authorization: Bearer <key>`
     trusted_keys: tuple[str, ...] = ()  # Ed25519 public keys (PEM paths); given, the engine must be signed by one
     encoders: str | None = None  # Engine.load's encoder placement override
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, .fluxa path): the LoRA adapters requests may name
     wait_ready: bool = False  # hold the app's startup until the engine is warm (Ray Serve: route only to ready replicas)
 
     def __post_init__(self):

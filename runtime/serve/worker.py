@@ -33,19 +33,22 @@ class Job:
     prompt: str
     seeds: list[int]  # one image per seed
     settings: dict  # Engine.generate's keyword arguments: height, width, steps, guidance, cache_config
+    adapters: tuple[tuple[str, float], ...] = ()  # (registered name, scale): one adapter set per batch
     future: Future = dataclasses.field(default_factory=Future)  # -> float images [n, H, W, 3] on the CPU
     queued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
     def key(self) -> tuple:
-        """Jobs batch together only when their keys are equal (the same profile and sampling settings)."""
-        return tuple(sorted(self.settings.items()))
+        """Jobs batch together only when their keys are equal (the same profile, sampling settings and adapters)."""
+        return self.adapters, tuple(sorted(self.settings.items()))
 
 
 class Worker:
-    def __init__(self, load, max_queue: int, window_s: float, metrics):
-        """load() -> Engine, called on the worker's thread."""
+    def __init__(self, load, max_queue: int, window_s: float, metrics, adapters: dict[str, str] | None = None):
+        """load() -> Engine, called on the worker's thread; adapters: name -> .fluxa path, read and checked at start."""
         self._load, self.max_queue, self.window_s, self.metrics = load, max_queue, window_s, metrics
+        self._adapter_files, self.adapters = dict(adapters or {}), {}
+        self._adapter_set: tuple = ()  # the set the engine holds now
         self.engine = None
         self.ready = threading.Event()  # set once loaded and warm, or once the start failed (see self.failure)
         self.failure: BaseException | None = None
@@ -105,6 +108,7 @@ class Worker:
     def _start_engine(self) -> None:
         start = time.perf_counter()
         self.engine = self._load()
+        self.adapters = {name: self.engine.load_adapter(path) for name, path in self._adapter_files.items()}
         self.timings["load"] = time.perf_counter() - start
         for profile in self.engine.profiles.values():  # captures each profile's CUDA graphs (default cache policy)
             self.engine.generate("warm-up", height=profile.height, width=profile.width, steps=2, output_type="pt")
@@ -146,6 +150,7 @@ class Worker:
         prompts = [job.prompt for job in batch for _ in job.seeds]
         timings = {}
         try:
+            self._use_adapters(batch[0].adapters)
             images = self.engine.generate(prompts, seed=[s for job in batch for s in job.seeds], output_type="pt",
                                           timings=timings, **batch[0].settings)
         except Exception as e:  # the app answers 400 for a FluxcError, 500 for anything else; the thread goes on
@@ -161,3 +166,11 @@ class Worker:
         for job in batch:
             job.future.set_result(images[start:start + len(job.seeds)])
             start += len(job.seeds)
+
+    def _use_adapters(self, adapters: tuple) -> None:
+        if adapters == self._adapter_set:
+            return
+        swap = self.engine.set_adapters([(self.adapters[name], scale) for name, scale in adapters])
+        self._adapter_set = adapters
+        self.metrics.swaps.inc()
+        self.metrics.stage.labels("adapters").observe(swap["seconds"])
