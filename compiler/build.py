@@ -173,9 +173,10 @@ def _checkpoint(model, comps) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages, key=None) -> dict:
-    """Lower for the target, compile, check against the recorded eager outputs, write the engine atomically."""
-    backend = get_backend(opts.backend)
+def finish(p: Prepared, settings: Settings, opts: BuildOptions, stages: Stages, key=None, backend=None) -> dict:
+    """Lower for the target, compile, check against the recorded eager outputs, write the engine atomically.
+    backend: default opts.backend's (fluxc.refit passes one that reuses an engine's compiled segments)."""
+    backend = backend or get_backend(opts.backend)
     lower = [ps for ps in settings.pipeline if ps.phase == LOWER and ps.name not in backend.translates]
     family = FAMILIES[p.model["family"]]
     with stages("lower"):

@@ -301,3 +301,45 @@ def test_served_requests_alternate_adapters(tiny_pipeline_b4_path, adapters):
         assert r.status_code == 400 and "No adapter named 'c'" in r.json()["error"]["message"]
     finally:
         assert server.stop() == 0
+
+
+# ---- refit ------------------------------------------------------------------------------------------------------
+def test_refit_equals_a_fresh_build(tiny_pipeline_engine_path, tiny_pipeline_dir, tmp_path):
+    """A second checkpoint (seed 1) refitted onto the seed-0 engine: the same weights file and images as a fresh build
+    of it, its compiled segments reused; another architecture is refused with the reason."""
+    import time
+
+    from fluxc.build import BuildOptions, build
+    from fluxc.frontend.components import load_components, save_pipeline_folder
+    from fluxc.frontend.models import load_model
+    from fluxc.runtime import Engine
+    from fluxc.runtime.core.bundle import read_manifest
+
+    second = str(tmp_path / "second")
+    model = load_model("tiny", dtype=torch.float32, device=torch.device("cpu"), seed=1)
+    save_pipeline_folder(second, model.module, load_components("tiny", "flux1", dtype=torch.float32,
+                                                               device=torch.device("cpu"), seed=1))
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["refit", tiny_pipeline_engine_path, "--model", second,
+                                       "-o", str(tmp_path / "refit.fluxe")])
+    refit_s = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    start = time.perf_counter()
+    build(BuildOptions(model=second, output=str(tmp_path / "fresh.fluxe"), target="cpu", precision="fp32",
+                       resolutions=((144, 112),), text_tokens=TINY_TEXT))
+    print(f"refit {refit_s:.1f} s, fresh build {time.perf_counter() - start:.1f} s (warm Inductor cache)")
+    refitted, fresh = (read_manifest(str(tmp_path / p)) for p in ("refit.fluxe", "fresh.fluxe"))
+    assert refitted["files"]["weights.safetensors"] == fresh["files"]["weights.safetensors"]
+    old = read_manifest(tiny_pipeline_engine_path)
+    assert all(refitted["files"][f] == old["files"][f] for f in refitted["files"] if f.startswith("segments/"))
+    assert refitted["numerics"].keys() == fresh["numerics"].keys()
+    images = [Engine.load(str(tmp_path / p)).generate(PROMPT, seed=2, output_type="pt", **SAMPLING)
+              for p in ("refit.fluxe", "fresh.fluxe")]
+    assert torch.equal(images[0], images[1])
+    assert not torch.equal(images[0], Engine.load(tiny_pipeline_engine_path).generate(
+        PROMPT, seed=2, output_type="pt", **SAMPLING))
+
+    result = CliRunner().invoke(main, ["refit", tiny_pipeline_engine_path, "--model", "tiny-flux2",
+                                       "-o", str(tmp_path / "other.fluxe")])
+    assert result.exit_code == 1 and "is not the architecture of" in result.output, result.output
+    assert not os.path.exists(tmp_path / "other.fluxe")

@@ -44,9 +44,10 @@ def main():
 
 
 def _register():
-    from fluxc.cli import adapter, bench, build, compare, doctor, evaluate, inspect, passes, run, serve, trust
+    from fluxc.cli import (adapter, bench, build, compare, doctor, evaluate, inspect, passes, refit, run, serve,
+                           trust)
 
-    for module in (build, run, serve, adapter, inspect, passes, bench, evaluate, compare, doctor):
+    for module in (build, run, serve, adapter, refit, inspect, passes, bench, evaluate, compare, doctor):
         main.add_command(module.command)
     for command in (trust.keygen, trust.sign, trust.verify):
         main.add_command(command)

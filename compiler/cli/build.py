@@ -62,13 +62,9 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
                         from_plan=from_plan, backend=backend, world_size=world_size, cache=cache_overrides(**cache),
                         sign_key=sign_key)
 
-    def report(stage, done):
-        if done:
-            click.echo(f"  done {stage}", err=True)
-        else:
-            click.echo(f"[build] {stage} ...", err=True)
+    from fluxc.cli.progress import stage_reporter
 
-    manifest = build(opts, report)
+    manifest = build(opts, stage_reporter("build"))
     if stage == "plan":
         click.echo(f"wrote plan {output}: {manifest['precision']} for {manifest['target']}, "
                    f"{len(manifest['segments'])} segments; finish it with fluxc build --from {output} -o ENGINE")

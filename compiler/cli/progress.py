@@ -22,3 +22,11 @@ def progress_bar(total: int, label: str, show: bool = True):
             bar.update(1)
 
         yield advance
+
+
+def stage_reporter(command: str):
+    """report(stage, done) for a build's stages (fluxc.build.Stages): one line as each starts and ends, on stderr."""
+    def report(stage, done):
+        click.echo(f"  done {stage}" if done else f"[{command}] {stage} ...", err=True)
+
+    return report
