@@ -28,6 +28,7 @@ import blake3
 import torch
 
 from fluxc.runtime.core.errors import FluxcError
+from fluxc.runtime.core.families import ENCODER_KINDS
 from fluxc.runtime.ops import nvfp4
 from fluxc.runtime.ops.kernels import quantize_rows
 
@@ -139,9 +140,11 @@ class _Tensor:
 
 
 def engine_linears(manifest: dict) -> dict[str, list[int]]:
-    """Every checkpoint linear the engine's weights are made from: module -> its weight's shape [N, K]."""
+    """Every checkpoint linear the engine's transformer weights are made from: module -> its weight's shape [N, K]."""
     linears = {}
     for seg in manifest["segments"]:
+        if seg["kind"] in ENCODER_KINDS or seg["kind"] == "vae":
+            continue
         for layer in seg["layers"]:
             prefix = f"{layer}." if layer else ""
             for tree in seg["weight_sources"]:

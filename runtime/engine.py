@@ -60,6 +60,7 @@ class Engine:
         self._adapter_slots = None  # AdapterSlots, made by the first set_adapters
         self._adapter_files: dict[str, "Adapter"] = {}  # adapters read so far, their factors on the device
         self._linears = None  # the checkpoint linears adapters may change (runtime/adapters.engine_linears)
+        self.load_seconds: dict[str, float] = {}  # Engine.load's phases
 
     @property
     def weight_bytes(self) -> int:
@@ -79,29 +80,43 @@ class Engine:
         if trusted_keys is not None and not verify:
             raise FluxcError("A signature vouches for the files only through their digests: verify=False cannot be "
                              "combined with trusted keys.", "Drop verify=False.")
+        clock = _Clock()
         manifest = read_manifest(path, trusted_keys)
         device = check_runs_here(manifest)
         if verify:
             verify_files(path, manifest, skip=(WEIGHTS,))
+        clock("manifest_and_artifacts_verified")
         engine = cls(path, manifest, device, encoders)
         parallel.check_world(engine.world_size)  # before any weights move
-        with ThreadPoolExecutor(1) as pool:
+        # the weights file is hashed, and the compiled segments loaded (Python: imports, unpickling), while the
+        # weights go to the device (copies, which release the GIL)
+        with ThreadPoolExecutor(2) as pool:
             checked = pool.submit(verify_file, path, WEIGHTS, manifest["files"][WEIGHTS]) if verify else None
+            segments = pool.submit(_timed, engine._load_segments, verify)
             try:
                 engine._load_weights()
+                clock("weights")
             finally:
                 if checked is not None:
                     checked.result()  # a digest mismatch is the error to report, even if the load failed first
-        loader, artifact = LOADERS[manifest["backend"]["name"]], SEGMENT_FILES[manifest["backend"]["name"]]
-        for seg in manifest["segments"]:
-            digest = manifest["files"][f"{seg['dir']}/{artifact}"] if verify else None
-            engine._segments[(seg["kind"], seg["profile"])] = (seg, loader(os.path.join(path, seg["dir"]), digest))
+                engine._segments, clock.seconds["segments_overlapped"] = segments.result()
+        clock("weights_verified_and_segments")
         if engine.components:
             from fluxc.runtime.text import PromptTokenizer
 
             engine._tokenizers = {name: PromptTokenizer(path, spec, name.upper())
                                   for name, spec in engine.components["tokenizers"].items()}
+        clock("tokenizers")
+        engine.load_seconds = clock.seconds
         return engine
+
+    def _load_segments(self, verify: bool) -> dict:
+        loader, artifact = LOADERS[self.manifest["backend"]["name"]], SEGMENT_FILES[self.manifest["backend"]["name"]]
+        out = {}
+        for seg in self.manifest["segments"]:
+            digest = self.manifest["files"][f"{seg['dir']}/{artifact}"] if verify else None
+            out[(seg["kind"], seg["profile"])] = (seg, loader(os.path.join(self.path, seg["dir"]), digest))
+        return out
 
     def _encoder_placement(self, asked: str | None) -> str | None:
         if self.components is None:
@@ -577,6 +592,22 @@ def _schedule_layout(segments: list[dict]) -> tuple[dict[tuple[str, str, str], t
                     offset += math.prod(i["shape"])
                 layout[(seg["kind"], layer, i["name"])] = (regions[region], i["shape"])
     return layout, list(regions)
+
+
+class _Clock:
+    """Seconds since the last call, by phase (Engine.load's breakdown)."""
+
+    def __init__(self):
+        self.seconds, self._last = {}, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase], self._last = now - self._last, now
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 def _call(seg: dict, fn, weights: list, args: list) -> list:

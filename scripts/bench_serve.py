@@ -13,6 +13,12 @@
                     batch sizes the server formed; then Engine.generate called directly in this process, one request
                     at a time, for the server's overhead at one client.
 
+    --stage lora    LoRA adapters on the engine (issue 29): two random rank-64 adapters on every transformer linear
+                    (written as .fluxa directly: the conversion from a published layout is not what is timed);
+                    Engine.set_adapters times (first set, A -> B, two at once, removal), ms/step with an adapter
+                    against without, then the server with --lora a=... --lora b=... answering requests that
+                    alternate the two (swap count and seconds from its metrics).
+
 Random weights (no checkpoints here), 1024x1024 unless --resolution says otherwise. Writes JSON to --out and prints a table last.
 """
 
@@ -156,6 +162,71 @@ def stage_load(args, r: dict, engine: str, public: str) -> None:
     r["overhead_one_client"] = r["clients"][1]["mean_s"] / r["direct_mean_s"] - 1
 
 
+def random_adapter(linears: dict, path: str, seed: int, rank: int = 64) -> None:
+    from fluxc.runtime.adapters import write_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    factors = {m: ((torch.randn(rank, k, generator=g) / k ** 0.5).bfloat16(),
+                   (torch.randn(n, rank, generator=g) * 0.02 / rank ** 0.5).bfloat16())
+               for m, (n, k) in linears.items()}
+    write_adapter(path, factors, {"family": "flux1", "source": {"file": "random", "seed": seed}, "ranks": [rank],
+                                  "linears": len(factors)})
+
+
+def stage_lora(args, r: dict, engine: str, public: str) -> None:
+    from fluxc.runtime import Engine
+    from fluxc.runtime.adapters import engine_linears
+
+    eng = Engine.load(engine)
+    linears = engine_linears(eng.manifest)
+    paths = {name: os.path.join(args.workdir, f"{name}.fluxa") for name in ("a", "b")}
+    for seed, (name, path) in enumerate(paths.items()):
+        random_adapter(linears, path, seed)
+    a, b = (eng.load_adapter(paths[n]) for n in ("a", "b"))
+    out = {"linears": len(linears), "rank": 64, "adapter_file_bytes": os.path.getsize(paths["a"])}
+    eng.generate("warm-up", steps=2)
+    allocated = torch.cuda.memory_allocated if torch.cuda.is_available() else lambda: 0
+    before = allocated()
+    swaps = {"first_a": eng.set_adapters([(a, 1.0)])}
+    out["base_copies_bytes"] = allocated() - before
+    for i in range(3):
+        swaps[f"a_to_b_{i}"] = eng.set_adapters([(b, 1.0)])
+        swaps[f"b_to_a_{i}"] = eng.set_adapters([(a, 1.0)])
+    swaps["two_at_once"] = eng.set_adapters([(a, 0.7), (b, 0.5)])
+    swaps["remove"] = eng.set_adapters([])
+    out["swaps"] = swaps
+    out["swap_s_median"] = statistics.median(v["seconds"] for k, v in swaps.items() if k.startswith(("a_to", "b_to")))
+    steps = {}
+    for label, chosen in (("none", []), ("a", [(a, 1.0)]), ("none_again", [])):
+        eng.set_adapters(chosen)
+        ms = []
+        eng.generate(PROMPT, steps=args.steps, seed=1, step_ms=ms)
+        steps[label] = statistics.median(ms)
+    out["ms_per_step"] = steps
+    del eng
+    torch.cuda.empty_cache()
+    port = free_port()
+    proc, out["server_start_s"], _ = start_server(engine, port, "--trusted-key", public, "--lora", f"a={paths['a']}",
+                                                  "--lora", f"b={paths['b']}")
+    latencies = []
+    for i in range(args.requests * 2):
+        body = {"prompt": PROMPT, "steps": args.steps, "seed": i, "lora": [{"name": "ab"[i % 2]}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            json.load(resp)
+        latencies.append(time.perf_counter() - start)
+    m = metric(port, "fluxc_")
+    out["served"] = {"requests": len(latencies), "latency_s": latencies, "mean_s": statistics.mean(latencies),
+                     "swaps": m.get("fluxc_adapter_swaps_total"),
+                     "swap_s_mean": m['fluxc_stage_seconds_sum{stage="adapters"}']
+                     / m['fluxc_stage_seconds_count{stage="adapters"}']}
+    out["served"]["exit_code"] = stop_server(proc)
+    r["lora"] = out
+    print(f"lora: {json.dumps(out)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", required=True, help="start, load, or start,load (both on one engine)")
@@ -178,7 +249,7 @@ def main() -> None:
     stages = args.stage.split(",")
     engine, public = build_engine(args, r)
     for stage in stages:
-        {"start": stage_start, "load": stage_load}[stage](args, r, engine, public)
+        {"start": stage_start, "load": stage_load, "lora": stage_lora}[stage](args, r, engine, public)
     with open(args.out, "w") as f:
         json.dump(r, f, indent=1)
     print(f"\n{args.stage}: {args.model} {args.precision} batch {args.batch} on {r['gpu']}, commit {r['commit']}")
@@ -191,6 +262,13 @@ def main() -> None:
             print(f"{c:>8}{x['images_per_s']:>10.3f}{x['p50_s']:>8.2f}{x['p99_s']:>8.2f}{x['images_per_call']:>10.2f}")
         print(f"direct Engine.generate mean {r['direct_mean_s']:.3f} s; server overhead at 1 client "
               f"{100 * r['overhead_one_client']:.2f}%")
+    if "lora" in stages:
+        x = r["lora"]
+        print(f"lora rank 64 on {x['linears']} linears: swap median {x['swap_s_median']:.3f} s, first set "
+              f"{x['swaps']['first_a']['seconds']:.3f} s, removal {x['swaps']['remove']['seconds']:.3f} s; ms/step "
+              + ", ".join(f"{k} {v:.1f}" for k, v in x["ms_per_step"].items())
+              + f"; served: {x['served']['requests']} alternating requests, mean {x['served']['mean_s']:.2f} s, "
+              f"{x['served']['swaps']:.0f} swaps of {x['served']['swap_s_mean']:.3f} s")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ finishes and its images are discarded.
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -18,6 +19,21 @@ from concurrent.futures import Future
 from fluxc.runtime.core.errors import FluxcError
 
 log = logging.getLogger("fluxc.serve")
+
+
+def _process_start() -> float:
+    """When this process started (epoch seconds; Linux's /proc, else this module's import)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 class QueueFull(Exception):
@@ -110,9 +126,11 @@ class Worker:
         self.engine = self._load()
         self.adapters = {name: self.engine.load_adapter(path) for name, path in self._adapter_files.items()}
         self.timings["load"] = time.perf_counter() - start
+        self.timings |= {f"load.{phase}": s for phase, s in getattr(self.engine, "load_seconds", {}).items()}
         for profile in self.engine.profiles.values():  # captures each profile's CUDA graphs (default cache policy)
             self.engine.generate("warm-up", height=profile.height, width=profile.width, steps=2, output_type="pt")
         self.timings["warm_up"] = time.perf_counter() - start - self.timings["load"]
+        self.timings["process_to_ready"] = time.time() - _process_start()
         for phase, seconds in self.timings.items():
             self.metrics.startup.labels(phase).set(seconds)
         self.metrics.ready.set(1)
