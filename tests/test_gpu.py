@@ -327,3 +327,28 @@ def test_batched_engine_matches_batch_1_on_gpu(tiny_bf16_cuda, tmp_path, batch):
     build(BuildOptions(model="tiny", output=path, precision="bf16", resolutions=((144, 112),), text_tokens=13,
                        batch=batch))
     assert_batches_match(Engine.load(path), tiny_bf16_cuda, rtol=3e-2)
+
+
+def test_adapter_swaps_keep_the_captured_graphs_on_gpu(tiny_bf16_path, tmp_path):
+    """An engine whose CUDA graphs were captured before set_adapters makes the image an engine that had the adapter
+    before its first capture makes (the graphs read the same buffers); removal gives back the base image bit for bit."""
+    from fluxc.runtime import Engine
+    from fluxc.runtime.adapters import engine_linears, write_adapter
+
+    captured = Engine.load(tiny_bf16_path)
+    g = torch.Generator().manual_seed(0)
+    factors = {m: (torch.randn(4, k, generator=g) / k ** 0.5, torch.randn(n, 4, generator=g) * 0.05)
+               for m, (n, k) in engine_linears(captured.manifest).items()}
+    adapter = str(tmp_path / "a.fluxa")
+    write_adapter(adapter, factors, {"family": "flux1", "source": {"file": "random"}, "ranks": [4],
+                                     "linears": len(factors)})
+    run = dict(seed=3, steps=4, output_type="pt")
+    base = captured.generate("a cat", **run)
+    captured.set_adapters([(adapter, 1.0)])
+    swapped = captured.generate("a cat", **run)
+    fresh = Engine.load(tiny_bf16_path)
+    fresh.set_adapters([(adapter, 1.0)])
+    assert torch.equal(swapped, fresh.generate("a cat", **run))
+    assert not torch.equal(swapped, base)
+    captured.set_adapters([])
+    assert torch.equal(captured.generate("a cat", **run), base)
