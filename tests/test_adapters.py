@@ -23,14 +23,11 @@ SAMPLING = dict(height=144, width=112, steps=4, guidance=3.5)
 PROMPT = "a watercolor fox in the snow"
 
 
-def peft_lora(pipeline_dir: str, path: str, seed: int, targets=None, rank: int = 4, alpha: int = 8) -> str:
-    """A PEFT LoRA on the tiny transformer's linears (`targets`: a regex their names match, default every one), its
-    up factors drawn small (a real adapter moves weights by a few percent), saved by diffusers with its metadata."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+def add_random_lora(transformer, seed: int, targets=None, rank: int = 4, alpha: int = 8):
+    """A PEFT LoRA on the transformer's linears (`targets`: a regex their names match, default every one), its
+    factors drawn small (a real adapter moves weights by a few percent); returns its LoraConfig."""
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    transformer = FluxTransformer2DModel.from_pretrained(pipeline_dir, subfolder="transformer")
     linears = [n for n, m in transformer.named_modules()
                if isinstance(m, torch.nn.Linear) and re.fullmatch(targets or ".*", n)]
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=linears)
@@ -40,10 +37,25 @@ def peft_lora(pipeline_dir: str, path: str, seed: int, targets=None, rank: int =
         for name, p in transformer.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "lora_A" in name else 0.01))
+    return config
+
+
+def save_lora(pipeline_class, transformer, config, path: str) -> str:
+    """The transformer's adapter saved by diffusers' save_lora_weights, with its PEFT metadata (alpha)."""
+    from peft.utils import get_peft_model_state_dict
+
     os.makedirs(path, exist_ok=True)
-    FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                   transformer_lora_adapter_metadata=config.to_dict())
+    pipeline_class.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                     transformer_lora_adapter_metadata=config.to_dict())
     return os.path.join(path, "pytorch_lora_weights.safetensors")
+
+
+def peft_lora(pipeline_dir: str, path: str, seed: int, targets=None) -> str:
+    """A random PEFT LoRA on the tiny pipeline's transformer, as a diffusers LoRA file."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(pipeline_dir, subfolder="transformer")
+    return save_lora(FluxPipeline, transformer, add_random_lora(transformer, seed, targets), path)
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +355,101 @@ def test_refit_equals_a_fresh_build(tiny_pipeline_engine_path, tiny_pipeline_dir
                                        "-o", str(tmp_path / "other.fluxe")])
     assert result.exit_code == 1 and "is not the architecture of" in result.output, result.output
     assert not os.path.exists(tmp_path / "other.fluxe")
+
+
+# ---- FLUX.2 -------------------------------------------------------------------------------------------------------
+def test_flux2_adapter_matches_diffusers(tmp_path, tiny_pipeline_engine_path):
+    """tiny-flux2: a PEFT LoRA on every linear (the shared modulations hoisted into the head's schedule included),
+    saved by Flux2Pipeline.save_lora_weights, converted by fluxc adapter: one transformer forward of the engine with
+    the adapter against Flux2Transformer2DModel with it, within 1e-4; a FLUX.1 adapter is refused."""
+    from diffusers import Flux2Pipeline
+
+    from fluxc.build import BuildOptions, build
+    from fluxc.frontend.models import load_model
+    from fluxc.runtime import Engine
+    from fluxc.runtime.core.errors import FluxcError
+    from test_flux2 import SIZE, TEXT, transformer_inputs
+
+    engine_path = str(tmp_path / "flux2.fluxe")
+    build(BuildOptions(model="tiny-flux2", output=engine_path, target="cpu", precision="fp32", resolutions=(SIZE,),
+                       text_tokens=TEXT, transformer_only=True))
+    model = load_model("tiny-flux2", dtype=torch.float32, device=torch.device("cpu"), seed=0).module
+    engine = Engine.load(engine_path)
+    x, ids = transformer_inputs(engine, model)
+    with torch.no_grad():
+        base = model(**x, **ids, return_dict=False)[0]
+    lora = save_lora(Flux2Pipeline, model, add_random_lora(model, 5), str(tmp_path / "lora"))
+    result = CliRunner().invoke(main, ["adapter", engine_path, lora, "-o", str(tmp_path / "flux2.fluxa")])
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        want = model(**x, **ids, return_dict=False)[0]
+    engine.set_adapters([(str(tmp_path / "flux2.fluxa"), 1.0)])
+    cos, sin = engine.rope(engine.profile_for(*SIZE))
+    got = engine.transformer(engine.profile_for(*SIZE), dict(x, rope_cos=cos, rope_sin=sin))
+    assert_close_report(got, want, rtol=1e-4, name="flux2 with adapter")
+    assert relative_error(want, base) > 0.05
+    with pytest.raises(FluxcError, match="is for flux2; this engine is flux1"):
+        Engine.load(tiny_pipeline_engine_path).set_adapters([(str(tmp_path / "flux2.fluxa"), 1.0)])
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+def _edited(lora: str, path, edit) -> str:
+    from safetensors.torch import load_file, save_file
+
+    tensors = edit(load_file(lora))
+    save_file(tensors, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t | {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+                    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4)},
+     "also changes text_encoder"),
+    (lambda t: {k.replace("transformer_blocks.0.", "transformer_blocks.7."): v for k, v in t.items()},
+     "which this engine does not have"),
+    (lambda t: {k: (v[:, :-16].contiguous() if k.endswith("x_embedder.lora_A.weight") else v) for k, v in t.items()},
+     "the engine's weight is"),
+    (lambda t: {k: v for k, v in t.items() if not k.endswith("x_embedder.lora_B.weight")}, "only one of the two"),
+])
+def test_adapters_that_do_not_fit_are_refused(edit, words, loras, tiny_pipeline_engine_path, tmp_path):
+    """Each a one-paragraph error with its remedy, and no adapter file left behind."""
+    lora = _edited(loras["a"], tmp_path / "bad.safetensors", edit)
+    out = tmp_path / "bad.fluxa"
+    result = CliRunner().invoke(main, ["adapter", tiny_pipeline_engine_path, lora, "-o", str(out)])
+    assert result.exit_code == 1 and words in result.output and "remedy:" in result.output, result.output
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.safetensors"]
+
+
+def test_damaged_or_foreign_adapter_files_are_refused(adapters, loras, tiny_pipeline_engine_path, tmp_path):
+    from fluxc.runtime import Engine
+    from fluxc.runtime.core.errors import FluxcError
+
+    engine = Engine.load(tiny_pipeline_engine_path)
+    damaged = tmp_path / "damaged.fluxa"
+    data = bytearray(open(adapters["a"], "rb").read())
+    data[-3] ^= 0xFF  # a byte of the last tensor
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(FluxcError, match="does not match its digest"):
+        engine.set_adapters([(str(damaged), 1.0)])
+    with pytest.raises(FluxcError, match="not a fluxc adapter"):
+        engine.set_adapters([(loras["a"], 1.0)])
+    with pytest.raises(FluxcError, match="scale must be a finite number"):
+        engine.set_adapters([(adapters["a"], float("nan"))])
+    assert engine.adapters == []
+    result = CliRunner().invoke(main, ["run", tiny_pipeline_engine_path, "--prompt", "a cat", "--lora",
+                                       f"{adapters['a']}:strong", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "'strong' is not a scale" in result.output
+
+
+def test_cli_run_with_lora_writes_the_adapted_image(tiny_pipeline_engine_path, adapters, tmp_path):
+    from PIL import Image
+
+    from fluxc.runtime import Engine
+
+    out = str(tmp_path / "fox.png")
+    result = CliRunner().invoke(main, ["run", tiny_pipeline_engine_path, "--prompt", PROMPT, "--steps", "4", "--seed",
+                                       "2", "--lora", f"{adapters['a']}:0.8", "--lora", adapters["b"], "-o", out])
+    assert result.exit_code == 0, result.output
+    engine = Engine.load(tiny_pipeline_engine_path)
+    engine.set_adapters([(adapters["a"], 0.8), (adapters["b"], 1.0)])
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(engine.generate(PROMPT, seed=2, **SAMPLING)[0]))

@@ -21,14 +21,8 @@ def flux2_engine(tmp_path_factory):
     return path
 
 
-def test_transformer_equals_diffusers_flux2_eager(flux2_engine):
-    """One forward of the engine's segments (head with the shared modulations hoisted into the schedule, double
-    and single blocks, tail) against Flux2Transformer2DModel itself, with the Flux2Pipeline's position ids."""
-    from fluxc.frontend.models import load_model
-    from fluxc.runtime import Engine
-
-    engine = Engine.load(flux2_engine)
-    model = load_model("tiny-flux2", dtype=torch.float32, device=torch.device("cpu"), seed=0).module
+def transformer_inputs(engine, model) -> tuple[dict, dict]:
+    """Seeded inputs of one transformer forward at SIZE, and the position ids Flux2Pipeline gives them."""
     cfg, profile = model.config, engine.profile_for(*SIZE)
     g = torch.Generator().manual_seed(0)
     x = dict(hidden_states=torch.randn(1, profile.image_tokens, cfg.in_channels, generator=g),
@@ -38,10 +32,23 @@ def test_transformer_equals_diffusers_flux2_eager(flux2_engine):
     # Flux2Pipeline._prepare_text_ids / _prepare_latent_ids: (t, h, w, l) = (0, 0, 0, i) and (0, row, col, 0)
     txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(TEXT))
     img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+    return x, {"img_ids": img_ids, "txt_ids": txt_ids}
+
+
+def test_transformer_equals_diffusers_flux2_eager(flux2_engine):
+    """One forward of the engine's segments (head with the shared modulations hoisted into the schedule, double
+    and single blocks, tail) against Flux2Transformer2DModel itself, with the Flux2Pipeline's position ids."""
+    from fluxc.frontend.models import load_model
+    from fluxc.runtime import Engine
+
+    engine = Engine.load(flux2_engine)
+    model = load_model("tiny-flux2", dtype=torch.float32, device=torch.device("cpu"), seed=0).module
+    profile = engine.profile_for(*SIZE)
+    x, ids = transformer_inputs(engine, model)
     cos, sin = engine.rope(profile)
     got = engine.transformer(profile, dict(x, rope_cos=cos, rope_sin=sin))
     with torch.no_grad():
-        want = model(**x, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+        want = model(**x, **ids, return_dict=False)[0]
     assert got.shape == want.shape and want.abs().max() > 1.0
     assert (got - want).abs().max() <= 1e-4
 
