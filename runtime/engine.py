@@ -24,7 +24,8 @@ import torch
 from fluxc.runtime import cache, parallel
 from fluxc.runtime.core import flux_math
 from fluxc.runtime.core.cache_config import PROBE_SUFFIX, CacheConfig, cache_config_from_dict
-from fluxc.runtime.core.bundle import SAFETENSORS_DTYPES, WEIGHTS, read_manifest, verify_file, verify_files
+from fluxc.runtime.core.bundle import (SAFETENSORS_DTYPES, WEIGHTS, read_manifest, read_to_gpu, verify_file,
+                                      verify_files)
 from fluxc.runtime.core.schema import ENCODER_PLACEMENTS, REBUILD, SEGMENT_FILES
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.families import ENCODER_KINDS, get_family
@@ -134,29 +135,44 @@ class Engine:
 
     def _load_weights(self) -> None:
         """Every segment's weights, each checked against the shape and dtype the segment was compiled for before
-        it is read."""
+        it is read. Those that live on the GPU are allocated there and filled by one pipelined read of the file
+        (bundle.read_to_gpu); the others (CPU segments, offloaded encoders) are read tensor by tensor."""
         from safetensors import SafetensorError, safe_open
 
+        path, to_gpu = os.path.join(self.path, WEIGHTS), []
         try:
-            with safe_open(os.path.join(self.path, WEIGHTS), framework="pt", device="cpu") as f:
+            with safe_open(path, framework="pt", device="cpu") as f:
                 stored = set(f.keys())
                 for seg in self.manifest["segments"]:
                     place = self._placer(seg)
                     for layer in seg["layers"]:
                         prefix = f"{layer}." if layer else ""
                         key = f"{seg['kind']}:{layer}"
-                        if key not in self._weights:
-                            self._weights[key] = [place(_checked_tensor(f, stored, prefix + spec["name"], spec))
-                                                  for spec in seg["weight_specs"]]
+                        if key in self._weights:
+                            continue
+                        self._weights[key] = []
+                        for spec in seg["weight_specs"]:
+                            name = prefix + spec["name"]
+                            _check_entry(f, stored, name, spec)
+                            if place is None:
+                                to_gpu.append((name, torch.empty(spec["shape"], dtype=_DTYPES[spec["dtype"]],
+                                                                 device=self.device)))
+                                self._weights[key].append(to_gpu[-1][1])
+                            else:
+                                self._weights[key].append(place(f.get_tensor(name)))
+            read_to_gpu(path, to_gpu)
         except SafetensorError as e:
+            raise FluxcError(f"Cannot read {WEIGHTS} of '{self.path}': {e}.", REBUILD) from None
+        except OSError as e:
             raise FluxcError(f"Cannot read {WEIGHTS} of '{self.path}': {e}.", REBUILD) from None
 
     def _placer(self, seg: dict):
+        """How a segment's weights are placed once read: None for the GPU (read straight there)."""
         if seg["device"] == "cpu":
             return torch.Tensor.clone  # Inductor CPU kernels want aligned inputs; mmap'd slices may not be
         if seg["kind"] in ENCODER_KINDS and self.encoders == "offload":
             return torch.Tensor.pin_memory
-        return lambda t: t.to(self.device)
+        return None
 
     # ---- LoRA adapters ---------------------------------------------------------------------------
     def set_adapters(self, adapters) -> dict:
@@ -632,10 +648,11 @@ def _call(seg: dict, fn, weights: list, args: list) -> list:
 
 
 _DTYPE_NAMES = {name: str(dtype).removeprefix("torch.") for dtype, name in SAFETENSORS_DTYPES.items()}  # BF16: bfloat16
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SAFETENSORS_DTYPES}  # bfloat16: torch.bfloat16
 
 
-def _checked_tensor(f, stored: set, name: str, spec: dict) -> torch.Tensor:
-    """Tensor `name` from an open safetensors file, after checking its header entry against the manifest's spec."""
+def _check_entry(f, stored: set, name: str, spec: dict) -> None:
+    """Check tensor `name`'s header entry in an open safetensors file against the manifest's spec."""
     if name not in stored:
         raise FluxcError(f"{WEIGHTS} has no tensor {name}, which the manifest names.", REBUILD)
     entry = f.get_slice(name)
@@ -643,7 +660,6 @@ def _checked_tensor(f, stored: set, name: str, spec: dict) -> torch.Tensor:
     if shape != spec["shape"] or dtype != spec["dtype"]:
         raise FluxcError(f"{WEIGHTS}: tensor {name} is {dtype} {shape}; the engine was compiled for {spec['dtype']} "
                          f"{spec['shape']}.", REBUILD)
-    return f.get_tensor(name)
 
 
 def _check_steps(steps) -> None:

@@ -83,7 +83,9 @@ def load_inductor(segment_dir: str, digest: str | None):
     """The compiled segment; digest: the artifact's, as verified (None: not verified)."""
     path = os.path.join(segment_dir, INDUCTOR_ARTIFACT)
     try:
-        with _caches_at(segment_cache(digest)):
+        # compile_threads=1: a fresh process would otherwise start Inductor's pool of compile workers (one Python
+        # with torch per core) on the first Triton kernel it loads, though the kernels come from the cache
+        with _caches_at(segment_cache(digest)), torch._inductor.config.patch(compile_threads=1):
             return torch._inductor.CompiledArtifact.load(path=path, format="binary")
     except Exception as e:  # a damaged artifact passes the digest check only when the digests were rewritten
         raise FluxcError(f"Cannot load compiled segment {path}: {type(e).__name__}: {e}",

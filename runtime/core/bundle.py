@@ -82,6 +82,70 @@ def _safetensors_blocks(header: bytes, tensors):
         yield memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
+def safetensors_ranges(path: str) -> dict[str, tuple[int, int]]:
+    """Each tensor's [start, end) byte range in a safetensors file (the format: u64 header length, JSON header with
+    data_offsets relative to the end of the header)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}
+
+
+def read_to_gpu(path: str, targets: list[tuple[str, torch.Tensor]], chunk: int = 64 << 20, slots: int = 4) -> None:
+    """Fill each CUDA tensor of `targets` with the bytes of the safetensors tensor named with it (shapes and dtypes
+    checked by the caller). The file is read in `chunk`-byte pieces by `slots` threads into pinned buffers (pread
+    releases the GIL), each piece copied to the GPU asynchronously on a side stream: the page cache goes to the GPU
+    at memory speed, where reading tensor by tensor into pageable memory and copying stalls at each step."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    ranges = safetensors_ranges(path)
+    pieces = []
+    for name, dest in targets:
+        start, end = ranges[name]
+        flat = dest.view(-1).view(torch.uint8)
+        pieces += [(start + i, min(chunk, end - start - i), flat[i:i + chunk]) for i in range(0, end - start, chunk)]
+    if not pieces:
+        return
+    buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+    copied = [None] * slots  # the event of each buffer's last copy to the GPU
+    stream = torch.cuda.Stream(targets[0][1].device)
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(slot: int, offset: int, n: int) -> None:
+        view, done = memoryview(buffers[slot].numpy())[:n], 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"{path} ended before byte {offset + n}")
+            done += got
+
+    def issue(future, slot: int, n: int, dest: torch.Tensor) -> None:
+        future.result()
+        with torch.cuda.stream(stream):
+            dest.copy_(buffers[slot][:n], non_blocking=True)
+            copied[slot] = torch.cuda.Event()
+            copied[slot].record(stream)
+
+    try:
+        with ThreadPoolExecutor(slots) as pool:
+            queued = collections.deque()
+            for k, (offset, n, dest) in enumerate(pieces):
+                slot = k % slots
+                if len(queued) == slots:  # the piece that used this slot before: on its way to the GPU first
+                    issue(*queued.popleft())
+                if copied[slot] is not None:
+                    copied[slot].synchronize()
+                queued.append((pool.submit(read, slot, offset, n), slot, n, dest))
+            while queued:
+                issue(*queued.popleft())
+        stream.synchronize()
+    finally:
+        os.close(fd)
+
+
 def write_texts(root: str, files: dict[str, str]) -> None:
     """Write each text under root at its relative path (the tokenizer.json files of an engine or a plan)."""
     for rel, text in files.items():
