@@ -209,20 +209,18 @@ class AdapterSlots:
                 return None
             if tree["op"] == "slice":
                 return parts[0].narrow(tree["dim"], tree["start"], tree["stop"] - tree["start"])
-            if tree["op"] == "cat":
-                return torch.cat([p if p is not None else torch.zeros(_shape(s), device=device)
-                                  for p, s in zip(parts, tree["sources"])], tree["dim"])
-            raise FluxcError(f"An adapter changes {tree['name']}, which this runtime cannot remake.",
-                             "Use an engine of a supported precision (fp32, bf16, fp8, nvfp4).")
+            return torch.cat([p if p is not None else torch.zeros(_shape(s), device=device)  # cat
+                              for p, s in zip(parts, tree["sources"])], tree["dim"])
 
         changed = {}
         for name, entry in self.tensors.items():
             if any(scaled.get(_module(entry.prefix, leaf)) for leaf in _leaves(entry.tree)):
                 changed[name] = entry
+        groups = _formats(changed)  # a format this runtime cannot remake fails here, before any write
         for name in [n for n in self.base if n not in changed]:
             self._write(name, self.base.pop(name))
         written = 0
-        for kind, inner, group in _formats(changed):
+        for kind, inner, group in groups:
             d = delta(next(iter(group.values())).prefix, inner)
             bases = {op: self._base(_name(e)) for op, e in group.items()}
             for op, value in _remake(kind, bases, d).items():

@@ -13,6 +13,7 @@ Segments have a static batch: more prompts than the engine's batch run in chunks
 repeating its last prompt.
 """
 
+import functools
 import math
 import os
 import time
@@ -60,7 +61,6 @@ class Engine:
         self._tokenizers = {}
         self._adapter_slots = None  # AdapterSlots, made by the first set_adapters
         self._adapter_files: dict[str, "Adapter"] = {}  # adapters read so far, their factors on the device
-        self._linears = None  # the checkpoint linears adapters may change (runtime/adapters.engine_linears)
         self.load_seconds: dict[str, float] = {}  # Engine.load's phases
 
     @property
@@ -185,7 +185,7 @@ class Engine:
         start = time.perf_counter()
         pairs = [self._adapter(item) for item in adapters]
         for adapter, _ in pairs:  # those read here were checked already; an Adapter made elsewhere may not be
-            check_adapter(adapter, self.family.name, self._linears)
+            check_adapter(adapter, self.family.name, self.linears)
         if self._adapter_slots is None:
             self._adapter_slots = AdapterSlots(self.manifest, self._weights)
         with torch.no_grad():
@@ -199,27 +199,30 @@ class Engine:
         """The adapters set now: (name, scale)."""
         return [(a.name, s) for a, s in self._adapter_slots.active] if self._adapter_slots else []
 
+    @functools.cached_property
+    def linears(self) -> dict[str, list[int]]:
+        """The checkpoint linears adapters may change: diffusers module name -> weight shape [N, K]."""
+        from fluxc.runtime.adapters import engine_linears
+
+        return engine_linears(self.manifest)
+
     def load_adapter(self, path: str) -> "Adapter":
         """The adapter file at `path`, verified and checked to fit this engine, its factors on the engine's device
         (read once per path; set_adapters takes it or the path)."""
-        from fluxc.runtime.adapters import check_adapter, engine_linears, read_adapter
+        from fluxc.runtime.adapters import check_adapter, read_adapter
 
         path = os.path.abspath(os.fspath(path))
         if path not in self._adapter_files:
             adapter = read_adapter(path)
-            if self._linears is None:
-                self._linears = engine_linears(self.manifest)
-            check_adapter(adapter, self.family.name, self._linears)
+            check_adapter(adapter, self.family.name, self.linears)
             adapter.factors = {m: (d.to(self.device), u.to(self.device)) for m, (d, u) in adapter.factors.items()}
             self._adapter_files[path] = adapter
         return self._adapter_files[path]
 
     def _adapter(self, item) -> tuple["Adapter", float]:
-        from fluxc.runtime.adapters import Adapter, engine_linears
+        from fluxc.runtime.adapters import Adapter
 
         adapter, scale = item if isinstance(item, (tuple, list)) else (item, 1.0)
-        if self._linears is None:
-            self._linears = engine_linears(self.manifest)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise FluxcError(f"An adapter's scale must be a finite number, got {scale!r}.", "Use e.g. 0.8.")
         return (adapter if isinstance(adapter, Adapter) else self.load_adapter(adapter)), float(scale)
