@@ -100,7 +100,8 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
     with stages("trace"):
         segments = trace_model(model, profiles, settings.device, settings.dtype)
         if comps:
-            segments += trace_components(comps, profiles, settings.device, settings.dtype, settings.encoder_device)
+            segments += trace_components(comps, profiles, settings.device, settings.dtype, settings.encoder_device,
+                                         opts.tasks)
     calibration, amaxes = None, {}
     if opts.calibrate:
         with stages("calibrate"):
@@ -110,13 +111,16 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
     with stages("passes"):
         segments, counts, explain, reports = _portable_passes(segments, family, settings, bool(amaxes), opts.dump_ir)
     with stages("reference outputs"):
-        modules = segment_modules(model, profiles[0].local_text_tokens) | (component_modules(comps) if comps else {})
+        modules = segment_modules(model, profiles[0].local_text_tokens) | (component_modules(comps, opts.tasks)
+                                                                              if comps else {})
         for seg in segments:
             if seg.kind in modules:  # a schedule segment is checked with the segment it feeds
                 seg.expected = eager_outputs(modules[seg.kind][0], seg)
     with stages("transform weights"):
-        weights = engine_weights(segments, _checkpoint(model, comps) | amaxes)
+        weights = engine_weights(segments, _checkpoint(model, comps, opts.tasks) | amaxes)
     components, tokenizers = _tokenizers(comps, settings, text_tokens) if comps else (None, {})
+    if components is not None:
+        components["tasks"] = list(opts.tasks)
     model_entry = {"family": model.family, "config": jsonable(model.config), "source": model.source}
     return Prepared(settings.recipe, settings.target, model_entry, profiles, segments, weights, components, tokenizers,
                     counts, explain, reports, calibration, dict(stages.seconds))
@@ -127,6 +131,9 @@ def _load(opts: BuildOptions, settings: Settings):
     model = load_model(opts.model, dtype=settings.dtype, device=settings.device, seed=opts.seed)
     if settings.encoders is None:
         return model, None
+    if "img2img" in opts.tasks and model.family != "flux1":
+        raise FluxcError(f"--tasks img2img is built for FLUX.1 so far; '{opts.model}' is {model.family}.",
+                         "Build it with --tasks t2i.")
     comps = load_components(opts.model, model.family, dtype=settings.dtype, device=settings.device, seed=opts.seed)
     for encoder in comps.encoders.values():
         encoder.to(settings.encoder_device)
@@ -165,10 +172,10 @@ def _portable_passes(segments, family, settings: Settings, calibrated: bool, dum
     return list(schedule.values()) + segments + probes, counts, explain, reports  # schedules run before their users
 
 
-def _checkpoint(model, comps) -> dict[str, torch.Tensor]:
+def _checkpoint(model, comps, tasks) -> dict[str, torch.Tensor]:
     """Every tensor of the model (and components) by its diffusers pipeline-folder name."""
     checkpoint = dict(model.module.state_dict())
-    for module, (prefix,) in component_modules(comps).values() if comps else ():
+    for module, (prefix,) in component_modules(comps, tasks).values() if comps else ():
         checkpoint.update({f"{prefix}.{n}": t for n, t in module_tensors(module).items()})
     return checkpoint
 

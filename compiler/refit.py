@@ -54,7 +54,8 @@ def _options(m: dict, model: str, output: str, sign_key: str | None) -> BuildOpt
         resolutions=tuple((p["height"], p["width"]) for p in profiles), text_tokens=profiles[0]["text_tokens"],
         batch=profiles[0]["batch"], backend=m["backend"]["name"], transformer_only=m["components"] is None,
         encoders=m["components"] and m["components"]["encoders"], cache=m["cache"]["config"],
-        world_size=profiles[0]["world_size"], sign_key=sign_key)
+        world_size=profiles[0]["world_size"], sign_key=sign_key,
+        tasks=tuple(m["components"]["tasks"]) if m["components"] else ("t2i",))
 
 
 class _Reuse:

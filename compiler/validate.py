@@ -11,7 +11,7 @@ from fluxc.passes.pipeline import Pass, resolve
 from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe, recipe_from_dict
 from fluxc.runtime.core import targets
 from fluxc.runtime.core.bundle import check_writable
-from fluxc.runtime.core.schema import ENCODER_PLACEMENTS
+from fluxc.runtime.core.schema import ENCODER_PLACEMENTS, TASKS
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.profile import Profile
 
@@ -40,6 +40,7 @@ class BuildOptions:
     cache: dict | None = None  # CacheConfig fields over the recipe's default step-skipping policy (--cache ...)
     world_size: int = 1  # ranks one image's tokens are split over (context parallelism, runtime/parallel.py)
     sign_key: str | None = None  # Ed25519 private key (PEM) to sign the engine with (runtime/core/signing.py)
+    tasks: tuple[str, ...] = ("t2i",)  # what the engine does: t2i, and img2img (adds the VAE encoder segment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,7 @@ def validate(opts: BuildOptions) -> Settings:
     source_kind = check_source(opts.model)
     _check_world_size(opts, recipe)
     encoders = None if opts.transformer_only else _encoder_placement(opts, target, source_kind)
+    _check_tasks(opts)
     check_writable(opts.output)
     # traced (and, for an engine, compiled) here: a plan for another target is traced on this machine
     device, dtype = targets.target_device(here), TORCH_DTYPES[recipe.precision.activation_dtype]
@@ -238,6 +240,16 @@ def _available_host_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+def _check_tasks(opts: BuildOptions) -> None:
+    unknown = [t for t in opts.tasks if t not in TASKS]
+    if unknown or "t2i" not in opts.tasks:
+        raise FluxcError(f"--tasks {','.join(opts.tasks)}: " + (f"unknown task {unknown[0]!r}" if unknown else
+                         "every engine does t2i") + ".", "Use --tasks t2i or --tasks t2i,img2img.")
+    if len(opts.tasks) > 1 and opts.transformer_only:
+        raise FluxcError(f"--tasks {','.join(opts.tasks)} needs the VAE encoder; --transformer-only has no VAE.",
+                         "Drop --transformer-only, or build --tasks t2i.")
 
 
 def _encoder_placement(opts: BuildOptions, target: str, source_kind: str) -> str:

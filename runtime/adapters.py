@@ -143,7 +143,7 @@ def engine_linears(manifest: dict) -> dict[str, list[int]]:
     """Every checkpoint linear the engine's transformer weights are made from: module -> its weight's shape [N, K]."""
     linears = {}
     for seg in manifest["segments"]:
-        if seg["kind"] in ENCODER_KINDS or seg["kind"] == "vae":
+        if seg["kind"] in ENCODER_KINDS or seg["kind"].startswith("vae"):
             continue
         for layer in seg["layers"]:
             prefix = f"{layer}." if layer else ""

@@ -339,8 +339,9 @@ class Engine:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None,
                  cache_config: CacheConfig | None = None, report: dict | None = None,
-                 step_ms: list | None = None, on_step=None):
-        """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them.
+                 step_ms: list | None = None, on_step=None, image=None, strength: float = 0.6):
+        """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them; with `image`, as
+        FluxImg2ImgPipeline(prompt, image=..., strength=...) does (an engine built with --tasks t2i,img2img).
 
         height/width default to the engine's first profile; the initial noise for all prompts is drawn at
         once from `generator` (default: a CPU generator seeded with `seed`), so an engine of any batch size
@@ -350,20 +351,30 @@ class Engine:
         "np" (float32 [N, H, W, 3] in [0, 1]) or "pt" (the same as a tensor). `timings`, if given, receives
         the seconds of each stage (encode, denoise, decode). cache_config, `report` and `step_ms`: as in
         Engine.denoise (with more prompts than the engine's batch, the report describes the last chunk and
-        step_ms holds every chunk's steps); on_step too, called for every chunk's steps."""
+        step_ms holds every chunk's steps); on_step too, called for every chunk's steps.
+        image: an RGB PIL image of the profile's size for every prompt, or a list of one per prompt; strength in
+        (0, 1]: the share of the schedule that runs (FluxImg2ImgPipeline's: the first int(steps * (1 - strength))
+        steps are skipped and the encoded image is noised to the first step that runs)."""
         prompts, profile = self.check_generation(prompt, height=height, width=width, steps=steps, guidance=guidance,
                                                  max_sequence_length=max_sequence_length, output_type=output_type,
                                                  cache_config=cache_config)
+        start, pixels = 0, None
+        if image is not None:
+            pixels, start = self.check_image(image, len(prompts), profile, steps, strength)
         stage = StageClock(self.device, timings)
         with stage("encode"):
             prompt_embeds, pooled = self.encode_prompt(prompts)
         with stage("denoise"):
-            noise = self._initial_noise(len(prompts), profile, seed if generator is None else generator)
+            seeds = seed if generator is None else generator
+            if pixels is None:
+                noise = self._initial_noise(len(prompts), profile, seeds)
+            else:
+                noise = self._image_noise(pixels, profile, steps, start, seeds)
 
             def chunk(z, embeds, pooled_chunk=None):  # FLUX.2 has no pooled embedding to chunk
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
                                      guidance=guidance, latents=z, cache_config=cache_config, report=report,
-                                     step_ms=step_ms, on_step=on_step)]
+                                     step_ms=step_ms, on_step=on_step, start=start)]
 
             latents = chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None])[0]
         with stage("decode"):
@@ -385,6 +396,60 @@ class Engine:
         self._check_sampling(steps, guidance, max_sequence_length, output_type)
         self._check_cache(cache_config or self.cache_config())
         return prompts, profile
+
+    def check_image(self, image, n: int, profile: Profile, steps: int, strength) -> tuple[torch.Tensor, int]:
+        """(pixels [n, 3, H, W] in [-1, 1] as FluxImg2ImgPipeline's image processor makes them, the first step that
+        runs), after checking the engine, the image(s) and the strength; FluxcError for the first that fails."""
+        import numpy as np
+        from PIL import Image
+
+        tasks = self.components["tasks"] if self.components else []
+        if "img2img" not in tasks:
+            raise FluxcError("This engine was built without the image-to-image task (no VAE encoder).",
+                             "Rebuild it with `fluxc build --tasks t2i,img2img`.")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise FluxcError(f"strength must be in (0, 1], got {strength!r}.", "Use e.g. strength=0.6 (1: ignore the "
+                             "image's content, keep its size; small: stay close to it).")
+        images = list(image) if isinstance(image, (list, tuple)) else [image] * n
+        if len(images) != n:
+            raise FluxcError(f"{len(images)} images were given for {n} prompts.", "Pass one image, or one per prompt.")
+        for im in images:
+            if not isinstance(im, Image.Image):
+                raise FluxcError(f"image must be a PIL image, got {type(im).__name__}.", "Open it with PIL.Image.open.")
+            if im.mode != "RGB":
+                raise FluxcError(f"The image is {im.mode}; the VAE takes RGB.", "Convert it: image.convert(\"RGB\").")
+            if im.size != (profile.width, profile.height):
+                raise FluxcError(f"The image is {im.size[0]}x{im.size[1]} (width x height); this engine's profile is "
+                                 f"{profile.width}x{profile.height}.", "Resize it to the profile, or ask for the size "
+                                 "of the image (height=..., width=...) if the engine has that profile.")
+        # FluxImg2ImgPipeline.get_timesteps
+        start = int(max(steps - min(steps * strength, steps), 0))
+        if start >= steps:
+            raise FluxcError(f"strength {strength} with {steps} steps leaves no step to run.",
+                             "Raise strength or steps (strength x steps must be at least 1).")
+        pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images]))
+        return pixels.permute(0, 3, 1, 2) * 2.0 - 1.0, start
+
+    def _image_noise(self, pixels: torch.Tensor, profile: Profile, steps: int, start: int, seed) -> torch.Tensor:
+        """FluxImg2ImgPipeline.prepare_latents: the image's latents sampled from the VAE encoder's distribution,
+        then noised to sigma[start] (both draws from the generator, the sample first), packed."""
+        mean, std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
+                            pixels.to(self.device, self.dtype))  # scaled and shifted as the transformer's latents
+        mean, std = mean.cpu(), std.cpu()
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+        if len(seeds) not in (1, len(mean)):
+            raise FluxcError(f"{len(seeds)} seeds or generators were given for {len(mean)} prompts.",
+                             "Pass one seed (or generator) for all prompts, or a list of one per prompt.")
+        rows = [slice(None)] if len(seeds) == 1 else [slice(i, i + 1) for i in range(len(mean))]
+        sigma = self.family.sigmas(steps, profile.image_tokens)[start]
+        latents = []
+        for s, r in zip(seeds, rows):
+            gen = flux_math.generator(s)
+            eps = torch.randn(mean[r].shape, generator=gen, dtype=mean.dtype, device=gen.device)
+            noise = torch.randn(mean[r].shape, generator=gen, dtype=self.dtype, device=gen.device)
+            image_latents = mean[r] + std[r] * eps
+            latents.append(sigma.to(image_latents.dtype) * noise + (1.0 - sigma.to(image_latents.dtype)) * image_latents)
+        return flux_math.pack_latents(torch.cat(latents).to(self.dtype))
 
     def _initial_noise(self, n: int, profile: Profile, seed) -> torch.Tensor:
         """Packed noise for n prompts from one seed or generator, or row by row from a list of them."""
@@ -469,7 +534,7 @@ class Engine:
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor | None, *, height: int, width: int,
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: CacheConfig | None = None,
-                report: dict | None = None, step_ms: list | None = None, on_step=None) -> torch.Tensor:
+                report: dict | None = None, step_ms: list | None = None, on_step=None, start: int = 0) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
@@ -479,7 +544,8 @@ class Engine:
         given, receives report["cache"]: the policy and which steps it skipped. `step_ms`, if given, receives
         each step's milliseconds (CUDA events on a GPU, no sync inside the loop; wall clock on the CPU).
         on_step(i), if given, is called after step i is launched (for progress bars: on a GPU the step may still
-        run; the caller synchronizes if it wants the bar to follow the GPU)."""
+        run; the caller synchronizes if it wants the bar to follow the GPU). start: the first of the schedule's
+        `steps` steps that runs (image to image: latents are then the image noised to that step)."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         _check_steps(steps)
@@ -487,7 +553,8 @@ class Engine:
         self._check_cache(config)
         if latents is None:
             latents = self.family.initial_noise(profile.batch, profile, self.config["in_channels"], seed, self.dtype)
-        sig = self.family.sigmas(steps, profile.image_tokens)  # [steps + 1] f32
+        sig = self.family.sigmas(steps, profile.image_tokens)[start:]  # [steps - start + 1] f32
+        steps -= start
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
         state = {  # this rank's tokens in a context-parallel run
             # copies: the step updates its state in place, and the caller's tensors stay theirs

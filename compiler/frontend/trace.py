@@ -9,6 +9,8 @@ The other components (unless --transformer-only):
     clip    CLIP-L text model, token ids [B, 77]        -> pooled output [B, 768]   (once per engine)
     t5      T5 encoder, token ids [B, T]                -> hidden states [B, T, 4096] (once per engine)
     vae     scale/shift, VAE decoder, [0, 1] postprocess -> image [B, H, W, 3]     (per profile)
+    vae_encoder  VAE encoder (--tasks ...,img2img): image [B, 3, H, W] in [-1, 1] -> the latent distribution's
+            mean and standard deviation [B, 16, H/8, W/8]; the runtime samples, scales and noises it (per profile)
     FLUX.2 (the same four transformer kinds, with the wrappers of runtime/core/families.py's FLUX.2 row):
     mistral Mistral3 language model, token ids and mask [B, T] -> hidden states of 3 layers [B, T, 3 x 5120]
     vae     batch-norm de-normalisation, 2x2 unpatchify, VAE decoder, postprocess     (per profile)
@@ -32,7 +34,7 @@ from fluxc.runtime.core.families import ENCODER_KINDS, FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.core.profile import Profile
 
 PER_ENGINE = ENCODER_KINDS  # the text encoders: shapes independent of the resolution, traced once (profile None)
-COMPONENT_KINDS = PER_ENGINE + ("vae",)
+COMPONENT_KINDS = PER_ENGINE + ("vae", "vae_encoder")
 
 
 @dataclasses.dataclass
@@ -267,6 +269,30 @@ class _Flux2VaeDecode(_VaeDecoder):
         return dict(latents=torch.randn(b, c, profile.height // 16, profile.width // 16, device=device, dtype=dtype))
 
 
+class _VaeEncode(torch.nn.Module):
+    """AutoencoderKL.encode up to its DiagonalGaussianDistribution: image [B, 3, H, W] in [-1, 1] -> its mean and
+    std in the transformer's latent scale ((z - shift) * scaling is affine, so sampling mean + std * eps after it is
+    FluxImg2ImgPipeline's sample-then-scale). The sample is drawn by the runtime from the request's generator."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = vae.encoder  # only the encoder's weights enter the graph
+        self.quant_conv = vae.quant_conv if vae.config.use_quant_conv else None
+        self.scaling, self.shift = vae.config.scaling_factor, vae.config.shift_factor
+
+    def forward(self, image):
+        h = self.encoder(image)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = torch.chunk(h, 2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # as DiagonalGaussianDistribution
+        return (mean - self.shift) * self.scaling, std * self.scaling
+
+    def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
+        image = torch.rand(profile.batch, 3, profile.height, profile.width, device=device) * 2 - 1
+        return dict(image=image.to(dtype))
+
+
 _WRAPPERS = {"flux1": (_Head, _Block, _SingleJoint), "flux2": (_Flux2Head, _Flux2Block, _Flux2SingleJoint)}  # head, blocks
 
 
@@ -283,13 +309,15 @@ def segment_modules(model: LoadedModel, text_tokens: int) -> dict[str, tuple[tor
     }
 
 
-def component_modules(comps) -> dict[str, tuple[torch.nn.Module, list[str]]]:
-    """kind -> (eager wrapper, [weight prefix]) for the text encoders and the VAE (diffusers folder names)."""
+def component_modules(comps, tasks=("t2i",)) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+    """kind -> (eager wrapper, [weight prefix]) for the text encoders and the VAE (diffusers folder names); with
+    img2img among the tasks, the VAE encoder too."""
     if isinstance(comps, Flux2Components):
         mistral = _MistralHidden(comps.text_encoder, comps.text_layers, comps.tokenizer.padding_side)
         return {"mistral": (mistral, ["text_encoder"]), "vae": (_Flux2VaeDecode(comps.vae), ["vae"])}
+    encoder = {"vae_encoder": (_VaeEncode(comps.vae), ["vae"])} if "img2img" in tasks else {}
     return {"clip": (_ClipPooled(comps.clip), ["text_encoder"]), "t5": (_T5Hidden(comps.t5), ["text_encoder_2"]),
-            "vae": (_VaeDecode(comps.vae), ["vae"])}
+            "vae": (_VaeDecode(comps.vae), ["vae"])} | encoder
 
 
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -330,7 +358,7 @@ def example_activations(model: LoadedModel, kind: str, profile: Profile, device,
 SCHEDULE_ROWS = 32  # hoisted graphs run over steps x batch rows, this many at a time
 
 COMPONENT_OUTPUTS = {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "mistral": ["prompt_embeds"],
-                     "vae": ["image"]}
+                     "vae": ["image"], "vae_encoder": ["latent_mean", "latent_std"]}
 
 
 def trace_segment(module: torch.nn.Module, layers: list[str], kind: str, profile: Profile | None,
@@ -405,10 +433,10 @@ def trace_model(model: LoadedModel, profiles: list[Profile], device, dtype) -> l
     return segments
 
 
-def trace_components(comps, profiles: list[Profile], device, dtype, encoder_device) -> list[Segment]:
-    """The text encoders once (every profile shares batch and text length), the VAE per profile."""
+def trace_components(comps, profiles: list[Profile], device, dtype, encoder_device, tasks=("t2i",)) -> list[Segment]:
+    """The text encoders once (every profile shares batch and text length), the VAE (and its encoder) per profile."""
     segments = []
-    for kind, (module, layers) in component_modules(comps).items():
+    for kind, (module, layers) in component_modules(comps, tasks).items():
         for profile in profiles[:1] if kind in PER_ENGINE else profiles:
             acts = module.example(profile, encoder_device if kind in PER_ENGINE else device, dtype)
             segments.append(trace_segment(module, layers, kind, None if kind in PER_ENGINE else profile, acts,

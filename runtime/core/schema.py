@@ -20,6 +20,7 @@ REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
 DEVICES = ("cpu", "cuda")
 SIDES = ("left", "right")
+TASKS = ("t2i", "img2img")  # what a whole-pipeline engine does (components.tasks)
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8",
                  "uint8", "bool", "float64")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -211,6 +212,8 @@ def _check_segments(m, family, profiles: dict, files: dict) -> None:
     wanted = {(kind, p) for p in profiles for kind in _TRANSFORMER}
     if m.get("components") is not None:
         wanted |= {("vae", p) for p in profiles} | {(kind, None) for kind in family.encoders}
+        if "img2img" in m["components"]["tasks"]:
+            wanted |= {("vae_encoder", p) for p in profiles}
     missing = sorted(wanted - keys, key=str)
     _need(not missing, f"it has no {missing[0][0]} segment for profile {missing[0][1]}" if missing else "")
 
@@ -237,7 +240,8 @@ def _outputs(family, kind: str) -> list | None:
         return family.outputs[kind]
     if kind.endswith(PROBE_SUFFIX):
         return [PROBE_OUTPUT]
-    return {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "mistral": ["prompt_embeds"]}.get(kind)
+    return {"clip": ["pooled_prompt_embeds"], "t5": ["prompt_embeds"], "mistral": ["prompt_embeds"],
+            "vae_encoder": ["latent_mean", "latent_std"]}.get(kind)
 
 
 def _check_components(m, family, files: dict) -> None:
@@ -247,6 +251,8 @@ def _check_components(m, family, files: dict) -> None:
         return
     _need(_get(components, "encoders", str, "components") in ENCODER_PLACEMENTS,
           f"unknown encoder placement {components['encoders']!r}")
+    tasks = _strings(components, "tasks", "components", nonempty=True)
+    _need("t2i" in tasks and set(tasks) <= set(TASKS), f"components.tasks {tasks} are not among {list(TASKS)}")
     tokenizers = _get(components, "tokenizers", dict, "components")
     _need(sorted(tokenizers) == sorted(family.encoders), f"its tokenizers {sorted(tokenizers)} are not "
           f"{family.name}'s {sorted(family.encoders)}")
