@@ -369,7 +369,7 @@ class Engine:
             if pixels is None:
                 noise = self._initial_noise(len(prompts), profile, seeds)
             else:
-                noise = self._image_noise(pixels, profile, steps, start, seeds)
+                noise = self._image_noise(pixels, len(prompts), profile, steps, start, seeds)
 
             def chunk(z, embeds, pooled_chunk=None):  # FLUX.2 has no pooled embedding to chunk
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
@@ -398,8 +398,9 @@ class Engine:
         return prompts, profile
 
     def check_image(self, image, n: int, profile: Profile, steps: int, strength) -> tuple[torch.Tensor, int]:
-        """(pixels [n, 3, H, W] in [-1, 1] as FluxImg2ImgPipeline's image processor makes them, the first step that
-        runs), after checking the engine, the image(s) and the strength; FluxcError for the first that fails."""
+        """(pixels [1 or n, 3, H, W] in [-1, 1] as FluxImg2ImgPipeline's image processor makes them: one row for an
+        image all n prompts share; the first step that runs), after checking the engine, the image(s) and the
+        strength; FluxcError for the first that fails."""
         import numpy as np
         from PIL import Image
 
@@ -410,8 +411,8 @@ class Engine:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise FluxcError(f"strength must be in (0, 1], got {strength!r}.", "Use e.g. strength=0.6 (1: ignore the "
                              "image's content, keep its size; small: stay close to it).")
-        images = list(image) if isinstance(image, (list, tuple)) else [image] * n
-        if len(images) != n:
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(images) not in (1, n) or (len(images) == 1 and isinstance(image, (list, tuple)) and n > 1):
             raise FluxcError(f"{len(images)} images were given for {n} prompts.", "Pass one image, or one per prompt.")
         for im in images:
             if not isinstance(im, Image.Image):
@@ -423,32 +424,34 @@ class Engine:
                                  f"{profile.width}x{profile.height}.", "Resize it to the profile, or ask for the size "
                                  "of the image (height=..., width=...) if the engine has that profile.")
         # FluxImg2ImgPipeline.get_timesteps
-        start = int(max(steps - min(steps * strength, steps), 0))
-        if start >= steps:
-            raise FluxcError(f"strength {strength} with {steps} steps leaves no step to run.",
-                             "Raise strength or steps (strength x steps must be at least 1).")
+        start = int(max(steps - min(steps * strength, steps), 0))  # < steps for any strength > 0
         pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images]))
         return pixels.permute(0, 3, 1, 2) * 2.0 - 1.0, start
 
-    def _image_noise(self, pixels: torch.Tensor, profile: Profile, steps: int, start: int, seed) -> torch.Tensor:
-        """FluxImg2ImgPipeline.prepare_latents: the image's latents sampled from the VAE encoder's distribution,
-        then noised to sigma[start] (both draws from the generator, the sample first), packed."""
+    def _image_noise(self, pixels: torch.Tensor, n: int, profile: Profile, steps: int, start: int, seed
+                     ) -> torch.Tensor:
+        """FluxImg2ImgPipeline.prepare_latents for n prompts: the image's latents sampled from the VAE encoder's
+        distribution, then noised to sigma[start], packed. One generator: the sample is drawn for the image rows
+        (one row shared by every prompt, as the pipeline encodes one image once), then the noise for all n; a list
+        of them (one per prompt): each prompt draws its sample and noise alone."""
         mean, std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
-                            pixels.to(self.device, self.dtype))  # scaled and shifted as the transformer's latents
-        mean, std = mean.cpu(), std.cpu()
-        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
-        if len(seeds) not in (1, len(mean)):
-            raise FluxcError(f"{len(seeds)} seeds or generators were given for {len(mean)} prompts.",
-                             "Pass one seed (or generator) for all prompts, or a list of one per prompt.")
-        rows = [slice(None)] if len(seeds) == 1 else [slice(i, i + 1) for i in range(len(mean))]
-        sigma = self.family.sigmas(steps, profile.image_tokens)[start]
+                            pixels.to(self.device, self.dtype))  # in the transformer's latent scale
+        mean, std = mean.cpu().expand(n, *mean.shape[1:]), std.cpu().expand(n, *std.shape[1:])
+        shared = pixels.shape[0] == 1
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != n:
+                raise FluxcError(f"{len(seed)} seeds or generators were given for {n} prompts.",
+                                 "Pass one seed (or generator) for all prompts, or a list of one per prompt.")
+            draws = [(flux_math.generator(s), slice(i, i + 1), slice(i, i + 1)) for i, s in enumerate(seed)]
+        else:
+            draws = [(flux_math.generator(seed), slice(0, 1) if shared else slice(None), slice(None))]
+        sigma = self.family.sigmas(steps, profile.image_tokens)[start].to(mean.dtype)
         latents = []
-        for s, r in zip(seeds, rows):
-            gen = flux_math.generator(s)
-            eps = torch.randn(mean[r].shape, generator=gen, dtype=mean.dtype, device=gen.device)
-            noise = torch.randn(mean[r].shape, generator=gen, dtype=self.dtype, device=gen.device)
-            image_latents = mean[r] + std[r] * eps
-            latents.append(sigma.to(image_latents.dtype) * noise + (1.0 - sigma.to(image_latents.dtype)) * image_latents)
+        for gen, sample_rows, rows in draws:
+            eps = torch.randn(mean[sample_rows].shape, generator=gen, dtype=mean.dtype, device=gen.device)
+            noise = torch.randn(mean[rows].shape, generator=gen, dtype=self.dtype, device=gen.device)
+            image_latents = mean[sample_rows] + std[sample_rows] * eps  # expands over the prompts when shared
+            latents.append(sigma * noise + (1.0 - sigma) * image_latents)
         return flux_math.pack_latents(torch.cat(latents).to(self.dtype))
 
     def _initial_noise(self, n: int, profile: Profile, seed) -> torch.Tensor:

@@ -36,10 +36,12 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
                    "run the engine with fluxc run --gpus N.")
 @click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
               help="Sign the engine with this Ed25519 private key (PEM; fluxc keygen makes one).")
+@click.option("--tasks", default="t2i", show_default=True,
+              help="What the engine does: t2i, or t2i,img2img (adds the VAE encoder: fluxc run --image; FLUX.1).")
 @cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, calibrate, stage, from_plan, explain, backend, world_size, sign_key, output, **cache):
+            encoders, calibrate, stage, from_plan, explain, backend, world_size, sign_key, tasks, output, **cache):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -60,7 +62,7 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
                         batch=batch, seed=seed, dump_ir=dump_ir,
                         transformer_only=transformer_only, encoders=encoders, calibrate=calibrate, stage=stage,
                         from_plan=from_plan, backend=backend, world_size=world_size, cache=cache_overrides(**cache),
-                        sign_key=sign_key)
+                        sign_key=sign_key, tasks=tuple(t.strip() for t in tasks.split(",")))
 
     from fluxc.cli.progress import stage_reporter
 

@@ -28,12 +28,16 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
                    "--nproc-per-node N -m fluxc.runtime ENGINE --prompt ... -o OUT.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (PEM); repeat for several. Given, the engine must be signed by one of them.")
+@click.option("--image", type=click.Path(dir_okay=False), default=None,
+              help="Image to image: start from this image (an engine built with --tasks t2i,img2img).")
+@click.option("--strength", type=float, default=0.6, show_default=True,
+              help="With --image: the share of the steps that run (1: keep only the image's size).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="A LoRA adapter (.fluxa from `fluxc adapter`) at a scale (default 1); repeat for several.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
 def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
-            verbose, gpus, trusted_keys, loras, output, **cache):
+            verbose, gpus, trusted_keys, image, strength, loras, output, **cache):
     """Generate images from prompts with an engine (or latents from prompt embeddings).
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
@@ -60,6 +64,8 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     from fluxc.runtime import parallel
 
     settings = dict(height=height, width=width, steps=steps, guidance=guidance, seed=seed)
+    if image is not None:
+        settings |= dict(image=_read_image(image), strength=strength)
     if gpus < 1:
         raise FluxcError(f"--gpus {gpus} is less than 1.", "Use --gpus 1 or the engine's world size.")
     if gpus > 1 and parallel.world_size() == 1:
@@ -86,11 +92,27 @@ def _generate(engine: str, load: dict, prompts: list[str], settings: dict, overr
 
     eng = load_engine(engine, load)
     timings, report = {}, {}
-    chunks = -(-len(prompts) // eng.profile_for(settings["height"], settings["width"]).batch)
-    with progress_bar(settings["steps"] * chunks, "denoise", show=parallel.rank() == 0) as advance:
+    profile = eng.profile_for(settings["height"], settings["width"])
+    chunks, steps = -(-len(prompts) // profile.batch), settings["steps"]
+    if "image" in settings:  # image to image runs the last steps of the schedule only
+        steps -= eng.check_image(settings["image"], len(prompts), profile, steps, settings["strength"])[1]
+    with progress_bar(steps * chunks, "denoise", show=parallel.rank() == 0) as advance:
         images = eng.generate(prompts, **settings, timings=timings, cache_config=eng.cache_config(**overrides),
                               report=report, on_step=advance)
     return images, timings, report
+
+
+def _read_image(path: str):
+    """The --image file as an RGB PIL image (an RGBA or grey file is converted, as a user expects)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from fluxc.runtime.core.errors import FluxcError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise FluxcError(f"Cannot read --image '{path}': {e}.", "Pass a PNG, JPEG or WebP file.") from None
 
 
 def parse_loras(loras) -> list[tuple[str, float]]:

@@ -1,0 +1,120 @@
+"""Image to image (issue 30): an engine built with --tasks t2i,img2img against diffusers' FluxImg2ImgPipeline
+loaded from the same folder, with the same image, prompts, strength and seed."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import TINY_PROFILES, TINY_TEXT
+from fluxc.cli import main
+from fluxc.runtime.core.cache_config import CacheConfig
+from fluxc.runtime.core.errors import FluxcError
+
+STEPS = 4
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
+
+
+@pytest.fixture(scope="module")
+def img2img_path(tiny_pipeline_dir, tmp_path_factory):
+    from fluxc.build import BuildOptions, build
+
+    path = str(tmp_path_factory.mktemp("engines") / "tiny-img2img.fluxe")
+    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
+                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("t2i", "img2img")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(img2img_path):
+    from fluxc.runtime import Engine
+
+    return Engine.load(img2img_path)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline_dir):
+    from diffusers import FluxImg2ImgPipeline
+
+    return FluxImg2ImgPipeline.from_pretrained(tiny_pipeline_dir, torch_dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """An RGB image of the profile's size (144x112: width 112) with structure (a gradient and a disc) and noise."""
+    y, x = np.mgrid[:144, :112] / np.array([144, 112])[:, None, None]
+    disc = ((y - 0.4) ** 2 + (x - 0.5) ** 2 < 0.05).astype(float)
+    rgb = np.stack([x, y, disc], -1) * 0.8 + np.random.default_rng(0).random((144, 112, 3)) * 0.2
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def run_reference(pipe, prompts, image, strength, seed, steps=STEPS, **kwargs):
+    return pipe(prompts, image=image, strength=strength, height=144, width=112, num_inference_steps=steps,
+                guidance_scale=3.5, max_sequence_length=TINY_TEXT, generator=torch.Generator().manual_seed(seed),
+                output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img_matches_flux_img2img_pipeline(engine, reference, photo, strength):
+    """Two prompts, one image and one generator for both (the engine's batch is 1: two chunks)."""
+    got = engine.generate(PROMPTS, image=photo, strength=strength, steps=STEPS, seed=3, output_type="np")
+    want = run_reference(reference, PROMPTS, photo, strength, seed=3)
+    assert got.shape == want.shape == (2, 144, 112, 3)
+    assert np.abs(got - want).max() <= 1e-3
+    t2i = engine.generate(PROMPTS, steps=STEPS, seed=3, output_type="np")
+    assert np.abs(got - t2i).max() > 0.05  # the image really conditions the result
+
+
+def test_img2img_fbcache_decides_as_diffusers_first_block_cache(engine, reference, photo):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    patterns = []
+    for threshold in (0.3, 0.6, 0.95, 2.0):
+        pipe = copy.copy(reference)
+        pipe.transformer = copy.deepcopy(reference.transformer)
+        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=threshold))
+        calls, computed = [], []
+        pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(len(calls)))
+        pipe.transformer.single_transformer_blocks[-1].attn.register_forward_hook(
+            lambda *_: computed.append(calls[-1]))
+        with pipe.transformer.cache_context("cond"):  # FluxPipeline sets it per step; FluxImg2ImgPipeline doesn't
+            want = run_reference(pipe, PROMPTS[:1], photo, 0.75, seed=4, steps=8)
+        report = {}
+        got = engine.generate(PROMPTS[0], image=photo, strength=0.75, steps=8, seed=4, output_type="np",
+                              cache_config=CacheConfig("fbcache", threshold), report=report)
+        skipped = report["cache"]["skipped_steps"]
+        assert len(calls) == 6  # int(8 * 0.75) of the 8 steps run
+        assert skipped == [i for i in range(len(calls)) if i not in computed], threshold
+        assert np.abs(got - want).max() <= 1e-3, threshold
+        patterns.append(len(skipped))
+    print("img2img FBCache skips per threshold:", patterns)
+    assert patterns[0] < patterns[-1]
+
+
+def test_cli_run_image_to_image(img2img_path, engine, photo, tmp_path):
+    photo.save(tmp_path / "in.png")
+    out = str(tmp_path / "out.png")
+    result = CliRunner().invoke(main, ["run", img2img_path, "--prompt", PROMPTS[0], "--image", str(tmp_path / "in.png"),
+                                       "--strength", "0.6", "--steps", str(STEPS), "--seed", "2", "-o", out])
+    assert result.exit_code == 0, result.output
+    want = engine.generate(PROMPTS[0], image=photo, strength=0.6, steps=STEPS, seed=2)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+
+def test_bad_image_input_is_a_clear_error(engine, tiny_pipeline_engine, photo):
+    cases = [
+        (tiny_pipeline_engine, dict(image=photo), "built without the image-to-image task"),
+        (engine, dict(image=photo.resize((96, 128))), "The image is 96x128"),
+        (engine, dict(image=photo.convert("RGBA")), "The image is RGBA"),
+        (engine, dict(image=np.asarray(photo)), "must be a PIL image"),
+        (engine, dict(image=photo, strength=0), "strength must be in (0, 1]"),
+        (engine, dict(image=photo, strength=1.5), "strength must be in (0, 1]"),
+        (engine, dict(image=[photo, photo]), "2 images were given for 1 prompts"),
+    ]
+    for eng, kwargs, words in cases:
+        with pytest.raises(FluxcError, match=None) as e:
+            eng.generate(PROMPTS[0], steps=STEPS, **kwargs)
+        assert words in e.value.message and e.value.remedy, (words, e.value.message)
