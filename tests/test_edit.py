@@ -118,3 +118,30 @@ def test_bad_image_input_is_a_clear_error(engine, tiny_pipeline_engine, photo):
         with pytest.raises(FluxcError, match=None) as e:
             eng.generate(PROMPTS[0], steps=STEPS, **kwargs)
         assert words in e.value.message and e.value.remedy, (words, e.value.message)
+
+
+def test_openai_client_images_edit_gets_the_runtime_image(img2img_path, engine, photo, tmp_path):
+    """POST /v1/images/edits through the official client's images.edit (multipart: the PNG file, the prompt, the
+    size, fluxc's fields as extra_body): the image Engine.generate makes; a mask is refused with a 400."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from test_serve import fluxc_serve, png
+
+    photo.save(tmp_path / "in.png")
+    server = fluxc_serve(img2img_path)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+        with open(tmp_path / "in.png", "rb") as f:
+            result = client.images.edit(image=f, prompt=PROMPTS[0], n=2, size="112x144", response_format="b64_json",
+                                        extra_body={"strength": 0.6, "steps": 3, "seed": 7})
+        for datum, seed in zip(result.data, (7, 8)):
+            want = engine.generate(PROMPTS[0], image=photo, strength=0.6, steps=3, seed=seed)[0]
+            assert np.array_equal(png(datum.b64_json), np.asarray(want)), seed
+        with open(tmp_path / "in.png", "rb") as f, open(tmp_path / "in.png", "rb") as m:
+            with pytest.raises(openai.BadRequestError, match="Masks"):
+                client.images.edit(image=f, mask=m, prompt=PROMPTS[0])
+        with open(tmp_path / "in.png", "rb") as f:
+            with pytest.raises(openai.BadRequestError, match="strength must be in"):
+                client.images.edit(image=f, prompt=PROMPTS[0], extra_body={"strength": 2})
+    finally:
+        assert server.stop() == 0

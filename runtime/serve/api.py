@@ -43,6 +43,13 @@ class ImagesRequest(BaseModel):
     lora: list[LoraRef] = []  # LoRA adapters for this request's images; [] the base model
 
 
+class EditRequest(ImagesRequest):
+    """POST /v1/images/edits, as multipart form fields (the image is a file field beside them): OpenAI's fields and
+    fluxc's, plus img2img's strength. Masks (inpainting) are not served yet."""
+
+    strength: float = 0.6
+
+
 class Image(BaseModel):
     b64_json: str
     revised_prompt: str | None = None

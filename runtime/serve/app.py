@@ -20,6 +20,7 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -68,8 +69,11 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     @app.post("/v1/images/generations", response_model=api.ImagesResponse, dependencies=[authorized])
     async def generations(body: api.ImagesRequest, request: Request):
+        return await _answer(_job(_ready(worker), body, settings, name), request)
+
+    async def _answer(job: Job, request: Request) -> api.ImagesResponse:
+        """Queue the job, await its images, answer with them as PNGs."""
         start = time.perf_counter()
-        job = _job(_ready(worker), body, settings, name)
         try:
             worker.submit(job)
         except QueueFull:
@@ -89,6 +93,24 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         metrics.stage.labels("request").observe(time.perf_counter() - start)
         return api.ImagesResponse(created=int(time.time()),
                                   data=[api.Image(b64_json=b, seed=s) for b, s in zip(encoded, job.seeds)])
+
+    @app.post("/v1/images/edits", response_model=api.ImagesResponse, dependencies=[authorized])
+    async def edits(request: Request):
+        """OpenAI's images.edit: multipart form with the image file; image to image with FluxImg2ImgPipeline's
+        semantics on an engine built with --tasks t2i,img2img."""
+        form = await request.form()
+        fields = {k: v for k, v in form.items() if k not in ("image", "mask")}
+        if "mask" in form:
+            raise FluxcError("Masks (inpainting) are not served yet: this server does image to image.",
+                             "Send the image without a mask; set strength to choose how much of it is kept.")
+        if "image" not in form or isinstance(form["image"], str):
+            raise FluxcError("The request has no image file.", "Send the image as the multipart file field `image`.")
+        try:
+            body = api.EditRequest.model_validate(fields)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        image = _read_image(await form["image"].read())
+        return await _answer(_job(_ready(worker), body, settings, name, image), request)
 
     @app.get("/v1/models", response_model=api.ModelList, dependencies=[authorized])
     async def models():
@@ -142,21 +164,37 @@ def _not_ready(worker: Worker) -> Failure:
     return Failure(503, f"Not ready: {why}.", "server_error", "not_ready", {"Retry-After": "1"})
 
 
-def _job(engine, body: api.ImagesRequest, settings: ServeSettings, name: str) -> Job:
-    """The request checked (the server's limits, then every check Engine.generate makes) and made a job."""
+def _read_image(data: bytes):
+    """An uploaded image file as an RGB PIL image (PNG, JPEG, WebP; an alpha channel is dropped)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        raise FluxcError("The image file could not be read as an image.", "Send a PNG, JPEG or WebP file.") from None
+
+
+def _job(engine, body: api.ImagesRequest, settings: ServeSettings, name: str, image=None) -> Job:
+    """The request checked (the server's limits, then every check Engine.generate makes) and made a job; with an
+    image (edits), image to image at body.strength, the size defaulting to the image's."""
     if body.model is not None and body.model != name:
         raise Failure(404, f"The model '{body.model}' does not exist; this server serves '{name}'.",
                       "invalid_request_error", "model_not_found")
     api.check_request(body, settings)
-    height, width = api.parse_size(body.size, engine.profiles.values())
+    size = body.size if body.size is not None or image is None else f"{image.width}x{image.height}"
+    height, width = api.parse_size(size, engine.profiles.values())
     cache_config = engine.cache_config(policy=body.cache, threshold=body.cache_threshold)
     prompts, profile = engine.check_generation(body.prompt, height=height, width=width, steps=body.steps,
                                                guidance=body.guidance, cache_config=cache_config)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
     seeds = [(seed + i) % 2**64 for i in range(body.n)]
-    return Job(prompts[0], seeds, dict(height=profile.height, width=profile.width, steps=body.steps,
-                                       guidance=float(body.guidance), cache_config=cache_config),
-               tuple((ref.name, float(ref.scale)) for ref in body.lora))
+    sampling = dict(height=profile.height, width=profile.width, steps=body.steps, guidance=float(body.guidance),
+                    cache_config=cache_config)
+    if image is not None:
+        engine.check_image(image, 1, profile, body.steps, body.strength)
+        sampling |= dict(image=image, strength=float(body.strength))  # jobs batch only with an equal image
+    return Job(prompts[0], seeds, sampling, tuple((ref.name, float(ref.scale)) for ref in body.lora))
 
 
 async def _outcome(worker: Worker, job: Job, request: Request, timeout: float):
