@@ -131,8 +131,9 @@ def _load(opts: BuildOptions, settings: Settings):
     model = load_model(opts.model, dtype=settings.dtype, device=settings.device, seed=opts.seed)
     if settings.encoders is None:
         return model, None
-    if "img2img" in opts.tasks and model.family != "flux1":
-        raise FluxcError(f"--tasks img2img is built for FLUX.1 so far; '{opts.model}' is {model.family}.",
+    if len(opts.tasks) > 1 and model.family != "flux1":
+        raise FluxcError(f"--tasks {','.join(opts.tasks)}: image input is built for FLUX.1 so far; '{opts.model}' is "
+                         f"{model.family}.",
                          "Build it with --tasks t2i.")
     comps = load_components(opts.model, model.family, dtype=settings.dtype, device=settings.device, seed=opts.seed)
     for encoder in comps.encoders.values():

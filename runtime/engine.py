@@ -27,15 +27,16 @@ from fluxc.runtime.core import flux_math
 from fluxc.runtime.core.cache_config import PROBE_SUFFIX, CacheConfig, cache_config_from_dict
 from fluxc.runtime.core.bundle import (SAFETENSORS_DTYPES, WEIGHTS, read_manifest, read_to_gpu, verify_file,
                                       verify_files)
-from fluxc.runtime.core.schema import ENCODER_PLACEMENTS, REBUILD, SEGMENT_FILES
+from fluxc.runtime.core.schema import ENCODER_PLACEMENTS, IMAGE_TASKS, REBUILD, SEGMENT_FILES
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.families import ENCODER_KINDS, get_family
-from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.core.profile import VAE_SCALE, Profile
 from fluxc.runtime.core.targets import check_runs_here
 from fluxc.runtime.loaders import LOADERS
 from fluxc.runtime.loop import CachedStep, StageClock, Step, StepClock, chunked
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+INPAINT_STATE = ("inpaint_mask", "inpaint_image", "inpaint_noise")  # the loop state the inpainting blend reads
 SCHEDULE = "_schedule"  # kind suffix of a segment hoist_schedule split off its kind's segment
 
 
@@ -339,9 +340,10 @@ class Engine:
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  max_sequence_length: int | None = None, output_type: str = "pil", timings: dict | None = None,
                  cache_config: CacheConfig | None = None, report: dict | None = None,
-                 step_ms: list | None = None, on_step=None, image=None, strength: float = 0.6):
+                 step_ms: list | None = None, on_step=None, image=None, strength: float = 0.6, mask=None):
         """Images for one prompt or a list, as FluxPipeline(prompt, ...) makes them; with `image`, as
-        FluxImg2ImgPipeline(prompt, image=..., strength=...) does (an engine built with --tasks t2i,img2img).
+        FluxImg2ImgPipeline(prompt, image=..., strength=...) does, and with a `mask` too as FluxInpaintPipeline
+        (an engine built with --tasks t2i,img2img or t2i,inpaint).
 
         height/width default to the engine's first profile; the initial noise for all prompts is drawn at
         once from `generator` (default: a CPU generator seeded with `seed`), so an engine of any batch size
@@ -354,29 +356,39 @@ class Engine:
         step_ms holds every chunk's steps); on_step too, called for every chunk's steps.
         image: an RGB PIL image of the profile's size for every prompt, or a list of one per prompt; strength in
         (0, 1]: the share of the schedule that runs (FluxImg2ImgPipeline's: the first int(steps * (1 - strength))
-        steps are skipped and the encoded image is noised to the first step that runs)."""
+        steps are skipped and the encoded image is noised to the first step that runs). mask: a PIL image of the
+        same size (grey levels; white is repainted, black kept: binarized at 0.5 as the pipeline's mask processor
+        does); after every step the kept part is reset to the image noised to the next step (clean after the last)."""
         prompts, profile = self.check_generation(prompt, height=height, width=width, steps=steps, guidance=guidance,
                                                  max_sequence_length=max_sequence_length, output_type=output_type,
                                                  cache_config=cache_config)
-        start, pixels = 0, None
+        start, pixels, masks = 0, None, None
         if image is not None:
-            pixels, start = self.check_image(image, len(prompts), profile, steps, strength)
+            pixels, start, masks = self.check_image(image, len(prompts), profile, steps, strength, mask)
+        elif mask is not None:
+            raise FluxcError("A mask was given without an image.", "Pass the image the mask belongs to (image=...).")
         stage = StageClock(self.device, timings)
         with stage("encode"):
             prompt_embeds, pooled = self.encode_prompt(prompts)
         with stage("denoise"):
             seeds = seed if generator is None else generator
+            inpaint = ()  # (mask, image latents, noise), packed: what the inpainting blend reads
             if pixels is None:
                 noise = self._initial_noise(len(prompts), profile, seeds)
             else:
-                noise = self._image_noise(pixels, len(prompts), profile, steps, start, seeds)
+                noise, image_latents, fresh = self._image_noise(pixels, len(prompts), profile, steps, start, seeds)
+                if masks is not None:
+                    inpaint = (masks.expand(len(prompts), *masks.shape[1:]), image_latents, fresh)
 
-            def chunk(z, embeds, pooled_chunk=None):  # FLUX.2 has no pooled embedding to chunk
+            def chunk(z, embeds, *rest):  # rest: the pooled embedding (FLUX.1), then the inpainting tensors
+                pooled_chunk = rest[0] if pooled is not None else None
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
                                      guidance=guidance, latents=z, cache_config=cache_config, report=report,
-                                     step_ms=step_ms, on_step=on_step, start=start)]
+                                     step_ms=step_ms, on_step=on_step, start=start,
+                                     inpaint=rest[pooled is not None:] or None)]
 
-            latents = chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None])[0]
+            latents = chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None],
+                              *inpaint)[0]
         with stage("decode"):
             images = self.decode(latents, profile)
         if output_type == "pt":
@@ -397,17 +409,18 @@ class Engine:
         self._check_cache(cache_config or self.cache_config())
         return prompts, profile
 
-    def check_image(self, image, n: int, profile: Profile, steps: int, strength) -> tuple[torch.Tensor, int]:
+    def check_image(self, image, n: int, profile: Profile, steps: int, strength, mask=None
+                    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """(pixels [1 or n, 3, H, W] in [-1, 1] as FluxImg2ImgPipeline's image processor makes them: one row for an
-        image all n prompts share; the first step that runs), after checking the engine, the image(s) and the
-        strength; FluxcError for the first that fails."""
+        image all n prompts share; the first step that runs; the mask packed as the latents [1, S, C], or None),
+        after checking the engine, the image(s), the mask and the strength; FluxcError for the first that fails."""
         import numpy as np
         from PIL import Image
 
         tasks = self.components["tasks"] if self.components else []
-        if "img2img" not in tasks:
-            raise FluxcError("This engine was built without the image-to-image task (no VAE encoder).",
-                             "Rebuild it with `fluxc build --tasks t2i,img2img`.")
+        if not set(IMAGE_TASKS) & set(tasks):
+            raise FluxcError("This engine was built without an image task (img2img, inpaint: no VAE encoder).",
+                             "Rebuild it with `fluxc build --tasks t2i,img2img,inpaint`.")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise FluxcError(f"strength must be in (0, 1], got {strength!r}.", "Use e.g. strength=0.6 (1: ignore the "
                              "image's content, keep its size; small: stay close to it).")
@@ -426,12 +439,29 @@ class Engine:
         # FluxImg2ImgPipeline.get_timesteps
         start = int(max(steps - min(steps * strength, steps), 0))  # < steps for any strength > 0
         pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images]))
-        return pixels.permute(0, 3, 1, 2) * 2.0 - 1.0, start
+        return pixels.permute(0, 3, 1, 2) * 2.0 - 1.0, start, None if mask is None else self._mask(mask, profile)
+
+    def _mask(self, mask, profile: Profile) -> torch.Tensor:
+        """FluxInpaintPipeline's mask: grey, binarized at 0.5, resized to the latents (nearest), one copy per latent
+        channel, packed: [1, S, C]."""
+        import numpy as np
+        from PIL import Image
+
+        if not isinstance(mask, Image.Image):
+            raise FluxcError(f"mask must be a PIL image, got {type(mask).__name__}.", "Open it with PIL.Image.open.")
+        if mask.size != (profile.width, profile.height):
+            raise FluxcError(f"The mask is {mask.size[0]}x{mask.size[1]}; the image is {profile.width}x{profile.height}.",
+                             "Pass a mask of the image's size (white: repaint, black: keep).")
+        grey = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+        binary = (grey >= 0.5).to(torch.float32)
+        h, w = profile.height // VAE_SCALE, profile.width // VAE_SCALE
+        small = torch.nn.functional.interpolate(binary, size=(h, w))
+        return flux_math.pack_latents(small.repeat(1, self.config["in_channels"] // 4, 1, 1))
 
     def _image_noise(self, pixels: torch.Tensor, n: int, profile: Profile, steps: int, start: int, seed
-                     ) -> torch.Tensor:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FluxImg2ImgPipeline.prepare_latents for n prompts: the image's latents sampled from the VAE encoder's
-        distribution, then noised to sigma[start], packed. One generator: the sample is drawn for the image rows
+        distribution, then noised to sigma[start]; returns (those, the image's latents, the noise), packed [n, S, C]. One generator: the sample is drawn for the image rows
         (one row shared by every prompt, as the pipeline encodes one image once), then the noise for all n; a list
         of them (one per prompt): each prompt draws its sample and noise alone."""
         mean, std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
@@ -445,14 +475,14 @@ class Engine:
             draws = [(flux_math.generator(s), slice(i, i + 1), slice(i, i + 1)) for i, s in enumerate(seed)]
         else:
             draws = [(flux_math.generator(seed), slice(0, 1) if shared else slice(None), slice(None))]
-        sigma = self.family.sigmas(steps, profile.image_tokens)[start].to(mean.dtype)
-        latents = []
+        images, noises = [], []
         for gen, sample_rows, rows in draws:
             eps = torch.randn(mean[sample_rows].shape, generator=gen, dtype=mean.dtype, device=gen.device)
-            noise = torch.randn(mean[rows].shape, generator=gen, dtype=self.dtype, device=gen.device)
-            image_latents = mean[sample_rows] + std[sample_rows] * eps  # expands over the prompts when shared
-            latents.append(sigma * noise + (1.0 - sigma) * image_latents)
-        return flux_math.pack_latents(torch.cat(latents).to(self.dtype))
+            noises.append(torch.randn(mean[rows].shape, generator=gen, dtype=self.dtype, device=gen.device))
+            images.append((mean[sample_rows] + std[sample_rows] * eps).expand_as(noises[-1]))
+        image, noise = (flux_math.pack_latents(torch.cat(x).to(self.dtype)) for x in (images, noises))
+        sigma = self.family.sigmas(steps, profile.image_tokens)[start].to(self.dtype)
+        return sigma * noise + (1.0 - sigma) * image, image, noise
 
     def _initial_noise(self, n: int, profile: Profile, seed) -> torch.Tensor:
         """Packed noise for n prompts from one seed or generator, or row by row from a list of them."""
@@ -537,7 +567,8 @@ class Engine:
     def denoise(self, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor | None, *, height: int, width: int,
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: CacheConfig | None = None,
-                report: dict | None = None, step_ms: list | None = None, on_step=None, start: int = 0) -> torch.Tensor:
+                report: dict | None = None, step_ms: list | None = None, on_step=None, start: int = 0,
+                inpaint: tuple | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
@@ -548,7 +579,9 @@ class Engine:
         each step's milliseconds (CUDA events on a GPU, no sync inside the loop; wall clock on the CPU).
         on_step(i), if given, is called after step i is launched (for progress bars: on a GPU the step may still
         run; the caller synchronizes if it wants the bar to follow the GPU). start: the first of the schedule's
-        `steps` steps that runs (image to image: latents are then the image noised to that step)."""
+        `steps` steps that runs (image to image: latents are then the image noised to that step). inpaint: (mask,
+        image latents, noise), packed [B, S, C]: after each step, where the mask is 0 the latents are reset to the
+        image noised to the next step's sigma (the clean image after the last: FluxInpaintPipeline's blend)."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         _check_steps(steps)
@@ -573,13 +606,18 @@ class Engine:
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
         per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state.get("pooled_projections"))
+        if inpaint is not None:
+            for name, t in zip(INPAINT_STATE, inpaint):
+                state[name] = t.to(self.device, self.dtype)
+            per_step["inpaint_sigma"] = sig[1:].to(self.device, self.dtype)[:, None]  # [steps, 1]: each step's next
         if config.on:
             per_step["cache_mode"] = cache.step_modes(config, steps).to(self.device)
             state |= cache.initial_state(self._stream_like(profile))
         state |= {k: v[0].clone() for k, v in per_step.items()}
         state["rope_cos"], state["rope_sin"] = self.rope(profile)
 
-        step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph)
+        step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph,
+                          inpaint=inpaint is not None)
         skipped, clock = [], StepClock(self.device) if step_ms is not None else None
         for i in range(steps):
             if clock:
@@ -621,12 +659,12 @@ class Engine:
         channels = self.config["num_attention_heads"] * self.config["attention_head_dim"]
         return torch.empty(profile.batch, profile.local_image_tokens, channels, device=self.device, dtype=self.dtype)
 
-    def _step(self, profile: Profile, config: CacheConfig, state: dict, graphed: bool) -> "Step":
+    def _step(self, profile: Profile, config: CacheConfig, state: dict, graphed: bool, inpaint: bool = False) -> "Step":
         """The step runner for this profile and policy; captured ones are kept for the next generation."""
         kind = CachedStep if config.on else Step
         if not graphed:
             return kind(self, profile, config, state, graphed=False)
-        key = self.graph_key(profile, config)
+        key = self.graph_key(profile, config) + (("inpaint",) if inpaint else ())
         if key not in self._graphs:
             self._graphs[key] = kind(self, profile, config, state, graphed=True)
         step = self._graphs[key]

@@ -84,9 +84,14 @@ class Step:
         return [lambda: self._finish(self.engine.transformer(self.profile, self.state))]
 
     def _finish(self, noise_pred: torch.Tensor) -> None:
-        """The Euler update of the latents in place."""
-        latents = self.state["hidden_states"]
-        latents.copy_(flux_math.euler_step(latents, noise_pred, self.state["dt"]))
+        """The Euler update of the latents in place; inpainting then resets the kept part (mask 0) to the image
+        noised to the next step's sigma (0 after the last: the image itself; FluxInpaintPipeline's blend)."""
+        s = self.state
+        latents = flux_math.euler_step(s["hidden_states"], noise_pred, s["dt"])
+        if "inpaint_mask" in s:
+            proper = s["inpaint_sigma"] * s["inpaint_noise"] + (1 - s["inpaint_sigma"]) * s["inpaint_image"]
+            latents = (1 - s["inpaint_mask"]) * proper + s["inpaint_mask"] * latents
+        s["hidden_states"].copy_(latents)
 
     def _piece(self, i: int) -> None:
         if self.graphs is None:

@@ -24,7 +24,7 @@ def img2img_path(tiny_pipeline_dir, tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("engines") / "tiny-img2img.fluxe")
     build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
-                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("t2i", "img2img")))
+                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("t2i", "img2img", "inpaint")))
     return path
 
 
@@ -51,6 +51,16 @@ def photo():
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
+@pytest.fixture(scope="module")
+def mask():
+    """Repaint a rectangle and a soft-edged disc (grey levels on both sides of 0.5), keep the rest."""
+    y, x = np.mgrid[:144, :112]
+    m = np.zeros((144, 112))
+    m[20:70, 10:60] = 1.0
+    m = np.maximum(m, np.clip(1.5 - np.hypot(y - 100, x - 70) / 20, 0, 1))
+    return Image.fromarray((m * 255).astype(np.uint8), mode="L")
+
+
 def run_reference(pipe, prompts, image, strength, seed, steps=STEPS, **kwargs):
     return pipe(prompts, image=image, strength=strength, height=144, width=112, num_inference_steps=steps,
                 guidance_scale=3.5, max_sequence_length=TINY_TEXT, generator=torch.Generator().manual_seed(seed),
@@ -66,6 +76,20 @@ def test_img2img_matches_flux_img2img_pipeline(engine, reference, photo, strengt
     assert np.abs(got - want).max() <= 1e-3
     t2i = engine.generate(PROMPTS, steps=STEPS, seed=3, output_type="np")
     assert np.abs(got - t2i).max() > 0.05  # the image really conditions the result
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpaint_matches_flux_inpaint_pipeline(engine, tiny_pipeline_dir, photo, mask, strength):
+    """FluxInpaintPipeline with the same image, mask, prompts, strength and generator; outside the mask the image
+    stays close to the source (the blend keeps it, up to the VAE's reconstruction)."""
+    from diffusers import FluxInpaintPipeline
+
+    pipe = FluxInpaintPipeline.from_pretrained(tiny_pipeline_dir, torch_dtype=torch.float32)
+    got = engine.generate(PROMPTS, image=photo, mask=mask, strength=strength, steps=STEPS, seed=5, output_type="np")
+    want = run_reference(pipe, PROMPTS, photo, strength, seed=5, mask_image=mask)
+    assert np.abs(got - want).max() <= 1e-3
+    plain = engine.generate(PROMPTS, image=photo, strength=strength, steps=STEPS, seed=5, output_type="np")
+    assert np.abs(got - plain).max() > 0.05  # the mask really changes the result
 
 
 def test_img2img_fbcache_decides_as_diffusers_first_block_cache(engine, reference, photo):
@@ -104,9 +128,11 @@ def test_cli_run_image_to_image(img2img_path, engine, photo, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
 
 
-def test_bad_image_input_is_a_clear_error(engine, tiny_pipeline_engine, photo):
+def test_bad_image_input_is_a_clear_error(engine, tiny_pipeline_engine, photo, mask):
     cases = [
-        (tiny_pipeline_engine, dict(image=photo), "built without the image-to-image task"),
+        (tiny_pipeline_engine, dict(image=photo), "built without an image task"),
+        (engine, dict(image=photo, mask=mask.resize((96, 128))), "The mask is 96x128"),
+        (engine, dict(mask=mask), "A mask was given without an image"),
         (engine, dict(image=photo.resize((96, 128))), "The image is 96x128"),
         (engine, dict(image=photo.convert("RGBA")), "The image is RGBA"),
         (engine, dict(image=np.asarray(photo)), "must be a PIL image"),
@@ -120,9 +146,10 @@ def test_bad_image_input_is_a_clear_error(engine, tiny_pipeline_engine, photo):
         assert words in e.value.message and e.value.remedy, (words, e.value.message)
 
 
-def test_openai_client_images_edit_gets_the_runtime_image(img2img_path, engine, photo, tmp_path):
+def test_openai_client_images_edit_gets_the_runtime_image(img2img_path, engine, photo, mask, tmp_path):
     """POST /v1/images/edits through the official client's images.edit (multipart: the PNG file, the prompt, the
-    size, fluxc's fields as extra_body): the image Engine.generate makes; a mask is refused with a 400."""
+    size, fluxc's fields as extra_body): the image Engine.generate makes; with an OpenAI mask (transparent: edit),
+    the inpainted one; a strength out of range is a 400."""
     pytest.importorskip("fastapi")
     openai = pytest.importorskip("openai")
     from test_serve import fluxc_serve, png
@@ -137,9 +164,14 @@ def test_openai_client_images_edit_gets_the_runtime_image(img2img_path, engine, 
         for datum, seed in zip(result.data, (7, 8)):
             want = engine.generate(PROMPTS[0], image=photo, strength=0.6, steps=3, seed=seed)[0]
             assert np.array_equal(png(datum.b64_json), np.asarray(want)), seed
-        with open(tmp_path / "in.png", "rb") as f, open(tmp_path / "in.png", "rb") as m:
-            with pytest.raises(openai.BadRequestError, match="Masks"):
-                client.images.edit(image=f, mask=m, prompt=PROMPTS[0])
+        alpha = Image.new("RGBA", photo.size)  # OpenAI's mask: transparent where the image is to be edited
+        alpha.putalpha(Image.eval(mask, lambda v: 255 - v))
+        alpha.save(tmp_path / "mask.png")
+        with open(tmp_path / "in.png", "rb") as f, open(tmp_path / "mask.png", "rb") as m:
+            result = client.images.edit(image=f, mask=m, prompt=PROMPTS[0], size="112x144",
+                                        extra_body={"strength": 0.6, "steps": 3, "seed": 7})
+        want = engine.generate(PROMPTS[0], image=photo, mask=mask, strength=0.6, steps=3, seed=7)[0]
+        assert np.array_equal(png(result.data[0].b64_json), np.asarray(want))
         with open(tmp_path / "in.png", "rb") as f:
             with pytest.raises(openai.BadRequestError, match="strength must be in"):
                 client.images.edit(image=f, prompt=PROMPTS[0], extra_body={"strength": 2})

@@ -37,7 +37,8 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
               help="Sign the engine with this Ed25519 private key (PEM; fluxc keygen makes one).")
 @click.option("--tasks", default="t2i", show_default=True,
-              help="What the engine does: t2i, or t2i,img2img (adds the VAE encoder: fluxc run --image; FLUX.1).")
+              help="What the engine does: t2i, and img2img / inpaint (both add the VAE encoder: fluxc run --image "
+                   "[--mask]; FLUX.1), e.g. t2i,img2img,inpaint.")
 @cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,

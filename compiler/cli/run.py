@@ -30,6 +30,8 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
               help="Ed25519 public key (PEM); repeat for several. Given, the engine must be signed by one of them.")
 @click.option("--image", type=click.Path(dir_okay=False), default=None,
               help="Image to image: start from this image (an engine built with --tasks t2i,img2img).")
+@click.option("--mask", type=click.Path(dir_okay=False), default=None,
+              help="With --image: inpaint; white repaints, black keeps (an engine built with --tasks ...,inpaint).")
 @click.option("--strength", type=float, default=0.6, show_default=True,
               help="With --image: the share of the steps that run (1: keep only the image's size).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
@@ -37,7 +39,7 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
 def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
-            verbose, gpus, trusted_keys, image, strength, loras, output, **cache):
+            verbose, gpus, trusted_keys, image, mask, strength, loras, output, **cache):
     """Generate images from prompts with an engine (or latents from prompt embeddings).
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
@@ -66,6 +68,10 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     settings = dict(height=height, width=width, steps=steps, guidance=guidance, seed=seed)
     if image is not None:
         settings |= dict(image=_read_image(image), strength=strength)
+        if mask is not None:
+            settings["mask"] = _read_image(mask).convert("L")
+    elif mask is not None:
+        raise FluxcError("--mask needs --image (the image the mask belongs to).", "Add --image IMAGE.")
     if gpus < 1:
         raise FluxcError(f"--gpus {gpus} is less than 1.", "Use --gpus 1 or the engine's world size.")
     if gpus > 1 and parallel.world_size() == 1:
@@ -95,7 +101,8 @@ def _generate(engine: str, load: dict, prompts: list[str], settings: dict, overr
     profile = eng.profile_for(settings["height"], settings["width"])
     chunks, steps = -(-len(prompts) // profile.batch), settings["steps"]
     if "image" in settings:  # image to image runs the last steps of the schedule only
-        steps -= eng.check_image(settings["image"], len(prompts), profile, steps, settings["strength"])[1]
+        steps -= eng.check_image(settings["image"], len(prompts), profile, steps, settings["strength"],
+                                 settings.get("mask"))[1]
     with progress_bar(steps * chunks, "denoise", show=parallel.rank() == 0) as advance:
         images = eng.generate(prompts, **settings, timings=timings, cache_config=eng.cache_config(**overrides),
                               report=report, on_step=advance)

@@ -32,6 +32,7 @@ from fluxc.frontend.models import LoadedModel
 from fluxc.runtime.core.cache_config import PROBE_SUFFIX
 from fluxc.runtime.core.families import ENCODER_KINDS, FAMILIES, SEGMENT_KINDS
 from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.core.schema import IMAGE_TASKS
 
 PER_ENGINE = ENCODER_KINDS  # the text encoders: shapes independent of the resolution, traced once (profile None)
 COMPONENT_KINDS = PER_ENGINE + ("vae", "vae_encoder")
@@ -311,11 +312,11 @@ def segment_modules(model: LoadedModel, text_tokens: int) -> dict[str, tuple[tor
 
 def component_modules(comps, tasks=("t2i",)) -> dict[str, tuple[torch.nn.Module, list[str]]]:
     """kind -> (eager wrapper, [weight prefix]) for the text encoders and the VAE (diffusers folder names); with
-    img2img among the tasks, the VAE encoder too."""
+    img2img or inpaint among the tasks, the VAE encoder too."""
     if isinstance(comps, Flux2Components):
         mistral = _MistralHidden(comps.text_encoder, comps.text_layers, comps.tokenizer.padding_side)
         return {"mistral": (mistral, ["text_encoder"]), "vae": (_Flux2VaeDecode(comps.vae), ["vae"])}
-    encoder = {"vae_encoder": (_VaeEncode(comps.vae), ["vae"])} if "img2img" in tasks else {}
+    encoder = {"vae_encoder": (_VaeEncode(comps.vae), ["vae"])} if set(IMAGE_TASKS) & set(tasks) else {}
     return {"clip": (_ClipPooled(comps.clip), ["text_encoder"]), "t5": (_T5Hidden(comps.t5), ["text_encoder_2"]),
             "vae": (_VaeDecode(comps.vae), ["vae"])} | encoder
 

@@ -20,7 +20,8 @@ REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
 DEVICES = ("cpu", "cuda")
 SIDES = ("left", "right")
-TASKS = ("t2i", "img2img")  # what a whole-pipeline engine does (components.tasks)
+TASKS = ("t2i", "img2img", "inpaint")  # what a whole-pipeline engine does (components.tasks)
+IMAGE_TASKS = ("img2img", "inpaint")  # the tasks that take an image: their engines hold the VAE encoder
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8",
                  "uint8", "bool", "float64")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -212,7 +213,7 @@ def _check_segments(m, family, profiles: dict, files: dict) -> None:
     wanted = {(kind, p) for p in profiles for kind in _TRANSFORMER}
     if m.get("components") is not None:
         wanted |= {("vae", p) for p in profiles} | {(kind, None) for kind in family.encoders}
-        if "img2img" in m["components"]["tasks"]:
+        if set(IMAGE_TASKS) & set(m["components"]["tasks"]):
             wanted |= {("vae_encoder", p) for p in profiles}
     missing = sorted(wanted - keys, key=str)
     _need(not missing, f"it has no {missing[0][0]} segment for profile {missing[0][1]}" if missing else "")

@@ -44,8 +44,8 @@ class ImagesRequest(BaseModel):
 
 
 class EditRequest(ImagesRequest):
-    """POST /v1/images/edits, as multipart form fields (the image is a file field beside them): OpenAI's fields and
-    fluxc's, plus img2img's strength. Masks (inpainting) are not served yet."""
+    """POST /v1/images/edits, as multipart form fields (the image and the optional mask are file fields beside
+    them): OpenAI's fields and fluxc's, plus the strength of image to image and inpainting."""
 
     strength: float = 0.6
 

@@ -96,13 +96,10 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     @app.post("/v1/images/edits", response_model=api.ImagesResponse, dependencies=[authorized])
     async def edits(request: Request):
-        """OpenAI's images.edit: multipart form with the image file; image to image with FluxImg2ImgPipeline's
-        semantics on an engine built with --tasks t2i,img2img."""
+        """OpenAI's images.edit: multipart form with the image file (and a mask: inpainting); image to image with
+        FluxImg2ImgPipeline's semantics, FluxInpaintPipeline's with a mask, on an engine built with image tasks."""
         form = await request.form()
         fields = {k: v for k, v in form.items() if k not in ("image", "mask")}
-        if "mask" in form:
-            raise FluxcError("Masks (inpainting) are not served yet: this server does image to image.",
-                             "Send the image without a mask; set strength to choose how much of it is kept.")
         if "image" not in form or isinstance(form["image"], str):
             raise FluxcError("The request has no image file.", "Send the image as the multipart file field `image`.")
         try:
@@ -110,7 +107,8 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         image = _read_image(await form["image"].read())
-        return await _answer(_job(_ready(worker), body, settings, name, image), request)
+        mask = _read_mask(await form["mask"].read()) if "mask" in form and not isinstance(form["mask"], str) else None
+        return await _answer(_job(_ready(worker), body, settings, name, image, mask), request)
 
     @app.get("/v1/models", response_model=api.ModelList, dependencies=[authorized])
     async def models():
@@ -175,7 +173,19 @@ def _read_image(data: bytes):
         raise FluxcError("The image file could not be read as an image.", "Send a PNG, JPEG or WebP file.") from None
 
 
-def _job(engine, body: api.ImagesRequest, settings: ServeSettings, name: str, image=None) -> Job:
+def _read_mask(data: bytes):
+    """An uploaded mask as the grey mask Engine.generate takes (white: repaint). OpenAI's convention for a mask with
+    an alpha channel: its transparent pixels are the ones to edit; a mask without one is read as grey levels."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return ImageOps.invert(im.getchannel("A")) if "A" in im.getbands() else im.convert("L")
+    except (OSError, UnidentifiedImageError):
+        raise FluxcError("The mask file could not be read as an image.", "Send a PNG mask.") from None
+
+
+def _job(engine, body: api.ImagesRequest, settings: ServeSettings, name: str, image=None, mask=None) -> Job:
     """The request checked (the server's limits, then every check Engine.generate makes) and made a job; with an
     image (edits), image to image at body.strength, the size defaulting to the image's."""
     if body.model is not None and body.model != name:
@@ -192,8 +202,8 @@ def _job(engine, body: api.ImagesRequest, settings: ServeSettings, name: str, im
     sampling = dict(height=profile.height, width=profile.width, steps=body.steps, guidance=float(body.guidance),
                     cache_config=cache_config)
     if image is not None:
-        engine.check_image(image, 1, profile, body.steps, body.strength)
-        sampling |= dict(image=image, strength=float(body.strength))  # jobs batch only with an equal image
+        engine.check_image(image, 1, profile, body.steps, body.strength, mask)
+        sampling |= dict(image=image, strength=float(body.strength), mask=mask)  # batched only with equal images
     return Job(prompts[0], seeds, sampling, tuple((ref.name, float(ref.scale)) for ref in body.lora))
 
 
