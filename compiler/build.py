@@ -131,6 +131,12 @@ def _load(opts: BuildOptions, settings: Settings):
     model = load_model(opts.model, dtype=settings.dtype, device=settings.device, seed=opts.seed)
     if settings.encoders is None:
         return model, None
+    fill = model.config["in_channels"] != (model.config["out_channels"] or model.config["in_channels"])
+    if fill != (tuple(opts.tasks) == ("fill",)):
+        raise FluxcError(f"'{opts.model}' is " + ("a FLUX.1 Fill model: it takes an image and a mask, always."
+                                                  if fill else "not a FLUX.1 Fill model (its transformer takes "
+                                                  "latents only), so --tasks fill does not apply."),
+                         "Build Fill models with --tasks fill, and other models with t2i (and img2img, inpaint).")
     if len(opts.tasks) > 1 and model.family != "flux1":
         raise FluxcError(f"--tasks {','.join(opts.tasks)}: image input is built for FLUX.1 so far; '{opts.model}' is "
                          f"{model.family}.",

@@ -244,9 +244,10 @@ def _available_host_memory() -> int | None:
 
 def _check_tasks(opts: BuildOptions) -> None:
     unknown = [t for t in opts.tasks if t not in TASKS]
-    if unknown or "t2i" not in opts.tasks:
+    if unknown or ("t2i" not in opts.tasks and tuple(opts.tasks) != ("fill",)):
         raise FluxcError(f"--tasks {','.join(opts.tasks)}: " + (f"unknown task {unknown[0]!r}" if unknown else
-                         "every engine does t2i") + ".", "Use --tasks t2i, or t2i with img2img and/or inpaint.")
+                         "an engine does t2i (and image tasks), or fill alone") + ".",
+                         "Use --tasks t2i, t2i with img2img and/or inpaint, or fill (FLUX.1 Fill models).")
     if len(opts.tasks) > 1 and opts.transformer_only:
         raise FluxcError(f"--tasks {','.join(opts.tasks)} needs the VAE encoder; --transformer-only has no VAE.",
                          "Drop --transformer-only, or build --tasks t2i.")

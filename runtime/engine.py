@@ -44,6 +44,9 @@ class Engine:
     def __init__(self, path: str, manifest: dict, device: torch.device, encoders: str | None = None):
         self.path, self.manifest, self.device = path, manifest, device
         self.config = manifest["model"]["config"]
+        # FLUX.1 Fill: the transformer takes the latents, the masked image's latents and the mask side by side
+        self.latent_channels = self.config["out_channels"] or self.config["in_channels"]
+        self.fill = self.latent_channels != self.config["in_channels"]
         self.dtype = DTYPES["float32" if manifest["precision"] == "fp32" else "bfloat16"]
         self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p["world_size"])
                          for p in manifest["profiles"]}
@@ -315,7 +318,10 @@ class Engine:
         return self.tail(profile, acts)
 
     def head(self, profile: Profile, acts: dict) -> dict:
-        """acts with the head's outputs: the streams entering the first block, temb (and FLUX.2's modulations)."""
+        """acts with the head's outputs: the streams entering the first block, temb (and FLUX.2's modulations).
+        A Fill engine's image stream enters as the latents with the masked image and mask beside them."""
+        if "fill_cond" in acts:
+            acts = dict(acts, hidden_states=torch.cat([acts["hidden_states"], acts["fill_cond"]], dim=2))
         return dict(acts) | self.run_segment("head", profile, "", acts)
 
     def tail(self, profile: Profile, acts: dict) -> torch.Tensor:
@@ -363,6 +369,9 @@ class Engine:
                                                  max_sequence_length=max_sequence_length, output_type=output_type,
                                                  cache_config=cache_config)
         start, pixels, masks = 0, None, None
+        if self.fill and (image is None or mask is None):
+            raise FluxcError("This is a FLUX.1 Fill engine: it repaints the masked part of an image.",
+                             "Pass image= and mask= (white: repaint).")
         if image is not None:
             pixels, start, masks = self.check_image(image, len(prompts), profile, steps, strength, mask)
         elif mask is not None:
@@ -372,23 +381,28 @@ class Engine:
             prompt_embeds, pooled = self.encode_prompt(prompts)
         with stage("denoise"):
             seeds = seed if generator is None else generator
-            inpaint = ()  # (mask, image latents, noise), packed: what the inpainting blend reads
+            extra = ()  # inpainting: (mask, image latents, noise), what the blend reads; Fill: (its conditioning,)
             if pixels is None:
                 noise = self._initial_noise(len(prompts), profile, seeds)
+            elif self.fill:
+                noise, _, _, cond = self._image_noise(pixels, len(prompts), profile, steps, start, seeds, mask)
+                extra = (cond,)
             else:
                 noise, image_latents, fresh = self._image_noise(pixels, len(prompts), profile, steps, start, seeds)
                 if masks is not None:
-                    inpaint = (masks.expand(len(prompts), *masks.shape[1:]), image_latents, fresh)
+                    extra = (masks.expand(len(prompts), *masks.shape[1:]), image_latents, fresh)
 
-            def chunk(z, embeds, *rest):  # rest: the pooled embedding (FLUX.1), then the inpainting tensors
+            def chunk(z, embeds, *rest):  # rest: the pooled embedding (FLUX.1), then the extra tensors
                 pooled_chunk = rest[0] if pooled is not None else None
+                extra_chunk = rest[pooled is not None:]
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
                                      guidance=guidance, latents=z, cache_config=cache_config, report=report,
                                      step_ms=step_ms, on_step=on_step, start=start,
-                                     inpaint=rest[pooled is not None:] or None)]
+                                     inpaint=extra_chunk if len(extra_chunk) == 3 else None,
+                                     fill=extra_chunk[0] if len(extra_chunk) == 1 else None)]
 
             latents = chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None],
-                              *inpaint)[0]
+                              *extra)[0]
         with stage("decode"):
             images = self.decode(latents, profile)
         if output_type == "pt":
@@ -452,16 +466,24 @@ class Engine:
         if mask.size != (profile.width, profile.height):
             raise FluxcError(f"The mask is {mask.size[0]}x{mask.size[1]}; the image is {profile.width}x{profile.height}.",
                              "Pass a mask of the image's size (white: repaint, black: keep).")
-        grey = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
-        binary = (grey >= 0.5).to(torch.float32)
         h, w = profile.height // VAE_SCALE, profile.width // VAE_SCALE
-        small = torch.nn.functional.interpolate(binary, size=(h, w))
-        return flux_math.pack_latents(small.repeat(1, self.config["in_channels"] // 4, 1, 1))
+        small = torch.nn.functional.interpolate(self._binary_mask(mask), size=(h, w))
+        return flux_math.pack_latents(small.repeat(1, self.latent_channels // 4, 1, 1))
 
-    def _image_noise(self, pixels: torch.Tensor, n: int, profile: Profile, steps: int, start: int, seed
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _binary_mask(mask) -> torch.Tensor:
+        """The pipelines' mask processor: grey, binarized at 0.5, [1, 1, H, W] float32."""
+        import numpy as np
+
+        grey = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+        return (grey >= 0.5).to(torch.float32)
+
+    def _image_noise(self, pixels: torch.Tensor, n: int, profile: Profile, steps: int, start: int, seed,
+                     fill_mask=None) -> tuple[torch.Tensor, ...]:
         """FluxImg2ImgPipeline.prepare_latents for n prompts: the image's latents sampled from the VAE encoder's
-        distribution, then noised to sigma[start]; returns (those, the image's latents, the noise), packed [n, S, C]. One generator: the sample is drawn for the image rows
+        distribution, then noised to sigma[start]; returns (those, the image's latents, the noise), packed [n, S, C].
+        With fill_mask (a Fill engine), FluxFillPipeline's conditioning too, drawn from the same generators after
+        the noise: the masked image's latents sampled likewise and the full-resolution mask, packed [n, S, 320]. One generator: the sample is drawn for the image rows
         (one row shared by every prompt, as the pipeline encodes one image once), then the noise for all n; a list
         of them (one per prompt): each prompt draws its sample and noise alone."""
         mean, std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
@@ -475,23 +497,40 @@ class Engine:
             draws = [(flux_math.generator(s), slice(i, i + 1), slice(i, i + 1)) for i, s in enumerate(seed)]
         else:
             draws = [(flux_math.generator(seed), slice(0, 1) if shared else slice(None), slice(None))]
-        images, noises = [], []
+        if fill_mask is not None:
+            binary = self._binary_mask(fill_mask)  # [1, 1, H, W]
+            masked_mean, masked_std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
+                                              (pixels * (1 - binary)).to(self.device, self.dtype))
+            masked_mean = masked_mean.cpu().expand(n, *masked_mean.shape[1:])
+            masked_std = masked_std.cpu().expand(n, *masked_std.shape[1:])
+        images, noises, masked = [], [], []
         for gen, sample_rows, rows in draws:
             eps = torch.randn(mean[sample_rows].shape, generator=gen, dtype=mean.dtype, device=gen.device)
             noises.append(torch.randn(mean[rows].shape, generator=gen, dtype=self.dtype, device=gen.device))
             images.append((mean[sample_rows] + std[sample_rows] * eps).expand_as(noises[-1]))
+            if fill_mask is not None:
+                eps = torch.randn(masked_mean[sample_rows].shape, generator=gen, dtype=mean.dtype, device=gen.device)
+                masked.append((masked_mean[sample_rows] + masked_std[sample_rows] * eps).expand_as(noises[-1]))
         image, noise = (flux_math.pack_latents(torch.cat(x).to(self.dtype)) for x in (images, noises))
         sigma = self.family.sigmas(steps, profile.image_tokens)[start].to(self.dtype)
-        return sigma * noise + (1.0 - sigma) * image, image, noise
+        out = (sigma * noise + (1.0 - sigma) * image, image, noise)
+        if fill_mask is None:
+            return out
+        h, w = profile.height // VAE_SCALE, profile.width // VAE_SCALE  # FluxFillPipeline.prepare_mask_latents
+        pixels_per_latent = binary[:, 0].view(1, h, VAE_SCALE, w, VAE_SCALE).permute(0, 2, 4, 1, 3)
+        mask_channels = flux_math.pack_latents(pixels_per_latent.reshape(1, VAE_SCALE ** 2, h, w)).to(self.dtype)
+        cond = torch.cat([flux_math.pack_latents(torch.cat(masked).to(self.dtype)),
+                          mask_channels.expand(n, *mask_channels.shape[1:])], dim=2)
+        return (*out, cond)
 
     def _initial_noise(self, n: int, profile: Profile, seed) -> torch.Tensor:
         """Packed noise for n prompts from one seed or generator, or row by row from a list of them."""
         if not isinstance(seed, (list, tuple)):
-            return self.family.initial_noise(n, profile, self.config["in_channels"], seed, self.dtype)
+            return self.family.initial_noise(n, profile, self.latent_channels, seed, self.dtype)
         if len(seed) != n:
             raise FluxcError(f"{len(seed)} seeds or generators were given for {n} prompts.",
                              "Pass one seed (or generator) for all prompts, or a list of one per prompt.")
-        return torch.cat([self.family.initial_noise(1, profile, self.config["in_channels"], s, self.dtype) for s in seed])
+        return torch.cat([self.family.initial_noise(1, profile, self.latent_channels, s, self.dtype) for s in seed])
 
     @property
     def _first(self) -> Profile:
@@ -568,7 +607,7 @@ class Engine:
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: CacheConfig | None = None,
                 report: dict | None = None, step_ms: list | None = None, on_step=None, start: int = 0,
-                inpaint: tuple | None = None) -> torch.Tensor:
+                inpaint: tuple | None = None, fill: torch.Tensor | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
@@ -581,14 +620,15 @@ class Engine:
         run; the caller synchronizes if it wants the bar to follow the GPU). start: the first of the schedule's
         `steps` steps that runs (image to image: latents are then the image noised to that step). inpaint: (mask,
         image latents, noise), packed [B, S, C]: after each step, where the mask is 0 the latents are reset to the
-        image noised to the next step's sigma (the clean image after the last: FluxInpaintPipeline's blend)."""
+        image noised to the next step's sigma (the clean image after the last: FluxInpaintPipeline's blend). fill: a
+        Fill engine's conditioning [B, S, 320] (masked image latents and mask), beside the latents at every step."""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         _check_steps(steps)
         config = cache_config or self.cache_config()
         self._check_cache(config)
         if latents is None:
-            latents = self.family.initial_noise(profile.batch, profile, self.config["in_channels"], seed, self.dtype)
+            latents = self.family.initial_noise(profile.batch, profile, self.latent_channels, seed, self.dtype)
         sig = self.family.sigmas(steps, profile.image_tokens)[start:]  # [steps - start + 1] f32
         steps -= start
         timesteps = (sig[:-1] * 1000).to(self.dtype) / 1000  # as FluxPipeline rounds t before /1000
@@ -606,6 +646,11 @@ class Engine:
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
         per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state.get("pooled_projections"))
+        if self.fill:
+            if fill is None:
+                raise FluxcError("This is a FLUX.1 Fill engine: its denoising loop needs the masked image's "
+                                 "conditioning.", "Call generate(prompt, image=..., mask=...).")
+            state["fill_cond"] = fill.to(self.device, self.dtype, copy=True)
         if inpaint is not None:
             for name, t in zip(INPAINT_STATE, inpaint):
                 state[name] = t.to(self.device, self.dtype)

@@ -61,9 +61,9 @@ def mask():
     return Image.fromarray((m * 255).astype(np.uint8), mode="L")
 
 
-def run_reference(pipe, prompts, image, strength, seed, steps=STEPS, **kwargs):
+def run_reference(pipe, prompts, image, strength, seed, steps=STEPS, guidance_scale=3.5, **kwargs):
     return pipe(prompts, image=image, strength=strength, height=144, width=112, num_inference_steps=steps,
-                guidance_scale=3.5, max_sequence_length=TINY_TEXT, generator=torch.Generator().manual_seed(seed),
+                guidance_scale=guidance_scale, max_sequence_length=TINY_TEXT, generator=torch.Generator().manual_seed(seed),
                 output_type="np", **kwargs).images
 
 
@@ -177,3 +177,48 @@ def test_openai_client_images_edit_gets_the_runtime_image(img2img_path, engine, 
                 client.images.edit(image=f, prompt=PROMPTS[0], extra_body={"strength": 2})
     finally:
         assert server.stop() == 0
+
+
+# ---- FLUX.1 Fill ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fill(tmp_path_factory):
+    """tiny-fill (the tiny model with FLUX.1 Fill's 384-channel image stream) as a diffusers folder and its engine."""
+    from fluxc.build import BuildOptions, build
+    from fluxc.frontend.components import load_components, save_pipeline_folder
+    from fluxc.frontend.models import load_model
+    from fluxc.runtime import Engine
+
+    root = tmp_path_factory.mktemp("fill")
+    model = load_model("tiny-fill", dtype=torch.float32, device=torch.device("cpu"), seed=0)
+    save_pipeline_folder(str(root / "pipe"), model.module, load_components(
+        "tiny-fill", "flux1", dtype=torch.float32, device=torch.device("cpu"), seed=0))
+    build(BuildOptions(model=str(root / "pipe"), output=str(root / "fill.fluxe"), target="cpu", precision="fp32",
+                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("fill",)))
+    return str(root / "pipe"), Engine.load(str(root / "fill.fluxe"))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_fill_matches_flux_fill_pipeline(fill, photo, mask, strength):
+    """FluxFillPipeline from the same folder: masked image latents and the 8x8-per-latent mask beside the latents
+    every step, the masked image sampled from the generator after the noise."""
+    from diffusers import FluxFillPipeline
+
+    folder, engine = fill
+    pipe = FluxFillPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    got = engine.generate(PROMPTS, image=photo, mask=mask, strength=strength, steps=STEPS, guidance=30.0, seed=3,
+                          output_type="np")
+    want = run_reference(pipe, PROMPTS, photo, strength, seed=3, mask_image=mask, guidance_scale=30.0)
+    assert np.abs(got - want).max() <= 1e-3
+    with pytest.raises(FluxcError, match="This is a FLUX.1 Fill engine"):
+        engine.generate(PROMPTS[0], image=photo, steps=STEPS)
+
+
+def test_fill_and_other_models_need_their_tasks(fill, tiny_pipeline_dir, tmp_path):
+    from fluxc.build import BuildOptions, build
+
+    for model, tasks, words in ((fill[0], ("t2i",), "is a FLUX.1 Fill model"),
+                                (tiny_pipeline_dir, ("fill",), "not a FLUX.1 Fill model")):
+        with pytest.raises(FluxcError, match=words):
+            build(BuildOptions(model=model, output=str(tmp_path / "x.fluxe"), target="cpu", precision="fp32",
+                               resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=tasks))
+        assert not (tmp_path / "x.fluxe").exists()

@@ -93,7 +93,7 @@ def load_components(source: str, family: str, *, dtype, device, seed: int = 0) -
             return _random_flux2_components("tiny" if source == "tiny-flux2" else "flux2", dtype, device, seed)
         return _diffusers_flux2_components(source, dtype, device)
     if source in ARCHITECTURES:
-        return _random_components("tiny" if source == "tiny" else "flux1", dtype, device, seed)
+        return _random_components("tiny" if source.startswith("tiny") else "flux1", dtype, device, seed)
     return _diffusers_components(source, dtype, device)  # build validation admits no other source here
 
 

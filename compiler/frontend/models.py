@@ -34,6 +34,11 @@ ARCHITECTURES = {
                            joint_attention_dim=64, pooled_projection_dim=32), 13),
     "flux1-dev": ("flux1", dict(FLUX1_DEFAULTS), 512),
     "flux1-schnell": ("flux1", dict(FLUX1_DEFAULTS, guidance_embeds=False), 256),
+    # FLUX.1 Fill: the image stream takes the noisy latents (64), the masked image's latents (64) and the mask
+    # (8 x 8 pixels per latent pixel, packed 2 x 2: 256) side by side, and predicts 64 channels
+    "flux1-fill-dev": ("flux1", dict(FLUX1_DEFAULTS, in_channels=384, out_channels=64), 512),
+    "tiny-fill": ("flux1", dict(FLUX1_DEFAULTS, num_layers=2, num_single_layers=2, num_attention_heads=2,
+                                joint_attention_dim=64, pooled_projection_dim=32, in_channels=384, out_channels=64), 13),
     "flux2-dev": ("flux2", dict(), 512),
     # joint_attention_dim: 3 stacked hidden states of the tiny Mistral text encoder (compiler/frontend/components.py);
     # 48 text tokens hold its chat-formatted prompts (the system message takes about 30)

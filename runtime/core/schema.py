@@ -20,8 +20,8 @@ REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
 DEVICES = ("cpu", "cuda")
 SIDES = ("left", "right")
-TASKS = ("t2i", "img2img", "inpaint")  # what a whole-pipeline engine does (components.tasks)
-IMAGE_TASKS = ("img2img", "inpaint")  # the tasks that take an image: their engines hold the VAE encoder
+TASKS = ("t2i", "img2img", "inpaint", "fill")  # what a whole-pipeline engine does (components.tasks); fill: alone
+IMAGE_TASKS = ("img2img", "inpaint", "fill")  # the tasks that take an image: their engines hold the VAE encoder
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8",
                  "uint8", "bool", "float64")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -253,7 +253,8 @@ def _check_components(m, family, files: dict) -> None:
     _need(_get(components, "encoders", str, "components") in ENCODER_PLACEMENTS,
           f"unknown encoder placement {components['encoders']!r}")
     tasks = _strings(components, "tasks", "components", nonempty=True)
-    _need("t2i" in tasks and set(tasks) <= set(TASKS), f"components.tasks {tasks} are not among {list(TASKS)}")
+    _need(("t2i" in tasks or tasks == ["fill"]) and set(tasks) <= set(TASKS),
+          f"components.tasks {tasks} are not t2i and image tasks, or fill alone")
     tokenizers = _get(components, "tokenizers", dict, "components")
     _need(sorted(tokenizers) == sorted(family.encoders), f"its tokenizers {sorted(tokenizers)} are not "
           f"{family.name}'s {sorted(family.encoders)}")
