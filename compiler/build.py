@@ -95,7 +95,8 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
     with stages("load"):
         model, comps = _load(opts, settings)
     text_tokens = opts.text_tokens or model.default_text_tokens
-    profiles = [Profile(h, w, text_tokens, opts.batch, opts.world_size) for h, w in opts.resolutions]
+    profiles = [Profile(h, w, text_tokens, opts.batch, opts.world_size, reference="kontext" in opts.tasks)
+                for h, w in opts.resolutions]
     check_shards(model, profiles)
     with stages("trace"):
         segments = trace_model(model, profiles, settings.device, settings.dtype)

@@ -11,7 +11,7 @@ from fluxc.passes.pipeline import Pass, resolve
 from fluxc.recipes import DEFAULT_FOR_PRECISION, RECIPES, Precision, Recipe, recipe_from_dict
 from fluxc.runtime.core import targets
 from fluxc.runtime.core.bundle import check_writable
-from fluxc.runtime.core.schema import ENCODER_PLACEMENTS, TASKS
+from fluxc.runtime.core.schema import ALONE, ENCODER_PLACEMENTS, TASKS
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.profile import Profile
 
@@ -244,10 +244,13 @@ def _available_host_memory() -> int | None:
 
 def _check_tasks(opts: BuildOptions) -> None:
     unknown = [t for t in opts.tasks if t not in TASKS]
-    if unknown or ("t2i" not in opts.tasks and tuple(opts.tasks) != ("fill",)):
+    if unknown or ("t2i" not in opts.tasks and not (len(opts.tasks) == 1 and opts.tasks[0] in ALONE)):
         raise FluxcError(f"--tasks {','.join(opts.tasks)}: " + (f"unknown task {unknown[0]!r}" if unknown else
-                         "an engine does t2i (and image tasks), or fill alone") + ".",
-                         "Use --tasks t2i, t2i with img2img and/or inpaint, or fill (FLUX.1 Fill models).")
+                         "an engine does t2i (and image tasks), or fill or kontext alone") + ".",
+                         "Use --tasks t2i, t2i with img2img and/or inpaint, fill (FLUX.1 Fill models) or kontext.")
+    if "kontext" in opts.tasks and opts.world_size > 1:
+        raise FluxcError("--tasks kontext with --world-size: context parallelism does not shard the reference "
+                         "image's tokens yet.", "Build Kontext engines with --world-size 1.")
     if len(opts.tasks) > 1 and opts.transformer_only:
         raise FluxcError(f"--tasks {','.join(opts.tasks)} needs the VAE encoder; --transformer-only has no VAE.",
                          "Drop --transformer-only, or build --tasks t2i.")

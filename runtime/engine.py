@@ -48,8 +48,8 @@ class Engine:
         self.latent_channels = self.config["out_channels"] or self.config["in_channels"]
         self.fill = self.latent_channels != self.config["in_channels"]
         self.dtype = DTYPES["float32" if manifest["precision"] == "fp32" else "bfloat16"]
-        self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p["world_size"])
-                         for p in manifest["profiles"]}
+        self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p["world_size"],
+                                            p["reference"]) for p in manifest["profiles"]}
         self.world_size = self._first.world_size  # > 1: this process is one rank of a context-parallel run
         self.family = get_family(manifest["model"]["family"])
         self.components = manifest["components"]  # None: transformer only
@@ -322,11 +322,14 @@ class Engine:
         A Fill engine's image stream enters as the latents with the masked image and mask beside them."""
         if "fill_cond" in acts:
             acts = dict(acts, hidden_states=torch.cat([acts["hidden_states"], acts["fill_cond"]], dim=2))
+        if "reference" in acts:  # Kontext: the reference image's tokens after the latents'
+            acts = dict(acts, hidden_states=torch.cat([acts["hidden_states"], acts["reference"]], dim=1))
         return dict(acts) | self.run_segment("head", profile, "", acts)
 
     def tail(self, profile: Profile, acts: dict) -> torch.Tensor:
-        """noise_pred [B, S, C] from the last block's image stream."""
-        return self.run_segment("tail", profile, "", acts)["noise_pred"]
+        """noise_pred [B, S, C] from the last block's image stream (a Kontext reference's rows dropped)."""
+        noise_pred = self.run_segment("tail", profile, "", acts)["noise_pred"]
+        return noise_pred[:, :profile.image_tokens] if profile.reference else noise_pred
 
     def double_layers(self, profile: Profile) -> list[str]:
         return self._segments[("double", profile.name)][0]["layers"]
@@ -369,6 +372,10 @@ class Engine:
                                                  max_sequence_length=max_sequence_length, output_type=output_type,
                                                  cache_config=cache_config)
         start, pixels, masks = 0, None, None
+        if profile.reference:
+            return self._kontext(prompts, profile, image, steps=steps, guidance=guidance, seed=seed, generator=generator,
+                                 output_type=output_type, timings=timings, cache_config=cache_config, report=report,
+                                 step_ms=step_ms, on_step=on_step)
         if self.fill and (image is None or mask is None):
             raise FluxcError("This is a FLUX.1 Fill engine: it repaints the masked part of an image.",
                              "Pass image= and mask= (white: repaint).")
@@ -469,6 +476,34 @@ class Engine:
         h, w = profile.height // VAE_SCALE, profile.width // VAE_SCALE
         small = torch.nn.functional.interpolate(self._binary_mask(mask), size=(h, w))
         return flux_math.pack_latents(small.repeat(1, self.latent_channels // 4, 1, 1))
+
+    def _kontext(self, prompts: list[str], profile: Profile, image, *, steps, guidance, seed, generator, output_type,
+                 timings, cache_config, report, step_ms, on_step):
+        """FluxKontextPipeline with the reference at the profile's size: the noise as for text to image, the
+        reference's latents the mean of the VAE encoder's distribution (no draw), its tokens after the latents'
+        in the image stream at every step (position ids with first axis 1), their predictions dropped."""
+        if image is None:
+            raise FluxcError("This is a FLUX.1 Kontext engine: it edits a reference image.", "Pass image=.")
+        pixels, _, _ = self.check_image(image, len(prompts), profile, steps, 1.0)
+        stage = StageClock(self.device, timings)
+        with stage("encode"):
+            prompt_embeds, pooled = self.encode_prompt(prompts)
+        with stage("denoise"):
+            mean, _ = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
+                              pixels.to(self.device, self.dtype))
+            refs = flux_math.pack_latents(mean.expand(len(prompts), *mean.shape[1:]).cpu())
+            noise = self._initial_noise(len(prompts), profile, seed if generator is None else generator)
+
+            def chunk(z, embeds, ref, *pooled_chunk):
+                return [self.denoise(embeds, pooled_chunk[0] if pooled_chunk else None, height=profile.height,
+                                     width=profile.width, steps=steps, guidance=guidance, latents=z,
+                                     cache_config=cache_config, report=report, step_ms=step_ms, on_step=on_step,
+                                     reference=ref)]
+
+            latents = chunked(chunk, profile.batch, noise, prompt_embeds, refs, *[p for p in [pooled] if p is not None])[0]
+        with stage("decode"):
+            images = self.decode(latents, profile)
+        return images if output_type == "pt" else images.numpy() if output_type == "np" else to_pil(images)
 
     @staticmethod
     def _binary_mask(mask) -> torch.Tensor:
@@ -607,7 +642,8 @@ class Engine:
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: CacheConfig | None = None,
                 report: dict | None = None, step_ms: list | None = None, on_step=None, start: int = 0,
-                inpaint: tuple | None = None, fill: torch.Tensor | None = None) -> torch.Tensor:
+                inpaint: tuple | None = None, fill: torch.Tensor | None = None,
+                reference: torch.Tensor | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
@@ -646,6 +682,11 @@ class Engine:
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
         per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state.get("pooled_projections"))
+        if profile.reference:
+            if reference is None:
+                raise FluxcError("This is a FLUX.1 Kontext engine: its denoising loop needs the reference image's "
+                                 "latents.", "Call generate(prompt, image=...).")
+            state["reference"] = reference.to(self.device, self.dtype, copy=True)
         if self.fill:
             if fill is None:
                 raise FluxcError("This is a FLUX.1 Fill engine: its denoising loop needs the masked image's "

@@ -222,3 +222,30 @@ def test_fill_and_other_models_need_their_tasks(fill, tiny_pipeline_dir, tmp_pat
             build(BuildOptions(model=model, output=str(tmp_path / "x.fluxe"), target="cpu", precision="fp32",
                                resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=tasks))
         assert not (tmp_path / "x.fluxe").exists()
+
+
+# ---- FLUX.1 Kontext -------------------------------------------------------------------------------------------------
+def test_kontext_matches_flux_kontext_pipeline(tiny_pipeline_dir, photo, tmp_path):
+    """--tasks kontext (any FLUX.1 folder has Kontext's architecture): the reference's tokens after the latents' in
+    every profile's image stream, against FluxKontextPipeline with the reference at the output size (no auto
+    resize, max_area the profile's); with FBCache on, the same images as without at threshold 0."""
+    from diffusers import FluxKontextPipeline
+
+    from fluxc.build import BuildOptions, build
+    from fluxc.runtime import Engine
+
+    path = str(tmp_path / "kontext.fluxe")
+    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
+                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("kontext",)))
+    engine = Engine.load(path)
+    pipe = FluxKontextPipeline.from_pretrained(tiny_pipeline_dir, torch_dtype=torch.float32)
+    want = pipe(image=photo, prompt=PROMPTS, height=144, width=112, num_inference_steps=STEPS, guidance_scale=2.5,
+                max_sequence_length=TINY_TEXT, generator=torch.Generator().manual_seed(3), output_type="np",
+                _auto_resize=False, max_area=144 * 112).images
+    got = engine.generate(PROMPTS, image=photo, steps=STEPS, guidance=2.5, seed=3, output_type="np")
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-3
+    cached = engine.generate(PROMPTS, image=photo, steps=STEPS, guidance=2.5, seed=3, output_type="np",
+                             cache_config=CacheConfig("fbcache", 0.0))
+    assert np.array_equal(cached, got)
+    with pytest.raises(FluxcError, match="FLUX.1 Kontext engine"):
+        engine.generate(PROMPTS[0], steps=STEPS)

@@ -43,7 +43,10 @@ class Family:
         """[T + S, axes] float ids of the text tokens, then the image tokens row by row."""
         rows, cols = profile.height // 16, profile.width // 16
         r, c = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)
-        return torch.cat([self._text_ids(profile.text_tokens), self._image_ids(r, c)]).float()
+        ids = [self._text_ids(profile.text_tokens), self._image_ids(r, c)]
+        if profile.reference:  # FluxKontextPipeline: the reference's tokens, their first axis 1
+            ids.append(self._image_ids(r, c).index_fill(1, torch.tensor([0]), 1))
+        return torch.cat(ids).float()
 
     def rope_theta(self, config: dict) -> float:
         raise NotImplementedError

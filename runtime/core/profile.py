@@ -15,6 +15,7 @@ class Profile:
     text_tokens: int
     batch: int = 1
     world_size: int = 1
+    reference: bool = False  # FLUX.1 Kontext: a reference image of the same size rides in the image stream
 
     @property
     def local_text_tokens(self) -> int:
@@ -22,7 +23,8 @@ class Profile:
 
     @property
     def local_image_tokens(self) -> int:
-        return self.image_tokens // self.world_size
+        """This rank's tokens of the transformer's image stream (with a reference: the latents', then its)."""
+        return self.image_tokens * (2 if self.reference else 1) // self.world_size
 
     @property
     def name(self) -> str:

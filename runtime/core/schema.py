@@ -20,8 +20,9 @@ REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
 DEVICES = ("cpu", "cuda")
 SIDES = ("left", "right")
-TASKS = ("t2i", "img2img", "inpaint", "fill")  # what a whole-pipeline engine does (components.tasks); fill: alone
-IMAGE_TASKS = ("img2img", "inpaint", "fill")  # the tasks that take an image: their engines hold the VAE encoder
+TASKS = ("t2i", "img2img", "inpaint", "fill", "kontext")  # what a whole-pipeline engine does (components.tasks)
+ALONE = ("fill", "kontext")  # tasks an engine does by itself: FLUX.1 Fill, FLUX.1 Kontext (every profile a reference)
+IMAGE_TASKS = ("img2img", "inpaint", "fill", "kontext")  # the tasks that take an image: the VAE encoder is compiled
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8",
                  "uint8", "bool", "float64")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -137,13 +138,14 @@ def _check_profiles(m) -> dict:
         h, w = _positive(p, "height", where), _positive(p, "width", where)
         for key in ("text_tokens", "batch", "world_size"):
             _positive(p, key, where)
+        _get(p, "reference", bool, where)
         _need(h % 16 == 0 and w % 16 == 0, f"{where} is {h}x{w}, not a multiple of 16")
         _need(_get(p, "name", str, where) == f"{h}x{w}", f"{where} is named {p['name']!r}, not {h}x{w}")
         _need(_get(p, "image_tokens", int, where) == h * w // 256, f"{where}.image_tokens does not match its size")
         _need(p["name"] not in out, f"profile {p['name']} is listed twice")
         out[p["name"]] = p
-    _need(len({(p["batch"], p["text_tokens"], p["world_size"]) for p in profiles}) == 1,
-          "the profiles differ in batch, text tokens or world size")
+    _need(len({(p["batch"], p["text_tokens"], p["world_size"], p["reference"]) for p in profiles}) == 1,
+          "the profiles differ in batch, text tokens, world size or reference")
     return out
 
 
@@ -253,8 +255,8 @@ def _check_components(m, family, files: dict) -> None:
     _need(_get(components, "encoders", str, "components") in ENCODER_PLACEMENTS,
           f"unknown encoder placement {components['encoders']!r}")
     tasks = _strings(components, "tasks", "components", nonempty=True)
-    _need(("t2i" in tasks or tasks == ["fill"]) and set(tasks) <= set(TASKS),
-          f"components.tasks {tasks} are not t2i and image tasks, or fill alone")
+    _need(("t2i" in tasks or (len(tasks) == 1 and tasks[0] in ALONE)) and set(tasks) <= set(TASKS),
+          f"components.tasks {tasks} are not t2i and image tasks, or fill or kontext alone")
     tokenizers = _get(components, "tokenizers", dict, "components")
     _need(sorted(tokenizers) == sorted(family.encoders), f"its tokenizers {sorted(tokenizers)} are not "
           f"{family.name}'s {sorted(family.encoders)}")
