@@ -95,8 +95,8 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
     with stages("load"):
         model, comps = _load(opts, settings)
     text_tokens = opts.text_tokens or model.default_text_tokens
-    profiles = [Profile(h, w, text_tokens, opts.batch, opts.world_size, reference="kontext" in opts.tasks)
-                for h, w in opts.resolutions]
+    references = 1 if "kontext" in opts.tasks else opts.references if "references" in opts.tasks else 0
+    profiles = [Profile(h, w, text_tokens, opts.batch, opts.world_size, references) for h, w in opts.resolutions]
     check_shards(model, profiles)
     with stages("trace"):
         segments = trace_model(model, profiles, settings.device, settings.dtype)
@@ -138,6 +138,10 @@ def _load(opts: BuildOptions, settings: Settings):
                                                   if fill else "not a FLUX.1 Fill model (its transformer takes "
                                                   "latents only), so --tasks fill does not apply."),
                          "Build Fill models with --tasks fill, and other models with t2i (and img2img, inpaint).")
+    wanted = {"kontext": "flux1", "references": "flux2"}.get(opts.tasks[0])
+    if wanted and model.family != wanted:
+        raise FluxcError(f"--tasks {opts.tasks[0]} is for {wanted} models; '{opts.model}' is {model.family}.",
+                         "Use --tasks kontext for FLUX.1 (Kontext) and --tasks references for FLUX.2.")
     if len(opts.tasks) > 1 and model.family != "flux1":
         raise FluxcError(f"--tasks {','.join(opts.tasks)}: image input is built for FLUX.1 so far; '{opts.model}' is "
                          f"{model.family}.",

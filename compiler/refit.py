@@ -55,7 +55,8 @@ def _options(m: dict, model: str, output: str, sign_key: str | None) -> BuildOpt
         batch=profiles[0]["batch"], backend=m["backend"]["name"], transformer_only=m["components"] is None,
         encoders=m["components"] and m["components"]["encoders"], cache=m["cache"]["config"],
         world_size=profiles[0]["world_size"], sign_key=sign_key,
-        tasks=tuple(m["components"]["tasks"]) if m["components"] else ("t2i",))
+        tasks=tuple(m["components"]["tasks"]) if m["components"] else ("t2i",),
+        references=max(1, profiles[0]["references"]))
 
 
 class _Reuse:

@@ -40,7 +40,8 @@ class BuildOptions:
     cache: dict | None = None  # CacheConfig fields over the recipe's default step-skipping policy (--cache ...)
     world_size: int = 1  # ranks one image's tokens are split over (context parallelism, runtime/parallel.py)
     sign_key: str | None = None  # Ed25519 private key (PEM) to sign the engine with (runtime/core/signing.py)
-    tasks: tuple[str, ...] = ("t2i",)  # what the engine does: t2i, and img2img (adds the VAE encoder segment)
+    tasks: tuple[str, ...] = ("t2i",)  # what the engine does: t2i (+ img2img, inpaint), or fill, kontext, references
+    references: int = 1  # with --tasks references (FLUX.2): reference images per edit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,11 +247,15 @@ def _check_tasks(opts: BuildOptions) -> None:
     unknown = [t for t in opts.tasks if t not in TASKS]
     if unknown or ("t2i" not in opts.tasks and not (len(opts.tasks) == 1 and opts.tasks[0] in ALONE)):
         raise FluxcError(f"--tasks {','.join(opts.tasks)}: " + (f"unknown task {unknown[0]!r}" if unknown else
-                         "an engine does t2i (and image tasks), or fill or kontext alone") + ".",
-                         "Use --tasks t2i, t2i with img2img and/or inpaint, fill (FLUX.1 Fill models) or kontext.")
-    if "kontext" in opts.tasks and opts.world_size > 1:
-        raise FluxcError("--tasks kontext with --world-size: context parallelism does not shard the reference "
-                         "image's tokens yet.", "Build Kontext engines with --world-size 1.")
+                         "an engine does t2i (and image tasks), or fill, kontext or references alone") + ".",
+                         "Use --tasks t2i, t2i with img2img and/or inpaint, fill (FLUX.1 Fill models), kontext "
+                         "(FLUX.1 Kontext) or references (FLUX.2).")
+    if {"kontext", "references"} & set(opts.tasks) and opts.world_size > 1:
+        raise FluxcError(f"--tasks {opts.tasks[0]} with --world-size: context parallelism does not shard the reference "
+                         "images' tokens yet.", "Build reference-editing engines with --world-size 1.")
+    if "references" in opts.tasks and not 1 <= opts.references <= 4:
+        raise FluxcError(f"--references {opts.references}: an engine takes 1 to 4 reference images.",
+                         "Use --references 1 to 4.")
     if len(opts.tasks) > 1 and opts.transformer_only:
         raise FluxcError(f"--tasks {','.join(opts.tasks)} needs the VAE encoder; --transformer-only has no VAE.",
                          "Drop --transformer-only, or build --tasks t2i.")

@@ -49,7 +49,7 @@ class Engine:
         self.fill = self.latent_channels != self.config["in_channels"]
         self.dtype = DTYPES["float32" if manifest["precision"] == "fp32" else "bfloat16"]
         self.profiles = {p["name"]: Profile(p["height"], p["width"], p["text_tokens"], p["batch"], p["world_size"],
-                                            p["reference"]) for p in manifest["profiles"]}
+                                            p["references"]) for p in manifest["profiles"]}
         self.world_size = self._first.world_size  # > 1: this process is one rank of a context-parallel run
         self.family = get_family(manifest["model"]["family"])
         self.components = manifest["components"]  # None: transformer only
@@ -322,14 +322,14 @@ class Engine:
         A Fill engine's image stream enters as the latents with the masked image and mask beside them."""
         if "fill_cond" in acts:
             acts = dict(acts, hidden_states=torch.cat([acts["hidden_states"], acts["fill_cond"]], dim=2))
-        if "reference" in acts:  # Kontext: the reference image's tokens after the latents'
-            acts = dict(acts, hidden_states=torch.cat([acts["hidden_states"], acts["reference"]], dim=1))
+        if "references" in acts:  # Kontext, FLUX.2: the reference images' tokens after the latents'
+            acts = dict(acts, hidden_states=torch.cat([acts["hidden_states"], acts["references"]], dim=1))
         return dict(acts) | self.run_segment("head", profile, "", acts)
 
     def tail(self, profile: Profile, acts: dict) -> torch.Tensor:
-        """noise_pred [B, S, C] from the last block's image stream (a Kontext reference's rows dropped)."""
+        """noise_pred [B, S, C] from the last block's image stream (the references' rows dropped)."""
         noise_pred = self.run_segment("tail", profile, "", acts)["noise_pred"]
-        return noise_pred[:, :profile.image_tokens] if profile.reference else noise_pred
+        return noise_pred[:, :profile.image_tokens] if profile.references else noise_pred
 
     def double_layers(self, profile: Profile) -> list[str]:
         return self._segments[("double", profile.name)][0]["layers"]
@@ -372,8 +372,8 @@ class Engine:
                                                  max_sequence_length=max_sequence_length, output_type=output_type,
                                                  cache_config=cache_config)
         start, pixels, masks = 0, None, None
-        if profile.reference:
-            return self._kontext(prompts, profile, image, steps=steps, guidance=guidance, seed=seed, generator=generator,
+        if profile.references:
+            return self._edit(prompts, profile, image, steps=steps, guidance=guidance, seed=seed, generator=generator,
                                  output_type=output_type, timings=timings, cache_config=cache_config, report=report,
                                  step_ms=step_ms, on_step=on_step)
         if self.fill and (image is None or mask is None):
@@ -477,28 +477,33 @@ class Engine:
         small = torch.nn.functional.interpolate(self._binary_mask(mask), size=(h, w))
         return flux_math.pack_latents(small.repeat(1, self.latent_channels // 4, 1, 1))
 
-    def _kontext(self, prompts: list[str], profile: Profile, image, *, steps, guidance, seed, generator, output_type,
-                 timings, cache_config, report, step_ms, on_step):
-        """FluxKontextPipeline with the reference at the profile's size: the noise as for text to image, the
-        reference's latents the mean of the VAE encoder's distribution (no draw), its tokens after the latents'
-        in the image stream at every step (position ids with first axis 1), their predictions dropped."""
-        if image is None:
-            raise FluxcError("This is a FLUX.1 Kontext engine: it edits a reference image.", "Pass image=.")
-        pixels, _, _ = self.check_image(image, len(prompts), profile, steps, 1.0)
+    def _edit(self, prompts: list[str], profile: Profile, image, *, steps, guidance, seed, generator, output_type,
+              timings, cache_config, report, step_ms, on_step):
+        """Reference-image editing at the profile's size, FluxKontextPipeline's (one reference) or Flux2Pipeline's
+        (image=[...]): the noise as for text to image, each reference's latents the mean of the VAE encoder's
+        distribution (no draw), their tokens after the latents' in the image stream at every step (each reference
+        its own first position-id axis), their predictions dropped."""
+        images = image if isinstance(image, (list, tuple)) else [image] if image is not None else []
+        if len(images) != profile.references:
+            raise FluxcError(f"This engine edits with {profile.references} reference image(s); {len(images)} were "
+                             "given.", f"Pass image= with {profile.references} image(s) of the profile's size, or "
+                             "build --references N for another count.")
+        pixels = torch.cat([self.check_image(im, 1, profile, steps, 1.0)[0] for im in images])
         stage = StageClock(self.device, timings)
         with stage("encode"):
             prompt_embeds, pooled = self.encode_prompt(prompts)
         with stage("denoise"):
             mean, _ = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
                               pixels.to(self.device, self.dtype))
-            refs = flux_math.pack_latents(mean.expand(len(prompts), *mean.shape[1:]).cpu())
+            refs = torch.cat(list(self.family.pack_grid(mean.cpu()).unbind(0)))[None]  # [1, R * S, C]
+            refs = refs.expand(len(prompts), *refs.shape[1:])
             noise = self._initial_noise(len(prompts), profile, seed if generator is None else generator)
 
             def chunk(z, embeds, ref, *pooled_chunk):
                 return [self.denoise(embeds, pooled_chunk[0] if pooled_chunk else None, height=profile.height,
                                      width=profile.width, steps=steps, guidance=guidance, latents=z,
                                      cache_config=cache_config, report=report, step_ms=step_ms, on_step=on_step,
-                                     reference=ref)]
+                                     references=ref)]
 
             latents = chunked(chunk, profile.batch, noise, prompt_embeds, refs, *[p for p in [pooled] if p is not None])[0]
         with stage("decode"):
@@ -643,7 +648,7 @@ class Engine:
                 cuda_graph: bool = True, cache_config: CacheConfig | None = None,
                 report: dict | None = None, step_ms: list | None = None, on_step=None, start: int = 0,
                 inpaint: tuple | None = None, fill: torch.Tensor | None = None,
-                reference: torch.Tensor | None = None) -> torch.Tensor:
+                references: torch.Tensor | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
@@ -682,11 +687,11 @@ class Engine:
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
         per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state.get("pooled_projections"))
-        if profile.reference:
-            if reference is None:
-                raise FluxcError("This is a FLUX.1 Kontext engine: its denoising loop needs the reference image's "
+        if profile.references:
+            if references is None:
+                raise FluxcError("This is a reference-editing engine: its denoising loop needs the reference images' "
                                  "latents.", "Call generate(prompt, image=...).")
-            state["reference"] = reference.to(self.device, self.dtype, copy=True)
+            state["references"] = references.to(self.device, self.dtype, copy=True)
         if self.fill:
             if fill is None:
                 raise FluxcError("This is a FLUX.1 Fill engine: its denoising loop needs the masked image's "

@@ -201,3 +201,35 @@ def test_fluxc_run_writes_a_flux2_png(flux2_pipeline, tmp_path):
     assert result.exit_code == 0, result.output
     want = Engine.load(path).generate("a red fox in fresh snow", steps=3, seed=1, guidance=3.5)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+
+
+def test_flux2_reference_images_equal_flux2_pipeline(flux2_pipeline, tmp_path):
+    """--tasks references --references 2: two reference images (profile size) after the latents in the image stream,
+    each with its own time coordinate (10, 20), against Flux2Pipeline(image=[a, b]) from the same folder."""
+    import numpy as np
+    from diffusers import Flux2Pipeline
+    from PIL import Image
+
+    from fluxc.build import BuildOptions, build
+    from fluxc.runtime import Engine
+    from fluxc.runtime.core.errors import FluxcError
+
+    folder, _ = flux2_pipeline
+    path = str(tmp_path / "refs.fluxe")
+    build(BuildOptions(model=folder, output=path, target="cpu", precision="fp32", resolutions=(SIZE,),
+                       text_tokens=PIPE_TEXT, tasks=("references",), references=2))
+    y, x = np.mgrid[:SIZE[0], :SIZE[1]] / np.array(SIZE)[:, None, None]
+    a = Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8))
+    b = Image.fromarray((np.stack([1 - y, x, 0.5 + 0 * x], -1) * 255).astype(np.uint8))
+    pipe = Flux2Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    prompts = ["put the fox in the second picture", "a lighthouse"]
+    want = pipe(image=[a, b], prompt=prompts, height=SIZE[0], width=SIZE[1], num_inference_steps=4, guidance_scale=4.0,
+                max_sequence_length=PIPE_TEXT, text_encoder_out_layers=(1, 2, 3),
+                generator=torch.Generator().manual_seed(3), output_type="np").images
+    engine = Engine.load(path)
+    got = engine.generate(prompts, image=[a, b], steps=4, guidance=4.0, seed=3, output_type="np")
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-3
+    one = engine.generate(prompts, image=[a, a], steps=4, guidance=4.0, seed=3, output_type="np")
+    assert np.abs(one - got).max() > 5e-3  # the second reference really conditions the result (0.023 measured)
+    with pytest.raises(FluxcError, match="edits with 2 reference image"):
+        engine.generate(prompts[0], image=a, steps=4)

@@ -38,11 +38,15 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
               help="Sign the engine with this Ed25519 private key (PEM; fluxc keygen makes one).")
 @click.option("--tasks", default="t2i", show_default=True,
               help="What the engine does: t2i, and img2img / inpaint (both add the VAE encoder: fluxc run --image "
-                   "[--mask]; FLUX.1), e.g. t2i,img2img,inpaint.")
+                   "[--mask]; FLUX.1), e.g. t2i,img2img,inpaint; or alone: fill (FLUX.1 Fill), kontext (FLUX.1 "
+                   "Kontext), references (FLUX.2 reference images, --references N).")
+@click.option("--references", type=int, default=1, show_default=True,
+              help="With --tasks references: how many reference images an edit takes (each of the output's size).")
 @cache_options
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine directory to write (*.fluxe).")
 def command(model, target, precision, recipe, resolutions, text_tokens, batch, seed, dump_ir, transformer_only,
-            encoders, calibrate, stage, from_plan, explain, backend, world_size, sign_key, tasks, output, **cache):
+            encoders, calibrate, stage, from_plan, explain, backend, world_size, sign_key, tasks, references, output,
+            **cache):
     """Compile a FLUX pipeline (text encoders, transformer, VAE decoder) into an engine.
 
     Typical use: fluxc build --model flux1-dev --precision bf16 --resolution 1024x1024 -o dev.fluxe
@@ -63,7 +67,7 @@ def command(model, target, precision, recipe, resolutions, text_tokens, batch, s
                         batch=batch, seed=seed, dump_ir=dump_ir,
                         transformer_only=transformer_only, encoders=encoders, calibrate=calibrate, stage=stage,
                         from_plan=from_plan, backend=backend, world_size=world_size, cache=cache_overrides(**cache),
-                        sign_key=sign_key, tasks=tuple(t.strip() for t in tasks.split(",")))
+                        sign_key=sign_key, tasks=tuple(t.strip() for t in tasks.split(",")), references=references)
 
     from fluxc.cli.progress import stage_reporter
 

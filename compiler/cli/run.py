@@ -100,7 +100,7 @@ def _generate(engine: str, load: dict, prompts: list[str], settings: dict, overr
     timings, report = {}, {}
     profile = eng.profile_for(settings["height"], settings["width"])
     chunks, steps = -(-len(prompts) // profile.batch), settings["steps"]
-    if "image" in settings and not profile.reference:  # image to image runs the last steps of the schedule only
+    if "image" in settings and not profile.references:  # image to image runs the last steps of the schedule only
         steps -= eng.check_image(settings["image"], len(prompts), profile, steps, settings["strength"],
                                  settings.get("mask"))[1]
     with progress_bar(steps * chunks, "denoise", show=parallel.rank() == 0) as advance:

@@ -294,6 +294,35 @@ class _VaeEncode(torch.nn.Module):
         return dict(image=image.to(dtype))
 
 
+class _Flux2VaeEncode(torch.nn.Module):
+    """Flux2Pipeline._encode_vae_image without the draw: the encoder's mean (argmax), 2x2 patchified and normalized by
+    the VAE's batch-norm statistics -> [B, 4C, H/16, W/16], the transformer's latent grid (std likewise, unused)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv if vae.quant_conv is not None else None
+        bn = vae.bn
+        self.register_buffer("bn_mean", bn.running_mean.detach().clone())
+        self.register_buffer("bn_std", torch.sqrt(bn.running_var.detach() + vae.config.batch_norm_eps))
+
+    @staticmethod
+    def _patchify(z):  # Flux2Pipeline._patchify_latents
+        b, c, h, w = z.shape
+        return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+
+    def forward(self, image):
+        h = self.encoder(image)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = torch.chunk(h, 2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        mean_bn, std_bn = self.bn_mean.view(1, -1, 1, 1), self.bn_std.view(1, -1, 1, 1)
+        return (self._patchify(mean) - mean_bn) / std_bn, self._patchify(std) / std_bn
+
+    example = _VaeEncode.example
+
+
 _WRAPPERS = {"flux1": (_Head, _Block, _SingleJoint), "flux2": (_Flux2Head, _Flux2Block, _Flux2SingleJoint)}  # head, blocks
 
 
@@ -315,7 +344,8 @@ def component_modules(comps, tasks=("t2i",)) -> dict[str, tuple[torch.nn.Module,
     img2img or inpaint among the tasks, the VAE encoder too."""
     if isinstance(comps, Flux2Components):
         mistral = _MistralHidden(comps.text_encoder, comps.text_layers, comps.tokenizer.padding_side)
-        return {"mistral": (mistral, ["text_encoder"]), "vae": (_Flux2VaeDecode(comps.vae), ["vae"])}
+        encoder = {"vae_encoder": (_Flux2VaeEncode(comps.vae), ["vae"])} if set(IMAGE_TASKS) & set(tasks) else {}
+        return {"mistral": (mistral, ["text_encoder"]), "vae": (_Flux2VaeDecode(comps.vae), ["vae"])} | encoder
     encoder = {"vae_encoder": (_VaeEncode(comps.vae), ["vae"])} if set(IMAGE_TASKS) & set(tasks) else {}
     return {"clip": (_ClipPooled(comps.clip), ["text_encoder"]), "t5": (_T5Hidden(comps.t5), ["text_encoder_2"]),
             "vae": (_VaeDecode(comps.vae), ["vae"])} | encoder

@@ -44,9 +44,17 @@ class Family:
         rows, cols = profile.height // 16, profile.width // 16
         r, c = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)
         ids = [self._text_ids(profile.text_tokens), self._image_ids(r, c)]
-        if profile.reference:  # FluxKontextPipeline: the reference's tokens, their first axis 1
-            ids.append(self._image_ids(r, c).index_fill(1, torch.tensor([0]), 1))
+        for i in range(profile.references):  # the references' tokens, each its own first-axis (time) coordinate
+            ids.append(self._image_ids(r, c).index_fill(1, torch.tensor([0]), self.reference_time(i)))
         return torch.cat(ids).float()
+
+    def reference_time(self, i: int) -> int:
+        """The first position-id axis of reference image i's tokens."""
+        raise NotImplementedError
+
+    def pack_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """A latent grid as the transformer's tokens [B, S, C] (FLUX.1: 2x2 patches; FLUX.2: patchified already)."""
+        raise NotImplementedError
 
     def rope_theta(self, config: dict) -> float:
         raise NotImplementedError
@@ -85,6 +93,12 @@ class Flux1(Family):
     def _image_ids(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.zeros_like(r), r, c], 1)
 
+    def reference_time(self, i):
+        return 1  # FluxKontextPipeline: image_ids[..., 0] = 1 (one reference)
+
+    def pack_grid(self, grid):
+        return flux_math.pack_latents(grid)
+
     def rope_theta(self, config):
         return flux_math.ROPE_THETA  # fixed in FluxTransformer2DModel: a config entry would not change diffusers
 
@@ -120,6 +134,12 @@ class Flux2(Family):
         zeros = torch.zeros_like(r)
         return torch.stack([zeros, r, c, zeros], 1)
 
+    def reference_time(self, i):
+        return 10 + 10 * i  # Flux2Pipeline._prepare_image_ids: scale + scale * i, scale 10
+
+    def pack_grid(self, grid):
+        return grid.flatten(2).transpose(1, 2).contiguous()
+
     def rope_theta(self, config):
         return config["rope_theta"]
 
@@ -128,7 +148,7 @@ class Flux2(Family):
         gen = flux_math.generator(seed)
         h, w = profile.height // 16, profile.width // 16
         noise = torch.randn((n, in_channels, h, w), generator=gen, dtype=dtype, device=gen.device)
-        return noise.flatten(2).transpose(1, 2).contiguous()
+        return self.pack_grid(noise)
 
     def unpack_latents(self, packed, profile):
         """The patchified grid [B, C, H/16, W/16] (Flux2Pipeline then de-normalizes with the VAE's batch-norm

@@ -15,7 +15,7 @@ class Profile:
     text_tokens: int
     batch: int = 1
     world_size: int = 1
-    reference: bool = False  # FLUX.1 Kontext: a reference image of the same size rides in the image stream
+    references: int = 0  # reference images of the same size in the image stream (FLUX.1 Kontext: 1; FLUX.2: 1 or more)
 
     @property
     def local_text_tokens(self) -> int:
@@ -23,8 +23,8 @@ class Profile:
 
     @property
     def local_image_tokens(self) -> int:
-        """This rank's tokens of the transformer's image stream (with a reference: the latents', then its)."""
-        return self.image_tokens * (2 if self.reference else 1) // self.world_size
+        """This rank's tokens of the transformer's image stream (with references: the latents', then theirs)."""
+        return self.image_tokens * (1 + self.references) // self.world_size
 
     @property
     def name(self) -> str:

@@ -20,9 +20,10 @@ REBUILD = "Rebuild the engine or copy it again whole; never edit engine files by
 PRECISIONS = ("fp32", "bf16", "fp8", "nvfp4")
 DEVICES = ("cpu", "cuda")
 SIDES = ("left", "right")
-TASKS = ("t2i", "img2img", "inpaint", "fill", "kontext")  # what a whole-pipeline engine does (components.tasks)
-ALONE = ("fill", "kontext")  # tasks an engine does by itself: FLUX.1 Fill, FLUX.1 Kontext (every profile a reference)
-IMAGE_TASKS = ("img2img", "inpaint", "fill", "kontext")  # the tasks that take an image: the VAE encoder is compiled
+TASKS = ("t2i", "img2img", "inpaint", "fill", "kontext", "references")  # what an engine does (components.tasks)
+# tasks an engine does by itself: FLUX.1 Fill; FLUX.1 Kontext and FLUX.2 reference editing (profiles with references)
+ALONE = ("fill", "kontext", "references")
+IMAGE_TASKS = ALONE + ("img2img", "inpaint")  # the tasks that take an image: the VAE encoder is compiled
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int64", "int32", "int16", "int8",
                  "uint8", "bool", "float64")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -138,14 +139,14 @@ def _check_profiles(m) -> dict:
         h, w = _positive(p, "height", where), _positive(p, "width", where)
         for key in ("text_tokens", "batch", "world_size"):
             _positive(p, key, where)
-        _get(p, "reference", bool, where)
+        _need(_get(p, "references", int, where) >= 0, f"{where}.references is negative")
         _need(h % 16 == 0 and w % 16 == 0, f"{where} is {h}x{w}, not a multiple of 16")
         _need(_get(p, "name", str, where) == f"{h}x{w}", f"{where} is named {p['name']!r}, not {h}x{w}")
         _need(_get(p, "image_tokens", int, where) == h * w // 256, f"{where}.image_tokens does not match its size")
         _need(p["name"] not in out, f"profile {p['name']} is listed twice")
         out[p["name"]] = p
-    _need(len({(p["batch"], p["text_tokens"], p["world_size"], p["reference"]) for p in profiles}) == 1,
-          "the profiles differ in batch, text tokens, world size or reference")
+    _need(len({(p["batch"], p["text_tokens"], p["world_size"], p["references"]) for p in profiles}) == 1,
+          "the profiles differ in batch, text tokens, world size or references")
     return out
 
 
@@ -256,7 +257,7 @@ def _check_components(m, family, files: dict) -> None:
           f"unknown encoder placement {components['encoders']!r}")
     tasks = _strings(components, "tasks", "components", nonempty=True)
     _need(("t2i" in tasks or (len(tasks) == 1 and tasks[0] in ALONE)) and set(tasks) <= set(TASKS),
-          f"components.tasks {tasks} are not t2i and image tasks, or fill or kontext alone")
+          f"components.tasks {tasks} are not t2i and image tasks, or fill, kontext or references alone")
     tokenizers = _get(components, "tokenizers", dict, "components")
     _need(sorted(tokenizers) == sorted(family.encoders), f"its tokenizers {sorted(tokenizers)} are not "
           f"{family.name}'s {sorted(family.encoders)}")
