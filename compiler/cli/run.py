@@ -28,8 +28,9 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
                    "--nproc-per-node N -m fluxc.runtime ENGINE --prompt ... -o OUT.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (PEM); repeat for several. Given, the engine must be signed by one of them.")
-@click.option("--image", type=click.Path(dir_okay=False), default=None,
-              help="Image to image: start from this image (an engine built with --tasks t2i,img2img).")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Start from this image (--tasks img2img, inpaint, fill), or edit it (kontext; repeat for a FLUX.2 "
+                   "engine's references).")
 @click.option("--mask", type=click.Path(dir_okay=False), default=None,
               help="With --image: inpaint; white repaints, black keeps (an engine built with --tasks ...,inpaint).")
 @click.option("--strength", type=float, default=0.6, show_default=True,
@@ -39,7 +40,7 @@ from fluxc.cli.cache_options import cache_options, cache_overrides
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Image out (.png, .jpg, .webp), or latents (.safetensors) from embeddings.")
 def command(engine, prompt, prompts_file, embeddings, height, width, steps, guidance, seed, encoders, cache_schedule,
-            verbose, gpus, trusted_keys, image, mask, strength, loras, output, **cache):
+            verbose, gpus, trusted_keys, images, mask, strength, loras, output, **cache):
     """Generate images from prompts with an engine (or latents from prompt embeddings).
 
     Typical use: fluxc run dev.fluxe --prompt "a photo of a cat" --steps 28 --seed 0 -o cat.png
@@ -66,8 +67,9 @@ def command(engine, prompt, prompts_file, embeddings, height, width, steps, guid
     from fluxc.runtime import parallel
 
     settings = dict(height=height, width=width, steps=steps, guidance=guidance, seed=seed)
-    if image is not None:
-        settings |= dict(image=_read_image(image), strength=strength)
+    if images:
+        read = [_read_image(path) for path in images]
+        settings |= dict(image=read[0] if len(read) == 1 else read, strength=strength)
         if mask is not None:
             settings["mask"] = _read_image(mask).convert("L")
     elif mask is not None:
