@@ -374,8 +374,8 @@ class Engine:
         start, pixels, masks = 0, None, None
         if profile.references:
             return self._edit(prompts, profile, image, steps=steps, guidance=guidance, seed=seed, generator=generator,
-                                 output_type=output_type, timings=timings, cache_config=cache_config, report=report,
-                                 step_ms=step_ms, on_step=on_step)
+                              output_type=output_type, timings=timings, cache_config=cache_config, report=report,
+                              step_ms=step_ms, on_step=on_step)
         if self.fill and (image is None or mask is None):
             raise FluxcError("This is a FLUX.1 Fill engine: it repaints the masked part of an image.",
                              "Pass image= and mask= (white: repaint).")
