@@ -412,11 +412,7 @@ class Engine:
                               *extra)[0]
         with stage("decode"):
             images = self.decode(latents, profile)
-        if output_type == "pt":
-            return images
-        if output_type == "np":
-            return images.numpy()
-        return to_pil(images)
+        return _as_output(images, output_type)
 
     def check_generation(self, prompt, *, height: int | None = None, width: int | None = None, steps: int = 28,
                          guidance: float = 3.5, max_sequence_length: int | None = None, output_type: str = "pil",
@@ -508,7 +504,7 @@ class Engine:
             latents = chunked(chunk, profile.batch, noise, prompt_embeds, refs, *[p for p in [pooled] if p is not None])[0]
         with stage("decode"):
             images = self.decode(latents, profile)
-        return images if output_type == "pt" else images.numpy() if output_type == "np" else to_pil(images)
+        return _as_output(images, output_type)
 
     @staticmethod
     def _binary_mask(mask) -> torch.Tensor:
@@ -873,6 +869,11 @@ def _transformer_only_error() -> FluxcError:
     return FluxcError("This engine was built with --transformer-only: it has no tokenizers, text encoders or VAE.",
                       "Rebuild it without --transformer-only, or pass prompt embeddings "
                       "(`fluxc run --embeddings`, Engine.denoise).")
+
+
+def _as_output(images: torch.Tensor, output_type: str):
+    """Images [N, H, W, 3] in [0, 1] as generate's output_type asks: the tensor, a numpy array, or PIL images."""
+    return images if output_type == "pt" else images.numpy() if output_type == "np" else to_pil(images)
 
 
 def to_pil(images: torch.Tensor) -> list:
