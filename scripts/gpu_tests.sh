@@ -20,6 +20,9 @@
 #   serve           fluxc serve on a signed FLUX.1-dev whole-pipeline engine ($SERVE_PRECISION, default fp8;
 #                   $SERVE_BATCH, default 1): $SERVE_STAGES start (cold start, process start to ready) and/or
 #                   load (1, 4, 16 clients, Engine.generate direct), default start  -> $OUT/bench_serve.json
+#   edit            FLUX.1 Kontext edit and img2img at strength 0.6, bf16 and fp8 engines vs FluxKontextPipeline /
+#                   FluxImg2ImgPipeline eager and torch.compile ($EDIT_TASKS, default kontext,img2img)
+#                                                                               -> $OUT/bench_edit.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -51,6 +54,8 @@ for job in "${@:-tests}"; do
     load) python3 scripts/bench_load.py --out "$OUT/bench_load.json" 2>&1 | tee "$OUT/bench_load.log" || rc=1 ;;
     serve) python3 scripts/bench_serve.py --stage "${SERVE_STAGES:-start}" --precision "${SERVE_PRECISION:-fp8}" \
              --batch "${SERVE_BATCH:-1}" --out "$OUT/bench_serve.json" 2>&1 | tee "$OUT/bench_serve.log" || rc=1 ;;
+    edit) python3 scripts/bench_edit.py --tasks "${EDIT_TASKS:-kontext,img2img}" --out "$OUT/bench_edit.json" \
+             2>&1 | tee "$OUT/bench_edit.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
