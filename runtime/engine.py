@@ -373,6 +373,9 @@ class Engine:
                                                  cache_config=cache_config)
         start, pixels, masks = 0, None, None
         if profile.references:
+            if mask is not None:
+                raise FluxcError("A reference-editing engine takes no mask: the prompt says what to change.",
+                                 "Drop the mask, or build --tasks t2i,inpaint for masked repainting.")
             return self._edit(prompts, profile, image, steps=steps, guidance=guidance, seed=seed, generator=generator,
                               output_type=output_type, timings=timings, cache_config=cache_config, report=report,
                               step_ms=step_ms, on_step=on_step)
