@@ -36,7 +36,6 @@ from fluxc.runtime.loaders import LOADERS
 from fluxc.runtime.loop import CachedStep, StageClock, Step, StepClock, chunked
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-INPAINT_STATE = ("inpaint_mask", "inpaint_image", "inpaint_noise")  # the loop state the inpainting blend reads
 SCHEDULE = "_schedule"  # kind suffix of a segment hoist_schedule split off its kind's segment
 
 
@@ -165,9 +164,7 @@ class Engine:
                             else:
                                 self._weights[key].append(place(f.get_tensor(name)))
             read_to_gpu(path, to_gpu)
-        except SafetensorError as e:
-            raise FluxcError(f"Cannot read {WEIGHTS} of '{self.path}': {e}.", REBUILD) from None
-        except OSError as e:
+        except (SafetensorError, OSError) as e:
             raise FluxcError(f"Cannot read {WEIGHTS} of '{self.path}': {e}.", REBUILD) from None
 
     def _placer(self, seg: dict):
@@ -376,13 +373,11 @@ class Engine:
             if mask is not None:
                 raise FluxcError("A reference-editing engine takes no mask: the prompt says what to change.",
                                  "Drop the mask, or build --tasks t2i,inpaint for masked repainting.")
-            return self._edit(prompts, profile, image, steps=steps, guidance=guidance, seed=seed, generator=generator,
-                              output_type=output_type, timings=timings, cache_config=cache_config, report=report,
-                              step_ms=step_ms, on_step=on_step)
-        if self.fill and (image is None or mask is None):
+            pixels = self._reference_pixels(image, profile, steps)
+        elif self.fill and (image is None or mask is None):
             raise FluxcError("This is a FLUX.1 Fill engine: it repaints the masked part of an image.",
                              "Pass image= and mask= (white: repaint).")
-        if image is not None:
+        elif image is not None:
             pixels, start, masks = self.check_image(image, len(prompts), profile, steps, strength, mask)
         elif mask is not None:
             raise FluxcError("A mask was given without an image.", "Pass the image the mask belongs to (image=...).")
@@ -390,29 +385,33 @@ class Engine:
         with stage("encode"):
             prompt_embeds, pooled = self.encode_prompt(prompts)
         with stage("denoise"):
-            seeds = seed if generator is None else generator
-            extra = ()  # inpainting: (mask, image latents, noise), what the blend reads; Fill: (its conditioning,)
-            if pixels is None:
-                noise = self._initial_noise(len(prompts), profile, seeds)
-            elif self.fill:
-                noise, _, _, cond = self._image_noise(pixels, len(prompts), profile, steps, start, seeds, mask)
-                extra = (cond,)
+            n, seeds = len(prompts), seed if generator is None else generator
+            conditions = {}  # the loop state an image task adds (Engine.denoise), per prompt
+            if pixels is None or profile.references:
+                noise = self._initial_noise(n, profile, seeds)
+                if profile.references:  # the references' latents: the encoder's mean, their tokens one after another
+                    mean, _ = self._encode_image(pixels, profile)
+                    refs = torch.cat(list(self.family.pack_grid(mean).unbind(0)))[None]  # [1, R * S, C]
+                    conditions["references"] = refs.expand(n, *refs.shape[1:])
             else:
-                noise, image_latents, fresh = self._image_noise(pixels, len(prompts), profile, steps, start, seeds)
-                if masks is not None:
-                    extra = (masks.expand(len(prompts), *masks.shape[1:]), image_latents, fresh)
+                noise, image_latents, fresh, fill = self._image_noise(pixels, n, profile, steps, start, seeds,
+                                                                      mask if self.fill else None)
+                if self.fill:
+                    conditions["fill_cond"] = fill
+                elif masks is not None:
+                    conditions |= {"inpaint_mask": masks.expand(n, *masks.shape[1:]), "inpaint_image": image_latents,
+                                   "inpaint_noise": fresh}
+            names = list(conditions)
 
-            def chunk(z, embeds, *rest):  # rest: the pooled embedding (FLUX.1), then the extra tensors
+            def chunk(z, embeds, *rest):  # rest: the pooled embedding (FLUX.1), then the conditions
                 pooled_chunk = rest[0] if pooled is not None else None
-                extra_chunk = rest[pooled is not None:]
                 return [self.denoise(embeds, pooled_chunk, height=profile.height, width=profile.width, steps=steps,
                                      guidance=guidance, latents=z, cache_config=cache_config, report=report,
                                      step_ms=step_ms, on_step=on_step, start=start,
-                                     inpaint=extra_chunk if len(extra_chunk) == 3 else None,
-                                     fill=extra_chunk[0] if len(extra_chunk) == 1 else None)]
+                                     conditions=dict(zip(names, rest[pooled is not None:])))]
 
             latents = chunked(chunk, profile.batch, noise, prompt_embeds, *[p for p in [pooled] if p is not None],
-                              *extra)[0]
+                              *conditions.values())[0]
         with stage("decode"):
             images = self.decode(latents, profile)
         return _as_output(images, output_type)
@@ -476,38 +475,22 @@ class Engine:
         small = torch.nn.functional.interpolate(self._binary_mask(mask), size=(h, w))
         return flux_math.pack_latents(small.repeat(1, self.latent_channels // 4, 1, 1))
 
-    def _edit(self, prompts: list[str], profile: Profile, image, *, steps, guidance, seed, generator, output_type,
-              timings, cache_config, report, step_ms, on_step):
-        """Reference-image editing at the profile's size, FluxKontextPipeline's (one reference) or Flux2Pipeline's
-        (image=[...]): the noise as for text to image, each reference's latents the mean of the VAE encoder's
-        distribution (no draw), their tokens after the latents' in the image stream at every step (each reference
-        its own first position-id axis), their predictions dropped."""
+    def _reference_pixels(self, image, profile: Profile, steps: int) -> torch.Tensor:
+        """The reference images of a reference-editing engine (FluxKontextPipeline: one; Flux2Pipeline(image=[...]):
+        the engine's count), checked, as pixels [R, 3, H, W] in [-1, 1]."""
         images = image if isinstance(image, (list, tuple)) else [image] if image is not None else []
         if len(images) != profile.references:
             raise FluxcError(f"This engine edits with {profile.references} reference image(s); {len(images)} were "
                              "given.", f"Pass image= with {profile.references} image(s) of the profile's size, or "
                              "build --references N for another count.")
-        pixels = torch.cat([self.check_image(im, 1, profile, steps, 1.0)[0] for im in images])
-        stage = StageClock(self.device, timings)
-        with stage("encode"):
-            prompt_embeds, pooled = self.encode_prompt(prompts)
-        with stage("denoise"):
-            mean, _ = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
-                              pixels.to(self.device, self.dtype))
-            refs = torch.cat(list(self.family.pack_grid(mean.cpu()).unbind(0)))[None]  # [1, R * S, C]
-            refs = refs.expand(len(prompts), *refs.shape[1:])
-            noise = self._initial_noise(len(prompts), profile, seed if generator is None else generator)
+        return torch.cat([self.check_image(im, 1, profile, steps, 1.0)[0] for im in images])
 
-            def chunk(z, embeds, ref, *pooled_chunk):
-                return [self.denoise(embeds, pooled_chunk[0] if pooled_chunk else None, height=profile.height,
-                                     width=profile.width, steps=steps, guidance=guidance, latents=z,
-                                     cache_config=cache_config, report=report, step_ms=step_ms, on_step=on_step,
-                                     references=ref)]
-
-            latents = chunked(chunk, profile.batch, noise, prompt_embeds, refs, *[p for p in [pooled] if p is not None])[0]
-        with stage("decode"):
-            images = self.decode(latents, profile)
-        return _as_output(images, output_type)
+    def _encode_image(self, pixels: torch.Tensor, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE encoder segment on pixels [N, 3, H, W] in [-1, 1]: the latent distribution's mean and std in the
+        transformer's latent scale, on the CPU (where the generators draw)."""
+        mean, std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
+                            pixels.to(self.device, self.dtype))
+        return mean.cpu(), std.cpu()
 
     @staticmethod
     def _binary_mask(mask) -> torch.Tensor:
@@ -518,16 +501,16 @@ class Engine:
         return (grey >= 0.5).to(torch.float32)
 
     def _image_noise(self, pixels: torch.Tensor, n: int, profile: Profile, steps: int, start: int, seed,
-                     fill_mask=None) -> tuple[torch.Tensor, ...]:
+                     fill_mask=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """FluxImg2ImgPipeline.prepare_latents for n prompts: the image's latents sampled from the VAE encoder's
-        distribution, then noised to sigma[start]; returns (those, the image's latents, the noise), packed [n, S, C].
-        With fill_mask (a Fill engine), FluxFillPipeline's conditioning too, drawn from the same generators after
-        the noise: the masked image's latents sampled likewise and the full-resolution mask, packed [n, S, 320]. One generator: the sample is drawn for the image rows
-        (one row shared by every prompt, as the pipeline encodes one image once), then the noise for all n; a list
-        of them (one per prompt): each prompt draws its sample and noise alone."""
-        mean, std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
-                            pixels.to(self.device, self.dtype))  # in the transformer's latent scale
-        mean, std = mean.cpu().expand(n, *mean.shape[1:]), std.cpu().expand(n, *std.shape[1:])
+        distribution, then noised to sigma[start]; returns (those, the image's latents, the noise), packed [n, S, C],
+        and with fill_mask (a Fill engine) FluxFillPipeline's conditioning, else None: the masked image's latents,
+        sampled likewise from the same generators after the noise, and the full-resolution mask, packed [n, S, 320].
+        One generator: the sample is drawn for the image rows (one row shared by every prompt, as the pipeline
+        encodes one image once), then the noise for all n; a list of them (one per prompt): each prompt draws its
+        sample and noise alone."""
+        mean, std = self._encode_image(pixels, profile)
+        mean, std = mean.expand(n, *mean.shape[1:]), std.expand(n, *std.shape[1:])
         shared = pixels.shape[0] == 1
         if isinstance(seed, (list, tuple)):
             if len(seed) != n:
@@ -538,10 +521,9 @@ class Engine:
             draws = [(flux_math.generator(seed), slice(0, 1) if shared else slice(None), slice(None))]
         if fill_mask is not None:
             binary = self._binary_mask(fill_mask)  # [1, 1, H, W]
-            masked_mean, masked_std = chunked(self._rows("vae_encoder", profile, "vae", ["image"]), profile.batch,
-                                              (pixels * (1 - binary)).to(self.device, self.dtype))
-            masked_mean = masked_mean.cpu().expand(n, *masked_mean.shape[1:])
-            masked_std = masked_std.cpu().expand(n, *masked_std.shape[1:])
+            masked_mean, masked_std = self._encode_image(pixels * (1 - binary), profile)
+            masked_mean = masked_mean.expand(n, *masked_mean.shape[1:])
+            masked_std = masked_std.expand(n, *masked_std.shape[1:])
         images, noises, masked = [], [], []
         for gen, sample_rows, rows in draws:
             eps = torch.randn(mean[sample_rows].shape, generator=gen, dtype=mean.dtype, device=gen.device)
@@ -554,7 +536,7 @@ class Engine:
         sigma = self.family.sigmas(steps, profile.image_tokens)[start].to(self.dtype)
         out = (sigma * noise + (1.0 - sigma) * image, image, noise)
         if fill_mask is None:
-            return out
+            return (*out, None)
         h, w = profile.height // VAE_SCALE, profile.width // VAE_SCALE  # FluxFillPipeline.prepare_mask_latents
         pixels_per_latent = binary[:, 0].view(1, h, VAE_SCALE, w, VAE_SCALE).permute(0, 2, 4, 1, 3)
         mask_channels = flux_math.pack_latents(pixels_per_latent.reshape(1, VAE_SCALE ** 2, h, w)).to(self.dtype)
@@ -646,8 +628,7 @@ class Engine:
                 steps: int = 28, guidance: float = 3.5, seed: int = 0, latents: torch.Tensor | None = None,
                 cuda_graph: bool = True, cache_config: CacheConfig | None = None,
                 report: dict | None = None, step_ms: list | None = None, on_step=None, start: int = 0,
-                inpaint: tuple | None = None, fill: torch.Tensor | None = None,
-                references: torch.Tensor | None = None) -> torch.Tensor:
+                conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Packed latents [B, S, 64] after `steps` flow-matching Euler steps, as FluxPipeline(output_type="latent")
         (FLUX.2: [B, S, 128] as Flux2Pipeline, from prompt_embeds alone: pooled_prompt_embeds None).
 
@@ -658,10 +639,12 @@ class Engine:
         each step's milliseconds (CUDA events on a GPU, no sync inside the loop; wall clock on the CPU).
         on_step(i), if given, is called after step i is launched (for progress bars: on a GPU the step may still
         run; the caller synchronizes if it wants the bar to follow the GPU). start: the first of the schedule's
-        `steps` steps that runs (image to image: latents are then the image noised to that step). inpaint: (mask,
-        image latents, noise), packed [B, S, C]: after each step, where the mask is 0 the latents are reset to the
-        image noised to the next step's sigma (the clean image after the last: FluxInpaintPipeline's blend). fill: a
-        Fill engine's conditioning [B, S, 320] (masked image latents and mask), beside the latents at every step."""
+        `steps` steps that runs (image to image: latents are then the image noised to that step). conditions: the
+        loop state an image task adds, packed [B, S', C'] (generate makes them):
+            inpaint_mask, inpaint_image, inpaint_noise  after each step, where the mask is 0 the latents are reset to
+                        the image noised to the next step's sigma (the clean image after the last: FluxInpaintPipeline)
+            fill_cond   a Fill engine's masked image latents and mask, beside the latents at every step
+            references  the reference images' tokens, after the latents' in the image stream at every step"""
         profile = self.profile_for(height, width)
         self._check_embeddings(profile, prompt_embeds, pooled_prompt_embeds)
         _check_steps(steps)
@@ -686,19 +669,14 @@ class Engine:
             "dt": (sig[1:] - sig[:-1]).to(self.device),  # [steps] f32
         }
         per_step["schedule"] = self.schedule(per_step["timestep"], state.get("guidance"), state.get("pooled_projections"))
-        if profile.references:
-            if references is None:
-                raise FluxcError("This is a reference-editing engine: its denoising loop needs the reference images' "
-                                 "latents.", "Call generate(prompt, image=...).")
-            state["references"] = references.to(self.device, self.dtype, copy=True)
-        if self.fill:
-            if fill is None:
-                raise FluxcError("This is a FLUX.1 Fill engine: its denoising loop needs the masked image's "
-                                 "conditioning.", "Call generate(prompt, image=..., mask=...).")
-            state["fill_cond"] = fill.to(self.device, self.dtype, copy=True)
-        if inpaint is not None:
-            for name, t in zip(INPAINT_STATE, inpaint):
-                state[name] = t.to(self.device, self.dtype)
+        conditions = conditions or {}
+        for needed, engine in (("references", "a reference-editing" if profile.references else None),
+                               ("fill_cond", "a FLUX.1 Fill" if self.fill else None)):
+            if engine and needed not in conditions:
+                raise FluxcError(f"This is {engine} engine: its denoising loop needs the image's latents.",
+                                 "Call generate(prompt, image=...) (Fill: image= and mask=).")
+        state |= {k: v.to(self.device, self.dtype, copy=True) for k, v in conditions.items()}
+        if "inpaint_mask" in conditions:
             per_step["inpaint_sigma"] = sig[1:].to(self.device, self.dtype)[:, None]  # [steps, 1]: each step's next
         if config.on:
             per_step["cache_mode"] = cache.step_modes(config, steps).to(self.device)
@@ -707,7 +685,7 @@ class Engine:
         state["rope_cos"], state["rope_sin"] = self.rope(profile)
 
         step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph,
-                          inpaint=inpaint is not None)
+                          inpaint="inpaint_mask" in conditions)
         skipped, clock = [], StepClock(self.device) if step_ms is not None else None
         for i in range(steps):
             if clock:

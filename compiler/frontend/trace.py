@@ -270,38 +270,47 @@ class _Flux2VaeDecode(_VaeDecoder):
         return dict(latents=torch.randn(b, c, profile.height // 16, profile.width // 16, device=device, dtype=dtype))
 
 
-class _VaeEncode(torch.nn.Module):
-    """AutoencoderKL.encode up to its DiagonalGaussianDistribution: image [B, 3, H, W] in [-1, 1] -> its mean and
-    std in the transformer's latent scale ((z - shift) * scaling is affine, so sampling mean + std * eps after it is
-    FluxImg2ImgPipeline's sample-then-scale). The sample is drawn by the runtime from the request's generator."""
+class _VaeEncoder(torch.nn.Module):
+    """The VAE encoder both families' image tasks start from: image [B, 3, H, W] in [-1, 1] -> the moments of
+    AutoencoderKL's DiagonalGaussianDistribution, mean and std; subclasses put them in the transformer's scale."""
 
     def __init__(self, vae):
         super().__init__()
         self.encoder = vae.encoder  # only the encoder's weights enter the graph
-        self.quant_conv = vae.quant_conv if vae.config.use_quant_conv else None
-        self.scaling, self.shift = vae.config.scaling_factor, vae.config.shift_factor
+        self.quant_conv = vae.quant_conv  # None where the VAE has none
 
-    def forward(self, image):
+    def moments(self, image):
         h = self.encoder(image)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         mean, logvar = torch.chunk(h, 2, dim=1)
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # as DiagonalGaussianDistribution
-        return (mean - self.shift) * self.scaling, std * self.scaling
+        return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # as DiagonalGaussianDistribution
 
     def example(self, profile: Profile, device, dtype) -> dict[str, torch.Tensor]:
         image = torch.rand(profile.batch, 3, profile.height, profile.width, device=device) * 2 - 1
         return dict(image=image.to(dtype))
 
 
-class _Flux2VaeEncode(torch.nn.Module):
+class _VaeEncode(_VaeEncoder):
+    """FLUX.1: the mean and std in the transformer's latent scale ((z - shift) * scaling is affine, so sampling
+    mean + std * eps after it is FluxImg2ImgPipeline's sample-then-scale). The runtime draws the sample from the
+    request's generator."""
+
+    def __init__(self, vae):
+        super().__init__(vae)
+        self.scaling, self.shift = vae.config.scaling_factor, vae.config.shift_factor
+
+    def forward(self, image):
+        mean, std = self.moments(image)
+        return (mean - self.shift) * self.scaling, std * self.scaling
+
+
+class _Flux2VaeEncode(_VaeEncoder):
     """Flux2Pipeline._encode_vae_image without the draw: the encoder's mean (argmax), 2x2 patchified and normalized by
     the VAE's batch-norm statistics -> [B, 4C, H/16, W/16], the transformer's latent grid (std likewise, unused)."""
 
     def __init__(self, vae):
-        super().__init__()
-        self.encoder = vae.encoder
-        self.quant_conv = vae.quant_conv if vae.quant_conv is not None else None
+        super().__init__(vae)
         bn = vae.bn
         self.register_buffer("bn_mean", bn.running_mean.detach().clone())
         self.register_buffer("bn_std", torch.sqrt(bn.running_var.detach() + vae.config.batch_norm_eps))
@@ -312,15 +321,9 @@ class _Flux2VaeEncode(torch.nn.Module):
         return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
 
     def forward(self, image):
-        h = self.encoder(image)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
-        mean, logvar = torch.chunk(h, 2, dim=1)
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        mean, std = self.moments(image)
         mean_bn, std_bn = self.bn_mean.view(1, -1, 1, 1), self.bn_std.view(1, -1, 1, 1)
         return (self._patchify(mean) - mean_bn) / std_bn, self._patchify(std) / std_bn
-
-    example = _VaeEncode.example
 
 
 _WRAPPERS = {"flux1": (_Head, _Block, _SingleJoint), "flux2": (_Flux2Head, _Flux2Block, _Flux2SingleJoint)}  # head, blocks
