@@ -53,12 +53,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The lab's machines set PYTHONDONTWRITEBYTECODE=1 and ship torch without .pyc files, so every process there compiles
+# the Python source of everything it imports: ~5 s of a server's start (scripts/profile_start.py). An installed
+# image has its bytecode (pip compiles it at install); the server here may write it, so the first start (reported
+# apart) writes it and the others read it.
+SERVER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def start_server(engine: str, port: int, *args: str):
     """(process, seconds from spawn to the first 200 of /health/ready)."""
     start = time.perf_counter()
     log = open(f"{engine}.server.log", "w")  # a pipe nobody reads would fill and block the server
     proc = subprocess.Popen([sys.executable, "-m", "fluxc.runtime.serve", engine, "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=SERVER_ENV)
     while True:
         if proc.poll() is not None:
             with open(f"{engine}.server.log") as f:
