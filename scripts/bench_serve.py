@@ -99,6 +99,19 @@ def metric(port: int, name: str) -> dict[str, float]:
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line.startswith(name)}
 
 
+def stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean seconds of each stage of fluxc_stage_seconds (queue, encode, denoise, ... per batch or request) between
+    two reads of /metrics."""
+    out = {}
+    for key, total in after.items():
+        if key.startswith("fluxc_stage_seconds_sum"):
+            count = key.replace("_sum", "_count")
+            n = after[count] - before.get(count, 0)
+            if n:
+                out[key.split('"')[1]] = (total - before.get(key, 0)) / n
+    return out
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -121,8 +134,8 @@ def build_engine(args, r: dict) -> tuple[str, str]:
     return engine, key + ".pub"
 
 
-def stage_start(args, r: dict, engine: str, public: str) -> None:
-    starts = []
+def stage_start(args, r: dict, engine: str, public: str, save) -> None:
+    starts = r["starts"] = []
     for i in range(args.repeats + 1):  # the first start after the build fills the segment caches: reported apart
         if i == args.repeats:
             evict(engine)
@@ -134,32 +147,34 @@ def stage_start(args, r: dict, engine: str, public: str) -> None:
                        "first_after_build": i == 0, "first_request_4_steps_s": latency, "png_bytes": png,
                        "exit_code": code})
         print(f"start {i}: {seconds:.2f} s to ready {ready['startup_seconds']}, exit {code}", flush=True)
-    r["starts"] = starts
+        save()
     r["start_to_ready_warm_s"] = statistics.median(s["seconds"] for s in starts[1:-1]) if args.repeats > 1 else None
     r["start_to_ready_cold_disk_s"] = starts[-1]["seconds"]
     r["bar_s"] = 10.0 if args.precision == "fp8" else 15.0
 
 
-def stage_load(args, r: dict, engine: str, public: str) -> None:
+def stage_load(args, r: dict, engine: str, public: str, save) -> None:
     port = free_port()
     proc, r["start_to_ready_s"], _ = start_server(engine, port, "--trusted-key", public)
     r["clients"] = {}
     seed = 0
     for clients in (1, 4, 16):
         n = max(args.requests, clients)
-        before = metric(port, "fluxc_batch_images")
+        before = metric(port, "fluxc_batch_images") | metric(port, "fluxc_stage_seconds")
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(lambda s: request(port, args.steps, s), range(seed, seed + n)))
         wall = time.perf_counter() - start
         seed += n
-        after = metric(port, "fluxc_batch_images")
+        after = metric(port, "fluxc_batch_images") | metric(port, "fluxc_stage_seconds")
         calls = after["fluxc_batch_images_count"] - before["fluxc_batch_images_count"]
         lat = [x for x, _ in results]
         r["clients"][clients] = {"requests": n, "wall_s": wall, "images_per_s": n / wall,
                                  "p50_s": statistics.median(lat), "p99_s": percentile(lat, 0.99),
-                                 "mean_s": statistics.mean(lat), "engine_calls": calls, "images_per_call": n / calls}
+                                 "mean_s": statistics.mean(lat), "engine_calls": calls, "images_per_call": n / calls,
+                                 "stage_mean_s": stage_means(before, after)}
         print(f"{clients} clients: {r['clients'][clients]}", flush=True)
+        save()
     r["exit_code"] = stop_server(proc)
     from fluxc.runtime import Engine
 
@@ -182,7 +197,7 @@ def random_adapter(linears: dict, path: str, seed: int, rank: int = 64) -> None:
                                   "linears": len(factors)})
 
 
-def stage_lora(args, r: dict, engine: str, public: str) -> None:
+def stage_lora(args, r: dict, engine: str, public: str, save) -> None:
     from fluxc.runtime import Engine
     from fluxc.runtime.adapters import engine_linears
 
@@ -256,11 +271,16 @@ def main() -> None:
          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu_cores": os.cpu_count(),
          "torch": torch.__version__, "commit": source_commit()}
     stages = args.stage.split(",")
+
+    def save():  # after each stage: a run cut short (device time spent) keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=1)
+
     engine, public = build_engine(args, r)
+    save()
     for stage in stages:
-        {"start": stage_start, "load": stage_load, "lora": stage_lora}[stage](args, r, engine, public)
-    with open(args.out, "w") as f:
-        json.dump(r, f, indent=1)
+        {"start": stage_start, "load": stage_load, "lora": stage_lora}[stage](args, r, engine, public, save)
+        save()
     print(f"\n{args.stage}: {args.model} {args.precision} batch {args.batch} on {r['gpu']}, commit {r['commit']}")
     if "start" in stages:
         print(f"start to ready, page cache warm: {r['start_to_ready_warm_s']:.2f} s (bar {r['bar_s']:.0f} s); "

@@ -234,7 +234,7 @@ def _pngs(images) -> list[str]:
     out = []
     for image in to_pil(images):
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG", compress_level=1)  # PIL's default, 6: ~35% slower for ~6% smaller files
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
     return out
 
