@@ -9,7 +9,7 @@ from fluxc.runtime.core.families import ENCODER_KINDS
 
 # Left in bf16: what is small and runs once per step (embedders, the time embedding), the final norm and
 # projection (their error lands on the prediction unaveraged), and every family's text encoders and the VAE.
-QUANT_EXCLUDE = ("head:*", "tail:*", *(f"{kind}:*" for kind in ENCODER_KINDS), "vae:*")
+QUANT_EXCLUDE = ("head:*", "tail:*", *(f"{kind}:*" for kind in ENCODER_KINDS), "vae:*", "vae_encoder:*")
 # Weight-only: every block's AdaLN modulation GEMM. hoist_schedule runs them once per generation, so their
 # time hardly counts, but their weights do: 3.2 B parameters, 6.4 GB in bf16 (FLUX.1-dev). Stored in e4m3
 # they halve, and their activations (the time embedding) stay bf16.
