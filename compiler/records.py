@@ -83,7 +83,7 @@ def _inputs(engine: Engine, profile, prompts: list[str], seed: int):
         embeds = torch.randn(len(prompts), profile.text_tokens, engine.config["joint_attention_dim"], generator=g)
         pooled = (torch.randn(len(prompts), engine.config["pooled_projection_dim"], generator=g)
                   if engine.family.pooled else None)  # FLUX.2 conditions on prompt_embeds alone
-    noise = engine.family.initial_noise(len(prompts), profile, engine.config["in_channels"], seed, engine.dtype)
+    noise = engine.family.initial_noise(len(prompts), profile, engine.latent_channels, seed, engine.dtype)
     return embeds, pooled, noise
 
 
@@ -194,7 +194,7 @@ def _eager_runner(engine: Engine, profile, steps: int, guidance: float):
     text = profile.text_tokens  # the engine's T5 length
 
     def run(prompt: str, seed: int):
-        noise = engine.family.initial_noise(1, profile, engine.config["in_channels"], seed, torch.bfloat16)
+        noise = engine.family.initial_noise(1, profile, engine.latent_channels, seed, torch.bfloat16)
         latents = pipe(prompt, height=profile.height, width=profile.width, num_inference_steps=steps,
                        guidance_scale=guidance, max_sequence_length=text, latents=noise.to(engine.device),
                        output_type="latent").images

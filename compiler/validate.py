@@ -253,6 +253,10 @@ def _check_tasks(opts: BuildOptions) -> None:
     if {"kontext", "references"} & set(opts.tasks) and opts.world_size > 1:
         raise FluxcError(f"--tasks {opts.tasks[0]} with --world-size: context parallelism does not shard the reference "
                          "images' tokens yet.", "Build reference-editing engines with --world-size 1.")
+    if set(ALONE) & set(opts.tasks) and opts.calibrate:
+        raise FluxcError(f"--calibrate with --tasks {opts.tasks[0]}: calibration runs text-to-image samples, without "
+                         "the masked-image channels or reference tokens this engine's transformer takes.",
+                         "Build without --calibrate (dynamic activation scales), or calibrate a --tasks t2i engine.")
     if "references" in opts.tasks and not 1 <= opts.references <= 4:
         raise FluxcError(f"--references {opts.references}: an engine takes 1 to 4 reference images.",
                          "Use --references 1 to 4.")

@@ -216,11 +216,13 @@ def test_fill_matches_flux_fill_pipeline(fill, photo, mask, strength):
 def test_fill_and_other_models_need_their_tasks(fill, tiny_pipeline_dir, tmp_path):
     from fluxc.build import BuildOptions, build
 
-    for model, tasks, words in ((fill[0], ("t2i",), "is a FLUX.1 Fill model"),
-                                (tiny_pipeline_dir, ("fill",), "not a FLUX.1 Fill model")):
+    for model, tasks, words, more in ((fill[0], ("t2i",), "is a FLUX.1 Fill model", {}),
+                                      (tiny_pipeline_dir, ("fill",), "not a FLUX.1 Fill model", {}),
+                                      (fill[0], ("fill",), "--calibrate with --tasks fill",
+                                       dict(precision="fp8", calibrate=2))):
         with pytest.raises(FluxcError, match=words):
-            build(BuildOptions(model=model, output=str(tmp_path / "x.fluxe"), target="cpu", precision="fp32",
-                               resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=tasks))
+            build(BuildOptions(model=model, output=str(tmp_path / "x.fluxe"), target="cpu", resolutions=TINY_PROFILES[:1],
+                               text_tokens=TINY_TEXT, tasks=tasks, **({"precision": "fp32"} | more)))
         assert not (tmp_path / "x.fluxe").exists()
 
 
