@@ -54,15 +54,19 @@ def tiny_pipeline_dir(tmp_path_factory, tiny_fp32):
     return path
 
 
+def build_tiny_pipeline(folder: str, path: str, precision: str = "fp32", **options) -> str:
+    """A whole-pipeline CPU engine of a tiny diffusers folder at 144x112 (BuildOptions `options` beside); its path."""
+    from fluxc.build import BuildOptions, build
+
+    build(BuildOptions(model=folder, output=path, target="cpu", precision=precision, resolutions=TINY_PROFILES[:1],
+                       text_tokens=TINY_TEXT, **options))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_engine_path(tmp_path_factory, tiny_pipeline_dir):
     """A whole-pipeline fp32 CPU engine (tokenizers, CLIP, T5, transformer, VAE) at 144x112."""
-    from fluxc.build import BuildOptions, build
-
-    path = str(tmp_path_factory.mktemp("engines") / "tiny-pipeline-fp32.fluxe")
-    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
-                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT))
-    return path
+    return build_tiny_pipeline(tiny_pipeline_dir, str(tmp_path_factory.mktemp("engines") / "tiny-pipeline-fp32.fluxe"))
 
 
 @pytest.fixture(scope="session")
@@ -110,12 +114,7 @@ def engine_copy(tiny_engine_path, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_pipeline_b4_path(tmp_path_factory, tiny_pipeline_dir):
     """The whole-pipeline engine of tiny_pipeline_engine_path with a static batch of 4 (the server tests' engine)."""
-    from fluxc.build import BuildOptions, build
-
-    path = str(tmp_path_factory.mktemp("engines") / "tiny-b4.fluxe")
-    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
-                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, batch=4))
-    return path
+    return build_tiny_pipeline(tiny_pipeline_dir, str(tmp_path_factory.mktemp("engines") / "tiny-b4.fluxe"), batch=4)
 
 
 BATCH_PROMPTS = ["a red cube", "a blue sphere on green grass", "a cat", "the moon over the sea", "a small boat"]

@@ -3,18 +3,15 @@
 import pytest
 import torch
 
-from conftest import TINY_PROFILES, TINY_TEXT, assert_batches_match
+from conftest import assert_batches_match, build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline_b2(tmp_path_factory, tiny_pipeline_dir):
-    from fluxc.build import BuildOptions, build
     from fluxc.runtime import Engine
 
-    path = str(tmp_path_factory.mktemp("engines") / "tiny-b2.fluxe")
-    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
-                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, batch=2))
-    return Engine.load(path)
+    return Engine.load(build_tiny_pipeline(tiny_pipeline_dir, str(tmp_path_factory.mktemp("engines") / "tiny-b2.fluxe"),
+                                           batch=2))
 
 
 def test_batch_2_engine_matches_batch_1(tiny_pipeline_b2, tiny_pipeline_engine):

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TINY_PROFILES, TINY_TEXT
+from conftest import TINY_PROFILES, TINY_TEXT, build_tiny_pipeline
 from fluxc.cli import main
 from fluxc.runtime.core.cache_config import CacheConfig
 from fluxc.runtime.core.errors import FluxcError
@@ -20,12 +20,8 @@ PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 
 @pytest.fixture(scope="module")
 def img2img_path(tiny_pipeline_dir, tmp_path_factory):
-    from fluxc.build import BuildOptions, build
-
-    path = str(tmp_path_factory.mktemp("engines") / "tiny-img2img.fluxe")
-    build(BuildOptions(model=tiny_pipeline_dir, output=path, target="cpu", precision="fp32",
-                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("t2i", "img2img", "inpaint")))
-    return path
+    return build_tiny_pipeline(tiny_pipeline_dir, str(tmp_path_factory.mktemp("engines") / "tiny-img2img.fluxe"),
+                               tasks=("t2i", "img2img", "inpaint"))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +179,6 @@ def test_openai_client_images_edit_gets_the_runtime_image(img2img_path, engine, 
 @pytest.fixture(scope="module")
 def fill(tmp_path_factory):
     """tiny-fill (the tiny model with FLUX.1 Fill's 384-channel image stream) as a diffusers folder and its engine."""
-    from fluxc.build import BuildOptions, build
     from fluxc.frontend.components import load_components, save_pipeline_folder
     from fluxc.frontend.models import load_model
     from fluxc.runtime import Engine
@@ -192,9 +187,8 @@ def fill(tmp_path_factory):
     model = load_model("tiny-fill", dtype=torch.float32, device=torch.device("cpu"), seed=0)
     save_pipeline_folder(str(root / "pipe"), model.module, load_components(
         "tiny-fill", "flux1", dtype=torch.float32, device=torch.device("cpu"), seed=0))
-    build(BuildOptions(model=str(root / "pipe"), output=str(root / "fill.fluxe"), target="cpu", precision="fp32",
-                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("fill",)))
-    return str(root / "pipe"), Engine.load(str(root / "fill.fluxe"))
+    return str(root / "pipe"), Engine.load(build_tiny_pipeline(str(root / "pipe"), str(root / "fill.fluxe"),
+                                                               tasks=("fill",)))
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
@@ -244,12 +238,9 @@ def kontext_want(tiny_pipeline_dir, photo):
 
 
 def kontext_engine(folder: str, path: str, precision: str = "fp32"):
-    from fluxc.build import BuildOptions, build
     from fluxc.runtime import Engine
 
-    build(BuildOptions(model=folder, output=path, target="cpu", precision=precision,
-                       resolutions=TINY_PROFILES[:1], text_tokens=TINY_TEXT, tasks=("kontext",)))
-    return Engine.load(path)
+    return Engine.load(build_tiny_pipeline(folder, path, precision, tasks=("kontext",)))
 
 
 def test_kontext_matches_flux_kontext_pipeline(tiny_pipeline_dir, photo, kontext_want, tmp_path):
