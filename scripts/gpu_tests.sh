@@ -23,6 +23,8 @@
 #   edit            FLUX.1 Kontext edit and img2img at strength 0.6, bf16 and fp8 engines vs FluxKontextPipeline /
 #                   FluxImg2ImgPipeline eager and torch.compile ($EDIT_TASKS, default kontext,img2img)
 #                                                                               -> $OUT/bench_edit.json
+#   fp8gemm         FP8 GEMMs with their epilogues vs cuBLAS _scaled_mm + today's kernels, every FLUX.1-dev shape
+#                                                                               -> $OUT/bench_fp8_gemm.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -56,6 +58,7 @@ for job in "${@:-tests}"; do
              --batch "${SERVE_BATCH:-1}" --out "$OUT/bench_serve.json" 2>&1 | tee "$OUT/bench_serve.log" || rc=1 ;;
     edit) python3 scripts/bench_edit.py --tasks "${EDIT_TASKS:-kontext,img2img}" --out "$OUT/bench_edit.json" \
              2>&1 | tee "$OUT/bench_edit.log" || rc=1 ;;
+    fp8gemm) python3 scripts/bench_fp8_gemm.py --out "$OUT/bench_fp8_gemm.json" 2>&1 | tee "$OUT/bench_fp8_gemm.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done

@@ -376,3 +376,29 @@ def test_weights_read_to_the_gpu_equal_the_file(tiny_bf16_path):
     targets = [(n, torch.empty_like(stored[n], device="cuda")) for n in names]
     read_to_gpu(f"{tiny_bf16_path}/weights.safetensors", targets, chunk=4096, slots=3)
     assert all(torch.equal(t.cpu().view(torch.uint8), stored[n].view(torch.uint8)) for n, t in targets)
+
+
+@pytest.mark.parametrize("m", [4608, 300])  # a single block's tokens at 1024x1024; a partial tile of rows
+def test_fp8_gemm_kernels_match_their_references(m):
+    """The Triton FP8 GEMM (runtime/ops/fp8_gemm.py) on the GPU against the reference ops on the CPU, at FLUX.1-dev's
+    MLP shapes: the fused up-projection's e4m3 blocks and scales, the gated down-projection reading them. Only the
+    fp32 accumulation order differs, so the bf16 outputs agree to a few ulps and an e4m3 code moves only where its
+    bf16 value did."""
+    from test_fp8_gemm import operands
+
+    from fluxc.numerics import relative_error
+    from fluxc.runtime.ops.fp8_gemm import dequantize_activation as dq
+    from fluxc.runtime.ops.kernels import quantize_rows
+
+    ops, _ = operands(m, 3072, 12288)
+    want_q, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*ops)
+    q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*(t.cuda() for t in ops))
+    assert relative_error(q_scale.cpu(), want_scale) <= 1e-3
+    assert relative_error(dq(q, q_scale).cpu(), dq(want_q, want_scale)) <= 1e-2
+    g = torch.Generator().manual_seed(1)
+    w2q, w2_scale = quantize_rows((torch.randn(3072, 12288, generator=g) / 12288 ** 0.5).bfloat16())
+    gate, residual = torch.randn(1, 3072, generator=g).bfloat16(), torch.randn(1, m, 3072, generator=g).bfloat16()
+    args = (want_q, want_scale, w2q, w2_scale, None, gate, residual)
+    want = torch.ops.fluxc.fp8_linear_gate_residual(*args)
+    got = torch.ops.fluxc.fp8_linear_gate_residual(*(None if t is None else t.cuda() for t in args))
+    assert relative_error(got.cpu(), want) <= 2e-3

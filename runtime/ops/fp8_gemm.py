@@ -1,0 +1,189 @@
+"""FP8 GEMMs that own their epilogues (issue 31): one Triton kernel, e4m3 x e4m3 -> fp32 accumulators, whose
+epilogue does the work that today follows cuBLAS's `_scaled_mm` as separate passes over the activation.
+
+    fp8_linear_gelu_fp8(a, a_scale, w, w_scale, bias) -> (q [M, N] e4m3, q_scale [M, N / 128] f32)
+        The MLP's up-projection: y = a @ w.T + bias, GELU(tanh), then y quantized to e4m3 with one scale per 1x128
+        block of each row (amax / 448). Today: `_scaled_mm` writes y in bf16 and fluxc.gelu_fp8 reads it back to
+        quantize it per token. A row's amax spans every N tile, so per-token scales cannot be made in the tile
+        that computes it; 1x128 blocks are tile-local (BLOCK_N = 128) and finer (DeepSeek's FP8 recipe, cuBLAS's
+        Hopper block scaling).
+    fp8_linear_gate_residual(a, a_scale, w, w_scale, bias, gate [B, N], residual [B, S, N]) -> [B, S, N] bf16
+        The output projections: residual + gate * (a @ w.T + bias), FLUX's gated residual, in the GEMM's store.
+
+    a: [M, K] e4m3 with per-token scales [M, 1] (today's activations) or 1x128 block scales [M, K / 128] (the
+    output of fp8_linear_gelu_fp8: the down-projection reads it as it was written). w: [N, K] e4m3 with per-output-
+    channel scales [N, 1] (today's weights, unchanged). K a multiple of 128; N a multiple of 128 for the GELU op.
+
+Numerics: the kernel rounds y to bf16 where the unfused graph does (the GEMM's bf16 output, GELU's bf16 output)
+and accumulates in fp32 as cuBLAS does, in another order; block scales quantize each row at least as finely as
+its per-token scale, so a block-quantized activation's SQNR is at least the per-token one's (tests/test_fp8_gemm.py
+holds both ops against float64 math at numerics.FP8_LINEAR_SQNR_DB). The gated residual is computed in fp32 and
+rounded once, where the bf16 graph rounds gate * y before the add: within REWRITE_TOLERANCE[bf16].
+
+The reference implementations in plain torch run on the CPU; the CUDA ones launch the Triton kernel.
+"""
+
+import torch
+
+from fluxc.runtime.ops.kernels import E4M3_MAX, triton
+
+BLOCK = 128  # the activation scale block along K (and N, for the quantized output)
+
+
+# ---- reference ------------------------------------------------------------------------------------
+def dequantize_activation(a: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 values of an e4m3 activation with per-token [M, 1] or 1x128 block [M, K / 128] scales."""
+    m, k = a.shape
+    if a_scale.shape[-1] == 1:
+        return a.float() * a_scale
+    return (a.float().view(m, k // BLOCK, BLOCK) * a_scale[..., None]).view(m, k)
+
+
+def quantize_blocks(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y / scale in e4m3, scale [M, N / 128]): one scale per 1x128 block of each row, amax / 448."""
+    m, n = y.shape
+    blocks = y.float().view(m, n // BLOCK, BLOCK)
+    scale = blocks.abs().amax(-1).clamp_min(1e-12) / E4M3_MAX
+    return (blocks / scale[..., None]).to(torch.float8_e4m3fn).view(m, n), scale
+
+
+def fp8_linear_reference(a, a_scale, w, w_scale, bias) -> torch.Tensor:
+    """a @ w.T + bias over the dequantized operands in fp32, rounded to bf16 (what `_scaled_mm` returns)."""
+    y = dequantize_activation(a, a_scale) @ (w.float() * w_scale).T
+    return (y if bias is None else y + bias.float()).to(torch.bfloat16)
+
+
+def _check(a, a_scale, w, w_scale, quantized_output: bool) -> None:
+    (m, k), n = a.shape, w.shape[0]
+    assert a.dtype == w.dtype == torch.float8_e4m3fn and w.shape[1] == k and k % BLOCK == 0, (a.shape, w.shape)
+    assert a_scale.shape in ((m, 1), (m, k // BLOCK)) and w_scale.shape == (n, 1), (a_scale.shape, w_scale.shape)
+    assert not quantized_output or n % BLOCK == 0, n
+
+
+# ---- ops ------------------------------------------------------------------------------------------
+@torch.library.custom_op("fluxc::fp8_linear_gelu_fp8", mutates_args=())
+def fp8_linear_gelu_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(a, a_scale, w, w_scale, True)
+    y = torch.nn.functional.gelu(fp8_linear_reference(a, a_scale, w, w_scale, bias).float(), approximate="tanh")
+    return quantize_blocks(y.to(torch.bfloat16))
+
+
+@fp8_linear_gelu_fp8.register_fake
+def _(a, a_scale, w, w_scale, bias):
+    m, n = a.shape[0], w.shape[0]
+    return a.new_empty(m, n), a.new_empty(m, n // BLOCK, dtype=torch.float32)
+
+
+@fp8_linear_gelu_fp8.register_kernel("cuda")
+def _fp8_linear_gelu_fp8_cuda(a, a_scale, w, w_scale, bias):
+    _check(a, a_scale, w, w_scale, True)
+    m, n = a.shape[0], w.shape[0]
+    out, out_scale = a.new_empty(m, n), a.new_empty(m, n // BLOCK, dtype=torch.float32)
+    launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_GELU_FP8, out_scale=out_scale)
+    return out, out_scale
+
+
+@torch.library.custom_op("fluxc::fp8_linear_gate_residual", mutates_args=())
+def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                             bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    _check(a, a_scale, w, w_scale, False)
+    b, s, n = residual.shape
+    y = fp8_linear_reference(a, a_scale, w, w_scale, bias).float().view(b, s, n)
+    return (residual.float() + gate.float()[:, None, :] * y).to(residual.dtype)
+
+
+@fp8_linear_gate_residual.register_fake
+def _(a, a_scale, w, w_scale, bias, gate, residual):
+    return torch.empty_like(residual)
+
+
+@fp8_linear_gate_residual.register_kernel("cuda")
+def _fp8_linear_gate_residual_cuda(a, a_scale, w, w_scale, bias, gate, residual):
+    _check(a, a_scale, w, w_scale, False)
+    residual = residual.contiguous()
+    out = torch.empty_like(residual)
+    launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual)
+    return out
+
+
+# ---- the kernel -----------------------------------------------------------------------------------
+EPILOGUE_BF16, EPILOGUE_GELU_FP8, EPILOGUE_GATE_RESIDUAL = 0, 1, 2
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is 128, one activation scale block per step.
+# Hopper: 128x128 tiles of e4m3 take 32 KB of shared memory a stage. scripts/bench_fp8_gemm.py sweeps these.
+DEFAULT_CONFIG = (128, 128, 8, 4)
+
+
+def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gate=None, residual=None,
+           config=DEFAULT_CONFIG) -> None:
+    """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    block_m, block_n, warps, stages = config
+    (m, k), n = a.shape, w.shape[0]
+    assert epilogue != EPILOGUE_GELU_FP8 or block_n == BLOCK
+    a = a.contiguous()
+    rows_per_batch = residual.shape[1] if residual is not None else m
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _fp8_gemm_kernel[grid](
+        a, a_scale.contiguous(), w, w_scale, bias if bias is not None else a_scale, out,
+        out_scale if out_scale is not None else a_scale, gate if gate is not None else a_scale,
+        residual if residual is not None else out, m, n, k, rows_per_batch,
+        gate.stride(0) if gate is not None else 0,
+        A_BLOCKS=a_scale.shape[-1] != 1, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+if triton is not None:
+    import triton.language as tl
+
+    from fluxc.runtime.ops.kernels import gelu_tanh
+
+    @triton.jit
+    def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
+                         residual_ptr, M, N, K, rows_per_batch, gate_stride,
+                         A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # tiles in groups of GROUP_M rows of tiles, so that the programs running together share w's columns in L2
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        size_m = min(tiles_m - first_m, GROUP_M)
+        pm = first_m + (pid % (GROUP_M * tiles_n)) % size_m
+        pn = (pid % (GROUP_M * tiles_n)) // size_m
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = rm < M, rn < N
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+        b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # w is [N, K]: K-major, as FP8 wgmma wants
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K // BLOCK_K):
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            if A_BLOCKS:  # each K step is one scale block: its partial product scaled as it is added
+                a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=mask_m, other=0.0)
+                acc += tl.dot(a, b) * a_scale[:, None]
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if not A_BLOCKS:
+            acc *= tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)[:, None]
+        y = acc * tl.load(b_scale_ptr + rn, mask=mask_n, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y = y.to(tl.bfloat16).to(tl.float32)  # the bf16 GEMM output of the unfused graph
+        mask = mask_m[:, None] & mask_n[None, :]
+        offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
+        if EPILOGUE == 1:  # GELU, then e4m3 with one scale per row of this 1x128 tile
+            y = gelu_tanh(y).to(tl.bfloat16).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), 1e-12) / 448.0
+            tl.store(out_scale_ptr + rm * (N // BLOCK_N) + pn, scale, mask=mask_m)
+            tl.store(out_ptr + offsets, (y * (1.0 / scale)[:, None]).to(tl.float8e4nv), mask=mask)
+        elif EPILOGUE == 2:  # residual + gate * y, the gate of each row's batch element
+            gate = tl.load(gate_ptr + (rm // rows_per_batch)[:, None] * gate_stride + rn[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+            residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offsets, (residual + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)

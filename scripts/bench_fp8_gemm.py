@@ -1,0 +1,169 @@
+"""FP8 GEMMs with their epilogues (runtime/ops/fp8_gemm.py, issue 31) against cuBLAS `_scaled_mm` plus today's
+separate kernels, at every FLUX.1-dev GEMM shape (1024x1024: 4096 image and 512 text tokens; single blocks 4608).
+
+    python3 scripts/bench_fp8_gemm.py --out bench_fp8_gemm.json     (gpu_tests.sh job fp8gemm)
+
+Per shape and epilogue, CUDA-event medians of back-to-back calls:
+    today   `_scaled_mm` (rowwise scales, bias, bf16 out) then the epilogue's own kernels: fluxc.gelu_fp8 (GELU and
+            per-token e4m3), or addcmul (residual + gate * y, one kernel, as Inductor fuses it)
+    cublas  `_scaled_mm` alone (the GEMM without its epilogue), and with 1x128 / 128x128 block scales where
+            torch takes them (what a down-projection reading block-scaled activations would call)
+    fluxc   the Triton kernel with the epilogue inside, at each tile config (the best is reported)
+TFLOP/s counts 2MNK; GB moved counts each variant's own reads and writes. Each fused output is checked against
+the reference ops on the same inputs (relative error). Writes JSON and prints a table last.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from timing import cuda_ms, source_commit
+from fluxc.runtime.ops import fp8_gemm as f
+from fluxc.runtime.ops.kernels import quantize_rows
+from fluxc.numerics import relative_error
+
+IMAGE, TEXT, HIDDEN, MLP = 4096, 512, 3072, 12288
+# (name, M, N, K, epilogue): the GEMMs of a FLUX.1-dev step at 1024x1024, image and text streams of the double
+# blocks apart, the single blocks' fused QKV + MLP up-projection and their output projection over [attention, MLP]
+SHAPES = [("double img qkv", IMAGE, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16),
+          ("double img attn out", IMAGE, HIDDEN, HIDDEN, f.EPILOGUE_GATE_RESIDUAL),
+          ("double img mlp up", IMAGE, MLP, HIDDEN, f.EPILOGUE_GELU_FP8),
+          ("double img mlp down", IMAGE, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL),
+          ("double txt qkv", TEXT, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16),
+          ("double txt attn out", TEXT, HIDDEN, HIDDEN, f.EPILOGUE_GATE_RESIDUAL),
+          ("double txt mlp up", TEXT, MLP, HIDDEN, f.EPILOGUE_GELU_FP8),
+          ("double txt mlp down", TEXT, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL),
+          ("single qkv + mlp up", IMAGE + TEXT, 3 * HIDDEN + MLP, HIDDEN, f.EPILOGUE_BF16),
+          ("single out", IMAGE + TEXT, HIDDEN, HIDDEN + MLP, f.EPILOGUE_GATE_RESIDUAL)]
+CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3)]
+NAMES = {f.EPILOGUE_BF16: "bf16", f.EPILOGUE_GELU_FP8: "gelu_fp8", f.EPILOGUE_GATE_RESIDUAL: "gate_residual"}
+
+
+def operands(m, n, k, blocks: bool, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(m + n + k)
+    x = torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, generator=g, dtype=torch.bfloat16) / k ** 0.5
+    a, a_scale = f.quantize_blocks(x) if blocks else quantize_rows(x)
+    wq, w_scale = quantize_rows(w)
+    bias = torch.randn(n, device=device, generator=g, dtype=torch.bfloat16) * 0.1
+    gate = torch.randn(1, n, device=device, generator=g, dtype=torch.bfloat16)
+    residual = torch.randn(1, m, n, device=device, generator=g, dtype=torch.bfloat16)
+    return a, a_scale, wq, w_scale, bias, gate, residual
+
+
+def scaled_mm(a, a_scale, w, w_scale, bias):
+    return torch._scaled_mm(a, w.T, a_scale, w_scale.T, bias=bias, out_dtype=torch.bfloat16)
+
+
+def block_scaled_mm(a, a_scale, w, w_scale_blocks):
+    """cuBLAS's Hopper block scaling: 1x128 activation and 128x128 weight blocks (the timing only: w's values are
+    per-channel quantized)."""
+    return torch._scaled_mm(a, w.T, a_scale, w_scale_blocks.T, out_dtype=torch.bfloat16)
+
+
+def outer_dim_major(scale: torch.Tensor) -> torch.Tensor:
+    """The same [M, K / 128] scales with stride (1, M): the layout cuBLAS's block scaling reads."""
+    return scale.t().contiguous().t()
+
+
+def measure(name, m, n, k, epilogue) -> dict:
+    blocks = epilogue == f.EPILOGUE_GATE_RESIDUAL and k == MLP  # the down-projection reads the GELU op's blocks
+    a, a_scale, w, w_scale, bias, gate, residual = operands(m, n, k, blocks)
+    flops = 2 * m * n * k
+    row = {"shape": name, "m": m, "n": n, "k": k, "epilogue": NAMES[epilogue], "a_scales": "1x128" if blocks else "row"}
+    gemm_bytes = m * k + n * k + 4 * (m + n)
+    if blocks:  # today's down-projection reads per-token scales: time cuBLAS on the same values quantized so
+        a_row, a_row_scale = quantize_rows(f.dequantize_activation(a, a_scale).bfloat16())
+    else:
+        a_row, a_row_scale = a, a_scale
+    y = scaled_mm(a_row, a_row_scale, w, w_scale, bias)
+    row["cublas_ms"] = cuda_ms(lambda: scaled_mm(a_row, a_row_scale, w, w_scale, bias), warmup=5, iters=20)
+    if epilogue == f.EPILOGUE_GELU_FP8:
+        row["today_ms"] = cuda_ms(lambda: torch.ops.fluxc.gelu_fp8(scaled_mm(a_row, a_row_scale, w, w_scale, bias)),
+                                  warmup=5, iters=20)
+        today_bytes = gemm_bytes + 2 * m * n * 2 + m * n + 4 * m  # y written and read in bf16, e4m3 + scales written
+        fused_bytes = gemm_bytes + m * n + 4 * m * n // 128
+    elif epilogue == f.EPILOGUE_GATE_RESIDUAL:
+        row["today_ms"] = cuda_ms(lambda: torch.addcmul(residual, gate[:, None], scaled_mm(
+            a_row, a_row_scale, w, w_scale, bias).view(1, m, n)), warmup=5, iters=20)
+        today_bytes = gemm_bytes + 2 * m * n * 2 + 2 * m * n * 2  # y written and read; residual read, out written
+        fused_bytes = gemm_bytes + 2 * m * n * 2
+        w_blocks = w_scale.view(n // 128, 128).amax(-1, keepdim=True).expand(n // 128, k // 128).contiguous()
+        if blocks:
+            try:
+                a_scale_cm = outer_dim_major(a_scale)
+                row["cublas_block_scaled_ms"] = cuda_ms(lambda: block_scaled_mm(a, a_scale_cm, w, w_blocks), warmup=5,
+                                                        iters=20)
+            except (RuntimeError, ValueError) as e:  # the scale layouts torch wants are a guess here: record its answer
+                row["cublas_block_scaled_error"] = str(e)[:300]
+    else:
+        row["today_ms"] = row["cublas_ms"]
+        today_bytes = fused_bytes = gemm_bytes + m * n * 2
+    best = None
+    for config in CONFIGS:
+        if epilogue == f.EPILOGUE_GELU_FP8 and config[1] != 128:
+            continue
+        out = torch.empty(m, n, device="cuda", dtype=torch.float8_e4m3fn if epilogue == f.EPILOGUE_GELU_FP8
+                          else torch.bfloat16)
+        out_scale = torch.empty(m, n // 128, device="cuda") if epilogue == f.EPILOGUE_GELU_FP8 else None
+        extra = dict(gate=gate, residual=residual) if epilogue == f.EPILOGUE_GATE_RESIDUAL else {}
+        if epilogue == f.EPILOGUE_GATE_RESIDUAL:
+            out = out.view(1, m, n)
+
+        def call():
+            f.launch(a, a_scale, w, w_scale, bias, out, epilogue, out_scale=out_scale, config=config, **extra)
+        try:
+            ms = cuda_ms(call, warmup=3, iters=20)
+        except Exception as e:  # a config that does not fit (shared memory, registers) is skipped, and said
+            row.setdefault("configs_failed", {})[str(config)] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        row.setdefault("configs_ms", {})[str(config)] = ms
+        if best is None or ms < best[0]:
+            best = (ms, config, out.clone(), None if out_scale is None else out_scale.clone())
+    row["fluxc_ms"], row["fluxc_config"] = best[0], best[1]
+    # the check: against the reference ops on the same inputs (on the GPU, fp32 matmul)
+    if epilogue == f.EPILOGUE_GELU_FP8:
+        want_q, want_scale = f.quantize_blocks(torch.nn.functional.gelu(
+            f.fp8_linear_reference(a, a_scale, w, w_scale, bias).float(), approximate="tanh").bfloat16())
+        row["relative_error"] = relative_error(f.dequantize_activation(best[2], best[3]),
+                                               f.dequantize_activation(want_q, want_scale))
+    elif epilogue == f.EPILOGUE_GATE_RESIDUAL:
+        want = residual.float() + gate.float()[:, None] * f.fp8_linear_reference(a, a_scale, w, w_scale, bias
+                                                                                 ).float().view(1, m, n)
+        row["relative_error"] = relative_error(best[2], want.bfloat16())
+    else:
+        row["relative_error"] = relative_error(best[2], y)
+    for key, nbytes in (("today", today_bytes), ("fluxc", fused_bytes)):
+        row[f"{key}_gb"] = nbytes / 1e9
+        row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
+    row["cublas_tflops"] = flops / row["cublas_ms"] / 1e9
+    row["speedup_vs_today"] = row["today_ms"] / row["fluxc_ms"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    args = ap.parse_args()
+    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    r = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(),
+         "triton": __import__("triton").__version__, "rows": []}
+    for shape in shapes:
+        r["rows"].append(measure(*shape))
+        print(json.dumps(r["rows"][-1]), flush=True)
+        with open(args.out, "w") as fh:  # after each shape: a run cut short keeps what it measured
+            json.dump(r, fh, indent=1)
+    total = {k: sum(x[f"{k}_ms"] for x in r["rows"]) for k in ("today", "fluxc")}
+    print(f"\nFP8 GEMMs with epilogues on {r['gpu']} (commit {r['commit']}); ms, TFLOP/s")
+    print(f"{'shape':<22}{'epilogue':<15}{'cuBLAS':>8}{'today':>8}{'fluxc':>8}{'TF/s':>7}{'x today':>9}{'rel err':>9}")
+    for x in r["rows"]:
+        print(f"{x['shape']:<22}{x['epilogue']:<15}{x['cublas_ms']:>8.3f}{x['today_ms']:>8.3f}{x['fluxc_ms']:>8.3f}"
+              f"{x['fluxc_tflops']:>7.0f}{x['speedup_vs_today']:>9.2f}{x['relative_error']:>9.1e}")
+    print(f"one of each: today {total['today']:.3f} ms, fluxc {total['fluxc']:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""FP8 GEMMs with their epilogues (runtime/ops/fp8_gemm.py, issue 31): the reference ops against float64 math and
+against today's unfused path, and the Triton kernel itself run by Triton's interpreter on the CPU against them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fluxc.numerics import FP8_LINEAR_SQNR_DB, REWRITE_TOLERANCE, relative_error, sqnr_db
+from fluxc.runtime.ops.fp8_gemm import dequantize_activation, fp8_linear_reference
+from fluxc.runtime.ops.kernels import quantize_rows
+
+
+def operands(m: int, k: int, n: int, seed: int = 0):
+    """A bf16 activation quantized per token and a weight per output channel, as quantize_fp8 makes them (with
+    outlier channels in x, as FLUX's activations have), a bias, and the float64 values they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * (1 + 8 * (torch.rand(k, generator=g) < 0.02))
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    bias = (torch.randn(n, generator=g) * 0.1).bfloat16()
+    (a, a_scale), (wq, w_scale) = quantize_rows(x.bfloat16()), quantize_rows(w.bfloat16())
+    exact = x.bfloat16().double() @ w.bfloat16().double().T + bias.double()
+    return (a, a_scale, wq, w_scale, bias), exact
+
+
+def test_gelu_fp8_block_output_meets_the_floor_and_the_unfused_path():
+    """The fused up-projection's output, dequantized, against float64 GELU(x w^T + b): at least the FP8 linear floor,
+    and at least the SQNR of today's path (_scaled_mm to bf16, then fluxc.gelu_fp8 per token)."""
+    ops, exact = operands(256, 384, 512)
+    want = F.gelu(exact, approximate="tanh")
+    q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*ops)
+    assert q.dtype == torch.float8_e4m3fn and q_scale.shape == (256, 4)
+    fused = sqnr_db(dequantize_activation(q, q_scale), want)
+    unfused = sqnr_db(dequantize_activation(*torch.ops.fluxc.gelu_fp8(fp8_linear_reference(*ops))), want)
+    print(f"GELU output against float64: block scales {fused:.1f} dB, per-token {unfused:.1f} dB")
+    assert fused >= FP8_LINEAR_SQNR_DB and fused >= unfused
+
+
+def test_down_projection_reads_block_scaled_activations():
+    """The MLP whole: the block-quantized GELU output into the gated down-projection, against float64."""
+    ops, exact = operands(256, 384, 512, seed=1)
+    q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*ops)
+    g = torch.Generator().manual_seed(2)
+    w2 = torch.randn(384, 512, generator=g) / 512 ** 0.5
+    w2q, w2_scale = quantize_rows(w2.bfloat16())
+    gate, residual = torch.randn(2, 384, generator=g).bfloat16(), torch.randn(2, 128, 384, generator=g).bfloat16()
+    got = torch.ops.fluxc.fp8_linear_gate_residual(q, q_scale, w2q, w2_scale, None, gate, residual)
+    mlp = (F.gelu(exact, approximate="tanh") @ w2.bfloat16().double().T).view(2, 128, 384)
+    assert sqnr_db(got.double() - residual.double(), gate.double()[:, None] * mlp) >= FP8_LINEAR_SQNR_DB
+
+
+def test_gate_residual_equals_the_bf16_graph_within_rounding():
+    """residual + gate * y in fp32 rounded once, against the unfused bf16 graph's two roundings."""
+    ops, _ = operands(2 * 96, 256, 384, seed=3)
+    g = torch.Generator().manual_seed(4)
+    gate, residual = torch.randn(2, 384, generator=g).bfloat16(), torch.randn(2, 96, 384, generator=g).bfloat16()
+    got = torch.ops.fluxc.fp8_linear_gate_residual(*ops, gate, residual)
+    want = residual + gate[:, None] * fp8_linear_reference(*ops).view(2, 96, 384)
+    assert relative_error(got, want) <= REWRITE_TOLERANCE[torch.bfloat16]
+
+
+INTERPRETED = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from test_fp8_gemm import operands
+from fluxc.numerics import relative_error
+from fluxc.runtime.ops import fp8_gemm as f
+from fluxc.runtime.ops.fp8_gemm import dequantize_activation as dq
+
+m = int(sys.argv[1])
+ops, _ = operands(m, 256, 256, seed=5)
+a, a_scale, w, w_scale, bias = ops
+errors = {}
+for blocks in (False, True):
+    if blocks:  # the activation as fp8_linear_gelu_fp8 writes it: 1x128 block scales
+        a, a_scale = f.quantize_blocks(dq(a, a_scale))
+    out = torch.empty(m, 256, dtype=torch.bfloat16)
+    f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=(64, 128, 4, 2))
+    errors[f"bf16 blocks={blocks}"] = relative_error(out, f.fp8_linear_reference(a, a_scale, w, w_scale, bias))
+q, q_scale = torch.empty(m, 256, dtype=torch.float8_e4m3fn), torch.empty(m, 2)
+f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale, config=(64, 128, 4, 2))
+want, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(a, a_scale, w, w_scale, bias)
+errors["gelu_fp8 scales"] = relative_error(q_scale, want_scale)
+e4m3 = relative_error(dq(q, q_scale), dq(want, want_scale))
+gate, residual = torch.randn(2, 256).bfloat16(), torch.randn(2, m // 2, 256).bfloat16()
+out = torch.empty_like(residual)
+f.launch(a, a_scale, w, w_scale, None, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, config=(64, 128, 4, 2))
+errors["gate_residual"] = relative_error(out, torch.ops.fluxc.fp8_linear_gate_residual(a, a_scale, w, w_scale, None, gate, residual))
+print(errors, e4m3)
+assert max(errors.values()) <= 1e-2 and e4m3 <= 0.1, (errors, e4m3)
+"""
+
+
+@pytest.mark.parametrize("m", [256, 200])  # 200: a partial tile of rows (masked loads and stores)
+def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m):
+    """The Triton kernel itself, every epilogue and both activation scalings, run on the CPU by Triton's interpreter
+    (TRITON_INTERPRET=1 must be set before the kernels are defined, hence a fresh process), against the reference
+    ops. This checks the kernel's indexing, masking, scales and epilogues, not its roundings: the interpreter
+    (Triton 3.9) truncates fp32 to bf16 (about half of all values differ from torch's round-to-nearest by one
+    ulp), so the bf16 outputs agree to ~4e-3 and the e4m3 ones, whose codes follow the bf16 values, to ~5e-2 (a
+    wrong scale block or gate row errs by O(1)). tests/test_gpu.py holds the compiled kernel to rounding."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(m)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("epilogue", ["bf16", "gelu_fp8", "gate_residual"])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks):
+    """Each variant compiled for sm_90a here (Triton bundles ptxas): its e4m3 dot becomes wgmma, Hopper's
+    asynchronous warpgroup MMA, and the cubin is made."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fluxc.runtime.ops import fp8_gemm
+
+    out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
+    signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "out_ptr": out, "out_scale_ptr": "*fp32", "gate_ptr": "*bf16",
+                 "residual_ptr": "*bf16", **{p: "i32" for p in ("M", "N", "K", "rows_per_batch", "gate_stride")},
+                 **{p: "constexpr" for p in ("A_BLOCKS", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                             "GROUP_M")}}
+    block_m, block_n, warps, stages = fp8_gemm.DEFAULT_CONFIG
+    constexprs = {"A_BLOCKS": blocks, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128,
+                  "GROUP_M": 8, "EPILOGUE": {"bf16": fp8_gemm.EPILOGUE_BF16, "gelu_fp8": fp8_gemm.EPILOGUE_GELU_FP8,
+                                             "gate_residual": fp8_gemm.EPILOGUE_GATE_RESIDUAL}[epilogue]}
+    compiled = triton.compile(ASTSource(fn=fp8_gemm._fp8_gemm_kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 128),
+                              options={"num_warps": warps, "num_stages": stages})
+    assert ".target sm_90a" in compiled.asm["ptx"] and "wgmma.mma_async" in compiled.asm["ptx"]
+    assert len(compiled.asm["cubin"]) > 1000
