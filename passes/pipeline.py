@@ -11,8 +11,9 @@ import torch
 
 from fluxc import ir
 from fluxc.passes import (dedupe_nodes, eliminate_dead_code, functionalize_inplace, fuse_adaln, fuse_epilogues,
-                          fuse_qk_norm_rope, fuse_qkv, hoist_schedule, insert_cache_points, lower_nvfp4, quantize_fp8,
-                          quantize_fp8_attention, quantize_nvfp4, remove_noop_ops, select_attention, shard_attention)
+                          fuse_fp8_epilogues, fuse_qk_norm_rope, fuse_qkv, hoist_schedule, insert_cache_points,
+                          lower_nvfp4, quantize_fp8, quantize_fp8_attention, quantize_nvfp4, remove_noop_ops,
+                          select_attention, shard_attention)
 from fluxc.passes.base import PassContext
 from fluxc.recipes import Precision
 
@@ -47,6 +48,7 @@ def resolve(recipe, target: str) -> list[Pass]:
         # FP8 attention first: quantize_fp8 then feeds the output projections its e4m3 output
         *([Pass("quantize_fp8_attention", "quantize", quantize_fp8_attention.run)] if recipe.fp8_attention else []),
         *([Pass("quantize_fp8", "quantize", quantize_fp8.run)] if recipe.precision is Precision.FP8 else []),
+        *([Pass("fuse_fp8_epilogues", "quantize", fuse_fp8_epilogues.run)] if recipe.fp8_epilogues else []),
         *([Pass("quantize_nvfp4", "quantize", quantize_nvfp4.run)] if recipe.precision is Precision.NVFP4 else []),
         # hoist: after quantize, so the hoisted graph holds rewritten ops (the fused modulation GEMM)
         *([Pass("hoist_schedule", "hoist", hoist_schedule.run)] if recipe.hoist_schedule else []),

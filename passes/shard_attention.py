@@ -49,7 +49,8 @@ def check(node: torch.fx.Node) -> str | None:
 
 
 GEMMS = (aten.mm.default, aten.addmm.default, aten._scaled_mm.default, torch.ops.fluxc.linear_gelu.default,
-         torch.ops.fluxc.nvfp4_linear.default)
+         torch.ops.fluxc.nvfp4_linear.default, torch.ops.fluxc.fp8_linear_gelu_fp8.default,
+         torch.ops.fluxc.fp8_linear_gate_residual.default)
 
 
 def is_gemm(node: torch.fx.Node) -> bool:

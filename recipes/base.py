@@ -48,6 +48,9 @@ class Recipe:
     quant_weight_only: tuple[str, ...] = ()
     # fp8: attention on e4m3 q, k, v through cuDNN's FP8 SDPA (sm_90+; passes/quantize_fp8.py).
     fp8_attention: bool = False
+    # fp8: GEMMs that own their epilogues, the MLP's GELU + quantization and the gated residuals (Triton;
+    # passes/fuse_fp8_epilogues.py).
+    fp8_epilogues: bool = False
     # The step-skipping policy the engine runs by default (runtime/cache.py; `fluxc run --cache` overrides it).
     # Every fused engine carries the cache points both policies need (passes/insert_cache_points.py).
     cache: CacheConfig = CacheConfig()

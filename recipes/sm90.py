@@ -29,3 +29,10 @@ def sm90_fp8_attn():
     (a per-tensor scale at run time) and output, through cuDNN's FP8 SDPA; held to a lower segment floor."""
     return dataclasses.replace(sm90_fp8(), name="sm90_fp8_attn", fp8_attention=True,
                                check_rtol=10 ** (-FP8_ATTENTION_SEGMENT_SQNR_DB / 20))
+
+
+def sm90_fp8_epilogues():
+    """sm90_fp8 with the GEMMs owning their epilogues (Triton, runtime/ops/fp8_gemm.py): the MLP's GELU output
+    written once in e4m3 with 1x128 block scales, the output projections adding their gated residual in the store.
+    Same floor as sm90_fp8."""
+    return dataclasses.replace(sm90_fp8(), name="sm90_fp8_epilogues", fp8_epilogues=True)

@@ -55,11 +55,12 @@ def tiny_pipeline_dir(tmp_path_factory, tiny_fp32):
 
 
 def build_tiny_pipeline(folder: str, path: str, precision: str = "fp32", **options) -> str:
-    """A whole-pipeline CPU engine of a tiny diffusers folder at 144x112 (BuildOptions `options` beside); its path."""
+    """A whole-pipeline CPU engine of a tiny diffusers folder, by default at 144x112 with TINY_TEXT text tokens
+    (BuildOptions `options` over those); its path."""
     from fluxc.build import BuildOptions, build
 
-    build(BuildOptions(model=folder, output=path, target="cpu", precision=precision, resolutions=TINY_PROFILES[:1],
-                       text_tokens=TINY_TEXT, **options))
+    build(BuildOptions(model=folder, output=path, target="cpu", precision=precision,
+                       **({"resolutions": TINY_PROFILES[:1], "text_tokens": TINY_TEXT} | options)))
     return path
 
 

@@ -338,3 +338,54 @@ def test_ray_serve_two_replicas_answer_the_openai_client(tiny_pipeline_b4_path, 
     finally:
         s.proc.send_signal(signal.SIGINT)
         s.proc.wait(timeout=120)
+
+
+# ---- a context-parallel engine: the server is rank 0, the other ranks follow (runtime/serve/ranks.py) ----------
+@pytest.fixture(scope="module")
+def parallel_engines(tmp_path_factory, tiny_pipeline_dir):
+    """Whole-pipeline fp32 engines for 1 and 2 ranks at 128x112 (56 image and 16 text tokens: 2 ranks split them)."""
+    from conftest import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("serve-parallel")
+    return {n: build_tiny_pipeline(tiny_pipeline_dir, str(root / f"ws{n}.fluxe"), resolutions=((128, 112),),
+                                   text_tokens=16, world_size=n) for n in (1, 2)}
+
+
+def test_context_parallel_engine_serves_the_one_rank_image(parallel_engines):
+    """A --world-size 2 engine behind one server (two gloo ranks): the openai client gets the image a one-rank
+    engine makes with the same prompt and seed (the ranks' float images agree to 1e-3: PNG values within 1);
+    an edit is refused with the reason; SIGTERM stops both ranks, exit 0."""
+    from fluxc.runtime import Engine
+
+    prompt = "a photo of a cat sitting on a red chair"
+    server = fluxc_serve(parallel_engines[2])
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        got = png(client.images.generate(prompt=prompt, size="112x128", extra_body=dict(steps=4, seed=3)).data[0].b64_json)
+        want = np.asarray(Engine.load(parallel_engines[1]).generate(prompt, height=128, width=112, steps=4, seed=[3])[0])
+        assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        buf = io.BytesIO()
+        Image.fromarray(want).save(buf, format="PNG")
+        with pytest.raises(openai.BadRequestError, match="not served on context-parallel engines"):
+            client.images.edit(image=("in.png", buf.getvalue(), "image/png"), prompt=prompt, size="112x128")
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def test_a_dead_rank_ends_the_server_with_exit_1(parallel_engines):
+    """Rank 1 killed: the server reports which rank died and exits 1 at once instead of hanging in a collective."""
+    server = fluxc_serve(parallel_engines[2])
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(p) == server.proc.pid]
+    assert len(children) == 1
+    os.kill(children[0], signal.SIGKILL)
+    assert server.proc.wait(timeout=60) == 1
+    time.sleep(0.2)  # the log thread catches up
+    assert "rank 1 of 2" in "".join(server.log)
+
+
+def _parent(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None

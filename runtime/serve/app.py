@@ -142,7 +142,12 @@ def _loader(path: str, settings: ServeSettings):
     def load():
         from fluxc.runtime import Engine
 
-        return Engine.load(path, encoders=settings.encoders, trusted_keys=list(settings.trusted_keys) or None)
+        keys = list(settings.trusted_keys) or None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # rank 0 of a context-parallel engine (serve/ranks.py)
+            from fluxc.runtime.serve.ranks import Leader
+
+            return Leader.load(path, settings.encoders, keys)
+        return Engine.load(path, encoders=settings.encoders, trusted_keys=keys)
 
     return load
 
@@ -202,6 +207,9 @@ def _job(engine, body: api.ImagesRequest, settings: ServeSettings, name: str, im
     sampling = dict(height=profile.height, width=profile.width, steps=body.steps, guidance=float(body.guidance),
                     cache_config=cache_config)
     if image is not None:
+        if engine.world_size > 1:  # its other ranks take their calls as JSON (serve/ranks.py): no images yet
+            raise FluxcError("Edits are not served on context-parallel engines yet.",
+                             "Serve an engine built with --world-size 1 for /v1/images/edits.")
         engine.check_image(image, 1, profile, body.steps, body.strength, mask)
         sampling |= dict(image=image, strength=float(body.strength), mask=mask)  # batched only with equal images
     return Job(prompts[0], seeds, sampling, tuple((ref.name, float(ref.scale)) for ref in body.lora))

@@ -7,6 +7,7 @@ what is queued, and returns 0. A start that fails (engine missing, unsigned, dam
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import threading
 
@@ -14,14 +15,16 @@ from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.serve.settings import ServeSettings
 
 
-def check_engine(path: str, settings: ServeSettings) -> None:
-    """The cheap checks, before the port is bound: the engine's seal and signature, and that it makes images."""
+def check_engine(path: str, settings: ServeSettings) -> int:
+    """The cheap checks, before the port is bound: the engine's seal and signature, and that it makes images.
+    Returns its world size (ranks of context parallelism)."""
     from fluxc.runtime.core.bundle import read_manifest
 
     manifest = read_manifest(path, list(settings.trusted_keys) or None)
     if manifest["components"] is None:
         raise FluxcError(f"'{path}' was built with --transformer-only: it has no text encoders or VAE, so it cannot "
                          "turn prompts into images.", "Serve an engine built without --transformer-only.")
+    return manifest["profiles"][0]["world_size"]
 
 
 def parse_adapters(values) -> tuple[tuple[str, str], ...]:
@@ -49,8 +52,14 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeS
 
     from fluxc.runtime.serve.app import create_app
 
-    check_engine(path, settings)
+    world_size = check_engine(path, settings)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    followers = []
+    if world_size > 1:  # this process is rank 0; the others follow its engine calls (serve/ranks.py)
+        from fluxc.runtime.serve.ranks import start_followers, watch
+
+        followers = start_followers(path, world_size, settings.encoders, settings.trusted_keys)
+        watch(followers)
     app = create_app(path, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
     worker = app.state.worker
@@ -68,6 +77,11 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeS
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for proc in followers:  # told to stop at the worker's end; after a failed start, or a rank that hangs, ended
+            try:
+                proc.wait(timeout=60 if worker.failure is None else 0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     if worker.failure is not None:
         failure = worker.failure
         raise failure if isinstance(failure, FluxcError) else FluxcError(

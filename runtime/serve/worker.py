@@ -120,6 +120,9 @@ class Worker:
         self.ready.set()
         while (batch := self._next_batch()) is not None:
             self._run(batch)
+        close = getattr(self.engine, "close", None)  # a context-parallel engine's rank 0 stops the other ranks
+        if close is not None:
+            close()
 
     def _start_engine(self) -> None:
         start = time.perf_counter()

@@ -1,0 +1,114 @@
+"""Give FP8 GEMMs their epilogues: the gated residual of the output projections and the MLP's GELU + quantization
+run inside the GEMM (fluxc.fp8_linear_gate_residual, fluxc.fp8_linear_gelu_fp8: runtime/ops/fp8_gemm.py).
+
+Pattern, gated residual (a double block's attention and MLP output projections, image and text; a single block's
+output projection, which fuse_epilogues split into its attention and MLP halves):
+    %y = aten._scaled_mm(%a, aten.t(%w), %sa, aten.t(%sw), %bias, None, bf16)                        [M, N]
+         (a single block: aten.add.Tensor of two such GEMMs)
+    %out = aten.add.Tensor(%residual, aten.mul.Tensor(aten.unsqueeze(%gate, 1), aten.view(%y, [B, S, N])))
+Rewrite:
+    %out = fluxc.fp8_linear_gate_residual(%a, %sa, %w, %sw, %bias, %gate, %residual)
+           (two GEMMs: the first's output is the second's residual)
+Pattern, GELU (the MLP up-projections), once every GEMM that reads the quantized GELU output was rewritten above:
+    %q, %s = fluxc.gelu_fp8(aten._scaled_mm(%xq, aten.t(%w), %sx, aten.t(%sw), %bias, None, bf16))
+Rewrite:
+    %q, %s = fluxc.fp8_linear_gelu_fp8(%xq, %sx, %w, %sw, %bias)      %s: [M, N / 128], one scale per 1x128 block
+    (the reading GEMMs take %q, %s directly: the views between them only flattened [B, S] and back)
+The GELU output is written once, in e4m3, where today it is written in bf16, read back, quantized and written
+again; the projections' bf16 output goes straight into the residual stream.
+Pre:  quantize_fp8 ran with per-token activation scales (a calibrated build's static per-tensor scales, and
+FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or [M, K / 128] scales).
+Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
+block and 1 per single block (tiny, pinned by tests/test_fp8_gemm.py).
+Numerics: the GEMMs are the same FP8 GEMMs; what changes is the GELU output's scaling, 1x128 blocks instead of one
+scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once in fp32
+instead of twice in bf16. Contract: each linear at or above numerics.FP8_LINEAR_SQNR_DB against float64, and a
+segment at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph, as quantize_fp8's.
+"""
+
+import operator
+
+import torch
+
+from fluxc.passes.base import NoMatch, PassContext, PassResult, aten, call, is_aten, rewrite_all
+from fluxc.runtime.ops.fp8_gemm import BLOCK
+
+GATE_RESIDUAL, GELU_FP8 = torch.ops.fluxc.fp8_linear_gate_residual.default, torch.ops.fluxc.fp8_linear_gelu_fp8.default
+
+
+def _operands(mm: torch.fx.Node, depth: int) -> tuple:
+    """(a, a_scale, w, w_scale, bias) of a _scaled_mm with per-token or block activation scales, one user."""
+    if not is_aten(mm, aten._scaled_mm.default) or len(mm.users) != 1:
+        raise NoMatch(mm, "not an FP8 GEMM (_scaled_mm) with one user", depth)
+    a, wt, sa, swt, bias, *rest = (*mm.args, *[None] * (7 - len(mm.args)))
+    if not (is_aten(wt, aten.t.default) and is_aten(swt, aten.t.default)) or rest[0] is not None:
+        raise NoMatch(mm, "the GEMM's weight or scale is not a transposed weight input", depth)
+    (m, k), scale = a.meta["val"].shape, sa.meta["val"].shape
+    if k % BLOCK or tuple(scale) not in ((m, 1), (m, k // BLOCK)):
+        raise NoMatch(mm, f"activation scales {tuple(scale)} are not per token (static or per-tensor scales), or K "
+                          f"{k} is not a multiple of {BLOCK}", depth)
+    return a, sa, wt.args[0], swt.args[0], bias
+
+
+def _gated(out: torch.fx.Node):
+    """(residual, gate [B, N], the GEMMs' operands) of residual + gate * view(y), else NoMatch."""
+    mul = next((x for x in out.args if is_aten(x, aten.mul.Tensor) and len(x.users) == 1), None)
+    if mul is None:
+        raise NoMatch(out, "not residual + (gate * y)", 0)
+    residual = out.args[1] if out.args[0] is mul else out.args[0]
+    unsqueeze = next((x for x in mul.args if is_aten(x, aten.unsqueeze.default) and x.args[1] == 1), None)
+    view = mul.args[1] if mul.args[0] is unsqueeze else mul.args[0]
+    if unsqueeze is None or not is_aten(view, aten.view.default) or len(view.users) != 1:
+        raise NoMatch(mul, "the product is not unsqueeze(gate, 1) * view(y)", 1)
+    gate, y = unsqueeze.args[0], view.args[0]
+    if gate.meta["val"].dim() != 2 or residual.meta["val"].shape != out.meta["val"].shape:
+        raise NoMatch(mul, "the gate is not [B, N] or the residual not [B, S, N]", 2)
+    halves = y.args if is_aten(y, aten.add.Tensor) and len(y.users) == 1 else (y,)
+    return residual, gate, [_operands(mm, 3) for mm in halves]
+
+
+def fuse_gate_residual(gm: torch.fx.GraphModule, out: torch.fx.Node) -> None:
+    residual, gate, gemms = _gated(out)
+    with gm.graph.inserting_before(out):
+        for operands in gemms:
+            residual = call(gm.graph, GATE_RESIDUAL, *operands, gate, residual)
+    out.replace_all_uses_with(residual)
+
+
+def _through_views(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The non-view nodes that read `node` through chains of aten.view."""
+    out = []
+    for user in node.users:
+        out += _through_views(user) if is_aten(user, aten.view.default) else [user]
+    return out
+
+
+def fuse_gelu(gm: torch.fx.GraphModule, gelu: torch.fx.Node) -> None:
+    operands = _operands(gelu.args[0], 0)
+    outputs = {u.args[1]: u for u in gelu.users if u.target is operator.getitem}
+    readers = {r for out in outputs.values() for r in _through_views(out)}
+    if len(outputs) != 2 or not readers or any(r.target is not GATE_RESIDUAL for r in readers):
+        raise NoMatch(gelu, "the quantized GELU output is read by other than fused gated-residual GEMMs", 1)
+    n = outputs[0].meta["val"].shape[-1]
+    if n % BLOCK:
+        raise NoMatch(gelu, f"N {n} is not a multiple of {BLOCK}", 2)
+    for reader in readers:  # the views between are a flatten and its inverse: the reader's a, sa shapes are theirs
+        a, sa = reader.args[:2]
+        if a.meta["val"].shape != outputs[0].meta["val"].shape or sa.meta["val"].shape != outputs[1].meta["val"].shape:
+            raise NoMatch(reader, "the views between the GELU and its GEMM change its shape", 3)
+    with gm.graph.inserting_before(gelu):
+        fused = call(gm.graph, GELU_FP8, *operands)
+        q, s = (call(gm.graph, operator.getitem, fused, i) for i in (0, 1))
+    for reader in readers:
+        reader.args = (q, s, *reader.args[2:])
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    adds = [n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3]
+    gated, rejected = rewrite_all(adds, lambda n: fuse_gate_residual(gm, n))
+    gm.graph.eliminate_dead_code()  # the replaced GEMMs, so that each GELU's readers are the fused ops
+    gelus = [n for n in gm.graph.nodes if n.target is torch.ops.fluxc.gelu_fp8.default]
+    fused, more = rewrite_all(gelus, lambda n: fuse_gelu(gm, n))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return PassResult(gm, {"gate_residual": gated, "gelu": fused}, rejected + more)
