@@ -125,14 +125,12 @@ def measure(name, m, n, k, epilogue) -> dict:
     row["fluxc_ms"], row["fluxc_config"] = best[0], best[1]
     # the check: against the reference ops on the same inputs (on the GPU, fp32 matmul)
     if epilogue == f.EPILOGUE_GELU_FP8:
-        want_q, want_scale = f.quantize_blocks(torch.nn.functional.gelu(
-            f.fp8_linear_reference(a, a_scale, w, w_scale, bias).float(), approximate="tanh").bfloat16())
+        want_q, want_scale = f.gelu_fp8_reference(a, a_scale, w, w_scale, bias)
         row["relative_error"] = relative_error(f.dequantize_activation(best[2], best[3]),
                                                f.dequantize_activation(want_q, want_scale))
     elif epilogue == f.EPILOGUE_GATE_RESIDUAL:
-        want = residual.float() + gate.float()[:, None] * f.fp8_linear_reference(a, a_scale, w, w_scale, bias
-                                                                                 ).float().view(1, m, n)
-        row["relative_error"] = relative_error(best[2], want.bfloat16())
+        row["relative_error"] = relative_error(best[2], f.gate_residual_reference(a, a_scale, w, w_scale, bias, gate,
+                                                                                  residual))
     else:
         row["relative_error"] = relative_error(best[2], y)
     for key, nbytes in (("today", today_bytes), ("fluxc", fused_bytes)):

@@ -53,6 +53,17 @@ def fp8_linear_reference(a, a_scale, w, w_scale, bias) -> torch.Tensor:
     return (y if bias is None else y + bias.float()).to(torch.bfloat16)
 
 
+def gelu_fp8_reference(a, a_scale, w, w_scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.nn.functional.gelu(fp8_linear_reference(a, a_scale, w, w_scale, bias).float(), approximate="tanh")
+    return quantize_blocks(y.to(torch.bfloat16))
+
+
+def gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual) -> torch.Tensor:
+    b, s, n = residual.shape
+    y = fp8_linear_reference(a, a_scale, w, w_scale, bias).float().view(b, s, n)
+    return (residual.float() + gate.float()[:, None, :] * y).to(residual.dtype)
+
+
 def _check(a, a_scale, w, w_scale, quantized_output: bool) -> None:
     (m, k), n = a.shape, w.shape[0]
     assert a.dtype == w.dtype == torch.float8_e4m3fn and w.shape[1] == k and k % BLOCK == 0, (a.shape, w.shape)
@@ -65,8 +76,7 @@ def _check(a, a_scale, w, w_scale, quantized_output: bool) -> None:
 def fp8_linear_gelu_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     _check(a, a_scale, w, w_scale, True)
-    y = torch.nn.functional.gelu(fp8_linear_reference(a, a_scale, w, w_scale, bias).float(), approximate="tanh")
-    return quantize_blocks(y.to(torch.bfloat16))
+    return gelu_fp8_reference(a, a_scale, w, w_scale, bias)
 
 
 @fp8_linear_gelu_fp8.register_fake
@@ -88,9 +98,7 @@ def _fp8_linear_gelu_fp8_cuda(a, a_scale, w, w_scale, bias):
 def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                              bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     _check(a, a_scale, w, w_scale, False)
-    b, s, n = residual.shape
-    y = fp8_linear_reference(a, a_scale, w, w_scale, bias).float().view(b, s, n)
-    return (residual.float() + gate.float()[:, None, :] * y).to(residual.dtype)
+    return gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual)
 
 
 @fp8_linear_gate_residual.register_fake
