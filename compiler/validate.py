@@ -194,12 +194,12 @@ def _check_backend(backend: str, recipe: Recipe, calibrated: bool, target: str) 
     if backend != "inductor" and recipe.fp8_attention:
         raise FluxcError(f"--backend {backend} does not export cuDNN's FP8 attention (recipe {recipe.name}).",
                          "Use --recipe sm90_fp8 (bf16 attention) with ONNX.")
-    if recipe.fp8_epilogues and (backend != "inductor" or calibrated):
-        raise FluxcError(f"Recipe {recipe.name}'s Triton GEMMs read per-token activation scales" +
-                         (f"; --backend {backend} does not export them." if backend != "inductor" else
-                          "; --calibrate makes static per-tensor ones."),
-                         "Use --recipe sm90_fp8" + (" with ONNX." if backend != "inductor" else " with --calibrate, "
-                                                    "or drop --calibrate."))
+    if recipe.fp8_epilogues and backend != "inductor":
+        raise FluxcError(f"Recipe {recipe.name}'s Triton GEMMs read per-token activation scales; --backend {backend} "
+                         "does not export them.", "Use --recipe sm90_fp8 with ONNX.")
+    if recipe.fp8_epilogues and calibrated:
+        raise FluxcError(f"Recipe {recipe.name}'s Triton GEMMs read per-token activation scales; --calibrate makes "
+                         "static per-tensor ones.", "Use --recipe sm90_fp8 with --calibrate, or drop --calibrate.")
 
 
 def _check_world_size(opts: BuildOptions, recipe: Recipe) -> None:

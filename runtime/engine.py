@@ -105,14 +105,17 @@ class Engine:
                     checked.result()  # a digest mismatch is the error to report, even if the load failed first
                 engine._segments, clock.seconds["segments_overlapped"] = segments.result()
         clock("weights_verified_and_segments")
-        if engine.components:
-            from fluxc.runtime.text import PromptTokenizer
-
-            engine._tokenizers = {name: PromptTokenizer(path, spec, name.upper())
-                                  for name, spec in engine.components["tokenizers"].items()}
+        engine._load_tokenizers()
         clock("tokenizers")
         engine.load_seconds = clock.seconds
         return engine
+
+    def _load_tokenizers(self) -> None:
+        if self.components:
+            from fluxc.runtime.text import PromptTokenizer
+
+            self._tokenizers = {name: PromptTokenizer(self.path, spec, name.upper())
+                                for name, spec in self.components["tokenizers"].items()}
 
     def _load_segments(self, verify: bool) -> dict:
         loader, artifact = LOADERS[self.manifest["backend"]["name"]], SEGMENT_FILES[self.manifest["backend"]["name"]]

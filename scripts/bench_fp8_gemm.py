@@ -90,8 +90,8 @@ def measure(name, m, n, k, epilogue) -> dict:
             a_row, a_row_scale, w, w_scale, bias).view(1, m, n)), warmup=5, iters=20)
         today_bytes = gemm_bytes + 2 * m * n * 2 + 2 * m * n * 2  # y written and read; residual read, out written
         fused_bytes = gemm_bytes + 2 * m * n * 2
-        w_blocks = w_scale.view(n // 128, 128).amax(-1, keepdim=True).expand(n // 128, k // 128).contiguous()
         if blocks:
+            w_blocks = w_scale.view(n // 128, 128).amax(-1, keepdim=True).expand(n // 128, k // 128).contiguous()
             try:
                 a_scale_cm = outer_dim_major(a_scale)
                 row["cublas_block_scaled_ms"] = cuda_ms(lambda: block_scaled_mm(a, a_scale_cm, w, w_blocks), warmup=5,

@@ -76,11 +76,7 @@ def main() -> None:
     lap("weights_to_gpu")
     verify_file(args.engine, WEIGHTS, manifest["files"][WEIGHTS])
     lap("weights_digest")
-    if engine.components:
-        from fluxc.runtime.text import PromptTokenizer
-
-        engine._tokenizers = {name: PromptTokenizer(args.engine, spec, name.upper())
-                              for name, spec in engine.components["tokenizers"].items()}
+    engine._load_tokenizers()
     lap("tokenizers")
     for profile in engine.profiles.values():
         engine.generate("warm-up", height=profile.height, width=profile.width, steps=2, output_type="pt")

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import torch
 
@@ -156,7 +157,7 @@ def watch(followers: list[subprocess.Popen]) -> None:
 
     def run():
         while True:
-            threading.Event().wait(0.5)
+            time.sleep(0.5)
             for rank, proc in enumerate(followers, start=1):
                 if proc.poll() not in (None, 0):
                     print(f"error: rank {rank} of {len(followers) + 1} (pid {proc.pid}) exited with code "
