@@ -860,12 +860,16 @@ def _as_output(images: torch.Tensor, output_type: str):
     return images if output_type == "pt" else images.numpy() if output_type == "np" else to_pil(images)
 
 
+def to_pixels(images: torch.Tensor):
+    """float [N, H, W, 3] in [0, 1] -> uint8 numpy [N, H, W, 3], rounded as diffusers' numpy_to_pil does."""
+    return (images * 255).round().to(torch.uint8).numpy()
+
+
 def to_pil(images: torch.Tensor) -> list:
     """float [N, H, W, 3] in [0, 1] -> PIL images, rounded as diffusers' numpy_to_pil does."""
     from PIL import Image
 
-    pixels = (images * 255).round().to(torch.uint8).numpy()
-    return [Image.fromarray(p) for p in pixels]
+    return [Image.fromarray(p) for p in to_pixels(images)]
 
 
 def run_engine(path: str, method: str, kwargs: dict, load: dict | None = None):

@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--resolution", default="1024x1024")
+    ap.add_argument("--transformer-only", action="store_true",
+                    help="transformer folders and engines (what fits the GPU machine's disk for FLUX.1-dev)")
     ap.add_argument("--workdir", default=".engines/refit")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -46,32 +48,45 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
     family = ARCHITECTURES[args.model][0]
-    folders = []
-    for seed in (0, 1):
-        folders.append(os.path.join(args.workdir, f"checkpoint-{seed}"))
+
+    def checkpoint(seed: int) -> str:
+        folder = os.path.join(args.workdir, f"checkpoint-{seed}")
         model = load_model(args.model, dtype=dtype, device=torch.device("cpu"), seed=seed)
-        save_pipeline_folder(folders[-1], model.module, load_components(args.model, family, dtype=dtype,
-                                                                        device=torch.device("cpu"), seed=seed))
-        del model
+        if args.transformer_only:  # a diffusers transformer folder (config.json + safetensors)
+            model.module.save_pretrained(folder, safe_serialization=True)
+        else:
+            save_pipeline_folder(folder, model.module, load_components(args.model, family, dtype=dtype,
+                                                                       device=torch.device("cpu"), seed=seed))
+        return folder
+
     target = ["--target", "cpu"] if device.type == "cpu" else []
-    common = ["--precision", args.precision, "--resolution", args.resolution, *target]
+    common = ["--precision", args.precision, "--resolution", args.resolution, *target,
+              *(["--transformer-only"] if args.transformer_only else [])]
     engines = {name: os.path.join(args.workdir, f"{name}.fluxe") for name in ("base", "fresh", "refit")}
     seconds = {}
+    # each file is deleted once no step needs it: FLUX.1-dev's checkpoints and engines together outgrow the GPU
+    # machine's disk (64 GB)
     with tempfile.TemporaryDirectory() as caches:
-        seconds["build_base"] = fluxc("build", "--model", folders[0], *common, "-o", engines["base"],
+        first = checkpoint(0)
+        seconds["build_base"] = fluxc("build", "--model", first, *common, "-o", engines["base"],
                                       caches=os.path.join(caches, "base"))
-        seconds["build_second"] = fluxc("build", "--model", folders[1], *common, "-o", engines["fresh"],
+        shutil.rmtree(first)
+        second = checkpoint(1)
+        seconds["build_second"] = fluxc("build", "--model", second, *common, "-o", engines["fresh"],
                                         caches=os.path.join(caches, "fresh"))
-        seconds["refit_second"] = fluxc("refit", engines["base"], "--model", folders[1], "-o", engines["refit"],
+        fresh = read_manifest(engines["fresh"])
+        shutil.rmtree(engines["fresh"])
+        seconds["refit_second"] = fluxc("refit", engines["base"], "--model", second, "-o", engines["refit"],
                                         caches=os.path.join(caches, "refit"))
         # where the engine has run: its artifacts are in the segment cache (on the CPU, loading one compiles its C++)
         seconds["load_base"] = fluxc(engines["base"], caches=os.path.join(caches, "ran"),
                                      code="import sys; from fluxc.runtime import Engine; Engine.load(sys.argv[1])")
         shutil.rmtree(engines["refit"])
-        seconds["refit_second_where_base_ran"] = fluxc("refit", engines["base"], "--model", folders[1], "-o",
+        seconds["refit_second_where_base_ran"] = fluxc("refit", engines["base"], "--model", second, "-o",
                                                        engines["refit"], caches=os.path.join(caches, "ran"))
-    fresh, refit = (read_manifest(engines[n]) for n in ("fresh", "refit"))
+    refit = read_manifest(engines["refit"])
     r = {"model": args.model, "precision": args.precision, "resolution": args.resolution,
+         "transformer_only": args.transformer_only,
          "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpu_cores": os.cpu_count(),
          "torch": torch.__version__, "commit": source_commit(), "seconds": seconds,
          "refit_fraction_of_build": seconds["refit_second"] / seconds["build_second"],

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.serve import api
 from fluxc.runtime.serve.metrics import Metrics
+from fluxc.runtime.serve.png import encode_png
 from fluxc.runtime.serve.settings import ServeSettings
 from fluxc.runtime.serve.worker import Job, NotAccepting, QueueFull, Worker, log
 
@@ -231,20 +232,17 @@ async def _outcome(worker: Worker, job: Job, request: Request, timeout: float):
 
 
 async def _disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.05)
+    """Returns when the client goes away. The body has been read, so the next ASGI message is the disconnect: waiting
+    for it costs nothing (polling is_disconnected woke the event loop 20 times a second beside the GPU thread)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _pngs(images) -> list[str]:
     """float [N, H, W, 3] in [0, 1] -> base64 PNGs, rounded as Engine.generate's PIL images are."""
-    from fluxc.runtime.engine import to_pil
+    from fluxc.runtime.engine import to_pixels
 
-    out = []
-    for image in to_pil(images):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)  # PIL's default, 6: ~35% slower for ~6% smaller files
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
+    return [base64.b64encode(encode_png(p)).decode("ascii") for p in to_pixels(images)]
 
 
 def _authorizer(key: str | None):
