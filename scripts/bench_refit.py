@@ -51,12 +51,17 @@ def main() -> None:
 
     def checkpoint(seed: int) -> str:
         folder = os.path.join(args.workdir, f"checkpoint-{seed}")
-        model = load_model(args.model, dtype=dtype, device=torch.device("cpu"), seed=seed)
+        # drawn on the GPU where there is one (FLUX.1-dev's 12B random values took minutes on the CPU)
+        model = load_model(args.model, dtype=dtype, device=device if args.transformer_only else torch.device("cpu"),
+                           seed=seed)
         if args.transformer_only:  # a diffusers transformer folder (config.json + safetensors)
             model.module.save_pretrained(folder, safe_serialization=True)
         else:
             save_pipeline_folder(folder, model.module, load_components(args.model, family, dtype=dtype,
                                                                        device=torch.device("cpu"), seed=seed))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the builds run in other processes
         return folder
 
     target = ["--target", "cpu"] if device.type == "cpu" else []
