@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import math
 import os
 import secrets
 import time
@@ -79,7 +80,8 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
             worker.submit(job)
         except QueueFull:
             raise Failure(429, f"The queue is full ({settings.max_queue} images waiting); try again shortly.",
-                          "rate_limit_error", "queue_full", {"Retry-After": "1"}) from None
+                          "rate_limit_error", "queue_full",
+                          {"Retry-After": str(max(1, math.ceil(worker.last_call_s)))}) from None
         except NotAccepting:
             raise _not_ready(worker) from None
         metrics.in_flight.inc()

@@ -69,6 +69,7 @@ class Worker:
         self.ready = threading.Event()  # set once loaded and warm, or once the start failed (see self.failure)
         self.failure: BaseException | None = None
         self.timings: dict[str, float] = {}
+        self.last_call_s = 0.0  # the last engine call's seconds: about when a full queue frees its next places
         self._jobs: collections.deque[Job] = collections.deque()
         self._queued = 0  # images in self._jobs
         self._cond = threading.Condition()
@@ -174,6 +175,7 @@ class Worker:
             self._use_adapters(batch[0].adapters)
             images = self.engine.generate(prompts, seed=[s for job in batch for s in job.seeds], output_type="pt",
                                           timings=timings, **batch[0].settings)
+            self.last_call_s = time.perf_counter() - now
         except Exception as e:  # the app answers 400 for a FluxcError, 500 for anything else; the thread goes on
             if not isinstance(e, FluxcError):
                 log.exception("engine call failed for a batch of %d image(s)", len(prompts))
