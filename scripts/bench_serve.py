@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,14 +41,9 @@ import torch
 from bench_load import evict, every_file, timed
 from timing import source_commit
 from fluxc.runtime.core.signing import generate
+from fluxc.runtime.serve.ranks import free_port
 
 PROMPT = "a photo of a red fox in the snow, golden hour"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The lab's machines set PYTHONDONTWRITEBYTECODE=1 and ship torch without .pyc files, so every process there compiles

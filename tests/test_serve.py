@@ -6,7 +6,6 @@ import io
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,15 +22,11 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from fluxc.runtime.serve.ranks import free_port  # noqa: E402
+
 SIZE = "112x144"  # OpenAI's WIDTHxHEIGHT of the 144x112 profile
 KEY = "test-key-0123456789"
 HERE = os.path.dirname(__file__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

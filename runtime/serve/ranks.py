@@ -136,13 +136,17 @@ def _die_with_parent() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 stops them in order
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_followers(path: str, world_size: int, encoders: str | None = None, trusted_keys=()) -> list[subprocess.Popen]:
     """Ranks 1..N-1 as processes of this machine, and this process's environment made rank 0's (env:// rendezvous
     on a free loopback port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size),
               "LOCAL_WORLD_SIZE": str(world_size)}
     os.environ.update(common, RANK="0", LOCAL_RANK="0")
     options = [arg for key in trusted_keys for arg in ("--trusted-key", key)] + (["--encoders", encoders] if encoders else [])
