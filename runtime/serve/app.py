@@ -44,10 +44,11 @@ class ClientGone(Exception):
     pass
 
 
-def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """engine: an engine folder, or a function returning a loaded Engine (called on the worker thread)."""
+def create_app(engine, settings: ServeSettings = ServeSettings(), leader: bool = False) -> FastAPI:
+    """engine: an engine folder, or a function returning a loaded Engine (called on the worker thread). leader: this
+    process is rank 0 of a context-parallel engine whose other ranks it started (serve/ranks.py)."""
     if isinstance(engine, str):
-        path, load = engine, _loader(engine, settings)
+        path, load = engine, _loader(engine, settings, leader)
     else:
         path, load = None, engine
     name = settings.model_name or (os.path.basename(os.path.normpath(path)).removesuffix(".fluxe") if path else "fluxc")
@@ -141,12 +142,12 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
     return app
 
 
-def _loader(path: str, settings: ServeSettings):
+def _loader(path: str, settings: ServeSettings, leader: bool):
     def load():
         from fluxc.runtime import Engine
 
         keys = list(settings.trusted_keys) or None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # rank 0 of a context-parallel engine (serve/ranks.py)
+        if leader:
             from fluxc.runtime.serve.ranks import Leader
 
             return Leader.load(path, settings.encoders, keys)

@@ -60,7 +60,7 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeS
 
         followers = start_followers(path, world_size, settings.encoders, settings.trusted_keys)
         watch(followers)
-    app = create_app(path, settings)
+    app = create_app(path, settings, leader=world_size > 1)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
     worker = app.state.worker
 
