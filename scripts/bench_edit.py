@@ -68,6 +68,24 @@ def median_calls(fn, repeats: int):
     return first, statistics.median(times), out
 
 
+def save(rec: dict, images: dict, out: str) -> None:
+    """Writes the record so far (after every path: a run cut short keeps what it measured), each image compared
+    with diffusers eager's."""
+    for task, results in rec["results"].items():
+        eager = images[task].get("diffusers eager")
+        compiled = results.get("diffusers + torch.compile", {}).get("e2e_s")
+        for name, r in results.items():
+            img = images[task][name]
+            if eager is not None:
+                r |= {"image_max_abs_vs_eager": float(np.abs(img - eager).max()),
+                      "image_mean_abs_vs_eager": float(np.abs(img - eager).mean()),
+                      "image_psnr_db_vs_eager": psnr_db(img, eager)}
+            if compiled:
+                r["ratio_to_torch_compile"] = r["e2e_s"] / compiled
+    with open(out, "w") as f:
+        json.dump(rec, f, indent=1)
+
+
 def diffusers_path(pipe, task, image, args, h, w, text_tokens):
     step_ends = []
 
@@ -88,8 +106,7 @@ def diffusers_path(pipe, task, image, args, h, w, text_tokens):
 
     first, e2e, out = median_calls(call, args.repeats)
     steps = np.diff(step_ends)[1:] * 1e3  # the first interval also holds the encode and the image preparation
-    return {"e2e_s": e2e, "first_call_s": first, "ms_per_step": float(np.median(steps)), "steps_run": len(steps) + 1,
-            "image": out}
+    return {"e2e_s": e2e, "first_call_s": first, "ms_per_step": float(np.median(steps)), "steps_run": len(steps) + 1}, out
 
 
 @torch.no_grad()
@@ -117,15 +134,19 @@ def main():
            "commit": source_commit(), "model": f"{args.model} (seeded random weights)", "resolution": f"{h}x{w}",
            "steps": args.steps, "strength": STRENGTH, "results": {}}
     tasks = args.tasks.split(",")
+    images = {}  # task -> path -> output image
     base = diffusers_pipeline(load_model(args.model, dtype=dtype, device=dev).module,
                               load_components(args.model, "flux1", dtype=dtype, device=dev))
     for task in tasks:
-        pipe = (FluxKontextPipeline if task == "kontext" else FluxImg2ImgPipeline).from_pipe(base)
-        results = rec["results"].setdefault(task, {})
-        results["diffusers eager"] = diffusers_path(pipe, task, image, args, h, w, text_tokens)
+        pipe = (FluxKontextPipeline if task == "kontext" else FluxImg2ImgPipeline).from_pipe(base, torch_dtype=dtype)  # from_pipe's default casts the shared modules to float32
+        results, outs = rec["results"].setdefault(task, {}), images.setdefault(task, {})
+        results["diffusers eager"], outs["diffusers eager"] = diffusers_path(pipe, task, image, args, h, w, text_tokens)
+        save(rec, images, args.out)
         if not args.no_compile:
             pipe.transformer = torch.compile(base.transformer, fullgraph=True)
-            results["diffusers + torch.compile"] = diffusers_path(pipe, task, image, args, h, w, text_tokens)
+            results["diffusers + torch.compile"], outs["diffusers + torch.compile"] = diffusers_path(
+                pipe, task, image, args, h, w, text_tokens)
+            save(rec, images, args.out)
             pipe.transformer = base.transformer
     del base, pipe
     if cuda:
@@ -150,24 +171,15 @@ def main():
             first, e2e, out = median_calls(call, args.repeats)
             rec["results"][task][f"fluxc {recipe}"] = {
                 "e2e_s": e2e, "first_call_s": first, "ms_per_step": statistics.median(step_ms),
-                "steps_run": len(step_ms), "build_s": build_s, "image": out,
+                "steps_run": len(step_ms), "build_s": build_s,
                 "image_tokens": manifest["profiles"][0]["image_tokens"] * (1 + manifest["profiles"][0]["references"])}
+            images[task][f"fluxc {recipe}"] = out
+            save(rec, images, args.out)
             del engine
             shutil.rmtree(path)
             if cuda:
                 torch.cuda.empty_cache()
 
-    for task, results in rec["results"].items():
-        eager = results["diffusers eager"]["image"]
-        compiled = results.get("diffusers + torch.compile", {}).get("e2e_s")
-        for r in results.values():
-            img = r.pop("image")
-            r |= {"image_max_abs_vs_eager": float(np.abs(img - eager).max()),
-                  "image_mean_abs_vs_eager": float(np.abs(img - eager).mean()), "image_psnr_db_vs_eager": psnr_db(img, eager)}
-            if compiled:
-                r["ratio_to_torch_compile"] = r["e2e_s"] / compiled
-    with open(args.out, "w") as f:
-        json.dump(rec, f, indent=1)
     print(f"\n{rec['gpu']}, torch {rec['torch']}, {args.model}, {h}x{w}, {args.steps} steps (img2img runs "
           f"{int(args.steps * STRENGTH)}), commit {rec['commit']}")
     print(f"{'task':<9}{'path':<27}{'e2e s':>8}{'ms/step':>9}{'x compile':>10}{'PSNR vs eager':>14}")

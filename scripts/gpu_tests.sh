@@ -56,7 +56,7 @@ for job in "${@:-tests}"; do
     load) python3 scripts/bench_load.py --out "$OUT/bench_load.json" 2>&1 | tee "$OUT/bench_load.log" || rc=1 ;;
     serve) python3 scripts/bench_serve.py --stage "${SERVE_STAGES:-start}" --precision "${SERVE_PRECISION:-fp8}" \
              --batch "${SERVE_BATCH:-1}" --out "$OUT/bench_serve.json" 2>&1 | tee "$OUT/bench_serve.log" || rc=1 ;;
-    edit) python3 scripts/bench_edit.py --tasks "${EDIT_TASKS:-kontext,img2img}" --out "$OUT/bench_edit.json" \
+    edit) python3 scripts/bench_edit.py --tasks "${EDIT_TASKS:-kontext,img2img}" --repeats "${EDIT_REPEATS:-3}" --out "$OUT/bench_edit.json" \
              2>&1 | tee "$OUT/bench_edit.log" || rc=1 ;;
     fp8gemm) python3 scripts/bench_fp8_gemm.py --out "$OUT/bench_fp8_gemm.json" 2>&1 | tee "$OUT/bench_fp8_gemm.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
