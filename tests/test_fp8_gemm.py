@@ -1,6 +1,7 @@
 """FP8 GEMMs with their epilogues (runtime/ops/fp8_gemm.py, issue 31): the reference ops against float64 math and
 against today's unfused path, and the Triton kernel itself run by Triton's interpreter on the CPU against them."""
 
+import operator
 import os
 import subprocess
 import sys
@@ -134,3 +135,54 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks):
                               options={"num_warps": warps, "num_stages": stages})
     assert ".target sm_90a" in compiled.asm["ptx"] and "wgmma.mma_async" in compiled.asm["ptx"]
     assert len(compiled.asm["cubin"]) > 1000
+
+
+@pytest.fixture
+def hopper_driver():
+    """Triton's active driver answering sm_90 for its target: how Triton's compiler (and torch's analysis of which
+    arguments a kernel stores to, which compiles the kernel to TTIR) runs without a GPU, as the sm_90a compile
+    test above does. Put back afterwards."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed")
+    from triton.backends.compiler import GPUTarget
+
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    drivers = triton.runtime.driver
+    before = drivers._active  # reset_active() would create the default driver, which fails without a GPU
+    drivers.set_active(Hopper())
+    yield
+    drivers._active = before
+
+
+def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_driver):
+    """The ops are triton_ops: AOTAutograd (what Inductor compiles a segment from) traces a CUDA call into the
+    Triton kernel itself, so Inductor compiles it into the segment and the engine carries its binary, instead of
+    an opaque call that Triton's JIT compiles at the first generate. Torch's analysis of the kernel finds that it
+    writes only the op's outputs (an input it thought written would be cloned on every call)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def traced(op, outputs, *shapes):
+        graphs, graph = [], torch.fx.Graph()
+        with FakeTensorMode():
+            args = [torch.empty(s[0], dtype=s[1], device="cuda") for s in shapes if s is not None]
+        inputs = iter([graph.placeholder(f"x{i}") for i in range(len(args))])
+        call = graph.call_function(op, tuple(None if s is None else next(inputs) for s in shapes))
+        graph.output(tuple(graph.call_function(operator.getitem, (call, i)) for i in range(outputs)) if outputs
+                     else (call,))
+        gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+        with torch.no_grad():
+            aot_module_simplified(gm, args, fw_compiler=lambda g, _: graphs.append(g) or g)
+        return [n for n in graphs[0].graph.nodes if n.op == "call_function"]
+
+    e4, f32, bf16 = torch.float8_e4m3fn, torch.float32, torch.bfloat16
+    up = traced(torch.ops.fluxc.fp8_linear_gelu_fp8, 2, ((256, 256), e4), ((256, 2), f32), ((384, 256), e4),
+                ((384, 1), f32), ((384,), bf16))
+    down = traced(torch.ops.fluxc.fp8_linear_gate_residual, 0, ((256, 384), e4), ((256, 3), f32), ((256, 384), e4),
+                  ((256, 1), f32), None, ((2, 256), bf16), ((2, 128, 256), bf16))
+    for nodes, written in ((up, ["out_ptr", "out_scale_ptr"]), (down, ["out_ptr"])):
+        assert not [n for n in nodes if "fluxc" in str(n.target)]  # no opaque op left
+        kernels = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+        assert len(kernels) == 1 and kernels[0].kwargs["tensors_to_clone"] == written

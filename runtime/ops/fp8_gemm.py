@@ -24,6 +24,7 @@ The reference implementations in plain torch run on the CPU; the CUDA ones launc
 """
 
 import torch
+from torch.library import wrap_triton
 
 from fluxc.runtime.ops.kernels import E4M3_MAX, triton
 
@@ -72,43 +73,27 @@ def _check(a, a_scale, w, w_scale, quantized_output: bool) -> None:
 
 
 # ---- ops ------------------------------------------------------------------------------------------
-@torch.library.custom_op("fluxc::fp8_linear_gelu_fp8", mutates_args=())
+# triton_op, not custom_op: Inductor traces into the op, sees the Triton kernel (through wrap_triton) and compiles
+# it into the segment with its own kernels, so an engine carries the GEMM's binary and the first generate after
+# Engine.load compiles nothing. The same function is the fake (shapes only) and, on the CPU, the reference.
+@torch.library.triton_op("fluxc::fp8_linear_gelu_fp8", mutates_args=())
 def fp8_linear_gelu_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     _check(a, a_scale, w, w_scale, True)
-    return gelu_fp8_reference(a, a_scale, w, w_scale, bias)
-
-
-@fp8_linear_gelu_fp8.register_fake
-def _(a, a_scale, w, w_scale, bias):
-    m, n = a.shape[0], w.shape[0]
-    return a.new_empty(m, n), a.new_empty(m, n // BLOCK, dtype=torch.float32)
-
-
-@fp8_linear_gelu_fp8.register_kernel("cuda")
-def _fp8_linear_gelu_fp8_cuda(a, a_scale, w, w_scale, bias):
-    _check(a, a_scale, w, w_scale, True)
+    if a.device.type != "cuda":
+        return gelu_fp8_reference(a, a_scale, w, w_scale, bias)
     m, n = a.shape[0], w.shape[0]
     out, out_scale = a.new_empty(m, n), a.new_empty(m, n // BLOCK, dtype=torch.float32)
     launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_GELU_FP8, out_scale=out_scale)
     return out, out_scale
 
 
-@torch.library.custom_op("fluxc::fp8_linear_gate_residual", mutates_args=())
+@torch.library.triton_op("fluxc::fp8_linear_gate_residual", mutates_args=())
 def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                              bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     _check(a, a_scale, w, w_scale, False)
-    return gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual)
-
-
-@fp8_linear_gate_residual.register_fake
-def _(a, a_scale, w, w_scale, bias, gate, residual):
-    return torch.empty_like(residual)
-
-
-@fp8_linear_gate_residual.register_kernel("cuda")
-def _fp8_linear_gate_residual_cuda(a, a_scale, w, w_scale, bias, gate, residual):
-    _check(a, a_scale, w, w_scale, False)
+    if a.device.type != "cuda":
+        return gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual)
     residual = residual.contiguous()
     out = torch.empty_like(residual)
     launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual)
@@ -124,17 +109,18 @@ DEFAULT_CONFIG = (128, 128, 8, 4)
 
 def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gate=None, residual=None,
            config=DEFAULT_CONFIG) -> None:
-    """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
+    epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument."""
     block_m, block_n, warps, stages = config
     (m, k), n = a.shape, w.shape[0]
     assert epilogue != EPILOGUE_GELU_FP8 or block_n == BLOCK
     a = a.contiguous()
     rows_per_batch = residual.shape[1] if residual is not None else m
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _fp8_gemm_kernel[grid](
-        a, a_scale.contiguous(), w, w_scale, bias if bias is not None else a_scale, out,
-        out_scale if out_scale is not None else a_scale, gate if gate is not None else a_scale,
-        residual if residual is not None else out, m, n, k, rows_per_batch,
+    a_scale = a_scale.contiguous()
+    wrap_triton(_fp8_gemm_kernel)[grid](
+        a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
+        a_scale if gate is None else gate, a_scale if residual is None else residual, m, n, k, rows_per_batch,
         gate.stride(0) if gate is not None else 0,
         A_BLOCKS=a_scale.shape[-1] != 1, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, GROUP_M=8, num_warps=warps, num_stages=stages)
