@@ -108,9 +108,11 @@ DEFAULT_CONFIG = (128, 128, 8, 4)
 
 
 def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gate=None, residual=None,
-           config=DEFAULT_CONFIG) -> None:
+           config=DEFAULT_CONFIG, traceable=True) -> None:
     """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
-    epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument."""
+    epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
+    traceable=False launches the kernel directly instead of through wrap_triton's operator (microbenchmarks: no
+    dispatch between launches)."""
     block_m, block_n, warps, stages = config
     (m, k), n = a.shape, w.shape[0]
     assert epilogue != EPILOGUE_GELU_FP8 or block_n == BLOCK
@@ -118,7 +120,7 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     rows_per_batch = residual.shape[1] if residual is not None else m
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     a_scale = a_scale.contiguous()
-    wrap_triton(_fp8_gemm_kernel)[grid](
+    (wrap_triton(_fp8_gemm_kernel) if traceable else _fp8_gemm_kernel)[grid](
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
         a_scale if gate is None else gate, a_scale if residual is None else residual, m, n, k, rows_per_batch,
         gate.stride(0) if gate is not None else 0,
