@@ -18,11 +18,15 @@ Rewrite:  attention in three steps (runtime/parallel.py: all-to-all over heads, 
   A double block has no such work (every GEMM feeds or follows its attention): its steps follow each other.
 Rule "qk_norm_rope": q and k straight from fluxc.qk_norm_rope (through the [B, S, H, D] -> [B, H, S, D] permute):
           %got  = fluxc.ulysses_send_qk(<qk_norm_rope's inputs>, %v)   its kernel writes the send buffer
+Rule "e4m3" (Recipe.ulysses_e4m3, the FP8 recipes): the sends put q, k and v on the wire as e4m3 rows with their
+          scales (runtime/ops/ulysses.py); attention dequantizes them.
 Runs before select_attention (the op picks its kernel through torch's SDPA dispatch at run time).
 Pre:  H divisible by the world size (build checks it); every attention unmasked (FLUX's joint attention).
 Post: counts["ulysses"] == attention calls in the segment when world_size > 1, counts["overlap"] of them with a
-GEMM between the steps, counts["qk_norm_rope"] of them sending qk_norm_rope's output; nothing changes at 1.
-Numerics: the same softmax attention over the same tokens (keys in another order); exact up to summation order.
+GEMM between the steps, counts["qk_norm_rope"] of them sending qk_norm_rope's output, counts["e4m3"] of them
+sending e4m3; nothing changes at 1.
+Numerics: the same softmax attention over the same tokens (keys in another order); exact up to summation order,
+except with e4m3 transfers: numerics.FP8_WIRE_SQNR_DB for the attention output against the bf16 transfer.
 """
 
 import operator
@@ -68,7 +72,7 @@ def _closure(node: torch.fx.Node, step) -> set[torch.fx.Node]:
     return seen
 
 
-def split(graph: torch.fx.Graph, attention: torch.fx.Node, q, k, v, scale) -> bool:
+def split(graph: torch.fx.Graph, attention: torch.fx.Node, q, k, v, scale, e4m3: bool) -> bool:
     """Replace `attention` (an SDPA node) by the three steps, with the work that depends on neither side of it
     between them; returns whether that work holds a GEMM (what the overlap is for)."""
     related = _closure(attention, lambda n: n.all_input_nodes) | _closure(attention, lambda n: n.users)
@@ -77,7 +81,7 @@ def split(graph: torch.fx.Graph, attention: torch.fx.Node, q, k, v, scale) -> bo
     before = [n for n in free if position[n] < position[attention]]
     after = [n for n in free if position[n] > position[attention]]
     with graph.inserting_before(attention):
-        got = call(graph, torch.ops.fluxc.ulysses_send.default, q, k, v)
+        got = call(graph, torch.ops.fluxc.ulysses_send.default, q, k, v, e4m3)
     for n in before:
         attention.prepend(n)  # in their order, after the send
     with graph.inserting_before(attention):
@@ -106,13 +110,13 @@ def _norm_rope_source(x: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
 
 def fold_qk_norm_rope(graph: torch.fx.Graph, send: torch.fx.Node) -> None:
     """ulysses_send(q, k, v) of a fluxc.qk_norm_rope's two outputs -> ulysses_send_qk(its inputs, v)."""
-    q, k, v = send.args
+    q, k, v, e4m3 = send.args
     qs, ks = _norm_rope_source(q), _norm_rope_source(k)
     if qs is None or ks is None or qs[0] is not ks[0] or (qs[1], ks[1]) != (0, 1) or len(qs[0].users) != 2:
         return
     norm_rope = qs[0]
     with graph.inserting_before(send):
-        fused = call(graph, torch.ops.fluxc.ulysses_send_qk.default, *norm_rope.args, v)
+        fused = call(graph, torch.ops.fluxc.ulysses_send_qk.default, *norm_rope.args, v, e4m3)
     replace_with(send, fused)
     for x in (q, k):
         item = x.args[0]
@@ -122,7 +126,7 @@ def fold_qk_norm_rope(graph: torch.fx.Graph, send: torch.fx.Node) -> None:
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    counts = {"ulysses": 0, "overlap": 0, "qk_norm_rope": 0}
+    counts = {"ulysses": 0, "overlap": 0, "qk_norm_rope": 0, "e4m3": 0}
     if ctx.world_size == 1:
         return PassResult(gm, counts)
     for node in [n for n in gm.graph.nodes if is_aten(n, *ATTENTION)]:
@@ -130,8 +134,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if why is not None:  # every FLUX attention qualifies: a miss is a compiler bug, not a slow path
             raise AssertionError(f"{ctx.segment_kind}: attention {node.name} cannot be sharded: it {why}")
         q, k, v = node.args[:3]
-        counts["overlap"] += split(gm.graph, node, q, k, v, node.kwargs.get("scale"))
+        counts["overlap"] += split(gm.graph, node, q, k, v, node.kwargs.get("scale"), ctx.recipe.ulysses_e4m3)
         counts["ulysses"] += 1
+        counts["e4m3"] += ctx.recipe.ulysses_e4m3
     counts["qk_norm_rope"] = sum(n.target is torch.ops.fluxc.ulysses_send_qk.default for n in gm.graph.nodes)
     gm.recompile()
     return PassResult(gm, counts)

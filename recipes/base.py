@@ -51,6 +51,9 @@ class Recipe:
     # fp8: GEMMs that own their epilogues, the MLP's GELU + quantization and the gated residuals (Triton;
     # passes/fuse_fp8_epilogues.py).
     fp8_epilogues: bool = False
+    # Context parallelism (--world-size > 1): q, k and v cross to the other ranks as e4m3 rows with a scale each
+    # (3/8 fewer bytes than bf16 q, k, v and output; passes/shard_attention.py). The FP8 recipes set it.
+    ulysses_e4m3: bool = False
     # The step-skipping policy the engine runs by default (runtime/cache.py; `fluxc run --cache` overrides it).
     # Every fused engine carries the cache points both policies need (passes/insert_cache_points.py).
     cache: CacheConfig = CacheConfig()

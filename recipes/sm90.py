@@ -18,9 +18,10 @@ QUANT_WEIGHT_ONLY = ("*:norm1.linear.*", "*:norm1_context.linear.*", "*:norm.lin
 
 def sm90_fp8():
     """bf16 activations, FP8 e4m3 GEMMs for every block linear (per-channel weight, per-token activation
-    scales, torch._scaled_mm rowwise); the build check holds each segment to the FP8 SQNR floor."""
+    scales, torch._scaled_mm rowwise); the build check holds each segment to the FP8 SQNR floor. Context-parallel
+    builds send q, k, v to the other ranks in e4m3."""
     return dataclasses.replace(bf16(), name="sm90_fp8", precision=Precision.FP8, quant_exclude=QUANT_EXCLUDE,
-                               quant_weight_only=QUANT_WEIGHT_ONLY,
+                               quant_weight_only=QUANT_WEIGHT_ONLY, ulysses_e4m3=True,
                                check_rtol=10 ** (-FP8_SEGMENT_SQNR_DB / 20))
 
 

@@ -12,10 +12,10 @@ TEXT = 16  # the tiny T5 length here: 2 ranks take 8 text tokens each
 SIZE = (128, 112)  # 8 x 7 = 56 image tokens: 28 per rank
 
 
-def _build(path, model, world_size, **kw):
+def _build(path, model, world_size, precision="fp32", **kw):
     from fluxc.build import BuildOptions, build
 
-    build(BuildOptions(model=model, output=str(path), target="cpu", precision="fp32", resolutions=(SIZE,),
+    build(BuildOptions(model=model, output=str(path), target="cpu", precision=precision, resolutions=(SIZE,),
                        text_tokens=TEXT, world_size=world_size, **kw))
     return str(path)
 
@@ -43,17 +43,20 @@ def test_two_gloo_ranks_make_the_same_image_as_one_process_and_as_diffusers(pipe
     assert np.abs(two - one).max() <= 1e-3 and np.abs(two - ref).max() <= 1e-3
 
 
-def _ulysses_rank(heads: int, tokens: int, batch: int):
+def _ulysses_rank(heads: int, tokens: int, batch: int, e4m3: bool = False):
     """On each rank: the three Ulysses steps on this rank's query/key/value rows (stored [B, S, H, D], as the
     segments hold them), with other work between them as shard_attention places it, and the same with the send
     taking q and k before qk_norm_rope (text and image parts, as a double block has them), against softmax
-    attention in float64 over every rank's rows; returns the largest difference."""
+    attention in float64 over every rank's rows; returns the largest difference and the lowest SQNR. e4m3: bf16
+    rows sent as e4m3 (an FP8 engine's transfers)."""
+    from fluxc.numerics import sqnr_db
     from fluxc.runtime.ops import kernels
     from fluxc.runtime import parallel
 
     n, r = parallel.world_size(), parallel.rank()
     g = torch.Generator().manual_seed(0)  # every rank draws the whole sequence
-    raw = [torch.randn(batch, tokens, heads, 16, generator=g) for _ in range(3)]  # q, k before the norm, v
+    dtype = torch.bfloat16 if e4m3 else torch.float32
+    raw = [torch.randn(batch, tokens, heads, 16, generator=g).to(dtype) for _ in range(3)]  # q, k before the norm, v
     weights = [torch.rand(16, generator=g) + 0.5 for _ in range(4)]  # q's and k's RMSNorm weights, per part
     angles = torch.rand(tokens, 8, generator=g) * 6
     cos, sin = (f(angles).repeat_interleave(2, -1) for f in (torch.cos, torch.sin))
@@ -65,14 +68,15 @@ def _ulysses_rank(heads: int, tokens: int, batch: int):
                       text * n + torch.arange(r * (tokens - text * n) // n, (r + 1) * (tokens - text * n) // n)])
     ops = torch.ops.fluxc
     outs = []
-    sends = (lambda: ops.ulysses_send(*(x[:, :, rows] for x in (q, k, v))),
+    sends = (lambda: ops.ulysses_send(*(x[:, :, rows] for x in (q, k, v)), e4m3),
              lambda: ops.ulysses_send_qk(*([x[:, rows[:text]], x[:, rows[text:]]] for x in raw[:2]), weights[:2],
-                                         weights[2:], cos[rows], sin[rows], 1e-6, v[:, :, rows]))
+                                         weights[2:], cos[rows], sin[rows], 1e-6, v[:, :, rows], e4m3))
     for send in sends:  # one attention's steps at a time, as a segment runs them
         back = ops.ulysses_attend(send(), [q[:, :, rows] @ k[:, :, rows].transpose(-1, -2)], 0.3)
         outs.append(ops.ulysses_receive(back, [v[:, :, rows] * 2]))
     ref = torch.softmax(q[:, :, rows].double() @ k.double().transpose(-1, -2) * 0.3, dim=-1) @ v.double()
-    return max((out.double() - ref).abs().max().item() for out in outs)
+    return (max((out.double() - ref).abs().max().item() for out in outs),
+            min(sqnr_db(out.double(), ref) for out in outs))
 
 
 # 2, 2 and 1 (3 heads per rank) parts; batch 2 (the layouts on the wire put the batch inside the tokens)
@@ -80,7 +84,84 @@ def _ulysses_rank(heads: int, tokens: int, batch: int):
 def test_ulysses_attention_on_gloo_ranks_equals_attention_over_all_tokens(world, heads, batch):
     from fluxc.runtime import parallel
 
-    assert parallel.launch(world, _ulysses_rank, heads, 24 * world, batch, backend="gloo") <= 1e-5
+    assert parallel.launch(world, _ulysses_rank, heads, 24 * world, batch, backend="gloo")[0] <= 1e-5
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_e4m3_transfers_hold_the_wire_floor(world):
+    """FP8 engines send q, k, v as e4m3 rows with a scale each (runtime/ops/ulysses.py): on 2 gloo ranks, and in one
+    process (the build's check of an N-rank graph), attention's output against float64 attention over the bf16
+    rows keeps numerics.FP8_WIRE_SQNR_DB, both sends (q, k as given, and from qk_norm_rope)."""
+    from fluxc.numerics import FP8_WIRE_SQNR_DB
+    from fluxc.runtime import parallel
+
+    _, bf16_sqnr = (parallel.launch(world, _ulysses_rank, 8, 24 * world, 1, False, backend="gloo") if world > 1
+                    else _ulysses_rank(8, 24, 1, False))
+    _, sqnr = (parallel.launch(world, _ulysses_rank, 8, 24 * world, 1, True, backend="gloo") if world > 1
+               else _ulysses_rank(8, 24, 1, True))
+    print(f"{world} rank(s): attention output over e4m3 transfers {sqnr:.1f} dB against float64")
+    assert sqnr >= FP8_WIRE_SQNR_DB
+
+
+def test_fp8_engine_on_two_ranks_sends_e4m3_and_keeps_the_floor(tmp_path):
+    """The tiny fp8 transformer built for 2 ranks sends e4m3 (shard_attention's count) and its 8-step latents on 2
+    gloo ranks stay within the tiny fp8 engine floor of the 1-rank fp8 engine's (which transfers nothing)."""
+    import json
+
+    from fluxc.numerics import sqnr_db
+    from fluxc.runtime import Engine, parallel
+    from fluxc.runtime.core.bundle import MANIFEST
+    from test_fp8 import TINY_FP8_ENGINE_SQNR_DB
+
+    paths = {n: _build(tmp_path / f"fp8-ws{n}.fluxe", "tiny", n, transformer_only=True, precision="fp8")
+             for n in (1, 2)}
+    counts = json.load(open(f"{paths[2]}/{MANIFEST}"))["pass_counts"]
+    assert counts["double-128x112"]["shard_attention"]["e4m3"] == 1
+    assert counts["single-128x112"]["shard_attention"]["e4m3"] == 1
+    pe, pooled = random_embeddings(text=TEXT, dtype=torch.bfloat16)
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=SIZE[0], width=SIZE[1], steps=8, seed=5)
+    two = parallel.launch(2, run_engine, paths[2], "denoise", kw, backend="gloo")
+    one = Engine.load(paths[1]).denoise(**kw)
+    sqnr = sqnr_db(two.double(), one.double())
+    print(f"tiny fp8 engine, 2 ranks with e4m3 transfers against 1 rank: {sqnr:.1f} dB")
+    assert sqnr >= TINY_FP8_ENGINE_SQNR_DB
+
+
+def test_kernel_quantizes_heads_as_the_reference():
+    """kernels.quantize_heads' Triton path (run by Triton's interpreter in a fresh process) writes the same e4m3
+    codes and scale bytes as the torch reference, into a strided send-buffer slot; dequantize_heads reads them."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", QUANTIZE_HEADS], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+QUANTIZE_HEADS = """
+import torch
+from fluxc.numerics import FP8_WIRE_SQNR_DB, sqnr_db
+from fluxc.runtime.ops import kernels
+
+g = torch.Generator().manual_seed(0)
+src = (torch.randn(2, 5, 6, 16, generator=g) * torch.rand(2, 5, 6, 1, generator=g) * 4).bfloat16()
+heads = src.unflatten(2, (2, 1, 3))  # [B, S, rank, part, head, D]
+# send buffers as runtime/ops/ulysses.py lays them out: [part, rank, token, batch, q|k|v, head, D + 4]; k's slot
+want = torch.zeros(1, 2, 5, 2, 3, 3, 20, dtype=torch.uint8)
+got = want.clone()
+kernels.quantize_heads(want[..., 1, :, :].permute(3, 2, 1, 0, 4, 5), heads)
+slot = got[..., 1, :, :].permute(3, 2, 1, 0, 4, 5)
+kernels._copy_heads_kernel[(10,)](heads, slot, 5, 1, 3, *heads.stride()[:5], *slot.stride()[:5], G=6, D=16, BLOCK_G=8,
+                                  QUANT=True)
+codes = lambda t: t[..., :16].view(torch.float8_e4m3fn).float()
+assert torch.equal(got[..., 16:], want[..., 16:]), "scales differ"
+assert (codes(got) != codes(want)).float().mean() < 0.02  # y * (1 / scale) against y / scale: near-ties only
+assert not got[..., 0, :, :].any() and not got[..., 2, :, :].any()  # q's and v's slots untouched
+back = kernels.dequantize_heads(slot)
+assert back.shape == heads.shape and sqnr_db(back.double(), heads.double()) >= FP8_WIRE_SQNR_DB
+"""
 
 
 @pytest.mark.parametrize("policy, threshold", [("fbcache", 0.6), ("teacache", 1.0)])

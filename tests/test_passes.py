@@ -147,7 +147,7 @@ def test_shard_attention_puts_the_single_blocks_mlp_between_the_transfer_steps(t
         blocks = seg.kind in ("double", "single")
         folded = int(blocks and recipe.fusion)  # fuse_qk_norm_rope made the op the send then takes in
         assert result.counts["shard_attention"] == {"ulysses": int(blocks), "overlap": int(seg.kind == "single"),
-                                                    "qk_norm_rope": folded}
+                                                    "qk_norm_rope": folded, "e4m3": 0}
         nodes = list(result.graph.graph.nodes)
         steps = {op: [i for i, n in enumerate(nodes) if n.target is op.default]
                  for op in (ops.ulysses_send_qk if folded else ops.ulysses_send, ops.ulysses_attend,

@@ -344,7 +344,30 @@ def copy_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
     b, s, g1, g2, g3, d = src.shape
     assert dst.shape == src.shape and dst.dtype == src.dtype and src.stride(5) == dst.stride(5) == 1
     _copy_heads_kernel[(b * s,)](src, dst, s, g2, g3, *src.stride()[:5], *dst.stride()[:5], G=g1 * g2 * g3, D=d,
-                                 BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), num_warps=4)
+                                 BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), QUANT=False, num_warps=4)
+
+
+def quantize_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """src [B, S, G1, G2, G3, D] (bf16, D contiguous) into dst, a uint8 view of the same shape with rows of D + 4:
+    each row's e4m3 codes of src / scale, then the 4 bytes of its fp32 scale = amax / 448 (quantize_rows per row).
+    CUDA: one Triton program per token, as copy_heads."""
+    d = src.shape[-1]
+    assert dst.dtype == torch.uint8 and dst.shape == (*src.shape[:-1], d + 4) and dst.stride(5) == src.stride(5) == 1
+    if triton is None or not dst.is_cuda:
+        codes, scale = quantize_rows(src)
+        dst[..., :d].copy_(codes.view(torch.uint8))
+        dst[..., d:].copy_(scale.view(torch.uint8))
+        return
+    b, s, g1, g2, g3, _ = src.shape
+    _copy_heads_kernel[(b * s,)](src, dst, s, g2, g3, *src.stride()[:5], *dst.stride()[:5], G=g1 * g2 * g3, D=d,
+                                 BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), QUANT=True, num_warps=4)
+
+
+def dequantize_heads(x: torch.Tensor) -> torch.Tensor:
+    """quantize_heads' rows [..., D + 4] (any strides, the row contiguous) back to bf16 [..., D], contiguous."""
+    d = x.shape[-1] - 4
+    scale = x[..., d:].contiguous().view(torch.float32)
+    return (x[..., :d].view(torch.float8_e4m3fn).float() * scale).to(torch.bfloat16)
 
 
 if triton is not None:
@@ -431,11 +454,19 @@ if triton is not None:
 
     @triton.jit
     def _copy_heads_kernel(src_ptr, dst_ptr, S, G2, G3, s_b, s_s, s_1, s_2, s_3, d_b, d_s, d_1, d_2, d_3,
-                           G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr):
+                           G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, QUANT: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)  # one token: its [G, D] rows, G = G1 * G2 * G3
         b, s = pid // S, pid % S
         g = tl.arange(0, BLOCK_G)[:, None]
         d = tl.arange(0, D)[None, :]
         mask = g < G
         x = tl.load(src_ptr + b * s_b + s * s_s + _head_offset(g, G2, G3, s_1, s_2, s_3) + d, mask=mask)
-        tl.store(dst_ptr + b * d_b + s * d_s + _head_offset(g, G2, G3, d_1, d_2, d_3) + d, x, mask=mask)
+        rows = dst_ptr + b * d_b + s * d_s + _head_offset(g, G2, G3, d_1, d_2, d_3)
+        if QUANT:  # uint8 rows of D e4m3 codes and their fp32 scale's 4 bytes (quantize_heads)
+            x = x.to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(x), axis=1, keep_dims=True), 1e-12) / 448.0  # [G, 1]
+            codes = (x * (1.0 / scale)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            tl.store(rows + d, codes, mask=mask)
+            tl.store((rows + D).to(tl.pointer_type(tl.float32)), scale, mask=mask)
+        else:
+            tl.store(rows + d, x, mask=mask)

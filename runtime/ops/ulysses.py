@@ -39,21 +39,33 @@ def rank() -> int:
 # world size (below); their declared shapes do not, so an engine's graph is the same at build and at run time.
 # ulysses_send_qk is ulysses_send of fluxc.qk_norm_rope's q and k, which its kernel writes straight into the send
 # buffer (shard_attention folds the two ops).
+# e4m3 (FP8 engines, Recipe.ulysses_e4m3): q, k and v cross as e4m3 with one fp32 scale per (token, head) row of D,
+# amax / 448, the scale's 4 bytes after the row's D codes: a uint8 buffer of D + 4 bytes a row, 3/8 fewer bytes on
+# the wire than bf16 q, k, v and output (the output goes back in bf16). Attention dequantizes each part as it lands
+# and runs in bf16. Numerics: per-row e4m3 of q, k and v; numerics.FP8_WIRE_SQNR_DB holds the attention output
+# against float64 attention over the bf16 rows (tests/test_parallel.py).
 @torch.library.custom_op("fluxc::ulysses_send", mutates_args=())
-def ulysses_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    send, slots = _send_buffer(v)
+def ulysses_send(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e4m3: bool = False) -> torch.Tensor:
+    send, slots = _send_buffer(v, e4m3)
     for slot, x in zip(slots, (q, k, v)):
-        kernels.copy_heads(slot, _heads(x))
+        _fill(slot, _heads(x), e4m3)
     return _transfer(send)
 
 
 @torch.library.custom_op("fluxc::ulysses_send_qk", mutates_args=())
 def ulysses_send_qk(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_weights: list[torch.Tensor],
                     k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, eps: float,
-                    v: torch.Tensor) -> torch.Tensor:
-    send, (q_slot, k_slot, v_slot) = _send_buffer(v)
-    kernels.qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_slot, k_slot)
-    kernels.copy_heads(v_slot, _heads(v))
+                    v: torch.Tensor, e4m3: bool = False) -> torch.Tensor:
+    send, (q_slot, k_slot, v_slot) = _send_buffer(v, e4m3)
+    if e4m3:  # q and k in bf16 first, then quantized into the buffer (one more pass over them than bf16 has)
+        b, h, s, d = v.shape
+        q_out, k_out = v.new_empty(2, b, s, h, d).unflatten(3, _groups(h))  # [B, S, rank j, part, head, D] each
+        kernels.qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out)
+        _fill(q_slot, q_out, True)
+        _fill(k_slot, k_out, True)
+    else:
+        kernels.qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_slot, k_slot)
+    _fill(v_slot, _heads(v), e4m3)
     return _transfer(send)
 
 
@@ -69,20 +81,33 @@ def ulysses_receive(back: torch.Tensor, after: list[torch.Tensor]) -> torch.Tens
     return _receive(back)
 
 
+def _wire_row(v: torch.Tensor, e4m3: bool) -> tuple[int, torch.dtype]:
+    """(elements, dtype) of one (token, head) row on the wire."""
+    if e4m3:
+        assert v.dtype == torch.bfloat16, f"e4m3 transfers are for bf16 activations (FP8 engines), not {v.dtype}"
+        return v.shape[-1] + WIRE_SCALE_BYTES, torch.uint8
+    return v.shape[-1], v.dtype
+
+
 @ulysses_send.register_fake
-def _(q, k, v):
-    b, h, s, d = v.shape
-    return v.new_empty(3, b, s, h, d)
+def _(q, k, v, e4m3=False):
+    b, h, s, _ = v.shape
+    row, dtype = _wire_row(v, e4m3)
+    return v.new_empty(3, b, s, h, row, dtype=dtype)
 
 
 @ulysses_send_qk.register_fake
-def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, v):
-    b, h, s, d = v.shape
-    return v.new_empty(3, b, s, h, d)
+def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, v, e4m3=False):
+    b, h, s, _ = v.shape
+    row, dtype = _wire_row(v, e4m3)
+    return v.new_empty(3, b, s, h, row, dtype=dtype)
 
 
 @ulysses_attend.register_fake
 def _(got, after, scale=None):
+    _, b, s, h, d = got.shape
+    if got.dtype == torch.uint8:  # e4m3 rows in, bf16 attention out
+        return got.new_empty(b, s, h, d - WIRE_SCALE_BYTES, dtype=torch.bfloat16)
     return got.new_empty(got.shape[1:])
 
 
@@ -102,14 +127,24 @@ def _(back, after):
 _in_flight: collections.deque = collections.deque()
 
 
-def _send_buffer(v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+WIRE_SCALE_BYTES = 4  # an e4m3 row's fp32 scale, after its D codes
+
+
+def _send_buffer(v: torch.Tensor, e4m3: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The send buffer for q, k, v of v's shape [B, H, S, D]: head group j (H/N heads) of each goes to rank j, part by
-    part: [part, to rank j, my token, batch, q|k|v, head of j's group, D]; and its q, k and v slots as
-    [B, S, rank j, part, head, D] views, what _heads makes of a [B, H, S, D] tensor."""
-    b, h, s, d = v.shape
+    part: [part, to rank j, my token, batch, q|k|v, head of j's group, row] (row: D values, or D e4m3 codes and
+    their scale's bytes); and its q, k and v slots as [B, S, rank j, part, head, row] views, what _heads makes of a
+    [B, H, S, D] tensor."""
+    b, h, s, _ = v.shape
     n, chunks, hc = _groups(h)
-    send = v.new_empty(chunks, n, s, b, 3, hc, d)
+    row, dtype = _wire_row(v, e4m3)
+    send = v.new_empty(chunks, n, s, b, 3, hc, row, dtype=dtype)
     return send, [send[..., i, :, :].permute(3, 2, 1, 0, 4, 5) for i in range(3)]
+
+
+def _fill(slot: torch.Tensor, x: torch.Tensor, e4m3: bool) -> None:
+    """One of q, k, v ([B, S, rank j, part, head, D] views) into its slot of the send buffer."""
+    (kernels.quantize_heads if e4m3 else kernels.copy_heads)(slot, x)
 
 
 def _heads(x: torch.Tensor) -> torch.Tensor:
@@ -134,14 +169,16 @@ def _attend(got: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Attention over every rank's tokens (in rank order) for my head group, each part as its transfer lands; each
     part's output starts back to the tokens' ranks. The returned buffer is [B, S, H, D] in size; as filled,
     back[c] = my tokens of every group's part c: [C, N * S, B, hc, D]."""
-    _, b, s, h, d = got.shape
+    _, b, s, h, row = got.shape
     n, chunks, hc = _groups(h)
-    parts = got.view(chunks, n * s, b, 3, hc, d)
-    back = got.new_empty(b, s, h, d)
-    out_parts = back.view(chunks, n * s, b, hc, d)
+    e4m3 = got.dtype == torch.uint8
+    parts = got.view(chunks, n * s, b, 3, hc, row)
+    back = got.new_empty(b, s, h, row - WIRE_SCALE_BYTES, dtype=torch.bfloat16) if e4m3 else got.new_empty(b, s, h, row)
+    out_parts = back.view(chunks, n * s, b, hc, back.shape[-1])
     for c in range(chunks):
         _finish()
-        q_c, k_c, v_c = parts[c].permute(2, 1, 3, 0, 4)  # [3, B, hc, N * S, D] views
+        part = kernels.dequantize_heads(parts[c]) if e4m3 else parts[c]
+        q_c, k_c, v_c = part.permute(2, 1, 3, 0, 4)  # [3, B, hc, N * S, D] views
         o = F.scaled_dot_product_attention(q_c, k_c, v_c, scale=scale).permute(2, 0, 1, 3)  # [N * S, B, hc, D]
         _start(out_parts[c], o.contiguous())  # rank j's tokens back to rank j (no copy at batch 1)
     return back
