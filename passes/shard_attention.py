@@ -26,7 +26,7 @@ Post: counts["ulysses"] == attention calls in the segment when world_size > 1, c
 GEMM between the steps, counts["qk_norm_rope"] of them sending qk_norm_rope's output, counts["e4m3"] of them
 sending e4m3; nothing changes at 1.
 Numerics: the same softmax attention over the same tokens (keys in another order); exact up to summation order,
-except with e4m3 transfers: numerics.FP8_WIRE_SQNR_DB for the attention output against the bf16 transfer.
+except with e4m3 transfers: numerics.FP8_WIRE_SQNR_DB for the attention output.
 """
 
 import operator

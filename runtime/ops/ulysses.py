@@ -81,6 +81,9 @@ def ulysses_receive(back: torch.Tensor, after: list[torch.Tensor]) -> torch.Tens
     return _receive(back)
 
 
+WIRE_SCALE_BYTES = 4  # an e4m3 row's fp32 scale, after its D codes
+
+
 def _wire_row(v: torch.Tensor, e4m3: bool) -> tuple[int, torch.dtype]:
     """(elements, dtype) of one (token, head) row on the wire."""
     if e4m3:
@@ -89,26 +92,34 @@ def _wire_row(v: torch.Tensor, e4m3: bool) -> tuple[int, torch.dtype]:
     return v.shape[-1], v.dtype
 
 
-@ulysses_send.register_fake
-def _(q, k, v, e4m3=False):
+def _got_like(v: torch.Tensor, e4m3: bool) -> torch.Tensor:
+    """An empty buffer of what a send returns: [3, B, S, H, row]."""
     b, h, s, _ = v.shape
     row, dtype = _wire_row(v, e4m3)
     return v.new_empty(3, b, s, h, row, dtype=dtype)
+
+
+def _back_like(got: torch.Tensor) -> torch.Tensor:
+    """An empty buffer of what ulysses_attend returns: [B, S, H, D], bf16 where e4m3 rows came in."""
+    _, b, s, h, row = got.shape
+    if got.dtype == torch.uint8:
+        return got.new_empty(b, s, h, row - WIRE_SCALE_BYTES, dtype=torch.bfloat16)
+    return got.new_empty(b, s, h, row)
+
+
+@ulysses_send.register_fake
+def _(q, k, v, e4m3=False):
+    return _got_like(v, e4m3)
 
 
 @ulysses_send_qk.register_fake
 def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, v, e4m3=False):
-    b, h, s, _ = v.shape
-    row, dtype = _wire_row(v, e4m3)
-    return v.new_empty(3, b, s, h, row, dtype=dtype)
+    return _got_like(v, e4m3)
 
 
 @ulysses_attend.register_fake
 def _(got, after, scale=None):
-    _, b, s, h, d = got.shape
-    if got.dtype == torch.uint8:  # e4m3 rows in, bf16 attention out
-        return got.new_empty(b, s, h, d - WIRE_SCALE_BYTES, dtype=torch.bfloat16)
-    return got.new_empty(got.shape[1:])
+    return _back_like(got)
 
 
 @ulysses_receive.register_fake
@@ -125,9 +136,6 @@ def _(back, after):
 # oldest first: a segment runs its steps in one thread, in graph order, so each step takes the handles the one
 # before queued.
 _in_flight: collections.deque = collections.deque()
-
-
-WIRE_SCALE_BYTES = 4  # an e4m3 row's fp32 scale, after its D codes
 
 
 def _send_buffer(v: torch.Tensor, e4m3: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -173,7 +181,7 @@ def _attend(got: torch.Tensor, scale: float | None) -> torch.Tensor:
     n, chunks, hc = _groups(h)
     e4m3 = got.dtype == torch.uint8
     parts = got.view(chunks, n * s, b, 3, hc, row)
-    back = got.new_empty(b, s, h, row - WIRE_SCALE_BYTES, dtype=torch.bfloat16) if e4m3 else got.new_empty(b, s, h, row)
+    back = _back_like(got)
     out_parts = back.view(chunks, n * s, b, hc, back.shape[-1])
     for c in range(chunks):
         _finish()
