@@ -173,6 +173,18 @@ def test_qk_norm_rope_kernel_writes_the_ulysses_send_layout():
     for slot, w in zip(slots, want):
         assert torch.equal(slot, w.unflatten(2, (2, 2, 3)))
     assert torch.equal(send[..., 2, :, :], torch.zeros_like(send[..., 2, :, :]))  # v's slot untouched
+    # e4m3 rows (FP8 engines' transfers): the kernel quantizing as it writes, against quantize_heads of its bf16 rows
+    from fluxc.runtime.ops.kernels import quantize_heads
+
+    e4m3 = torch.zeros(2, 2, t + s, b, 3, 3, d + 4, device="cuda", dtype=torch.uint8)
+    slots = [e4m3[..., i, :, :].permute(3, 2, 1, 0, 4, 5) for i in range(2)]
+    qk_norm_rope_into(q_parts, k_parts, *args, *slots, e4m3=True)
+    for slot, w in zip(slots, want):
+        ref = torch.zeros_like(slot)
+        quantize_heads(ref, w.unflatten(2, (2, 2, 3)))
+        assert torch.equal(slot[..., d:], ref[..., d:])  # the scales' bytes
+        assert (slot[..., :d] != ref[..., :d]).float().mean() < 0.02  # codes: the same kernel math
+    assert not e4m3[..., 2, :, :].any()
 
 
 def test_linear_gelu_uses_the_tanh_form_on_gpu():

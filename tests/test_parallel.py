@@ -161,6 +161,23 @@ assert (codes(got) != codes(want)).float().mean() < 0.02  # y * (1 / scale) agai
 assert not got[..., 0, :, :].any() and not got[..., 2, :, :].any()  # q's and v's slots untouched
 back = kernels.dequantize_heads(slot)
 assert back.shape == heads.shape and sqnr_db(back.double(), heads.double()) >= FP8_WIRE_SQNR_DB
+
+# qk_norm_rope's kernel quantizing as it writes the send buffer (ulysses_send_qk), against its reference path
+qkv = [torch.randn(2, n, 3, 6, 16, generator=g).bfloat16() for n in (2, 3)]  # text and image parts
+q_parts, k_parts = [x[:, :, 0] for x in qkv], [x[:, :, 1] for x in qkv]
+weights = [(torch.rand(16, generator=g) + 0.5).bfloat16() for _ in range(4)]
+angles = torch.randn(5, 8, generator=g).repeat_interleave(2, dim=1)
+args = (q_parts, k_parts, weights[:2], weights[2:], angles.cos(), angles.sin(), 1e-6)
+want, got = torch.zeros(1, 2, 5, 2, 3, 3, 20, dtype=torch.uint8), torch.zeros(1, 2, 5, 2, 3, 3, 20, dtype=torch.uint8)
+kernels.qk_norm_rope_into(*args, *(want[..., i, :, :].permute(3, 2, 1, 0, 4, 5) for i in range(2)), e4m3=True)
+kernels._launch_qk_norm_rope(*args, *(got[..., i, :, :].permute(3, 2, 1, 0, 4, 5) for i in range(2)),
+                             mode=kernels.NORM_ROPE_ROW_E4M3)
+scales = lambda t: t[..., 16:].contiguous().view(torch.float32)
+# the interpreter truncates the kernel's fp32 norm and rotation math to bf16 (see tests/test_fp8_gemm.py), a few bf16
+# ulps by the amax; tests/test_gpu.py holds the compiled kernel to the scales' bytes
+assert torch.allclose(scales(got), scales(want), rtol=2 ** -5), "scales differ beyond a few bf16 ulps"
+assert (codes(got) != codes(want)).float().mean() < 0.1
+assert not got[..., 2, :, :].any()
 """
 
 
@@ -265,3 +282,35 @@ def test_cli_runs_a_two_rank_engine_and_rank_0_writes_the_image(pipelines, tmp_p
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(out).size == (SIZE[1], SIZE[0]) and not list(tmp_path.glob("*.partial*"))
+
+
+@pytest.mark.parametrize("kernel", ["copy_heads", "qk_norm_rope"])
+def test_e4m3_send_kernels_compile_for_hopper(kernel):
+    """The kernels that write e4m3 rows into the send buffer (quantize_heads' and qk_norm_rope's row-e4m3 mode),
+    compiled for sm_90a here (Triton bundles ptxas): the fp32 scale stored through a cast of the uint8 row pointer
+    becomes a 32-bit global store, and the cubin is made."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fluxc.runtime.ops import kernels
+
+    if kernel == "copy_heads":
+        fn, pointers = kernels._copy_heads_kernel, {"src_ptr": "*bf16", "dst_ptr": "*u8"}
+        ints = ("S", "G2", "G3", "s_b", "s_s", "s_1", "s_2", "s_3", "d_b", "d_s", "d_1", "d_2", "d_3")
+        constexprs = {"G": 12, "D": 128, "BLOCK_G": 16, "QUANT": True}
+    else:
+        fn = kernels._qk_norm_rope_kernel
+        pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "qo_ptr": "*u8",
+                    "ko_ptr": "*u8", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_scale_ptr": "*fp32",
+                    "k_scale_ptr": "*fp32"}
+        ints = ("S", "row0", "q_sb", "q_ss", "q_sh", "k_sb", "k_ss", "k_sh", "o_sb", "o_ss", "o_1", "o_2", "o_3", "G2",
+                "G3", "H")
+        constexprs = {"QUANT": kernels.NORM_ROPE_ROW_E4M3, "D": 128, "BLOCK_H": 32}
+    signature = {**pointers, **{p: "i32" for p in ints}, **({"eps": "fp32"} if kernel == "qk_norm_rope" else {}),
+                 **{p: "constexpr" for p in constexprs}}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 128), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90a" in ptx and ("st.global.b32" in ptx or "st.global.f32" in ptx), ptx[-2000:]
+    assert len(compiled.asm["cubin"]) > 1000

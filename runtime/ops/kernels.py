@@ -99,11 +99,18 @@ def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
     return _joined_qk(q_parts, q_parts[0].dtype)
 
 
-def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out, scales=None):
-    """The kernel over each part, writing q_out and k_out: [B, S, G1, G2, G3, D] views, heads h = (g1, g2, g3)."""
+# what _qk_norm_rope_kernel stores: the rows as they are; e4m3 codes of the rows / static per-tensor scales
+# (qk_norm_rope_fp8); or uint8 rows of e4m3 codes and their own fp32 scale's bytes (quantize_heads' layout)
+NORM_ROPE_PLAIN, NORM_ROPE_STATIC_E4M3, NORM_ROPE_ROW_E4M3 = 0, 1, 2
+
+
+def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out, scales=None,
+                         mode=NORM_ROPE_PLAIN):
+    """The kernel over each part, writing q_out and k_out: [B, S, G1, G2, G3, D] views, heads h = (g1, g2, g3)
+    (rows of D + 4 bytes in NORM_ROPE_ROW_E4M3)."""
     b, _, h, d = q_parts[0].shape
     cos, sin = cos.contiguous(), sin.contiguous()
-    q_scale, k_scale = scales or (cos, cos)  # unread unless QUANT
+    q_scale, k_scale = scales or (cos, cos)  # unread unless NORM_ROPE_STATIC_E4M3
     assert q_out.stride() == k_out.stride() and q_out.stride(5) == 1
     row0 = 0
     for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
@@ -111,7 +118,7 @@ def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, 
         s = q.shape[1]
         _qk_norm_rope_kernel[(b * s,)](
             q, k, qw, kw, q_out, k_out, cos, sin, q_scale, k_scale, s, row0, *q.stride()[:3], *k.stride()[:3],
-            *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=scales is not None, D=d,
+            *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=mode, D=d,
             BLOCK_H=triton.next_power_of_2(h), num_warps=4)
         row0 += s
     return q_out, k_out
@@ -123,14 +130,17 @@ def _heads_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps: float, q_out: torch.Tensor,
-                      k_out: torch.Tensor) -> None:
+                      k_out: torch.Tensor, e4m3: bool = False) -> None:
     """qk_norm_rope's q and k written into q_out and k_out: [B, S, G1, G2, G3, D] views (heads h = (g1, g2, g3)),
-    e.g. straight into runtime/parallel.py's send buffer. CUDA: the op's kernel with these output strides."""
+    e.g. straight into runtime/ops/ulysses.py's send buffer; e4m3: uint8 views of rows of D + 4 bytes, each row
+    quantized as quantize_heads does. CUDA: the op's kernel with these output strides."""
     if triton is None or not q_out.is_cuda:
         for out, value in zip((q_out, k_out), qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps)):
-            out.copy_(value.view(out.shape))
+            value = value.view(*out.shape[:-1], value.shape[-1])
+            quantize_heads(out, value) if e4m3 else out.copy_(value)
         return
-    _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out)
+    _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out,
+                         mode=NORM_ROPE_ROW_E4M3 if e4m3 else NORM_ROPE_PLAIN)
 
 
 @qk_norm_rope.register_kernel("cuda")
@@ -157,7 +167,7 @@ def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
 def _qk_norm_rope_fp8_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
     q_out, k_out = _joined_qk(q_parts, torch.float8_e4m3fn)
     _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, _heads_view(q_out), _heads_view(k_out),
-                         (q_scale, k_scale))
+                         (q_scale, k_scale), NORM_ROPE_STATIC_E4M3)
     return q_out, k_out
 
 
@@ -382,6 +392,14 @@ if triton is not None:
         tl.store(out_ptrs, (y * (1.0 / row_scale)).to(tl.float8e4nv), mask=mask)
 
     @triton.jit
+    def _store_e4m3_rows(x, rows, d, mask, D: tl.constexpr):
+        """quantize_heads' layout: each row of x [G, D] (fp32) as D e4m3 codes of x / scale at rows + d (uint8
+        pointers [G, 1]), then the 4 bytes of its fp32 scale = amax / 448."""
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1, keep_dims=True), 1e-12) / 448.0  # [G, 1]
+        tl.store(rows + d, (x * (1.0 / scale)).to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
+        tl.store((rows + D).to(tl.pointer_type(tl.float32)), scale, mask=mask)
+
+    @triton.jit
     def gelu_tanh(x):
         """0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3): one ex2 and one
         reciprocal (to ~2 fp32 ulp, below bf16 rounding) where libdevice's tanh made the kernel compute-bound."""
@@ -436,10 +454,13 @@ if triton is not None:
         c_even, c_odd = tl.split(tl.reshape(tl.load(cos_ptr + row * D + d), (1, D // 2, 2)))
         s_even, s_odd = tl.split(tl.reshape(tl.load(sin_ptr + row * D + d), (1, D // 2, 2)))
         out = tl.reshape(tl.join(y_even * c_even - y_odd * s_even, y_odd * c_odd + y_even * s_odd), (BLOCK_H, D))
-        if QUANT:  # rounded to the activation dtype first, as the reference does
-            out = out.to(x_ptr.dtype.element_ty).to(tl.float32) * (1.0 / tl.load(scale_ptr))
-        tl.store(out_ptr + b * o_sb + row * o_ss + _head_offset(h, G2, G3, o_1, o_2, o_3) + d,
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+        rows = out_ptr + b * o_sb + row * o_ss + _head_offset(h, G2, G3, o_1, o_2, o_3)
+        if QUANT == 2:  # NORM_ROPE_ROW_E4M3: quantize_heads' rows, from the activation-dtype values
+            _store_e4m3_rows(out.to(x_ptr.dtype.element_ty).to(tl.float32), rows, d, mask, D)
+        else:
+            if QUANT == 1:  # NORM_ROPE_STATIC_E4M3: rounded to the activation dtype first, as the reference does
+                out = out.to(x_ptr.dtype.element_ty).to(tl.float32) * (1.0 / tl.load(scale_ptr))
+            tl.store(rows + d, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
@@ -462,11 +483,7 @@ if triton is not None:
         mask = g < G
         x = tl.load(src_ptr + b * s_b + s * s_s + _head_offset(g, G2, G3, s_1, s_2, s_3) + d, mask=mask)
         rows = dst_ptr + b * d_b + s * d_s + _head_offset(g, G2, G3, d_1, d_2, d_3)
-        if QUANT:  # uint8 rows of D e4m3 codes and their fp32 scale's 4 bytes (quantize_heads)
-            x = x.to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(x), axis=1, keep_dims=True), 1e-12) / 448.0  # [G, 1]
-            codes = (x * (1.0 / scale)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-            tl.store(rows + d, codes, mask=mask)
-            tl.store((rows + D).to(tl.pointer_type(tl.float32)), scale, mask=mask)
+        if QUANT:  # quantize_heads
+            _store_e4m3_rows(x.to(tl.float32), rows, d, mask, D)
         else:
             tl.store(rows + d, x, mask=mask)

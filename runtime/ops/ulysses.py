@@ -57,14 +57,7 @@ def ulysses_send_qk(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_
                     k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, eps: float,
                     v: torch.Tensor, e4m3: bool = False) -> torch.Tensor:
     send, (q_slot, k_slot, v_slot) = _send_buffer(v, e4m3)
-    if e4m3:  # q and k in bf16 first, then quantized into the buffer (one more pass over them than bf16 has)
-        b, h, s, d = v.shape
-        q_out, k_out = v.new_empty(2, b, s, h, d).unflatten(3, _groups(h))  # [B, S, rank j, part, head, D] each
-        kernels.qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_out, k_out)
-        _fill(q_slot, q_out, True)
-        _fill(k_slot, k_out, True)
-    else:
-        kernels.qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_slot, k_slot)
+    kernels.qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_slot, k_slot, e4m3)
     _fill(v_slot, _heads(v), e4m3)
     return _transfer(send)
 
