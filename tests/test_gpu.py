@@ -185,6 +185,10 @@ def test_qk_norm_rope_kernel_writes_the_ulysses_send_layout():
         assert torch.equal(slot[..., d:], ref[..., d:])  # the scales' bytes
         assert (slot[..., :d] != ref[..., :d]).float().mean() < 0.02  # codes: the same kernel math
     assert not e4m3[..., 2, :, :].any()
+    from fluxc.runtime.ops.kernels import dequantize_heads  # the receiving side: its kernel against torch's ops
+
+    landed = e4m3[0].contiguous()
+    assert torch.equal(dequantize_heads(landed).cpu(), dequantize_heads(landed.cpu()))
 
 
 def test_linear_gelu_uses_the_tanh_form_on_gpu():

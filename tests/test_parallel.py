@@ -161,6 +161,12 @@ assert (codes(got) != codes(want)).float().mean() < 0.02  # y * (1 / scale) agai
 assert not got[..., 0, :, :].any() and not got[..., 2, :, :].any()  # q's and v's slots untouched
 back = kernels.dequantize_heads(slot)
 assert back.shape == heads.shape and sqnr_db(back.double(), heads.double()) >= FP8_WIRE_SQNR_DB
+# the receiving side's kernel (a landed part: contiguous rows), against the reference dequantization
+part = got[0, :, :, :, 1].contiguous()  # [rank, token, batch, head, D + 4]: 60 rows, a partial block of 16
+dequantized = torch.empty(*part.shape[:-1], 16, dtype=torch.bfloat16)
+kernels._dequantize_rows_kernel[(4,)](part, dequantized, 60, D=16, BLOCK_R=16)
+# codes x scale is exact in fp32; the interpreter's cast to bf16 truncates where torch rounds: one ulp at most
+assert torch.allclose(dequantized.float(), kernels.dequantize_heads(part).float(), rtol=2 ** -7, atol=0)
 
 # qk_norm_rope's kernel quantizing as it writes the send buffer (ulysses_send_qk), against its reference path
 qkv = [torch.randn(2, n, 3, 6, 16, generator=g).bfloat16() for n in (2, 3)]  # text and image parts
@@ -284,18 +290,21 @@ def test_cli_runs_a_two_rank_engine_and_rank_0_writes_the_image(pipelines, tmp_p
     assert Image.open(out).size == (SIZE[1], SIZE[0]) and not list(tmp_path.glob("*.partial*"))
 
 
-@pytest.mark.parametrize("kernel", ["copy_heads", "qk_norm_rope"])
+@pytest.mark.parametrize("kernel", ["copy_heads", "qk_norm_rope", "dequantize_rows"])
 def test_e4m3_send_kernels_compile_for_hopper(kernel):
-    """The kernels that write e4m3 rows into the send buffer (quantize_heads' and qk_norm_rope's row-e4m3 mode),
-    compiled for sm_90a here (Triton bundles ptxas): the fp32 scale stored through a cast of the uint8 row pointer
-    becomes a 32-bit global store, and the cubin is made."""
+    """The kernels that write e4m3 rows into the send buffer (quantize_heads' and qk_norm_rope's row-e4m3 mode) and
+    the one that reads them back, compiled for sm_90a here (Triton bundles ptxas): the fp32 scale stored or loaded
+    through a cast of the uint8 row pointer is one 32-bit access, and the cubin is made."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fluxc.runtime.ops import kernels
 
-    if kernel == "copy_heads":
+    if kernel == "dequantize_rows":
+        fn, pointers, ints = kernels._dequantize_rows_kernel, {"x_ptr": "*u8", "out_ptr": "*bf16"}, ("R",)
+        constexprs = {"D": 128, "BLOCK_R": 16}
+    elif kernel == "copy_heads":
         fn, pointers = kernels._copy_heads_kernel, {"src_ptr": "*bf16", "dst_ptr": "*u8"}
         ints = ("S", "G2", "G3", "s_b", "s_s", "s_1", "s_2", "s_3", "d_b", "d_s", "d_1", "d_2", "d_3")
         constexprs = {"G": 12, "D": 128, "BLOCK_G": 16, "QUANT": True}
@@ -312,5 +321,7 @@ def test_e4m3_send_kernels_compile_for_hopper(kernel):
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
-    assert ".target sm_90a" in ptx and ("st.global.b32" in ptx or "st.global.f32" in ptx), ptx[-2000:]
+    scale_access = "ld.global" if kernel == "dequantize_rows" else "st.global"  # the fp32 scale, 32 bits at once
+    assert ".target sm_90a" in ptx and any(f"{scale_access}{w}.b32" in ptx or f"{scale_access}{w}.f32" in ptx
+                                           for w in ("", ".v2", ".v4")), ptx[-2000:]
     assert len(compiled.asm["cubin"]) > 1000
