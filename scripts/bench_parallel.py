@@ -1,4 +1,5 @@
-"""Context parallelism on 1, 2 and 4 GPUs of one host: FLUX.1-dev 1024x1024, 28 steps, bf16 and fp8 (issue 10).
+"""Context parallelism on 1, 2 and 4 GPUs of one host: FLUX.1-dev 1024x1024, 28 steps, bf16 and fp8 (issue 10), fp8
+with its e4m3 transfers and, for comparison, with bf16 ones (issue 32).
 
 Engines (seeded random FLUX.1-dev weights) for world sizes 1, 2 and 4, transformer-only, plus one whole-pipeline
 fp8 engine for 4 ranks (text encoders and VAE on every rank) for an end-to-end time. Two stages, so that the
@@ -20,22 +21,34 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 
 import torch
 
 H = W = 1024
 STEPS = 28
-RECIPES = {"bf16": "bf16", "fp8": "sm90_fp8"}
+# name -> (recipe, overrides); "fp8 bf16-wire" is fp8 sending bf16 q, k, v as before e4m3 transfers (same 1-GPU
+# engine as fp8, so it is built and timed on several GPUs only)
+VARIANTS = {"bf16": ("bf16", ()), "fp8": ("sm90_fp8", ()), "fp8 bf16-wire": ("sm90_fp8", (("ulysses_e4m3", False),))}
+BUILD = """import ast, sys
+from fluxc.build import BuildOptions, build
+recipe, world, overrides, pipeline, path = ast.literal_eval(sys.argv[1])
+build(BuildOptions(model="flux1-dev", output=path, recipe=recipe, recipe_overrides=overrides, world_size=world,
+                   transformer_only=not pipeline))
+"""
 WORLD_SIZES = (1, 2, 4)
 
 
-def engine_path(workdir: str, precision: str, world: int, pipeline: bool = False) -> str:
-    return os.path.join(workdir, f"{precision}-ws{world}{'-pipeline' if pipeline else ''}.fluxe")
+def engine_path(workdir: str, variant: str, world: int, pipeline: bool = False) -> str:
+    if world == 1 and VARIANTS[variant][1]:
+        variant = "fp8"  # the transfers are all an override changes
+    return os.path.join(workdir, f"{variant.replace(' ', '-')}-ws{world}{'-pipeline' if pipeline else ''}.fluxe")
 
 
 def builds(worlds=WORLD_SIZES) -> list[tuple[str, int, bool]]:
-    return [(p, n, False) for p in RECIPES for n in worlds] + ([("fp8", 4, True)] if 4 in worlds else [])
+    return ([(v, n, False) for v in VARIANTS for n in worlds if n > 1 or not VARIANTS[v][1]]
+            + ([("fp8", 4, True)] if 4 in worlds else []))
 
 
 def build_all(workdir: str, only: list[tuple[str, int, bool]] | None = None) -> dict:
@@ -44,13 +57,12 @@ def build_all(workdir: str, only: list[tuple[str, int, bool]] | None = None) -> 
     os.makedirs(workdir, exist_ok=True)
     gpus = torch.cuda.device_count()
     procs = {}
-    for i, (precision, world, pipeline) in enumerate(only or builds()):
-        path = engine_path(workdir, precision, world, pipeline)
+    for i, (variant, world, pipeline) in enumerate(only or builds()):
+        path = engine_path(workdir, variant, world, pipeline)
         if os.path.exists(path):
             continue
-        cmd = ["fluxc", "build", "--model", "flux1-dev", "--precision", "fp8" if precision == "fp8" else "bf16",
-               "--recipe", RECIPES[precision], "--world-size", str(world), "-o", path]
-        cmd += [] if pipeline else ["--transformer-only"]
+        recipe, overrides = VARIANTS[variant]
+        cmd = [sys.executable, "-c", BUILD, repr((recipe, world, overrides, pipeline, path))]
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i % gpus))
         procs[path] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                        time.perf_counter())
@@ -170,18 +182,21 @@ def main():
            "model": "flux1-dev (seeded random weights, seed 0), transformer-only engines",
            "attention": "Ulysses all-to-all over heads (fluxc.ulysses_send/attend/receive), NCCL, NCCL_NVLS_ENABLE=0",
            "commit": source_commit(), "results": {}}
-    for precision in RECIPES:
-        res = rec["results"][precision] = {}
-        one = None
+    ones = {}  # variant -> (1-GPU loop ms, latents)
+    for variant, (_, overrides) in VARIANTS.items():
+        res = rec["results"][variant] = {}
+        one = ones.get("fp8") if overrides else None
         for world in args.worlds:
-            r = parallel.launch(world, time_loop, engine_path(args.workdir, precision, world), args.steps, False)
+            if world == 1 and overrides:
+                continue  # fp8's 1-GPU engine
+            r = parallel.launch(world, time_loop, engine_path(args.workdir, variant, world), args.steps, False)
             latents = r.pop("latents")
-            one = one if one is not None else (r["loop_ms"], latents)
+            one = ones[variant] = one if one is not None else (r["loop_ms"], latents)
             r["scaling_efficiency"] = one[0] / (world * r["loop_ms"])
             r["speedup_vs_1_gpu"] = one[0] / r["loop_ms"]
             r["latent_sqnr_db_vs_1_gpu"] = sqnr_db(latents.float(), one[1].float())
             res[f"{world} gpu"] = r
-            print(precision, world, {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
+            print(variant, world, {k: v for k, v in r.items() if not k.endswith("_all")}, flush=True)
             _dump(args.out, rec)  # after each result: a run cut short keeps what it measured
     if 4 in args.worlds:
         r = parallel.launch(4, time_loop, engine_path(args.workdir, "fp8", 4, pipeline=True), args.steps, True)
@@ -192,11 +207,12 @@ def main():
     if not args.no_baselines:
         rec["results"]["baselines (1 gpu)"] = baselines(args.steps)
         _dump(args.out, rec)
-    print(f"\n{'precision':10} {'GPUs':>4} {'loop ms':>9} {'speedup':>8} {'efficiency':>10} {'SQNR dB':>8}")
-    for precision in RECIPES:
-        for world in args.worlds:
-            r = rec["results"][precision][f"{world} gpu"]
-            print(f"{precision:10} {world:>4} {r['loop_ms']:>9.1f} {r['speedup_vs_1_gpu']:>8.2f} "
+    print(f"\n{'engine':14} {'GPUs':>4} {'loop ms':>9} {'speedup':>8} {'efficiency':>10} {'SQNR dB':>8}")
+    for variant in VARIANTS:
+        for world, r in ((w, rec["results"][variant].get(f"{w} gpu")) for w in args.worlds):
+            if r is None:
+                continue
+            print(f"{variant:14} {world:>4} {r['loop_ms']:>9.1f} {r['speedup_vs_1_gpu']:>8.2f} "
                   f"{r['scaling_efficiency']:>10.2f} {r['latent_sqnr_db_vs_1_gpu']:>8.1f}")
     if 4 in args.worlds:
         e2e = rec["results"]["fp8 pipeline"]["4 gpu"]
