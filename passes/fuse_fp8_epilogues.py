@@ -16,7 +16,7 @@ Rewrite:
     (the reading GEMMs take %q, %s directly: the views between them only flattened [B, S] and back)
 The GELU output is written once, in e4m3, where today it is written in bf16, read back, quantized and written
 again; the projections' bf16 output goes straight into the residual stream.
-Pre:  quantize_fp8 ran with per-token activation scales (a calibrated build's static per-tensor scales, and
+Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static per-tensor scales, and
 FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or [M, K / 128] scales).
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
 block and 1 per single block (tiny, pinned by tests/test_fp8_gemm.py).
@@ -43,6 +43,8 @@ def _operands(mm: torch.fx.Node, depth: int) -> tuple:
     a, wt, sa, swt, bias, *rest = (*mm.args, *[None] * (7 - len(mm.args)))
     if not (is_aten(wt, aten.t.default) and is_aten(swt, aten.t.default)) or rest[0] is not None:
         raise NoMatch(mm, "the GEMM's weight or scale is not a transposed weight input", depth)
+    if mm.meta["val"].dtype != torch.bfloat16:
+        raise NoMatch(mm, f"the GEMM writes {mm.meta['val'].dtype}: the kernel rounds its output to bf16", depth)
     (m, k), scale = a.meta["val"].shape, sa.meta["val"].shape
     if k % BLOCK or tuple(scale) not in ((m, 1), (m, k // BLOCK)):
         raise NoMatch(mm, f"activation scales {tuple(scale)} are not per token (static or per-tensor scales), or K "

@@ -186,3 +186,34 @@ def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_drive
         assert not [n for n in nodes if "fluxc" in str(n.target)]  # no opaque op left
         kernels = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
         assert len(kernels) == 1 and kernels[0].kwargs["tensors_to_clone"] == written
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_gate_residual_fuses_only_bf16_gemm_outputs(out_dtype):
+    """fuse_fp8_epilogues on a traced output projection: a bf16 _scaled_mm's gated residual becomes the fused op and
+    computes what the graph did (within the bf16 rewrite tolerance); a GEMM writing float32 is left alone with the
+    reason (the kernel rounds to bf16 where that graph does not)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fluxc.passes import fuse_fp8_epilogues
+    from fluxc.passes.base import PassContext
+    from fluxc.recipes import RECIPES
+
+    (a, a_scale, w, w_scale, bias), _ = operands(2 * 64, 256, 384, seed=5)
+    g = torch.Generator().manual_seed(6)
+    gate, residual = torch.randn(2, 384, generator=g).bfloat16(), torch.randn(2, 64, 384, generator=g).bfloat16()
+
+    def projection(a, a_scale, w, w_scale, bias, gate, residual):
+        y = torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias, out_dtype=out_dtype)
+        return residual + gate.unsqueeze(1) * y.view(2, 64, 384)
+
+    args = (a, a_scale, w, w_scale, bias, gate, residual)
+    gm = make_fx(projection, tracing_mode="fake")(*args)
+    want = gm(*args)
+    result = fuse_fp8_epilogues.run(gm, PassContext(RECIPES["sm90_fp8_epilogues"](), "cpu", "double"))
+    if out_dtype == torch.bfloat16:
+        assert result.counts["gate_residual"] == 1
+        assert relative_error(result.graph(*args).float(), want.float()) <= REWRITE_TOLERANCE[torch.bfloat16]
+    else:
+        assert result.counts["gate_residual"] == 0
+        assert any("writes torch.float32" in r.reason for r in result.rejected), result.rejected
