@@ -54,6 +54,13 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=120)
 
+    def wait_for(self, name: str, value: float, timeout: float = 60) -> None:
+        """Poll /metrics until sample `name` reaches `value` (a batch finishing on a busy CPU takes what it takes)."""
+        deadline = time.monotonic() + timeout
+        while self.metrics()[name] < value:
+            assert time.monotonic() < deadline, f"{name} did not reach {value} in {timeout} s"
+            time.sleep(0.05)
+
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, parsed by prometheus-client's own parser: 'name{label="v"}' -> value."""
         out = {}
@@ -207,7 +214,7 @@ def test_deadline_and_disconnect(tiny_pipeline_b4_path):
     try:
         r = httpx.post(s.url + "/v1/images/generations", json={"prompt": "slow", "size": SIZE, "steps": 100}, timeout=30)
         assert r.status_code == 504 and "limit of 0.5 s" in r.json()["error"]["message"]
-        time.sleep(2.5)  # the discarded 100-step batch finishes
+        s.wait_for("fluxc_batch_images_count", 1)  # the discarded 100-step batch finishes
         calls = s.metrics()["fluxc_batch_images_count"]
         slow = threading.Thread(target=httpx.post, args=(s.url + "/v1/images/generations",),
                                 kwargs={"json": {"prompt": "slow", "size": SIZE, "steps": 100}, "timeout": 30})
@@ -216,7 +223,8 @@ def test_deadline_and_disconnect(tiny_pipeline_b4_path):
         with pytest.raises(httpx.ReadTimeout):  # queued behind the slow one, then gone
             httpx.post(s.url + "/v1/images/generations", json={"prompt": "gone", "size": SIZE, "steps": 2}, timeout=0.2)
         slow.join()  # 504 after 0.5 s; its batch runs on
-        time.sleep(2.5)
+        s.wait_for("fluxc_batch_images_count", calls + 1)
+        time.sleep(1.0)  # long enough for the 2-step request to have run, had it not been dropped
         m = s.metrics()
         assert m['fluxc_errors_total{kind="client_gone"}'] == 1 and m["fluxc_queue_images"] == 0
         assert m["fluxc_batch_images_count"] == calls + 1  # the slow one ran; the gone one never did
