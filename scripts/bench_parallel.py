@@ -12,7 +12,9 @@ Timing: each world size runs as N ranks through fluxc's launcher (torchrun's ela
 multicast off). Each rank draws the same embeddings and noise, runs the 28-step loop once (CUDA-graph capture),
 then 3 timed loops between barriers (CUDA events on every rank; the loop ends with the all-gather of the
 latents, so every rank's time covers the whole image). Reported: rank 0's median loop; scaling efficiency =
-one-GPU loop / (N x N-GPU loop); the N-rank latents' SQNR against the one-GPU engine's (same inputs). Then on
+one-GPU loop / (N x N-GPU loop); the N-rank latents' SQNR against the one-GPU engine's (same inputs). The same
+loop with FBCache and TeaCache forced to skip 12 of 28 steps (issue 32): its time, the speedup and what a skipped
+step costs on N ranks, the latents' SQNR against the plain loop's. Then on
 one GPU, the same weights as the diffusers transformer, eager and torch.compile (per-step x 28), as baselines.
 Engines load without re-hashing their 24 GB (verify=False): hashing is a load-time cost, not a loop cost.
 """
@@ -38,6 +40,7 @@ build(BuildOptions(model="flux1-dev", output=path, recipe=recipe, recipe_overrid
                    transformer_only=not pipeline))
 """
 WORLD_SIZES = (1, 2, 4)
+FORCED = tuple(range(2, 25, 2))  # 12 of 28 steps skipped, as scripts/bench_cache.py forces them
 
 
 def engine_path(workdir: str, variant: str, world: int, pipeline: bool = False) -> str:
@@ -90,10 +93,13 @@ def engine_and_inputs(path: str):
 
 
 def time_loop(path: str, steps: int, end_to_end: bool):
-    """On each rank: the engine's denoising loop (and, for a pipeline engine, generate()), timed; rank 0 returns."""
+    """On each rank: the engine's denoising loop, plain and with FBCache and TeaCache forced to skip 12 of 28 steps
+    (for a pipeline engine: plain and generate()), timed; rank 0 returns."""
     import torch.distributed as dist
 
+    from fluxc.numerics import sqnr_db
     from fluxc.runtime import parallel
+    from fluxc.runtime.core.cache_config import CacheConfig
 
     engine, emb, z = engine_and_inputs(path)
 
@@ -116,6 +122,18 @@ def time_loop(path: str, steps: int, end_to_end: bool):
     loop, latents = timed(lambda: engine.denoise(*emb, height=H, width=W, steps=steps, latents=z))
     rec = {"loop_ms": sorted(loop)[1], "loop_ms_all": loop, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
            "weights_gb": engine.weight_bytes / 1e9}
+    for policy in () if end_to_end else ("fbcache", "teacache"):
+        # the forced schedule: every rank skips the same steps (the decision is all-reduced either way); what a
+        # skipped step costs on N ranks = (cached loop - the full steps' share of the plain loop) / skipped steps
+        report, config = {}, CacheConfig(policy, schedule=FORCED)
+        times, cached = timed(lambda: engine.denoise(*emb, height=H, width=W, steps=steps, latents=z,
+                                                     cache_config=config, report=report))
+        ms = sorted(times)[1]
+        rec[f"forced_12_of_28 {policy}"] = {
+            "loop_ms": ms, "loop_ms_all": times, "skipped": report["cache"]["skipped_steps"],
+            "speedup_vs_no_cache": rec["loop_ms"] / ms,
+            "skipped_step_ms": (ms - (steps - len(FORCED)) * rec["loop_ms"] / steps) / len(FORCED),
+            "latent_sqnr_db_vs_no_cache": sqnr_db(cached.float(), latents.float())}
     if end_to_end:
         stages = {}
         e2e, _ = timed(lambda: engine.generate("a photo of an astronaut riding a horse on the moon", height=H, width=W,
