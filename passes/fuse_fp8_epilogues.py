@@ -6,6 +6,7 @@ output projection, which fuse_epilogues split into its attention and MLP halves)
     %y = aten._scaled_mm(%a, aten.t(%w), %sa, aten.t(%sw), %bias, None, bf16)                        [M, N]
          (a single block: aten.add.Tensor of two such GEMMs)
     %out = aten.add.Tensor(%residual, aten.mul.Tensor(aten.unsqueeze(%gate, 1), aten.view(%y, [B, S, N])))
+         (FLUX.2: a [B, 1, N] gate, squeezed for the kernel; aten._unsafe_view as well as aten.view)
 Rewrite:
     %out = fluxc.fp8_linear_gate_residual(%a, %sa, %w, %sw, %bias, %gate, %residual)
            (two GEMMs: the first's output is the second's residual)
@@ -19,7 +20,8 @@ again; the projections' bf16 output goes straight into the residual stream.
 Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static per-tensor scales, and
 FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or [M, K / 128] scales).
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
-block and 1 per single block (tiny, pinned by tests/test_fp8_gemm.py).
+block and 1 per single block (tiny, pinned by tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
+residuals, no GELU (tiny-flux2, tests/test_flux2.py).
 Numerics: the GEMMs are the same FP8 GEMMs; what changes is the GELU output's scaling, 1x128 blocks instead of one
 scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once in fp32
 instead of twice in bf16. Contract: each linear at or above numerics.FP8_LINEAR_SQNR_DB against float64, and a
@@ -53,25 +55,32 @@ def _operands(mm: torch.fx.Node, depth: int) -> tuple:
 
 
 def _gated(out: torch.fx.Node):
-    """(residual, gate [B, N], the GEMMs' operands) of residual + gate * view(y), else NoMatch."""
+    """(residual, gate, whether the gate is [B, 1, N], the GEMMs' operands) of residual + gate * view(y), else
+    NoMatch. FLUX.1 gates are unsqueeze(gate [B, N], 1); FLUX.2's are [B, 1, N] slices of the modulation."""
     mul = next((x for x in out.args if is_aten(x, aten.mul.Tensor) and len(x.users) == 1), None)
     if mul is None:
         raise NoMatch(out, "not residual + (gate * y)", 0)
     residual = out.args[1] if out.args[0] is mul else out.args[0]
-    unsqueeze = next((x for x in mul.args if is_aten(x, aten.unsqueeze.default) and x.args[1] == 1), None)
-    view = mul.args[1] if mul.args[0] is unsqueeze else mul.args[0]
-    if unsqueeze is None or not is_aten(view, aten.view.default) or len(view.users) != 1:
-        raise NoMatch(mul, "the product is not unsqueeze(gate, 1) * view(y)", 1)
-    gate, y = unsqueeze.args[0], view.args[0]
-    if gate.meta["val"].dim() != 2 or residual.meta["val"].shape != out.meta["val"].shape:
-        raise NoMatch(mul, "the gate is not [B, N] or the residual not [B, S, N]", 2)
+    view = next((x for x in mul.args if is_aten(x, aten.view.default, aten._unsafe_view.default)
+                 and len(x.users) == 1 and x.args[0].meta["val"].dim() == 2), None)  # [M, N] -> [B, S, N]
+    if len(mul.args) != 2 or view is None:
+        raise NoMatch(mul, "the product is not gate * view(y)", 1)
+    gate = mul.args[0] if mul.args[1] is view else mul.args[1]
+    unsqueezed = is_aten(gate, aten.unsqueeze.default) and gate.args[1] == 1
+    gate, y = (gate.args[0] if unsqueezed else gate), view.args[0]
+    shape = tuple(gate.meta["val"].shape)
+    b, _, n = out.meta["val"].shape
+    if shape != ((b, n) if unsqueezed else (b, 1, n)) or residual.meta["val"].shape != out.meta["val"].shape:
+        raise NoMatch(mul, f"the gate {shape} is not [B, N] unsqueezed or [B, 1, N], or the residual not [B, S, N]", 2)
     halves = y.args if is_aten(y, aten.add.Tensor) and len(y.users) == 1 else (y,)
-    return residual, gate, [_operands(mm, 3) for mm in halves]
+    return residual, gate, not unsqueezed, [_operands(mm, 3) for mm in halves]
 
 
 def fuse_gate_residual(gm: torch.fx.GraphModule, out: torch.fx.Node) -> None:
-    residual, gate, gemms = _gated(out)
+    residual, gate, squeeze, gemms = _gated(out)
     with gm.graph.inserting_before(out):
+        if squeeze:  # [B, 1, N] -> [B, N]: the kernel reads a gate row per batch element
+            gate = call(gm.graph, aten.squeeze.dim, gate, 1)
         for operands in gemms:
             residual = call(gm.graph, GATE_RESIDUAL, *operands, gate, residual)
     out.replace_all_uses_with(residual)
