@@ -32,8 +32,9 @@ from fluxc.runtime import Engine
 from fluxc.runtime.core.families import FAMILIES
 from fluxc.runtime.core.profile import Profile
 
-PRECISIONS = ("bf16", "fp8", "nvfp4")
-PHASES = ("eager", "compile") + PRECISIONS
+ENGINES = {"bf16": ("bf16", None), "fp8": ("fp8", None), "fp8-epilogues": ("fp8", "sm90_fp8_epilogues"),
+           "nvfp4": ("nvfp4", None)}  # phase -> (precision, recipe; None: the precision's default)
+PHASES = ("eager", "compile", *ENGINES)
 BYTES_PER_PARAMETER = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 2.0}  # on disk; the emulated nvfp4 engine keeps bf16 copies
 
 
@@ -129,15 +130,15 @@ def main():
     reference_latents = None
     if "bf16" not in phases and args.reference:
         reference_latents = load_file(args.reference)["latents"]
-    for precision in [p for p in PRECISIONS if p in phases]:
+    for name, (precision, recipe) in [(p, ENGINES[p]) for p in ENGINES if p in phases]:
         workdir, free_gb = roomiest([args.workdir] if args.workdir else [tempfile.gettempdir(), "/dev/shm", "."])
         need_gb = parameters * BYTES_PER_PARAMETER[precision] / 1e9
         if need_gb > 0.95 * free_gb:
-            raise SystemExit(f"{precision}: the engine needs about {need_gb:.0f} GB; the roomiest folder, {workdir}, "
+            raise SystemExit(f"{name}: the engine needs about {need_gb:.0f} GB; the roomiest folder, {workdir}, "
                              f"has {free_gb:.0f} GB free. Run on a machine with more disk.")
-        path = os.path.join(workdir, f"{args.model}-{precision}.fluxe")
+        path = os.path.join(workdir, f"{args.model}-{name}.fluxe")
         t0 = time.perf_counter()
-        manifest = build(BuildOptions(model=args.model, output=path, target=target, precision=precision,
+        manifest = build(BuildOptions(model=args.model, output=path, target=target, precision=precision, recipe=recipe,
                                       resolutions=((h, w),), text_tokens=args.text, transformer_only=True))
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -148,13 +149,13 @@ def main():
         run = lambda: engine.denoise(embeds, None, height=h, width=w, steps=args.steps, guidance=4.0, seed=0)
         latents = run()  # the warm-up (CUDA-graph capture)
         loop_ms, gib = peak(lambda: timed(run, device, calls=1, iters=args.loops, warmup=0))
-        if precision == "bf16":
+        if name == "bf16":
             reference_latents = latents
             if args.reference:
                 save_file({"latents": latents.float().cpu().contiguous()}, args.reference)
         lat_sqnr = (sqnr_db(latents.float().cpu(), reference_latents.float().cpu()) if reference_latents is not None
                     else float("nan"))
-        res[f"fluxc {precision}"] = {
+        res[f"fluxc {name}"] = {
             "precision_mode": manifest["precision_mode"], "ms_per_step": loop_ms / args.steps,
             "loop_s": loop_ms / 1000, "peak_gib": gib, "weights_gb": engine.weight_bytes / 1e9, "build_s": build_s,
             "build_stages_s": manifest["build_seconds"], "load_s": load_s, "engine_folder_free_gb": free_gb,
@@ -170,9 +171,9 @@ def main():
 
     base = res.get("torch.compile", res.get("diffusers eager", {"ms_per_step": float("nan")}))["ms_per_step"]
     print(f"\n{rec['gpu']}, {args.model}, {args.resolution}, {args.steps} steps, commit {rec['commit']}")
-    print(f"{'path':<18}{'ms/step':>9}{'x baseline':>11}{'loop s':>8}{'peak GiB':>10}{'fwd SQNR':>10}{'lat SQNR':>10}")
+    print(f"{'path':<22}{'ms/step':>9}{'x baseline':>11}{'loop s':>8}{'peak GiB':>10}{'fwd SQNR':>10}{'lat SQNR':>10}")
     for name, r in res.items():
-        print(f"{name:<18}{r['ms_per_step']:>9.1f}{r['ms_per_step'] / base:>11.3f}"
+        print(f"{name:<22}{r['ms_per_step']:>9.1f}{r['ms_per_step'] / base:>11.3f}"
               f"{r.get('loop_s', r.get('loop_s_estimate')):>8.2f}{r['peak_gib']:>10.1f}"
               f"{r.get('forward_sqnr_db_vs_eager', r.get('sqnr_db_vs_eager', float('nan'))):>10.1f}"
               f"{r.get('latents_sqnr_db_vs_bf16_engine', float('nan')):>10.1f}")
