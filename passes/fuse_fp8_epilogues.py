@@ -66,6 +66,8 @@ def _gated(out: torch.fx.Node):
     if len(mul.args) != 2 or view is None:
         raise NoMatch(mul, "the product is not gate * view(y)", 1)
     gate = mul.args[0] if mul.args[1] is view else mul.args[1]
+    if not (isinstance(gate, torch.fx.Node) and isinstance(residual, torch.fx.Node)):
+        raise NoMatch(mul, "the gate or the residual is a constant", 1)
     unsqueezed = is_aten(gate, aten.unsqueeze.default) and gate.args[1] == 1
     gate, y = (gate.args[0] if unsqueezed else gate), view.args[0]
     shape = tuple(gate.meta["val"].shape)
