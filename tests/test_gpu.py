@@ -422,6 +422,7 @@ def test_fp8_gemm_kernels_match_their_references(m):
 
 FRESH_PROCESS_DENOISE = """
 import sys, torch
+from safetensors.torch import save_file
 from triton.runtime.jit import JITFunction
 from conftest import random_embeddings
 from fluxc.runtime import Engine
@@ -430,7 +431,7 @@ from fluxc.runtime.ops import fp8_gemm, kernels
 engine = Engine.load(sys.argv[1])
 latents = engine.denoise(*(t.cuda() for t in random_embeddings(dtype=torch.bfloat16)), height=144, width=112,
                          steps=8, seed=5)
-torch.save(latents.cpu(), sys.argv[2])
+save_file({"latents": latents.cpu().contiguous()}, sys.argv[2])
 # what fluxc's Triton kernels compiled through Triton's own JIT in this process (the kernels a segment carries
 # run from Inductor's compiled code and never reach these objects)
 for module in (fp8_gemm, kernels):
@@ -449,6 +450,8 @@ def test_fp8_epilogue_engine_carries_its_gemms_and_keeps_the_floor(tmp_path):
     import subprocess
     import sys
 
+    from safetensors.torch import load_file
+
     from fluxc.build import BuildOptions, build
     from test_fp8 import TINY_FP8_ENGINE_SQNR_DB
 
@@ -459,12 +462,13 @@ def test_fp8_epilogue_engine_carries_its_gemms_and_keeps_the_floor(tmp_path):
                            recipe=recipe, resolutions=((144, 112),), text_tokens=13, transformer_only=True))
     latents, compiled = {}, {}
     tests = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     for recipe, path in paths.items():
-        done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_DENOISE, path, str(tmp_path / f"{recipe}.pt")],
-                              capture_output=True, text=True, timeout=600, cwd=tests,
-                              env=dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])))
+        out = str(tmp_path / f"{recipe}.safetensors")
+        done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_DENOISE, path, out], capture_output=True, text=True,
+                              timeout=600, cwd=tests, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        latents[recipe] = torch.load(str(tmp_path / f"{recipe}.pt"))
+        latents[recipe] = load_file(out)["latents"]
         compiled[recipe] = dict(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("jit "))
     fused, unfused = (sqnr_db(latents[r], latents["bf16"]) for r in ("sm90_fp8_epilogues", "sm90_fp8"))
     print(f"tiny fp8 engine with GEMM epilogues on the GPU, 8-step latents against bf16: {fused:.1f} dB "
