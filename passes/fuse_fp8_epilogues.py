@@ -17,8 +17,9 @@ Rewrite:
     (the reading GEMMs take %q, %s directly: the views between them only flattened [B, S] and back)
 The GELU output is written once, in e4m3, where today it is written in bf16, read back, quantized and written
 again; the projections' bf16 output goes straight into the residual stream.
-Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static per-tensor scales, and
-FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or [M, K / 128] scales).
+Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static
+per-tensor scales, and FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or
+[M, K / 128] scales).
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
 block and 1 per single block (tiny, pinned by tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
 residuals, no GELU (tiny-flux2, tests/test_flux2.py).

@@ -43,14 +43,19 @@ WORLD_SIZES = (1, 2, 4)
 FORCED = tuple(range(2, 25, 2))  # 12 of 28 steps skipped, as scripts/bench_cache.py forces them
 
 
+def on_fp8_engine(variant: str, world: int) -> bool:
+    """Whether this variant at this world size is fp8's engine: on one GPU nothing is transferred, and the
+    transfers are all an override changes."""
+    return world == 1 and bool(VARIANTS[variant][1])
+
+
 def engine_path(workdir: str, variant: str, world: int, pipeline: bool = False) -> str:
-    if world == 1 and VARIANTS[variant][1]:
-        variant = "fp8"  # the transfers are all an override changes
+    variant = "fp8" if on_fp8_engine(variant, world) else variant
     return os.path.join(workdir, f"{variant.replace(' ', '-')}-ws{world}{'-pipeline' if pipeline else ''}.fluxe")
 
 
 def builds(worlds=WORLD_SIZES) -> list[tuple[str, int, bool]]:
-    return ([(v, n, False) for v in VARIANTS for n in worlds if n > 1 or not VARIANTS[v][1]]
+    return ([(v, n, False) for v in VARIANTS for n in worlds if not on_fp8_engine(v, n)]
             + ([("fp8", 4, True)] if 4 in worlds else []))
 
 
@@ -201,12 +206,12 @@ def main():
            "attention": "Ulysses all-to-all over heads (fluxc.ulysses_send/attend/receive), NCCL, NCCL_NVLS_ENABLE=0",
            "commit": source_commit(), "results": {}}
     ones = {}  # variant -> (1-GPU loop ms, latents)
-    for variant, (_, overrides) in VARIANTS.items():
+    for variant in VARIANTS:
         res = rec["results"][variant] = {}
-        one = ones.get("fp8") if overrides else None
+        one = ones.get("fp8") if on_fp8_engine(variant, 1) else None
         for world in args.worlds:
-            if world == 1 and overrides:
-                continue  # fp8's 1-GPU engine
+            if on_fp8_engine(variant, world):
+                continue  # timed as fp8
             r = parallel.launch(world, time_loop, engine_path(args.workdir, variant, world), args.steps, False)
             latents = r.pop("latents")
             one = ones[variant] = one if one is not None else (r["loop_ms"], latents)

@@ -357,12 +357,16 @@ def copy_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
                                  BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), QUANT=False, num_warps=4)
 
 
+ROW_SCALE_BYTES = 4  # an e4m3 row's fp32 scale, stored after its D codes (quantize_heads' rows of D + 4 bytes)
+
+
 def quantize_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
     """src [B, S, G1, G2, G3, D] (bf16, D contiguous) into dst, a uint8 view of the same shape with rows of D + 4:
     each row's e4m3 codes of src / scale, then the 4 bytes of its fp32 scale = amax / 448 (quantize_rows per row).
     CUDA: one Triton program per token, as copy_heads."""
     d = src.shape[-1]
-    assert dst.dtype == torch.uint8 and dst.shape == (*src.shape[:-1], d + 4) and dst.stride(5) == src.stride(5) == 1
+    assert dst.dtype == torch.uint8 and dst.shape == (*src.shape[:-1], d + ROW_SCALE_BYTES)
+    assert dst.stride(5) == src.stride(5) == 1
     if triton is None or not dst.is_cuda:
         codes, scale = quantize_rows(src)
         dst[..., :d].copy_(codes.view(torch.uint8))
@@ -376,7 +380,7 @@ def quantize_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
 def dequantize_heads(x: torch.Tensor) -> torch.Tensor:
     """quantize_heads' rows [..., D + 4] back to bf16 [..., D], contiguous. CUDA (x contiguous): one Triton
     program per 16 rows, reading each byte once (torch's view/float/mul/cast moved ~6x the bytes)."""
-    d = x.shape[-1] - 4
+    d = x.shape[-1] - ROW_SCALE_BYTES
     if triton is None or not x.is_cuda or not x.is_contiguous():
         scale = x[..., d:].contiguous().view(torch.float32)
         return (x[..., :d].view(torch.float8_e4m3fn).float() * scale).to(torch.bfloat16)

@@ -74,14 +74,11 @@ def ulysses_receive(back: torch.Tensor, after: list[torch.Tensor]) -> torch.Tens
     return _receive(back)
 
 
-WIRE_SCALE_BYTES = 4  # an e4m3 row's fp32 scale, after its D codes
-
-
 def _wire_row(v: torch.Tensor, e4m3: bool) -> tuple[int, torch.dtype]:
     """(elements, dtype) of one (token, head) row on the wire."""
     if e4m3:
         assert v.dtype == torch.bfloat16, f"e4m3 transfers are for bf16 activations (FP8 engines), not {v.dtype}"
-        return v.shape[-1] + WIRE_SCALE_BYTES, torch.uint8
+        return v.shape[-1] + kernels.ROW_SCALE_BYTES, torch.uint8
     return v.shape[-1], v.dtype
 
 
@@ -96,7 +93,7 @@ def _back_like(got: torch.Tensor) -> torch.Tensor:
     """An empty buffer of what ulysses_attend returns: [B, S, H, D], bf16 where e4m3 rows came in."""
     _, b, s, h, row = got.shape
     if got.dtype == torch.uint8:
-        return got.new_empty(b, s, h, row - WIRE_SCALE_BYTES, dtype=torch.bfloat16)
+        return got.new_empty(b, s, h, row - kernels.ROW_SCALE_BYTES, dtype=torch.bfloat16)
     return got.new_empty(b, s, h, row)
 
 
