@@ -8,7 +8,8 @@ Per shape and epilogue, CUDA-event medians of back-to-back calls:
             per-token e4m3), or addcmul (residual + gate * y, one kernel, as Inductor fuses it)
     cublas  `_scaled_mm` alone (the GEMM without its epilogue), and with 1x128 / 128x128 block scales where
             torch takes them (what a down-projection reading block-scaled activations would call)
-    fluxc   the Triton kernel with the epilogue inside, at each tile config (the best is reported)
+    fluxc   the Triton kernel with the epilogue inside, at each tile config and way of loading tiles (pointers, or
+            TMA descriptors with a persistent grid); the best is reported, and the best of each way
 TFLOP/s counts 2MNK; GB moved counts each variant's own reads and writes. Each fused output is checked against
 the reference ops on the same inputs (relative error). Writes JSON and prints a table last.
 """
@@ -37,7 +38,9 @@ SHAPES = [("double img qkv", IMAGE, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16),
           ("double txt mlp down", TEXT, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL),
           ("single qkv + mlp up", IMAGE + TEXT, 3 * HIDDEN + MLP, HIDDEN, f.EPILOGUE_BF16),
           ("single out", IMAGE + TEXT, HIDDEN, HIDDEN + MLP, f.EPILOGUE_GATE_RESIDUAL)]
-CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3)]
+CONFIGS = [f.Config(*c, loads=loads) for loads in ("pointers", "tma")
+           for c in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3),
+                     (256, 128, 8, 3))]
 NAMES = {f.EPILOGUE_BF16: "bf16", f.EPILOGUE_GELU_FP8: "gelu_fp8", f.EPILOGUE_GATE_RESIDUAL: "gate_residual"}
 
 
@@ -103,7 +106,7 @@ def measure(name, m, n, k, epilogue) -> dict:
         today_bytes = fused_bytes = gemm_bytes + m * n * 2
     best = None
     for config in CONFIGS:
-        if epilogue == f.EPILOGUE_GELU_FP8 and config[1] != 128:
+        if epilogue == f.EPILOGUE_GELU_FP8 and config.block_n != 128:
             continue
         out = torch.empty(m, n, device="cuda", dtype=torch.float8_e4m3fn if epilogue == f.EPILOGUE_GELU_FP8
                           else torch.bfloat16)
@@ -123,7 +126,10 @@ def measure(name, m, n, k, epilogue) -> dict:
         row.setdefault("configs_ms", {})[str(config)] = ms
         if best is None or ms < best[0]:
             best = (ms, config, out.clone(), None if out_scale is None else out_scale.clone())
-    row["fluxc_ms"], row["fluxc_config"] = best[0], best[1]
+    for loads in ("pointers", "tma"):
+        timed = [ms for c, ms in row.get("configs_ms", {}).items() if loads in c]
+        row[f"fluxc_{loads}_ms"] = min(timed) if timed else None
+    row["fluxc_ms"], row["fluxc_config"] = best[0], best[1]._asdict()
     # the check: against the reference ops on the same inputs (on the GPU, fp32 matmul)
     if epilogue == f.EPILOGUE_GELU_FP8:
         want_q, want_scale = f.gelu_fp8_reference(a, a_scale, w, w_scale, bias)
@@ -157,9 +163,11 @@ def main() -> None:
             json.dump(r, fh, indent=1)
     total = {k: sum(x[f"{k}_ms"] for x in r["rows"]) for k in ("today", "fluxc")}
     print(f"\nFP8 GEMMs with epilogues on {r['gpu']} (commit {r['commit']}); ms, TFLOP/s")
-    print(f"{'shape':<22}{'epilogue':<15}{'cuBLAS':>8}{'today':>8}{'fluxc':>8}{'TF/s':>7}{'x today':>9}{'rel err':>9}")
+    print(f"{'shape':<22}{'epilogue':<15}{'cuBLAS':>8}{'today':>8}{'ptrs':>8}{'tma':>8}{'TF/s':>7}{'x today':>9}"
+          f"{'rel err':>9}")
     for x in r["rows"]:
-        print(f"{x['shape']:<22}{x['epilogue']:<15}{x['cublas_ms']:>8.3f}{x['today_ms']:>8.3f}{x['fluxc_ms']:>8.3f}"
+        ways = "".join(f"{x[f'fluxc_{w}_ms'] or float('nan'):>8.3f}" for w in ("pointers", "tma"))
+        print(f"{x['shape']:<22}{x['epilogue']:<15}{x['cublas_ms']:>8.3f}{x['today_ms']:>8.3f}{ways}"
               f"{x['fluxc_tflops']:>7.0f}{x['speedup_vs_today']:>9.2f}{x['relative_error']:>9.1e}")
     print(f"one of each: today {total['today']:.3f} ms, fluxc {total['fluxc']:.3f} ms")
 

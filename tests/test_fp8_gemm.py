@@ -71,7 +71,7 @@ from fluxc.numerics import relative_error
 from fluxc.runtime.ops import fp8_gemm as f
 from fluxc.runtime.ops.fp8_gemm import dequantize_activation as dq
 
-m = int(sys.argv[1])
+m, config = int(sys.argv[1]), (64, 128, 4, 2, sys.argv[2])
 ops, _ = operands(m, 256, 256, seed=5)
 a, a_scale, w, w_scale, bias = ops
 errors = {}
@@ -79,24 +79,25 @@ for blocks in (False, True):
     if blocks:  # the activation as fp8_linear_gelu_fp8 writes it: 1x128 block scales
         a, a_scale = f.quantize_blocks(dq(a, a_scale))
     out = torch.empty(m, 256, dtype=torch.bfloat16)
-    f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=(64, 128, 4, 2))
+    f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=config)
     errors[f"bf16 blocks={blocks}"] = relative_error(out, f.fp8_linear_reference(a, a_scale, w, w_scale, bias))
 q, q_scale = torch.empty(m, 256, dtype=torch.float8_e4m3fn), torch.empty(m, 2)
-f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale, config=(64, 128, 4, 2))
+f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale, config=config)
 want, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(a, a_scale, w, w_scale, bias)
 errors["gelu_fp8 scales"] = relative_error(q_scale, want_scale)
 e4m3 = relative_error(dq(q, q_scale), dq(want, want_scale))
 gate, residual = torch.randn(2, 256).bfloat16(), torch.randn(2, m // 2, 256).bfloat16()
 out = torch.empty_like(residual)
-f.launch(a, a_scale, w, w_scale, None, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, config=(64, 128, 4, 2))
+f.launch(a, a_scale, w, w_scale, None, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, config=config)
 errors["gate_residual"] = relative_error(out, torch.ops.fluxc.fp8_linear_gate_residual(a, a_scale, w, w_scale, None, gate, residual))
 print(errors, e4m3)
 assert max(errors.values()) <= 1e-2 and e4m3 <= 0.1, (errors, e4m3)
 """
 
 
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
 @pytest.mark.parametrize("m", [256, 200])  # 200: a partial tile of rows (masked loads and stores)
-def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m):
+def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
     """The Triton kernel itself, every epilogue and both activation scalings, run on the CPU by Triton's interpreter
     (TRITON_INTERPRET=1 must be set before the kernels are defined, hence a fresh process), against the reference
     ops. This checks the kernel's indexing, masking, scales and epilogues, not its roundings: the interpreter
@@ -104,36 +105,43 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m):
     ulp), so the bf16 outputs agree to ~4e-3 and the e4m3 ones, whose codes follow the bf16 values, to ~5e-2 (a
     wrong scale block or gate row errs by O(1)). tests/test_gpu.py holds the compiled kernel to rounding."""
     pytest.importorskip("triton", reason="Triton is not installed")
-    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(m)], capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(m), loads], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
 @pytest.mark.parametrize("epilogue", ["bf16", "gelu_fp8", "gate_residual"])
 @pytest.mark.parametrize("blocks", [False, True])
-def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks):
+def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
     """Each variant compiled for sm_90a here (Triton bundles ptxas): its e4m3 dot becomes wgmma, Hopper's
-    asynchronous warpgroup MMA, and the cubin is made."""
+    asynchronous warpgroup MMA, the TMA variant's loads the bulk tensor copy, and the cubin is made."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fluxc.runtime.ops import fp8_gemm
 
+    config = fp8_gemm.DEFAULT_CONFIG
     out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
+    tma = loads == "tma"
     signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
                  "bias_ptr": "*bf16", "out_ptr": out, "out_scale_ptr": "*fp32", "gate_ptr": "*bf16",
-                 "residual_ptr": "*bf16", **{p: "i32" for p in ("M", "N", "K", "rows_per_batch", "gate_stride")},
+                 "residual_ptr": "*bf16",
+                 **{p: "i32" for p in ("M", "N", "K", "rows_per_batch", "gate_stride")},
                  **{p: "constexpr" for p in ("A_BLOCKS", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                             "GROUP_M")}}
-    block_m, block_n, warps, stages = fp8_gemm.DEFAULT_CONFIG
-    constexprs = {"A_BLOCKS": blocks, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128,
-                  "GROUP_M": 8, "EPILOGUE": {"bf16": fp8_gemm.EPILOGUE_BF16, "gelu_fp8": fp8_gemm.EPILOGUE_GELU_FP8,
-                                             "gate_residual": fp8_gemm.EPILOGUE_GATE_RESIDUAL}[epilogue]}
-    compiled = triton.compile(ASTSource(fn=fp8_gemm._fp8_gemm_kernel, signature=signature, constexprs=constexprs),
+                                             "GROUP_M") + (("PROGRAMS",) if tma else ())}}
+    constexprs = {"A_BLOCKS": blocks, "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                  "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132} if tma else {}),
+                  "EPILOGUE": {"bf16": fp8_gemm.EPILOGUE_BF16, "gelu_fp8": fp8_gemm.EPILOGUE_GELU_FP8,
+                               "gate_residual": fp8_gemm.EPILOGUE_GATE_RESIDUAL}[epilogue]}
+    kernel = fp8_gemm._fp8_gemm_tma_kernel if tma else fp8_gemm._fp8_gemm_kernel
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128),
-                              options={"num_warps": warps, "num_stages": stages})
-    assert ".target sm_90a" in compiled.asm["ptx"] and "wgmma.mma_async" in compiled.asm["ptx"]
+                              options={"num_warps": config.warps, "num_stages": config.stages})
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
+    assert not tma or "cp.async.bulk.tensor" in ptx
     assert len(compiled.asm["cubin"]) > 1000
 
 
@@ -156,13 +164,19 @@ def hopper_driver():
     drivers._active = before
 
 
-def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_driver):
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
+def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_driver, loads, monkeypatch):
     """The ops are triton_ops: AOTAutograd (what Inductor compiles a segment from) traces a CUDA call into the
     Triton kernel itself, so Inductor compiles it into the segment and the engine carries its binary, instead of
     an opaque call that Triton's JIT compiles at the first generate. Torch's analysis of the kernel finds that it
     writes only the op's outputs (an input it thought written would be cloned on every call)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fluxc.runtime.ops import fp8_gemm
+
+    monkeypatch.setattr(fp8_gemm, "DEFAULT_CONFIG", fp8_gemm.DEFAULT_CONFIG._replace(loads=loads))
+    monkeypatch.setattr(fp8_gemm, "multiprocessors", lambda device: 132)  # an H100's SMs: there is no GPU to ask
 
     def traced(op, outputs, *shapes):
         graphs, graph = [], torch.fx.Graph()

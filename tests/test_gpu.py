@@ -394,18 +394,21 @@ def test_weights_read_to_the_gpu_equal_the_file(tiny_bf16_path):
     assert all(torch.equal(t.cpu().view(torch.uint8), stored[n].view(torch.uint8)) for n, t in targets)
 
 
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
 @pytest.mark.parametrize("m", [4608, 300])  # a single block's tokens at 1024x1024; a partial tile of rows
-def test_fp8_gemm_kernels_match_their_references(m):
-    """The Triton FP8 GEMM (runtime/ops/fp8_gemm.py) on the GPU against the reference ops on the CPU, at FLUX.1-dev's
-    MLP shapes: the fused up-projection's e4m3 blocks and scales, the gated down-projection reading them. Only the
-    fp32 accumulation order differs, so the bf16 outputs agree to a few ulps and an e4m3 code moves only where its
-    bf16 value did."""
+def test_fp8_gemm_kernels_match_their_references(m, loads, monkeypatch):
+    """The Triton FP8 GEMM (runtime/ops/fp8_gemm.py), each way of loading its tiles, on the GPU against the reference
+    ops on the CPU, at FLUX.1-dev's MLP shapes: the fused up-projection's e4m3 blocks and scales, the gated
+    down-projection reading them. Only the fp32 accumulation order differs, so the bf16 outputs agree to a few ulps
+    and an e4m3 code moves only where its bf16 value did."""
     from test_fp8_gemm import operands
 
     from fluxc.numerics import relative_error
+    from fluxc.runtime.ops import fp8_gemm
     from fluxc.runtime.ops.fp8_gemm import dequantize_activation as dq
     from fluxc.runtime.ops.kernels import quantize_rows
 
+    monkeypatch.setattr(fp8_gemm, "DEFAULT_CONFIG", fp8_gemm.DEFAULT_CONFIG._replace(loads=loads))
     ops, _ = operands(m, 3072, 12288)
     want_q, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*ops)
     q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*(t.cuda() for t in ops))

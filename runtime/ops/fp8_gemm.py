@@ -23,6 +23,8 @@ rounded once, where the bf16 graph rounds gate * y before the add: within REWRIT
 The reference implementations in plain torch run on the CPU; the CUDA ones launch the Triton kernel.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch.library import wrap_triton
 
@@ -102,30 +104,54 @@ def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Te
 
 # ---- the kernel -----------------------------------------------------------------------------------
 EPILOGUE_BF16, EPILOGUE_GELU_FP8, EPILOGUE_GATE_RESIDUAL = 0, 1, 2
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is 128, one activation scale block per step.
-# Hopper: 128x128 tiles of e4m3 take 32 KB of shared memory a stage. scripts/bench_fp8_gemm.py sweeps these.
-DEFAULT_CONFIG = (128, 128, 8, 4)
+
+
+class Config(NamedTuple):
+    """A launch of the kernel. BLOCK_K is 128, one activation scale block per step. Hopper: 128x128 tiles of e4m3
+    take 32 KB of shared memory a stage. scripts/bench_fp8_gemm.py sweeps these.
+    loads: "pointers" (cp.async through registers' addresses; one program a tile) or "tma" (the tensor memory
+    accelerator copies each tile from a descriptor; a persistent grid of one program per SM walks the tiles)."""
+    block_m: int = 128
+    block_n: int = 128
+    warps: int = 8
+    stages: int = 4
+    loads: str = "pointers"
+
+
+DEFAULT_CONFIG = Config()
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The persistent grid's size: the GPU's SM count (4 programs under the CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gate=None, residual=None,
-           config=DEFAULT_CONFIG, traceable=True) -> None:
+           config: Config | None = None, traceable=True) -> None:
     """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
     traceable=False launches the kernel directly instead of through wrap_triton's operator (microbenchmarks: no
-    dispatch between launches)."""
-    block_m, block_n, warps, stages = config
+    dispatch between launches). config: DEFAULT_CONFIG unless given."""
+    config = Config(*(config or DEFAULT_CONFIG))
     (m, k), n = a.shape, w.shape[0]
-    assert epilogue != EPILOGUE_GELU_FP8 or block_n == BLOCK
-    a = a.contiguous()
-    rows_per_batch = residual.shape[1] if residual is not None else m
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    a_scale = a_scale.contiguous()
-    (wrap_triton(_fp8_gemm_kernel) if traceable else _fp8_gemm_kernel)[grid](
+    assert epilogue != EPILOGUE_GELU_FP8 or config.block_n == BLOCK
+    a, a_scale = a.contiguous(), a_scale.contiguous()
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    kernel, extra = _fp8_gemm_kernel, {}
+    if config.loads == "tma":
+        kernel, extra = _fp8_gemm_tma_kernel, dict(PROGRAMS=min(tiles, multiprocessors(a.device)))
+        triton.set_allocator(_descriptor_memory)  # (Inductor's launcher sets its own for the segments it runs)
+    (wrap_triton(kernel) if traceable else kernel)[(extra.get("PROGRAMS", tiles),)](
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
-        a_scale if gate is None else gate, a_scale if residual is None else residual, m, n, k, rows_per_batch,
-        gate.stride(0) if gate is not None else 0,
-        A_BLOCKS=a_scale.shape[-1] != 1, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, GROUP_M=8, num_warps=warps, num_stages=stages)
+        a_scale if gate is None else gate, a_scale if residual is None else residual, m, n, k,
+        residual.shape[1] if residual is not None else m, gate.stride(0) if gate is not None else 0,
+        A_BLOCKS=a_scale.shape[-1] != 1, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=BLOCK, GROUP_M=8, num_warps=config.warps, num_stages=config.stages, **extra)
+
+
+def _descriptor_memory(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the TMA descriptors a kernel makes on the device (triton.set_allocator's contract)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 if triton is not None:
@@ -134,35 +160,23 @@ if triton is not None:
     from fluxc.runtime.ops.kernels import gelu_tanh
 
     @triton.jit
-    def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
-                         residual_ptr, M, N, K, rows_per_batch, gate_stride,
-                         A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # tiles in groups of GROUP_M rows of tiles, so that the programs running together share w's columns in L2
-        pid = tl.program_id(0)
+    def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of tile number `tile`, in groups of GROUP_M rows of tiles, so that the programs
+        running together share w's columns in L2."""
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * tiles_n)
+        group = tile // (GROUP_M * tiles_n)
         first_m = group * GROUP_M
         size_m = min(tiles_m - first_m, GROUP_M)
-        pm = first_m + (pid % (GROUP_M * tiles_n)) % size_m
-        pn = (pid % (GROUP_M * tiles_n)) // size_m
+        return first_m + (tile % (GROUP_M * tiles_n)) % size_m, (tile % (GROUP_M * tiles_n)) // size_m
+
+    @triton.jit
+    def _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
+                  M, N, rows_per_batch, gate_stride, A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The fp32 tile's scales and bias, then the epilogue's work, stored."""
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
         mask_m, mask_n = rm < M, rn < N
-        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
-        b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # w is [N, K]: K-major, as FP8 wgmma wants
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, K // BLOCK_K):
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-            if A_BLOCKS:  # each K step is one scale block: its partial product scaled as it is added
-                a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=mask_m, other=0.0)
-                acc += tl.dot(a, b) * a_scale[:, None]
-            else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
         if not A_BLOCKS:
             acc *= tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)[:, None]
         y = acc * tl.load(b_scale_ptr + rn, mask=mask_n, other=0.0)[None, :]
@@ -183,3 +197,56 @@ if triton is not None:
             tl.store(out_ptr + offsets, (residual + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
+                         residual_ptr, M, N, K, rows_per_batch, gate_stride,
+                         A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pm, pn = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = rm < M, rn < N
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+        b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # w is [N, K]: K-major, as FP8 wgmma wants
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K // BLOCK_K):
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            if A_BLOCKS:  # each K step is one scale block: its partial product scaled as it is added
+                a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=mask_m, other=0.0)
+                acc += tl.dot(a, b) * a_scale[:, None]
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
+                  M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _fp8_gemm_tma_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
+                             residual_ptr, M, N, K, rows_per_batch, gate_stride,
+                             A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+        # persistent: PROGRAMS programs (one per SM) walk the tiles; the TMA unit copies each operand tile (rows past
+        # M or N read as zeros), so the loop has no address arithmetic and no masks. The descriptors are made here
+        # (on the device), not by the host: torch traces a kernel's pointers into a segment, not host descriptors.
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS):
+            pm, pn = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kb in range(0, K // BLOCK_K):
+                a = a_desc.load([pm * BLOCK_M, kb * BLOCK_K])
+                b = b_desc.load([pn * BLOCK_N, kb * BLOCK_K])
+                if A_BLOCKS:
+                    a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=rm < M, other=0.0)
+                    acc += tl.dot(a, b.T) * a_scale[:, None]
+                else:
+                    acc = tl.dot(a, b.T, acc)
+            _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
+                      residual_ptr, M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M,
+                      BLOCK_N)
