@@ -13,6 +13,7 @@ step-end callback, one sync a step). Writes JSON to --out and prints a table las
 """
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -151,6 +152,8 @@ def main():
             save(rec, images, args.out)
             pipe.transformer = base.transformer
     del base, pipe
+    torch._dynamo.reset()  # its caches hold the compiled transformer (12B parameters) alive
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
 
