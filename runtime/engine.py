@@ -60,9 +60,6 @@ class Engine:
         self._layout, self._regions = _schedule_layout(manifest["segments"])
         self._weights: dict[str, list[torch.Tensor]] = {}
         self._graphs: dict[tuple, "Step"] = {}  # captured steps by (profile, cache policy)
-        # a cached step's branch picked on the GPU by conditional graph nodes (loop.CachedStep), or by the host
-        # (False: benchmarks compare the two; steps already captured keep their way)
-        self.conditional_graphs = True
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE tables on the device, by profile
         self._tokenizers = {}
         self._adapter_slots = None  # AdapterSlots, made by the first set_adapters
@@ -692,22 +689,19 @@ class Engine:
 
         step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph,
                           inpaint="inpaint_mask" in conditions)
-        skips = torch.zeros(steps, dtype=torch.bool, device=self.device)  # each step's decision, read at the end
-        clock = StepClock(self.device) if step_ms is not None else None
+        skipped, clock = [], StepClock(self.device) if step_ms is not None else None
         for i in range(steps):
             if clock:
                 clock.tick()
             for k, v in per_step.items():
                 step.state[k].copy_(v[i])  # device to device: no host sync
-            step.run()
-            if config.on:
-                skips[i].copy_(step.state["cache_skip"])
+            if step.run():
+                skipped.append(i)
             if on_step is not None:
                 on_step(i)
         if clock:
             step_ms.extend(clock.done())
         if report is not None and config.on:
-            skipped = skips.nonzero()[:, 0].tolist()
             report["cache"] = config.to_dict() | {"threshold": config.limit, "skipped_steps": skipped,
                                                   "full_steps": steps - len(skipped)}
         return parallel.gather(step.state["hidden_states"].clone(), 1)

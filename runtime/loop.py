@@ -2,11 +2,8 @@
 
 A step without a cache policy is one piece: the whole transformer (head, every block, tail) and the Euler update,
 captured as one CUDA graph per profile. With a cache policy (cache.py) it is three: the head up to the cut with
-the skip decision, then either the rest of the stack or the reuse of its remembered residual. Captured, the three
-are one graph whose two conditional nodes (CUDA 12.4+) pick the branch from the decision's flag on the GPU, so the
-loop never waits for the host; on several ranks (collectives inside a branch) and where torch cannot capture
-conditional nodes, they are three graphs and the host reads the flag each step. The engine (engine.py) owns the
-segments; a step calls its head / blocks / tail.
+the skip decision, then either the rest of the stack or the reuse of its remembered residual, picked by one flag
+read per step. The engine (engine.py) owns the segments; a step calls its head / blocks / tail.
 """
 
 import time
@@ -75,13 +72,13 @@ class StageClock:
 
 class Step:
     """One Euler step as a list of pieces over the loop's state buffers, each captured as a CUDA graph (all in
-    one memory pool) when `graphed`, else run as is. run() runs the step."""
+    one memory pool) when `graphed`, else run as is. run() runs the step; it returns whether the step skipped."""
 
     def __init__(self, engine, profile: Profile, config, state: dict, graphed: bool):
         self.engine, self.profile, self.config = engine, profile, config
         self.state = {k: v.clone() for k, v in state.items()} if graphed else state
         self.pieces = self._pieces()
-        self.graphs = self._capture() if graphed else None
+        self.graphs = _capture(self.pieces) if graphed else None
 
     def _pieces(self) -> list:
         return [lambda: self._finish(self.engine.transformer(self.profile, self.state))]
@@ -96,17 +93,15 @@ class Step:
             latents = (1 - s["inpaint_mask"]) * proper + s["inpaint_mask"] * latents
         s["hidden_states"].copy_(latents)
 
-    def _capture(self) -> list[torch.cuda.CUDAGraph]:
-        return _capture(self.pieces)
-
     def _piece(self, i: int) -> None:
         if self.graphs is None:
             self.pieces[i]()
         else:
             self.graphs[i].replay()
 
-    def run(self) -> None:
+    def run(self) -> bool:
         self._piece(0)
+        return False
 
     def load(self, state: dict) -> None:
         """Copy the caller's inputs into the captured buffers (the warm-up changed them)."""
@@ -115,14 +110,8 @@ class Step:
 
 
 class CachedStep(Step):
-    """A step with a cache policy: the head up to the cut with the decision (state["cache_skip"]), then the rest
-    of the stack or the reuse of its remembered residual: chosen on the GPU by the captured graph's conditional
-    nodes, or by reading the flag (one host sync per step)."""
-
-    def __init__(self, engine, profile: Profile, config, state: dict, graphed: bool):
-        self.branching = (graphed and engine.conditional_graphs and parallel.world_size() == 1
-                          and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"))
-        super().__init__(engine, profile, config, state, graphed)
+    """A step with a cache policy: the head up to the cut with the decision, then the rest of the stack or
+    the reuse of its remembered residual, picked by reading the decision's flag (one host sync per step)."""
 
     def _pieces(self) -> list:
         return [self._head, self._rest, self._reuse]
@@ -156,43 +145,22 @@ class CachedStep(Step):
         acts = dict(self.cut, hidden_states=self.cut["hidden_states"] + self.state["cache_tail"])
         self._finish(self.engine.tail(self.profile, acts))
 
-    def run(self) -> None:
+    def run(self) -> bool:
         self._piece(0)
-        if not self.branching:
-            self._piece(2 if bool(self.state["cache_skip"]) else 1)  # the flag read
-
-    def _capture(self) -> list[torch.cuda.CUDAGraph]:
-        if not self.branching:
-            return super()._capture()
-        head, rest, reuse = self.pieces
-        _warm_up(self.pieces)
-        graph, skip = torch.cuda.CUDAGraph(), self.state["cache_skip"]
-        with torch.cuda.graph(graph):
-            head()
-            run = torch.logical_not(skip)  # (an IF node per branch: IF/ELSE nodes need CUDA 12.8)
-            for flag, branch in ((skip, reuse), (run, rest)):
-                graph.begin_capture_to_if_node(flag)
-                try:
-                    branch()
-                finally:
-                    graph.end_capture_to_conditional_node()
-        return [graph]
-
-
-def _warm_up(pieces: list) -> None:
-    """Each piece run twice on a side stream before capture: lazy initialization, autotuning."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            for piece in pieces:
-                piece()
-    torch.cuda.current_stream().wait_stream(side)
+        skip = bool(self.state["cache_skip"])  # the flag read
+        self._piece(2 if skip else 1)
+        return skip
 
 
 def _capture(pieces: list) -> list[torch.cuda.CUDAGraph]:
     """CUDA graphs of `pieces`, sharing one memory pool (later pieces read earlier pieces' outputs)."""
-    _warm_up(pieces)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside capture: lazy init, autotuning
+        for _ in range(2):
+            for piece in pieces:
+                piece()
+    torch.cuda.current_stream().wait_stream(side)
     graphs, pool = [], None
     for piece in pieces:
         graph = torch.cuda.CUDAGraph()

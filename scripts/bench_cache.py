@@ -4,14 +4,12 @@ FLUX.1-dev random weights, 1024x1024, 28 steps, transformer-only engines per rec
 natural skip rates meaningless (issue 7), so the mechanism is measured with forced schedules:
   no cache          the plain loop: one CUDA graph per step, no host sync
   <policy> thr 0    the cached loop deciding every step and skipping none: its cost over the plain loop is
-                    the cut and the decision, per step
+                    the cut (two graphs per step instead of one) plus the flag read, per step
   <policy> 12/28    --cache-schedule skipping 12 of 28 steps (every other step from 2 to 24): speedup vs no cache
   <policy> 27/28    every step but the first skipped: (loop - one full step) / 27 is a skipped step's cost
-A cached step is one CUDA graph whose conditional nodes pick the branch on the GPU; the thr-0 and 12/28 loops also
-run with the host reading each step's flag between three graphs (Engine.conditional_graphs = False), and those
-graphs alone (replays, back to back) give the pieces: head+decision, the rest of the stack, the reuse.
-flag_read_ms_per_step: the host-read thr-0 loop's step minus the conditional one's (the flag's round trip, during
-which the GPU idles until the next graph launches).
+and the pieces alone (CUDA-graph replays, back to back): head+decision, the rest of the stack, the reuse.
+flag_read_ms_per_step: a threshold-0 loop step minus its head and rest graphs replayed back to back: the
+flag's host round trip (the GPU idles until the next graph launches) plus the step's input copies.
 Checks first: threshold 0 must equal the no-cache latents bit for bit; the 12/28 latents' SQNR against
 no cache is reported (quality is a real-checkpoint question).
 
@@ -65,28 +63,16 @@ def measure(recipe: str, workdir: str) -> dict:
         zero_ms, zero, zero_report = loop_ms(engine, emb, z, CacheConfig(policy, 0.0))
         forced_ms, forced, forced_report = loop_ms(engine, emb, z, CacheConfig(policy, schedule=FORCED))
         all_ms, _, all_report = loop_ms(engine, emb, z, CacheConfig(policy, schedule=tuple(range(1, STEPS))))
-        # the same loops with the host reading each step's flag (three graphs a step), and those graphs' pieces
-        key = engine.graph_key(profile, CacheConfig(policy, schedule=FORCED))
-        branching = engine._graphs.pop(key)
-        engine.conditional_graphs = False
-        host_forced_ms, host_forced, _ = loop_ms(engine, emb, z, CacheConfig(policy, schedule=FORCED))
-        host_zero_ms = loop_ms(engine, emb, z, CacheConfig(policy, 0.0))[0]
-        step = engine._graphs.pop(key)
-        engine.conditional_graphs = True
+        step = engine._graphs[engine.graph_key(profile, CacheConfig(policy, schedule=FORCED))]
         head, rest, reuse = (cuda_ms(gr.replay, warmup=2, iters=5, calls=10) for gr in step.graphs)
-        del step, branching
         full_step = zero_ms / STEPS
         skipped_step = (all_ms - full_step) / (STEPS - 1)
         rec[policy] = {
             "threshold_0": {"loop_ms": zero_ms, "ms_per_step": full_step, "skipped": zero_report["skipped_steps"],
                             "equals_no_cache": bool(torch.equal(zero, plain)),
                             "overhead_ms_per_step_vs_no_cache": (zero_ms - plain_ms) / STEPS,
-                            "conditional_graph_nodes": branching.branching,
-                            "host_flag_read_loop_ms": host_zero_ms,
-                            "flag_read_ms_per_step": (host_zero_ms - zero_ms) / STEPS},
+                            "flag_read_ms_per_step": full_step - head - rest},
             "forced_12_of_28": {"loop_ms": forced_ms, "skipped": forced_report["skipped_steps"],
-                                "host_flag_read_loop_ms": host_forced_ms,
-                                "equals_host_flag_read": bool(torch.equal(forced, host_forced)),
                                 "speedup_vs_no_cache": plain_ms / forced_ms,
                                 "latent_sqnr_db_vs_no_cache": sqnr_db(forced.float(), plain.float())},
             "forced_27_of_28": {"loop_ms": all_ms, "skipped": len(all_report["skipped_steps"]),
@@ -95,7 +81,7 @@ def measure(recipe: str, workdir: str) -> dict:
                           "skipped_step_from_pieces_fraction": (head + reuse) / (head + rest)},
         }
     rec["weights_gb"] = engine.weight_bytes / 1e9
-    del engine
+    del engine, step
     free()
     shutil.rmtree(path)
     return rec

@@ -62,9 +62,8 @@ def test_graphed_loop_equals_eager_loop_on_gpu(tiny_bf16_cuda):
 
 @pytest.mark.parametrize("policy, threshold", [("fbcache", 0.6), ("teacache", 1.0)])
 def test_cached_graphed_loop_equals_cached_eager_loop_on_gpu(tiny_bf16_cuda, policy, threshold):
-    """The cached step's CUDA graph, whose conditional nodes pick the rest of the stack or the reuse on the GPU,
-    replays what the eager pieces compute, with the same decisions, and so do the three graphs between which the
-    host reads the flag; threshold 0 skips nothing and equals the plain graphed loop."""
+    """The cached step's three CUDA graphs (head + decision, rest, reuse) replay what the eager pieces compute,
+    with the same decisions; threshold 0 skips nothing and equals the plain graphed loop."""
     from fluxc.runtime.core.cache_config import CacheConfig
 
     emb = random_embeddings(dtype=torch.bfloat16)
@@ -78,17 +77,6 @@ def test_cached_graphed_loop_equals_cached_eager_loop_on_gpu(tiny_bf16_cuda, pol
         reports[2]["cache"]["skipped_steps"]
     assert 0 < len(reports[0]["cache"]["skipped_steps"]) < 7
     assert torch.equal(graphed, eager) and torch.equal(graphed, again)
-    key = tiny_bf16_cuda.graph_key(tiny_bf16_cuda.profile_for(144, 112), config)
-    assert tiny_bf16_cuda._graphs[key].branching and len(tiny_bf16_cuda._graphs[key].graphs) == 1
-    tiny_bf16_cuda._graphs.pop(key)
-    tiny_bf16_cuda.conditional_graphs = False
-    try:
-        host_read = tiny_bf16_cuda.denoise(*emb, **run, cache_config=config, report=reports[2])
-    finally:
-        tiny_bf16_cuda._graphs.pop(key)
-        tiny_bf16_cuda.conditional_graphs = True
-    assert reports[2]["cache"]["skipped_steps"] == reports[0]["cache"]["skipped_steps"]
-    assert torch.equal(host_read, graphed)
     plain = tiny_bf16_cuda.denoise(*emb, **run)
     assert torch.equal(tiny_bf16_cuda.denoise(*emb, **run, cache_config=CacheConfig(policy, 0.0)), plain)
 
