@@ -136,3 +136,60 @@ def assert_batches_match(batched, single, rtol: float, steps: int = 3) -> None:
         for i in range(count):
             assert_close_report(got[i:i + 1], alone[i], rtol=rtol,
                                 name=f"batch-{batch} engine, {count} prompts, image {i}")
+
+
+@pytest.fixture
+def hopper_driver():
+    """Triton's active driver answering sm_90 for its target: how Triton's compiler (and torch's analysis of which
+    arguments a kernel stores to, which compiles the kernel to TTIR) runs without a GPU, as the sm_90a compile
+    tests do. Put back afterwards."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed")
+    from triton.backends.compiler import GPUTarget
+
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    drivers = triton.runtime.driver
+    before = drivers._active  # reset_active() would create the default driver, which fails without a GPU
+    drivers.set_active(Hopper())
+    yield
+    drivers._active = before
+
+
+def segment_nodes(op, outputs: int, *specs) -> list:
+    """The call_function nodes AOTAutograd (what Inductor compiles a segment from) makes of one call of `op` on
+    fake CUDA tensors (with hopper_driver). specs: (shape, dtype) for a tensor, a list of those, or a plain value.
+    outputs: how many outputs the op returns as a tuple (0: one tensor)."""
+    import operator
+
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs, graph, tensors = [], torch.fx.Graph(), []
+
+    def place(spec):
+        if isinstance(spec, list):
+            return [place(s) for s in spec]
+        if isinstance(spec, tuple):
+            tensors.append(spec)
+            return graph.placeholder(f"x{len(tensors)}")
+        return spec
+
+    call = graph.call_function(op, tuple(place(s) for s in specs))
+    graph.output(tuple(graph.call_function(operator.getitem, (call, i)) for i in range(outputs)) if outputs
+                 else (call,))
+    with FakeTensorMode():
+        args = [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in tensors]
+    with torch.no_grad():
+        aot_module_simplified(torch.fx.GraphModule(torch.nn.Module(), graph), args,
+                              fw_compiler=lambda g, _: graphs.append(g) or g)
+    return [n for n in graphs[0].graph.nodes if n.op == "call_function"]
+
+
+def kernels_writing(nodes: list) -> list[list[str]]:
+    """For segment_nodes: the Triton kernels' written arguments (torch's analysis of the kernel; it clones what
+    they name), one list per kernel, after checking that no opaque fluxc op is left."""
+    assert not [n for n in nodes if "fluxc" in str(n.target)], nodes
+    return [n.kwargs["tensors_to_clone"] for n in nodes
+            if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]

@@ -304,3 +304,25 @@ def test_qkv_with_mlp_variant(tiny_fp32):
     assert result.counts["fuse_qkv"] == {"groups": 1, "linears": 4}
     assert result.counts["fuse_epilogues"] == {"bias_gelu": 0, "split_concat": 0}
     assert relative_error(_run(result.graph, tensors)[0], expected[0]) <= REWRITE_TOLERANCE[torch.float32]
+
+
+def test_triton_ops_are_compiled_into_the_segments(hopper_driver):
+    """adaln, adaln_fp8, gelu_fp8 and qk_norm_rope[_fp8] are triton_ops: AOTAutograd traces a CUDA call into their
+    Triton kernels (one launch per part for qk_norm_rope), so Inductor compiles them into the segment and the engine
+    carries them (the first generate compiles nothing), and each kernel writes only the op's new outputs."""
+    from conftest import kernels_writing, segment_nodes
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    x, mod = ((2, 64, 256), bf16), ((2, 256), bf16)
+    assert kernels_writing(segment_nodes(torch.ops.fluxc.adaln, 0, x, mod, mod, 1e-6)) == [["out_ptr"]]
+    assert kernels_writing(segment_nodes(torch.ops.fluxc.adaln_fp8, 2, x, mod, mod, 1e-6)) == \
+        [["out_ptr", "row_scale_ptr"]]
+    assert kernels_writing(segment_nodes(torch.ops.fluxc.gelu_fp8, 2, ((128, 512), bf16))) == \
+        [["out_ptr", "row_scale_ptr"]]
+    parts = [((1, 16, 4, 64), bf16), ((1, 48, 4, 64), bf16)]
+    rope = ((64, 64), f32)
+    qk = (parts, parts, [((64,), bf16)] * 2, [((64,), bf16)] * 2, rope, rope, 1e-6)
+    assert kernels_writing(segment_nodes(torch.ops.fluxc.qk_norm_rope, 2, *qk)) == [["qo_ptr", "ko_ptr"]] * 2
+    scale = ((1, 1, 1, 1), f32)
+    assert kernels_writing(segment_nodes(torch.ops.fluxc.qk_norm_rope_fp8, 2, *qk, scale, scale)) == \
+        [["qo_ptr", "ko_ptr"]] * 2

@@ -36,6 +36,7 @@ Engines that use these ops need this module imported before their segments load;
 
 import torch
 import torch.nn.functional as F
+from torch.library import wrap_triton
 
 from fluxc.runtime.core.errors import FluxcError
 
@@ -79,12 +80,19 @@ def norm_rope_reference(parts, weights, cos, sin, eps: float) -> torch.Tensor:
     return out.to(parts[0].dtype)
 
 
-@torch.library.custom_op("fluxc::qk_norm_rope", mutates_args=())
+# The Triton-backed ops are triton_ops: Inductor traces into them, sees their kernels (launched through wrap_triton)
+# and compiles them into the segment, so an engine carries their binaries and its first generate compiles nothing.
+# The same function is the fake (shapes only) and, on the CPU, the reference.
+@torch.library.triton_op("fluxc::qk_norm_rope", mutates_args=())
 def qk_norm_rope(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_weights: list[torch.Tensor],
                  k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return (norm_rope_reference(q_parts, q_weights, cos, sin, eps),
-            norm_rope_reference(k_parts, k_weights, cos, sin, eps))
+    if not q_parts[0].is_cuda:
+        return (norm_rope_reference(q_parts, q_weights, cos, sin, eps),
+                norm_rope_reference(k_parts, k_weights, cos, sin, eps))
+    q_out, k_out = _joined_qk(q_parts, q_parts[0].dtype)
+    _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, _heads_view(q_out), _heads_view(k_out))
+    return q_out, k_out
 
 
 def _joined_qk(q_parts, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,11 +100,6 @@ def _joined_qk(q_parts, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     b, _, h, d = q_parts[0].shape
     s = sum(p.shape[1] for p in q_parts)
     return q_parts[0].new_empty(b, s, h, d, dtype=dtype), q_parts[0].new_empty(b, s, h, d, dtype=dtype)
-
-
-@qk_norm_rope.register_fake
-def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
-    return _joined_qk(q_parts, q_parts[0].dtype)
 
 
 # what _qk_norm_rope_kernel stores: the rows as they are; e4m3 codes of the rows / static per-tensor scales
@@ -116,7 +119,7 @@ def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, 
     for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
         q, k = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k))  # rows may be strided (fused QKV)
         s = q.shape[1]
-        _qk_norm_rope_kernel[(b * s,)](
+        wrap_triton(_qk_norm_rope_kernel)[(b * s,)](
             q, k, qw, kw, q_out, k_out, cos, sin, q_scale, k_scale, s, row0, *q.stride()[:3], *k.stride()[:3],
             *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=mode, D=d,
             BLOCK_H=triton.next_power_of_2(h), num_warps=4)
@@ -143,28 +146,13 @@ def qk_norm_rope_into(q_parts, k_parts, q_weights, k_weights, cos, sin, eps: flo
                          mode=NORM_ROPE_ROW_E4M3 if e4m3 else NORM_ROPE_PLAIN)
 
 
-@qk_norm_rope.register_kernel("cuda")
-def _qk_norm_rope_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps):
-    q_out, k_out = _joined_qk(q_parts, q_parts[0].dtype)
-    _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, _heads_view(q_out), _heads_view(k_out))
-    return q_out, k_out
-
-
-@torch.library.custom_op("fluxc::qk_norm_rope_fp8", mutates_args=())
+@torch.library.triton_op("fluxc::qk_norm_rope_fp8", mutates_args=())
 def qk_norm_rope_fp8(q_parts: list[torch.Tensor], k_parts: list[torch.Tensor], q_weights: list[torch.Tensor],
                      k_weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, eps: float,
                      q_scale: torch.Tensor, k_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple((norm_rope_reference(parts, weights, cos, sin, eps).float() / scale).to(torch.float8_e4m3fn)
-                 for parts, weights, scale in ((q_parts, q_weights, q_scale), (k_parts, k_weights, k_scale)))
-
-
-@qk_norm_rope_fp8.register_fake
-def _(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
-    return _joined_qk(q_parts, torch.float8_e4m3fn)
-
-
-@qk_norm_rope_fp8.register_kernel("cuda")
-def _qk_norm_rope_fp8_cuda(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale):
+    if not q_parts[0].is_cuda:
+        return tuple((norm_rope_reference(parts, weights, cos, sin, eps).float() / scale).to(torch.float8_e4m3fn)
+                     for parts, weights, scale in ((q_parts, q_weights, q_scale), (k_parts, k_weights, k_scale)))
     q_out, k_out = _joined_qk(q_parts, torch.float8_e4m3fn)
     _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, _heads_view(q_out), _heads_view(k_out),
                          (q_scale, k_scale), NORM_ROPE_STATIC_E4M3)
@@ -177,30 +165,22 @@ def adaln_reference(x, scale, shift, eps: float) -> torch.Tensor:
     return (normed * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
 
 
-@torch.library.custom_op("fluxc::adaln", mutates_args=())
+@torch.library.triton_op("fluxc::adaln", mutates_args=())
 def adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
-    return adaln_reference(x, scale, shift, eps)
-
-
-@adaln.register_fake
-def _(x, scale, shift, eps):
-    return torch.empty_like(x)
+    if not x.is_cuda:
+        return adaln_reference(x, scale, shift, eps)
+    out = torch.empty_like(x)
+    _launch_adaln(x, scale, shift, eps, out)
+    return out
 
 
 def _launch_adaln(x, scale, shift, eps, out, row_scale=None):
     x = x.contiguous()
     scale, shift = (t if t.stride(1) == 1 else t.contiguous() for t in (scale, shift))  # [B, C] column slices
     b, s, c = x.shape
-    _adaln_kernel[(b * s,)](x, scale, shift, out, out if row_scale is None else row_scale, s, c, scale.stride(0),
+    wrap_triton(_adaln_kernel)[(b * s,)](x, scale, shift, out, out if row_scale is None else row_scale, s, c, scale.stride(0),
                             shift.stride(0), eps, QUANT=row_scale is not None, BLOCK_C=triton.next_power_of_2(c),
                             num_warps=8)
-
-
-@adaln.register_kernel("cuda")
-def _adaln_cuda(x, scale, shift, eps):
-    out = torch.empty_like(x)
-    _launch_adaln(x, scale, shift, eps, out)
-    return out
 
 
 # ---- FP8 per-token quantization inside the producing kernel ------------------------------------------
@@ -218,41 +198,26 @@ def _empty_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x.new_empty(*x.shape[:-1], 1, dtype=torch.float32))
 
 
-@torch.library.custom_op("fluxc::adaln_fp8", mutates_args=())
+@torch.library.triton_op("fluxc::adaln_fp8", mutates_args=())
 def adaln_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows(adaln_reference(x, scale, shift, eps))
-
-
-@adaln_fp8.register_fake
-def _(x, scale, shift, eps):
-    return _empty_fp8(x)
-
-
-@adaln_fp8.register_kernel("cuda")
-def _adaln_fp8_cuda(x, scale, shift, eps):
+    if not x.is_cuda:
+        return quantize_rows(adaln_reference(x, scale, shift, eps))
     out, row_scale = _empty_fp8(x)
     _launch_adaln(x, scale, shift, eps, out, row_scale)
     return out, row_scale
 
 
-@torch.library.custom_op("fluxc::gelu_fp8", mutates_args=())
+@torch.library.triton_op("fluxc::gelu_fp8", mutates_args=())
 def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows(F.gelu(x, approximate="tanh"))
-
-
-@gelu_fp8.register_fake
-def _(x):
-    return _empty_fp8(x)
-
-
-@gelu_fp8.register_kernel("cuda")
-def _gelu_fp8_cuda(x):
+    if not x.is_cuda:
+        return quantize_rows(F.gelu(x, approximate="tanh"))
     x = x.contiguous()
     out, row_scale = _empty_fp8(x)
     n = x.shape[-1]
     block = triton.next_power_of_2(n)
-    _gelu_fp8_kernel[(x.numel() // n,)](x, out, row_scale, n, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    wrap_triton(_gelu_fp8_kernel)[(x.numel() // n,)](x, out, row_scale, n, BLOCK=block,
+                                                     num_warps=min(16, max(1, block // 512)))
     return out, row_scale
 
 
