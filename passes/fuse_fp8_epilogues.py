@@ -20,8 +20,9 @@ again; the projections' bf16 output goes straight into the residual stream.
 Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static
 per-tensor scales, and FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or
 [M, K / 128] scales).
+The recipe's fp8_epilogues names which: "gate_residual", and "gelu" (which needs it).
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
-block and 1 per single block (tiny, pinned by tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
+block and 1 per single block with "gelu", else 0 (tiny, pinned by tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
 residuals, no GELU (tiny-flux2, tests/test_flux2.py).
 Numerics: the GEMMs are the same FP8 GEMMs; what changes is the GELU output's scaling, 1x128 blocks instead of one
 scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once in fp32
@@ -118,11 +119,12 @@ def fuse_gelu(gm: torch.fx.GraphModule, gelu: torch.fx.Node) -> None:
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """The epilogues ctx.recipe.fp8_epilogues names ("gate_residual", then "gelu", which needs the first)."""
     adds = [n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3]
     gated, rejected = rewrite_all(adds, lambda n: fuse_gate_residual(gm, n))
     gm.graph.eliminate_dead_code()  # the replaced GEMMs, so that each GELU's readers are the fused ops
     gelus = [n for n in gm.graph.nodes if n.target is torch.ops.fluxc.gelu_fp8.default]
-    fused, more = rewrite_all(gelus, lambda n: fuse_gelu(gm, n))
+    fused, more = rewrite_all(gelus if "gelu" in ctx.recipe.fp8_epilogues else [], lambda n: fuse_gelu(gm, n))
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return PassResult(gm, {"gate_residual": gated, "gelu": fused}, rejected + more)

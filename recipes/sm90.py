@@ -33,7 +33,9 @@ def sm90_fp8_attn():
 
 
 def sm90_fp8_epilogues():
-    """sm90_fp8 with the GEMMs owning their epilogues (Triton, runtime/ops/fp8_gemm.py): the MLP's GELU output
-    written once in e4m3 with 1x128 block scales, the output projections adding their gated residual in the store.
-    Same floor as sm90_fp8."""
-    return dataclasses.replace(sm90_fp8(), name="sm90_fp8_epilogues", fp8_epilogues=True)
+    """sm90_fp8 with the output projections adding their gated residual in the GEMM's store (Triton,
+    runtime/ops/fp8_gemm.py). Not the GELU: measured on an H100, the fused up-projection gains 0.014 ms but its
+    down-projection, reading 1x128-block scales, loses 0.053 ms to cuBLAS on per-token ones
+    (benchmarks/results/2026-12-06-h100-fp8-gemm-e10d8a9.json); fp8_epilogues=("gate_residual", "gelu") builds
+    both. Same floor as sm90_fp8."""
+    return dataclasses.replace(sm90_fp8(), name="sm90_fp8_epilogues", fp8_epilogues=("gate_residual",))

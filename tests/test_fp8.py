@@ -208,19 +208,24 @@ def test_calibrate_needs_fp8(tmp_path):
                               calibrate=4))
 
 
-def test_fp8_epilogues_fuse_the_gated_residuals_and_gelus_and_keep_the_floor(tiny_engines, tmp_path):
-    """Recipe sm90_fp8_epilogues (passes/fuse_fp8_epilogues.py): every output projection's gated residual and every
-    MLP GELU go into the FP8 GEMMs (golden counts on tiny: a double block's 4 and 2, a single block's 1 and 1,
-    only the QKV GEMMs left as _scaled_mm), and the engine's latents keep the fp8 engine's floor against bf16,
-    within 0.5 dB of the unfused fp8 engine (1x128 block scales on the GELU output instead of per-token ones)."""
+@pytest.mark.parametrize("epilogues, gelus, scaled_mms", [(None, (0, 0), (4, 2)),
+                                                          (("gate_residual", "gelu"), (2, 1), (2, 1))])
+def test_fp8_epilogues_fuse_the_gated_residuals_and_gelus_and_keep_the_floor(tiny_engines, tmp_path, epilogues,
+                                                                             gelus, scaled_mms):
+    """Recipe sm90_fp8_epilogues (passes/fuse_fp8_epilogues.py): every output projection's gated residual goes into
+    its FP8 GEMM, and with fp8_epilogues "gelu" every MLP GELU too (golden counts on tiny: a double block's 4 and 2,
+    a single block's 1 and 1; the GEMMs left as _scaled_mm: QKV, and without "gelu" the MLP up-projections), and
+    the engine's latents keep the fp8 engine's floor against bf16, within 0.5 dB of the unfused fp8 engine (1x128
+    block scales on the GELU output instead of per-token ones)."""
     path = str(tmp_path / "tiny-fp8-epilogues.fluxe")
+    overrides = (("fp8_epilogues", epilogues),) if epilogues else ()
     build(BuildOptions(model="tiny", output=path, target="cpu", recipe="sm90_fp8_epilogues", resolutions=((144, 112),),
-                       text_tokens=TINY_TEXT, transformer_only=True))
+                       text_tokens=TINY_TEXT, transformer_only=True, recipe_overrides=overrides))
     m = json.load(open(os.path.join(path, MANIFEST)))
-    assert m["pass_counts"]["double-144x112"]["fuse_fp8_epilogues"] == {"gate_residual": 4, "gelu": 2}
-    assert m["pass_counts"]["single-144x112"]["fuse_fp8_epilogues"] == {"gate_residual": 1, "gelu": 1}
+    assert m["pass_counts"]["double-144x112"]["fuse_fp8_epilogues"] == {"gate_residual": 4, "gelu": gelus[0]}
+    assert m["pass_counts"]["single-144x112"]["fuse_fp8_epilogues"] == {"gate_residual": 1, "gelu": gelus[1]}
     ops = {s["kind"]: s["op_counts"] for s in m["segments"] if s["kind"] in ("double", "single")}
-    assert ops["double"]["aten._scaled_mm.default"] == 2 and ops["single"]["aten._scaled_mm.default"] == 1
+    assert (ops["double"]["aten._scaled_mm.default"], ops["single"]["aten._scaled_mm.default"]) == scaled_mms
     sqnr = denoised_sqnr(path, tiny_engines["bf16"])
     unfused = denoised_sqnr(tiny_engines["fp8"], tiny_engines["bf16"])
     print(f"tiny fp8 engine with GEMM epilogues, 8-step latents against bf16: {sqnr:.1f} dB (unfused {unfused:.1f})")
@@ -228,7 +233,9 @@ def test_fp8_epilogues_fuse_the_gated_residuals_and_gelus_and_keep_the_floor(tin
 
 
 @pytest.mark.parametrize("options, words", [(dict(calibrate=2), "--calibrate makes static"),
-                                            (dict(backend="onnx"), "--backend onnx does not export")])
+                                            (dict(backend="onnx"), "--backend onnx does not export"),
+                                            (dict(recipe_overrides=(("fp8_epilogues", ("gelu",)),)),
+                                             "which needs 'gate_residual'")])
 def test_fp8_epilogues_refuse_static_scales_and_onnx(tmp_path, options, words):
     with pytest.raises(FluxcError, match=words):
         build(BuildOptions(model="tiny", output=str(tmp_path / "x.fluxe"), target="cpu", recipe="sm90_fp8_epilogues",

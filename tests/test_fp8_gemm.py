@@ -1,7 +1,6 @@
 """FP8 GEMMs with their epilogues (runtime/ops/fp8_gemm.py, issue 31): the reference ops against float64 math and
 against today's unfused path, and the Triton kernel itself run by Triton's interpreter on the CPU against them."""
 
-import operator
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kernels_writing, segment_nodes
 from fluxc.numerics import FP8_LINEAR_SQNR_DB, REWRITE_TOLERANCE, relative_error, sqnr_db
 from fluxc.runtime.ops.fp8_gemm import dequantize_activation, fp8_linear_reference
 from fluxc.runtime.ops.kernels import quantize_rows
@@ -122,7 +122,9 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
 
     from fluxc.runtime.ops import fp8_gemm
 
-    config = fp8_gemm.DEFAULT_CONFIG
+    number = {"bf16": fp8_gemm.EPILOGUE_BF16, "gelu_fp8": fp8_gemm.EPILOGUE_GELU_FP8,
+              "gate_residual": fp8_gemm.EPILOGUE_GATE_RESIDUAL}[epilogue]
+    config = fp8_gemm.CONFIGS.get((number, blocks), fp8_gemm.Config())  # the tiles the ops launch
     out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
     tma = loads == "tma"
     signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
@@ -132,9 +134,7 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
                  **{p: "constexpr" for p in ("A_BLOCKS", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
                                              "GROUP_M") + (("PROGRAMS",) if tma else ())}}
     constexprs = {"A_BLOCKS": blocks, "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                  "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132} if tma else {}),
-                  "EPILOGUE": {"bf16": fp8_gemm.EPILOGUE_BF16, "gelu_fp8": fp8_gemm.EPILOGUE_GELU_FP8,
-                               "gate_residual": fp8_gemm.EPILOGUE_GATE_RESIDUAL}[epilogue]}
+                  "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132} if tma else {}), "EPILOGUE": number}
     kernel = fp8_gemm._fp8_gemm_tma_kernel if tma else fp8_gemm._fp8_gemm_kernel
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128),
@@ -145,61 +145,22 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
     assert len(compiled.asm["cubin"]) > 1000
 
 
-@pytest.fixture
-def hopper_driver():
-    """Triton's active driver answering sm_90 for its target: how Triton's compiler (and torch's analysis of which
-    arguments a kernel stores to, which compiles the kernel to TTIR) runs without a GPU, as the sm_90a compile
-    test above does. Put back afterwards."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed")
-    from triton.backends.compiler import GPUTarget
-
-    class Hopper:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    drivers = triton.runtime.driver
-    before = drivers._active  # reset_active() would create the default driver, which fails without a GPU
-    drivers.set_active(Hopper())
-    yield
-    drivers._active = before
-
-
 @pytest.mark.parametrize("loads", ["pointers", "tma"])
 def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_driver, loads, monkeypatch):
     """The ops are triton_ops: AOTAutograd (what Inductor compiles a segment from) traces a CUDA call into the
     Triton kernel itself, so Inductor compiles it into the segment and the engine carries its binary, instead of
     an opaque call that Triton's JIT compiles at the first generate. Torch's analysis of the kernel finds that it
     writes only the op's outputs (an input it thought written would be cloned on every call)."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from fluxc.runtime.ops import fp8_gemm
 
-    monkeypatch.setattr(fp8_gemm, "DEFAULT_CONFIG", fp8_gemm.DEFAULT_CONFIG._replace(loads=loads))
+    monkeypatch.setattr(fp8_gemm, "CONFIGS", {k: c._replace(loads=loads) for k, c in fp8_gemm.CONFIGS.items()})
     monkeypatch.setattr(fp8_gemm, "multiprocessors", lambda device: 132)  # an H100's SMs: there is no GPU to ask
-
-    def traced(op, outputs, *shapes):
-        graphs, graph = [], torch.fx.Graph()
-        with FakeTensorMode():
-            args = [torch.empty(s[0], dtype=s[1], device="cuda") for s in shapes if s is not None]
-        inputs = iter([graph.placeholder(f"x{i}") for i in range(len(args))])
-        call = graph.call_function(op, tuple(None if s is None else next(inputs) for s in shapes))
-        graph.output(tuple(graph.call_function(operator.getitem, (call, i)) for i in range(outputs)) if outputs
-                     else (call,))
-        gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-        with torch.no_grad():
-            aot_module_simplified(gm, args, fw_compiler=lambda g, _: graphs.append(g) or g)
-        return [n for n in graphs[0].graph.nodes if n.op == "call_function"]
-
     e4, f32, bf16 = torch.float8_e4m3fn, torch.float32, torch.bfloat16
-    up = traced(torch.ops.fluxc.fp8_linear_gelu_fp8, 2, ((256, 256), e4), ((256, 2), f32), ((384, 256), e4),
+    up = segment_nodes(torch.ops.fluxc.fp8_linear_gelu_fp8, 2, ((256, 256), e4), ((256, 2), f32), ((384, 256), e4),
                 ((384, 1), f32), ((384,), bf16))
-    down = traced(torch.ops.fluxc.fp8_linear_gate_residual, 0, ((256, 384), e4), ((256, 3), f32), ((256, 384), e4),
+    down = segment_nodes(torch.ops.fluxc.fp8_linear_gate_residual, 0, ((256, 384), e4), ((256, 3), f32), ((256, 384), e4),
                   ((256, 1), f32), None, ((2, 256), bf16), ((2, 128, 256), bf16))
-    for nodes, written in ((up, ["out_ptr", "out_scale_ptr"]), (down, ["out_ptr"])):
-        assert not [n for n in nodes if "fluxc" in str(n.target)]  # no opaque op left
-        kernels = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-        assert len(kernels) == 1 and kernels[0].kwargs["tensors_to_clone"] == written
+    assert kernels_writing(up) == [["out_ptr", "out_scale_ptr"]] and kernels_writing(down) == [["out_ptr"]]
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])

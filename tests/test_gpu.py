@@ -408,19 +408,27 @@ def test_fp8_gemm_kernels_match_their_references(m, loads, monkeypatch):
     from fluxc.runtime.ops.fp8_gemm import dequantize_activation as dq
     from fluxc.runtime.ops.kernels import quantize_rows
 
-    monkeypatch.setattr(fp8_gemm, "DEFAULT_CONFIG", fp8_gemm.DEFAULT_CONFIG._replace(loads=loads))
+    monkeypatch.setattr(fp8_gemm, "CONFIGS", {k: c._replace(loads=loads) for k, c in fp8_gemm.CONFIGS.items()})
     ops, _ = operands(m, 3072, 12288)
     want_q, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*ops)
     q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*(t.cuda() for t in ops))
-    assert relative_error(q_scale.cpu(), want_scale) <= 1e-3
-    assert relative_error(dq(q, q_scale).cpu(), dq(want_q, want_scale)) <= 1e-2
+    # a block's scale is its bf16 amax / 448: where the fp32 sums (summed in another order) round to the next bf16
+    # value, it moves by one bf16 ulp (2^-8 relative, up to 2^-7 at the bottom of a binade); an H100 run at 1e-3
+    # norm-wise failed with 2.5e-3 this way. An e4m3 code (2^-3 steps) follows its bf16 value across a rounding
+    # boundary for ~2^-5 of the values that moved: ~1e-2 norm-wise (bench_fp8_gemm: 1.1e-2). A wrong block, scale
+    # or tile errs by O(1).
+    assert ((q_scale.cpu() - want_scale).abs() <= want_scale * 2 ** -7).all()
+    assert relative_error(dq(q, q_scale).cpu(), dq(want_q, want_scale)) <= 3e-2
     g = torch.Generator().manual_seed(1)
     w2q, w2_scale = quantize_rows((torch.randn(3072, 12288, generator=g) / 12288 ** 0.5).bfloat16())
     gate, residual = torch.randn(1, 3072, generator=g).bfloat16(), torch.randn(1, m, 3072, generator=g).bfloat16()
-    args = (want_q, want_scale, w2q, w2_scale, None, gate, residual)
-    want = torch.ops.fluxc.fp8_linear_gate_residual(*args)
-    got = torch.ops.fluxc.fp8_linear_gate_residual(*(None if t is None else t.cuda() for t in args))
-    assert relative_error(got.cpu(), want) <= 2e-3
+    # the down-projection reading the GELU's blocks, and reading per-token scales (sm90_fp8_epilogues' default);
+    # bf16 outputs: where a sum rounds to the neighbouring bf16 value (bench_fp8_gemm: 6e-4 to 3.1e-3 norm-wise)
+    for a, a_scale in ((want_q, want_scale), quantize_rows(dq(want_q, want_scale).bfloat16())):
+        args = (a, a_scale, w2q, w2_scale, None, gate, residual)
+        want = torch.ops.fluxc.fp8_linear_gate_residual(*args)
+        got = torch.ops.fluxc.fp8_linear_gate_residual(*(None if t is None else t.cuda() for t in args))
+        assert relative_error(got.cpu(), want) <= 5e-3
 
 
 FRESH_PROCESS_DENOISE = """

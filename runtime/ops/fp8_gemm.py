@@ -118,7 +118,12 @@ class Config(NamedTuple):
     loads: str = "pointers"
 
 
-DEFAULT_CONFIG = Config()
+# The fastest config per (epilogue, activation scales in 1x128 blocks) at FLUX.1-dev's shapes, measured on an H100
+# (benchmarks/results/2026-12-06-h100-fp8-gemm-e10d8a9.json): wide tiles where the epilogue allows them; the
+# block-scaled K loop (a dot and a scaled add per K block) runs best on 128x128 TMA tiles.
+CONFIGS = {(EPILOGUE_BF16, False): Config(128, 256, 8, 3), (EPILOGUE_GELU_FP8, False): Config(256, 128, 8, 3),
+           (EPILOGUE_GATE_RESIDUAL, False): Config(128, 256, 8, 3),
+           (EPILOGUE_GATE_RESIDUAL, True): Config(128, 128, 8, 4, "tma")}
 
 
 def multiprocessors(device: torch.device) -> int:
@@ -131,8 +136,9 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
     traceable=False launches the kernel directly instead of through wrap_triton's operator (microbenchmarks: no
-    dispatch between launches). config: DEFAULT_CONFIG unless given."""
-    config = Config(*(config or DEFAULT_CONFIG))
+    dispatch between launches). config: CONFIGS' for this epilogue and scaling unless given."""
+    blocks = a_scale.shape[-1] != 1
+    config = Config(*(config or CONFIGS.get((epilogue, blocks), Config())))
     (m, k), n = a.shape, w.shape[0]
     assert epilogue != EPILOGUE_GELU_FP8 or config.block_n == BLOCK
     a, a_scale = a.contiguous(), a_scale.contiguous()
@@ -145,7 +151,7 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
         a_scale if gate is None else gate, a_scale if residual is None else residual, m, n, k,
         residual.shape[1] if residual is not None else m, gate.stride(0) if gate is not None else 0,
-        A_BLOCKS=a_scale.shape[-1] != 1, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=config.block_m,
+        A_BLOCKS=blocks, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=BLOCK, GROUP_M=8, num_warps=config.warps, num_stages=config.stages, **extra)
 
 
