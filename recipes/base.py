@@ -64,6 +64,7 @@ class Recipe:
         d["precision"] = self.precision.value
         d["inductor_options"] = [list(kv) for kv in self.inductor_options]
         d["quant_exclude"], d["quant_weight_only"] = list(self.quant_exclude), list(self.quant_weight_only)
+        d["fp8_epilogues"] = list(self.fp8_epilogues)
         d["cache"] = self.cache.to_dict()
         return d
 
@@ -73,5 +74,7 @@ def recipe_from_dict(d: dict) -> Recipe:
     d["precision"] = Precision(d["precision"])
     d["inductor_options"] = tuple(tuple(kv) for kv in d.get("inductor_options", ()))
     d["quant_exclude"], d["quant_weight_only"] = tuple(d.get("quant_exclude", ())), tuple(d.get("quant_weight_only", ()))
+    epilogues = d.get("fp8_epilogues") or ()  # engines before 2026-12-06 stored a bool: True fused both
+    d["fp8_epilogues"] = ("gate_residual", "gelu") if epilogues is True else tuple(epilogues)
     d["cache"] = cache_config_from_dict(d.get("cache"))
     return Recipe(**d)

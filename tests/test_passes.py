@@ -326,3 +326,17 @@ def test_triton_ops_are_compiled_into_the_segments(hopper_driver):
     scale = ((1, 1, 1, 1), f32)
     assert kernels_writing(segment_nodes(torch.ops.fluxc.qk_norm_rope_fp8, 2, *qk, scale, scale)) == \
         [["qo_ptr", "ko_ptr"]] * 2
+
+
+def test_every_recipe_survives_the_manifest():
+    """A recipe written into a manifest (JSON) reads back equal, as fluxc refit requires of the engine's recipe, and
+    an engine of the format before fp8_epilogues named its epilogues (a bool) reads as the epilogues it fused."""
+    import json
+
+    from fluxc.recipes import RECIPES
+    from fluxc.recipes.base import recipe_from_dict
+
+    for make in RECIPES.values():
+        assert recipe_from_dict(json.loads(json.dumps(make().to_dict()))) == make()
+    before = RECIPES["sm90_fp8_epilogues"]().to_dict() | {"fp8_epilogues": True}
+    assert recipe_from_dict(before).fp8_epilogues == ("gate_residual", "gelu")
