@@ -105,8 +105,9 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
     ulp), so the bf16 outputs agree to ~4e-3 and the e4m3 ones, whose codes follow the bf16 values, to ~5e-2 (a
     wrong scale block or gate row errs by O(1)). tests/test_gpu.py holds the compiled kernel to rounding."""
     pytest.importorskip("triton", reason="Triton is not installed")
-    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(m), loads], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(os.path.dirname(__file__)))
+    done = subprocess.run([sys.executable, "-c", INTERPRETED, str(m), loads], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -156,10 +157,10 @@ def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_drive
     monkeypatch.setattr(fp8_gemm, "CONFIGS", {k: c._replace(loads=loads) for k, c in fp8_gemm.CONFIGS.items()})
     monkeypatch.setattr(fp8_gemm, "multiprocessors", lambda device: 132)  # an H100's SMs: there is no GPU to ask
     e4, f32, bf16 = torch.float8_e4m3fn, torch.float32, torch.bfloat16
-    up = segment_nodes(torch.ops.fluxc.fp8_linear_gelu_fp8, 2, ((256, 256), e4), ((256, 2), f32), ((384, 256), e4),
-                ((384, 1), f32), ((384,), bf16))
-    down = segment_nodes(torch.ops.fluxc.fp8_linear_gate_residual, 0, ((256, 384), e4), ((256, 3), f32), ((256, 384), e4),
-                  ((256, 1), f32), None, ((2, 256), bf16), ((2, 128, 256), bf16))
+    up = segment_nodes(torch.ops.fluxc.fp8_linear_gelu_fp8, 2, ((256, 256), e4), ((256, 1), f32), ((384, 256), e4),
+                       ((384, 1), f32), ((384,), bf16))
+    down = segment_nodes(torch.ops.fluxc.fp8_linear_gate_residual, 0, ((256, 384), e4), ((256, 3), f32),
+                         ((256, 384), e4), ((256, 1), f32), None, ((2, 256), bf16), ((2, 128, 256), bf16))
     assert kernels_writing(up) == [["out_ptr", "out_scale_ptr"]] and kernels_writing(down) == [["out_ptr"]]
 
 

@@ -178,9 +178,9 @@ def _launch_adaln(x, scale, shift, eps, out, row_scale=None):
     x = x.contiguous()
     scale, shift = (t if t.stride(1) == 1 else t.contiguous() for t in (scale, shift))  # [B, C] column slices
     b, s, c = x.shape
-    wrap_triton(_adaln_kernel)[(b * s,)](x, scale, shift, out, out if row_scale is None else row_scale, s, c, scale.stride(0),
-                            shift.stride(0), eps, QUANT=row_scale is not None, BLOCK_C=triton.next_power_of_2(c),
-                            num_warps=8)
+    wrap_triton(_adaln_kernel)[(b * s,)](x, scale, shift, out, out if row_scale is None else row_scale, s, c,
+                                         scale.stride(0), shift.stride(0), eps, QUANT=row_scale is not None,
+                                         BLOCK_C=triton.next_power_of_2(c), num_warps=8)
 
 
 # ---- FP8 per-token quantization inside the producing kernel ------------------------------------------
