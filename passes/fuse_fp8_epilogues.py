@@ -1,5 +1,6 @@
 """Give FP8 GEMMs their epilogues: the gated residual of the output projections and the MLP's GELU + quantization
-run inside the GEMM (fluxc.fp8_linear_gate_residual, fluxc.fp8_linear_gelu_fp8: runtime/ops/fp8_gemm.py).
+run inside the GEMM (fluxc.fp8_linear_gate_residual, fluxc.fp8_linear_gelu_fp8: runtime/ops/fp8_gemm.py); and,
+with "plain", the GEMMs left without one run on the same Triton kernel (fluxc.fp8_linear) instead of cuBLAS.
 
 Pattern, gated residual (a double block's attention and MLP output projections, image and text; a single block's
 output projection, which fuse_epilogues split into its attention and MLP halves):
@@ -20,9 +21,11 @@ again; the projections' bf16 output goes straight into the residual stream.
 Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static
 per-tensor scales, and FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or
 [M, K / 128] scales).
-The recipe's fp8_epilogues names which: "gate_residual", and "gelu" (which needs it).
+Pattern, plain (with "plain", after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias)
+The recipe's fp8_epilogues names which: "gate_residual", "gelu" (which needs "gate_residual") and "plain".
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
-block and 1 per single block with "gelu", else 0 (tiny, pinned by tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
+block and 1 per single block with "gelu", else 0, counts["plain"] the GEMMs left (tiny, pinned by
+tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
 residuals, no GELU (tiny-flux2, tests/test_flux2.py).
 Numerics: the GEMMs are the same FP8 GEMMs; what changes is the GELU output's scaling, 1x128 blocks instead of one
 scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once in fp32
@@ -38,11 +41,13 @@ from fluxc.passes.base import NoMatch, PassContext, PassResult, aten, call, is_a
 from fluxc.runtime.ops.fp8_gemm import BLOCK
 
 GATE_RESIDUAL, GELU_FP8 = torch.ops.fluxc.fp8_linear_gate_residual.default, torch.ops.fluxc.fp8_linear_gelu_fp8.default
+LINEAR = torch.ops.fluxc.fp8_linear.default
 
 
-def _operands(mm: torch.fx.Node, depth: int) -> tuple:
-    """(a, a_scale, w, w_scale, bias) of a _scaled_mm with per-token or block activation scales, one user."""
-    if not is_aten(mm, aten._scaled_mm.default) or len(mm.users) != 1:
+def _operands(mm: torch.fx.Node, depth: int, one_user: bool = True) -> tuple:
+    """(a, a_scale, w, w_scale, bias) of a _scaled_mm with per-token or block activation scales (and one user, for
+    an epilogue to take the output's place)."""
+    if not is_aten(mm, aten._scaled_mm.default) or (one_user and len(mm.users) != 1):
         raise NoMatch(mm, "not an FP8 GEMM (_scaled_mm) with one user", depth)
     a, wt, sa, swt, bias, *rest = (*mm.args, *[None] * (7 - len(mm.args)))
     if not (is_aten(wt, aten.t.default) and is_aten(swt, aten.t.default)) or rest[0] is not None:
@@ -118,13 +123,26 @@ def fuse_gelu(gm: torch.fx.GraphModule, gelu: torch.fx.Node) -> None:
         reader.args = (q, s, *reader.args[2:])
 
 
+def fuse_plain(gm: torch.fx.GraphModule, mm: torch.fx.Node) -> None:
+    operands = _operands(mm, 0, one_user=False)
+    with gm.graph.inserting_before(mm):
+        mm.replace_all_uses_with(call(gm.graph, LINEAR, *operands))
+
+
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """The epilogues ctx.recipe.fp8_epilogues names ("gate_residual", then "gelu", which needs the first)."""
+    """The epilogues ctx.recipe.fp8_epilogues names ("gate_residual", then "gelu", which needs the first; then
+    "plain")."""
     adds = [n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3]
     gated, rejected = rewrite_all(adds, lambda n: fuse_gate_residual(gm, n))
     gm.graph.eliminate_dead_code()  # the replaced GEMMs, so that each GELU's readers are the fused ops
     gelus = [n for n in gm.graph.nodes if n.target is torch.ops.fluxc.gelu_fp8.default]
     fused, more = rewrite_all(gelus if "gelu" in ctx.recipe.fp8_epilogues else [], lambda n: fuse_gelu(gm, n))
     gm.graph.eliminate_dead_code()
+    counts, rejected = {"gate_residual": gated, "gelu": fused}, rejected + more
+    if "plain" in ctx.recipe.fp8_epilogues:
+        gemms = [n for n in gm.graph.nodes if is_aten(n, aten._scaled_mm.default)]
+        counts["plain"], more = rewrite_all(gemms, lambda n: fuse_plain(gm, n))
+        rejected += more
+        gm.graph.eliminate_dead_code()
     gm.recompile()
-    return PassResult(gm, {"gate_residual": gated, "gelu": fused}, rejected + more)
+    return PassResult(gm, counts, rejected)

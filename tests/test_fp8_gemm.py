@@ -161,7 +161,10 @@ def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_drive
                        ((384, 1), f32), ((384,), bf16))
     down = segment_nodes(torch.ops.fluxc.fp8_linear_gate_residual, 0, ((256, 384), e4), ((256, 3), f32),
                          ((256, 384), e4), ((256, 1), f32), None, ((2, 256), bf16), ((2, 128, 256), bf16))
+    plain = segment_nodes(torch.ops.fluxc.fp8_linear, 0, ((256, 256), e4), ((256, 1), f32), ((384, 256), e4),
+                          ((384, 1), f32), ((384,), bf16))
     assert kernels_writing(up) == [["out_ptr", "out_scale_ptr"]] and kernels_writing(down) == [["out_ptr"]]
+    assert kernels_writing(plain) == [["out_ptr"]]
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])

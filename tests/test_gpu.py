@@ -410,6 +410,8 @@ def test_fp8_gemm_kernels_match_their_references(m, loads, monkeypatch):
 
     monkeypatch.setattr(fp8_gemm, "CONFIGS", {k: c._replace(loads=loads) for k, c in fp8_gemm.CONFIGS.items()})
     ops, _ = operands(m, 3072, 12288)
+    plain = torch.ops.fluxc.fp8_linear(*(t.cuda() for t in ops))
+    assert relative_error(plain.cpu(), torch.ops.fluxc.fp8_linear(*ops)) <= 5e-3  # bf16 values a ulp apart at most
     want_q, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*ops)
     q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*(t.cuda() for t in ops))
     # a block's scale is its bf16 amax / 448: where the fp32 sums (summed in another order) round to the next bf16
