@@ -29,7 +29,9 @@ IMAGE, TEXT, HIDDEN, MLP = 4096, 512, 3072, 12288
 # (name, M, N, K, epilogue, activation scales in 1x128 blocks): the GEMMs of a FLUX.1-dev step at 1024x1024, image
 # and text streams of the double blocks apart, the single blocks' fused QKV + MLP up-projection and their output
 # projection over [attention, MLP]; the MLP down-projections both ways: reading the fused GELU's blocks, and
-# per-token scales (GELU unfused: sm90_fp8_epilogues' default)
+# per-token scales (GELU unfused: sm90_fp8_epilogues' default); and the GEMMs that default leaves without an
+# epilogue (the "plain" choice puts them on the Triton kernel): the MLP up-projections, the single blocks' QKV and
+# MLP up-projection apart (fuse_qkv's default)
 SHAPES = [("double img qkv", IMAGE, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16, False),
           ("double img attn out", IMAGE, HIDDEN, HIDDEN, f.EPILOGUE_GATE_RESIDUAL, False),
           ("double img mlp up", IMAGE, MLP, HIDDEN, f.EPILOGUE_GELU_FP8, False),
@@ -41,7 +43,11 @@ SHAPES = [("double img qkv", IMAGE, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16, False),
           ("single qkv + mlp up", IMAGE + TEXT, 3 * HIDDEN + MLP, HIDDEN, f.EPILOGUE_BF16, False),
           ("single out", IMAGE + TEXT, HIDDEN, HIDDEN + MLP, f.EPILOGUE_GATE_RESIDUAL, False),
           ("double img mlp down", IMAGE, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL, False),
-          ("double txt mlp down", TEXT, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL, False)]
+          ("double txt mlp down", TEXT, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL, False),
+          ("double img mlp up", IMAGE, MLP, HIDDEN, f.EPILOGUE_BF16, False),
+          ("double txt mlp up", TEXT, MLP, HIDDEN, f.EPILOGUE_BF16, False),
+          ("single qkv", IMAGE + TEXT, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16, False),
+          ("single mlp up", IMAGE + TEXT, MLP, HIDDEN, f.EPILOGUE_BF16, False)]
 CONFIGS = [f.Config(*c, loads=loads) for loads in ("pointers", "tma")
            for c in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3),
                      (256, 128, 8, 3))]
