@@ -18,11 +18,11 @@ Rewrite:
     (the reading GEMMs take %q, %s directly: the views between them only flattened [B, S] and back)
 The GELU output is written once, in e4m3, where today it is written in bf16, read back, quantized and written
 again; the projections' bf16 output goes straight into the residual stream.
+Pattern, plain (after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias)
+The recipe's fp8_epilogues names which: "gate_residual", "gelu" (which needs "gate_residual") and "plain".
 Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static
 per-tensor scales, and FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or
 [M, K / 128] scales).
-Pattern, plain (with "plain", after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias)
-The recipe's fp8_epilogues names which: "gate_residual", "gelu" (which needs "gate_residual") and "plain".
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
 block and 1 per single block with "gelu", else 0, counts["plain"] the GEMMs left (tiny, pinned by
 tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
@@ -132,14 +132,16 @@ def fuse_plain(gm: torch.fx.GraphModule, mm: torch.fx.Node) -> None:
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """The epilogues ctx.recipe.fp8_epilogues names ("gate_residual", then "gelu", which needs the first; then
     "plain")."""
-    adds = [n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3]
+    epilogues = ctx.recipe.fp8_epilogues
+    adds = [n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3
+            and "gate_residual" in epilogues]
     gated, rejected = rewrite_all(adds, lambda n: fuse_gate_residual(gm, n))
     gm.graph.eliminate_dead_code()  # the replaced GEMMs, so that each GELU's readers are the fused ops
     gelus = [n for n in gm.graph.nodes if n.target is torch.ops.fluxc.gelu_fp8.default]
-    fused, more = rewrite_all(gelus if "gelu" in ctx.recipe.fp8_epilogues else [], lambda n: fuse_gelu(gm, n))
+    fused, more = rewrite_all(gelus if "gelu" in epilogues else [], lambda n: fuse_gelu(gm, n))
     gm.graph.eliminate_dead_code()
     counts, rejected = {"gate_residual": gated, "gelu": fused}, rejected + more
-    if "plain" in ctx.recipe.fp8_epilogues:
+    if "plain" in epilogues:
         gemms = [n for n in gm.graph.nodes if is_aten(n, aten._scaled_mm.default)]
         counts["plain"], more = rewrite_all(gemms, lambda n: fuse_plain(gm, n))
         rejected += more
