@@ -457,8 +457,9 @@ for module in (fp8_gemm, kernels):
 def test_fp8_epilogue_engine_carries_its_gemms_and_keeps_the_floor(tmp_path):
     """sm90_fp8_epilogues on the GPU: the tiny engine's 8-step latents against the bf16 engine's keep the CPU
     test's floor (and stay within 0.5 dB of the unfused fp8 engine), and in a fresh process the first denoise after
-    Engine.load runs the FP8 GEMM from the segments: its Triton JIT function compiled nothing (the GEMM ops are
-    triton_ops, compiled into the segment at build)."""
+    Engine.load runs the FP8 GEMM and the other fluxc kernels from the segments: no fluxc Triton JIT function
+    compiled anything, in any of the three engines (every fluxc Triton op is a triton_op, compiled into the
+    segments at build)."""
     import os
     import subprocess
     import sys
@@ -487,4 +488,5 @@ def test_fp8_epilogue_engine_carries_its_gemms_and_keeps_the_floor(tmp_path):
     print(f"tiny fp8 engine with GEMM epilogues on the GPU, 8-step latents against bf16: {fused:.1f} dB "
           f"(unfused {unfused:.1f}); Triton JIT compiles at the first denoise: {compiled}")
     assert fused >= TINY_FP8_ENGINE_SQNR_DB and fused >= unfused - 0.5
-    assert compiled["sm90_fp8_epilogues"]["_fp8_gemm_kernel"] == "0"
+    # every fluxc Triton op is a triton_op, so no engine's first denoise compiles any of fluxc's kernels
+    assert all(n == "0" for counts in compiled.values() for n in counts.values()), compiled
