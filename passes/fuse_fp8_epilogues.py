@@ -133,8 +133,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """The epilogues ctx.recipe.fp8_epilogues names ("gate_residual", then "gelu", which needs the first; then
     "plain")."""
     epilogues = ctx.recipe.fp8_epilogues
-    adds = [n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3
-            and "gate_residual" in epilogues]
+    adds = ([n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3]
+            if "gate_residual" in epilogues else [])
     gated, rejected = rewrite_all(adds, lambda n: fuse_gate_residual(gm, n))
     gm.graph.eliminate_dead_code()  # the replaced GEMMs, so that each GELU's readers are the fused ops
     gelus = [n for n in gm.graph.nodes if n.target is torch.ops.fluxc.gelu_fp8.default]

@@ -190,6 +190,15 @@ if triton is not None:
         return first_m + (tile % (GROUP_M * tiles_n)) % size_m, (tile % (GROUP_M * tiles_n)) // size_m
 
     @triton.jit
+    def _accumulate(acc, a, b, a_scale_ptr, rm, M, K, kb, A_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc + a @ b for K block kb (b: [BLOCK_K, BLOCK_N]); with 1x128 activation blocks, each block is one K
+        step, its partial product scaled by the rows' scales as it is added."""
+        if A_BLOCKS:
+            a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=rm < M, other=0.0)
+            return acc + tl.dot(a, b) * a_scale[:, None]
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
                   M, N, rows_per_batch, gate_stride, A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -234,11 +243,7 @@ if triton is not None:
         for kb in range(0, K // BLOCK_K):
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-            if A_BLOCKS:  # each K step is one scale block: its partial product scaled as it is added
-                a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=mask_m, other=0.0)
-                acc += tl.dot(a, b) * a_scale[:, None]
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _accumulate(acc, a, b, a_scale_ptr, rm, M, K, kb, A_BLOCKS, BLOCK_K)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
@@ -262,11 +267,7 @@ if triton is not None:
             for kb in range(0, K // BLOCK_K):
                 a = a_desc.load([pm * BLOCK_M, kb * BLOCK_K])
                 b = b_desc.load([pn * BLOCK_N, kb * BLOCK_K])
-                if A_BLOCKS:
-                    a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=rm < M, other=0.0)
-                    acc += tl.dot(a, b.T) * a_scale[:, None]
-                else:
-                    acc = tl.dot(a, b.T, acc)
+                acc = _accumulate(acc, a, b.T, a_scale_ptr, rm, M, K, kb, A_BLOCKS, BLOCK_K)
             _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
                       residual_ptr, M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M,
                       BLOCK_N)

@@ -316,10 +316,15 @@ def copy_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
     if triton is None or not dst.is_cuda:
         dst.copy_(src)
         return
-    b, s, g1, g2, g3, d = src.shape
     assert dst.shape == src.shape and dst.dtype == src.dtype and src.stride(5) == dst.stride(5) == 1
+    _launch_copy_heads(dst, src, quant=False)
+
+
+def _launch_copy_heads(dst: torch.Tensor, src: torch.Tensor, quant: bool) -> None:
+    """One program per token moving its G1 * G2 * G3 rows of D (quant: as quantize_heads' e4m3 rows)."""
+    b, s, g1, g2, g3, d = src.shape
     _copy_heads_kernel[(b * s,)](src, dst, s, g2, g3, *src.stride()[:5], *dst.stride()[:5], G=g1 * g2 * g3, D=d,
-                                 BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), QUANT=False, num_warps=4)
+                                 BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), QUANT=quant, num_warps=4)
 
 
 ROW_SCALE_BYTES = 4  # an e4m3 row's fp32 scale, stored after its D codes (quantize_heads' rows of D + 4 bytes)
@@ -337,9 +342,7 @@ def quantize_heads(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst[..., :d].copy_(codes.view(torch.uint8))
         dst[..., d:].copy_(scale.view(torch.uint8))
         return
-    b, s, g1, g2, g3, _ = src.shape
-    _copy_heads_kernel[(b * s,)](src, dst, s, g2, g3, *src.stride()[:5], *dst.stride()[:5], G=g1 * g2 * g3, D=d,
-                                 BLOCK_G=triton.next_power_of_2(g1 * g2 * g3), QUANT=True, num_warps=4)
+    _launch_copy_heads(dst, src, quant=True)
 
 
 def dequantize_heads(x: torch.Tensor) -> torch.Tensor:
