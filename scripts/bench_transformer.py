@@ -157,7 +157,7 @@ def main():
               f"{r['relative_error_vs_eager']:>10.2e}{r['sqnr_db_vs_eager']:>9.1f}{r['peak_gib']:>10.1f}"
               f"{k['gemm_ms']:>8.1f}{k['attention_ms']:>8.1f}{k['other_ms']:>8.1f}{k['idle_ms']:>7.1f}"
               f"{r.get('weights_gb', float('nan')):>11.2f}")
-    f = results["fluxc bf16"]
+    f = next(r for name, r in results.items() if name.startswith("fluxc"))
     print(f"fluxc build: trace+compile {f['build_trace_compile_s']:.1f} s, total {f['build_total_s']:.1f} s; "
           f"load {f['load_s']:.1f} s; {args.steps}-step denoise {f['denoise_s']:.2f} s; "
           f"torch.compile first call {results['torch.compile']['compile_s']:.1f} s")

@@ -40,8 +40,11 @@ def cuda_ms(fn, warmup=3, iters=10, calls=1) -> float:
 
 
 def kernel_category(name: str) -> str:
-    """GEMM, attention or other, from a CUDA kernel's name (cuBLAS/cuBLASLt/CUTLASS, cuDNN/flash SDPA)."""
+    """GEMM, attention or other, from a CUDA kernel's name (cuBLAS/cuBLASLt/CUTLASS, fluxc's Triton FP8 GEMMs,
+    cuDNN/flash SDPA)."""
     n = name.lower()
+    if n.startswith("_fp8_gemm"):  # runtime/ops/fp8_gemm.py: a GEMM with its epilogue
+        return "gemm"
     if n.startswith("triton") or n.startswith("_"):  # Inductor's and fluxc's Triton kernels: fused elementwise work
         return "other"
     if any(s in n for s in ("sdpa", "fmha", "flash_fwd", "attention")):

@@ -416,10 +416,11 @@ def test_fp8_gemm_kernels_match_their_references(m, loads, monkeypatch):
     q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*(t.cuda() for t in ops))
     # a block's scale is its bf16 amax / 448: where the fp32 sums (summed in another order) round to the next bf16
     # value, it moves by one bf16 ulp (2^-8 relative, up to 2^-7 at the bottom of a binade); an H100 run at 1e-3
-    # norm-wise failed with 2.5e-3 this way. An e4m3 code (2^-3 steps) follows its bf16 value across a rounding
+    # norm-wise failed with 2.5e-3 this way, and one at 2^-7 element-wise failed by 0.3% of that bound, so the bound
+    # is two ulps at the bottom of a binade. An e4m3 code (2^-3 steps) follows its bf16 value across a rounding
     # boundary for ~2^-5 of the values that moved: ~1e-2 norm-wise (bench_fp8_gemm: 1.1e-2). A wrong block, scale
     # or tile errs by O(1).
-    assert ((q_scale.cpu() - want_scale).abs() <= want_scale * 2 ** -7).all()
+    assert ((q_scale.cpu() - want_scale).abs() <= want_scale * 2 ** -6).all()
     assert relative_error(dq(q, q_scale).cpu(), dq(want_q, want_scale)) <= 3e-2
     g = torch.Generator().manual_seed(1)
     w2q, w2_scale = quantize_rows((torch.randn(3072, 12288, generator=g) / 12288 ** 0.5).bfloat16())
