@@ -3,7 +3,8 @@ separate kernels, at every FLUX.1-dev GEMM shape (1024x1024: 4096 image and 512 
 
     python3 scripts/bench_fp8_gemm.py --out bench_fp8_gemm.json     (gpu_tests.sh job fp8gemm)
 
-Per shape and epilogue, CUDA-event medians of back-to-back calls:
+Per shape and epilogue, GPU time per call as an engine's graphed step runs it (timing.graph_ms: one CUDA graph of
+10 back-to-back calls, replayed; until 2026-12-06 one eagerly launched call per timing, which counted host dispatch):
     today   `_scaled_mm` (rowwise scales, bias, bf16 out) then the epilogue's own kernels: fluxc.gelu_fp8 (GELU and
             per-token e4m3), or addcmul (residual + gate * y, one kernel, as Inductor fuses it)
     cublas  `_scaled_mm` alone (the GEMM without its epilogue), and with 1x128 / 128x128 block scales where
@@ -20,7 +21,7 @@ import os
 
 import torch
 
-from timing import cuda_ms, source_commit
+from timing import graph_ms, source_commit
 from fluxc.runtime.ops import fp8_gemm as f
 from fluxc.runtime.ops.kernels import quantize_rows
 from fluxc.numerics import relative_error
@@ -91,23 +92,21 @@ def measure(name, m, n, k, epilogue, blocks) -> dict:
     else:
         a_row, a_row_scale = a, a_scale
     y = scaled_mm(a_row, a_row_scale, w, w_scale, bias)
-    row["cublas_ms"] = cuda_ms(lambda: scaled_mm(a_row, a_row_scale, w, w_scale, bias), warmup=5, iters=20)
+    row["cublas_ms"] = graph_ms(lambda: scaled_mm(a_row, a_row_scale, w, w_scale, bias))
     if epilogue == f.EPILOGUE_GELU_FP8:
-        row["today_ms"] = cuda_ms(lambda: torch.ops.fluxc.gelu_fp8(scaled_mm(a_row, a_row_scale, w, w_scale, bias)),
-                                  warmup=5, iters=20)
+        row["today_ms"] = graph_ms(lambda: torch.ops.fluxc.gelu_fp8(scaled_mm(a_row, a_row_scale, w, w_scale, bias)))
         today_bytes = gemm_bytes + 2 * m * n * 2 + m * n + 4 * m  # y written and read in bf16, e4m3 + scales written
         fused_bytes = gemm_bytes + m * n + 4 * m * n // 128
     elif epilogue == f.EPILOGUE_GATE_RESIDUAL:
-        row["today_ms"] = cuda_ms(lambda: torch.addcmul(residual, gate[:, None], scaled_mm(
-            a_row, a_row_scale, w, w_scale, bias).view(1, m, n)), warmup=5, iters=20)
+        row["today_ms"] = graph_ms(lambda: torch.addcmul(residual, gate[:, None], scaled_mm(
+            a_row, a_row_scale, w, w_scale, bias).view(1, m, n)))
         today_bytes = gemm_bytes + 2 * m * n * 2 + 2 * m * n * 2  # y written and read; residual read, out written
         fused_bytes = gemm_bytes + 2 * m * n * 2
         if blocks:
             w_blocks = w_scale.view(n // 128, 128).amax(-1, keepdim=True).expand(n // 128, k // 128).contiguous()
             try:
                 a_scale_cm = outer_dim_major(a_scale)
-                row["cublas_block_scaled_ms"] = cuda_ms(lambda: block_scaled_mm(a, a_scale_cm, w, w_blocks), warmup=5,
-                                                        iters=20)
+                row["cublas_block_scaled_ms"] = graph_ms(lambda: block_scaled_mm(a, a_scale_cm, w, w_blocks))
             except (RuntimeError, ValueError) as e:  # the scale layouts torch wants are a guess here: record its answer
                 row["cublas_block_scaled_error"] = str(e)[:300]
     else:
@@ -128,7 +127,7 @@ def measure(name, m, n, k, epilogue, blocks) -> dict:
             f.launch(a, a_scale, w, w_scale, bias, out, epilogue, out_scale=out_scale, config=config,
                      traceable=False, **extra)
         try:
-            ms = cuda_ms(call, warmup=3, iters=20)
+            ms = graph_ms(call)
         except Exception as e:  # a config that does not fit (shared memory, registers) is skipped, and said
             row.setdefault("configs_failed", {})[str(config)] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
