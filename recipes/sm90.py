@@ -14,6 +14,7 @@ QUANT_EXCLUDE = ("head:*", "tail:*", *(f"{kind}:*" for kind in ENCODER_KINDS), "
 # time hardly counts, but their weights do: 3.2 B parameters, 6.4 GB in bf16 (FLUX.1-dev). Stored in e4m3
 # they halve, and their activations (the time embedding) stay bf16.
 QUANT_WEIGHT_ONLY = ("*:norm1.linear.*", "*:norm1_context.linear.*", "*:norm.linear.*")
+EPILOGUES = ("gate_residual", "plain")  # the *_epilogues recipes' (passes/fuse_fp8_epilogues.py)
 
 
 def sm90_fp8():
@@ -33,9 +34,14 @@ def sm90_fp8_attn():
 
 
 def sm90_fp8_epilogues():
-    """sm90_fp8 with the output projections adding their gated residual in the GEMM's store (Triton,
-    runtime/ops/fp8_gemm.py). Not the GELU: measured on an H100, the fused up-projection gains 0.014 ms but its
-    down-projection, reading 1x128-block scales, loses 0.053 ms to cuBLAS on per-token ones
-    (benchmarks/results/2026-12-06-h100-fp8-gemm-e10d8a9.json); fp8_epilogues=("gate_residual", "gelu") builds
-    both. Same floor as sm90_fp8."""
-    return dataclasses.replace(sm90_fp8(), name="sm90_fp8_epilogues", fp8_epilogues=("gate_residual",))
+    """sm90_fp8 with its FP8 GEMMs on fluxc's Triton kernel (runtime/ops/fp8_gemm.py): the output projections add
+    their gated residual in the GEMM's store, and the other GEMMs ("plain") run there too, where it beat cuBLAS on
+    an H100 (benchmarks/results/2026-12-06-h100-fp8-gemm-dca7e98.json; fewer than 1024 rows stay on cuBLAS). Not
+    the GELU: its fused up-projection gains 0.02 ms, but the down-projection reading its 1x128-block scales loses
+    0.08 to per-token ones; fp8_epilogues=("gate_residual", "gelu") builds it. Same floor as sm90_fp8."""
+    return dataclasses.replace(sm90_fp8(), name="sm90_fp8_epilogues", fp8_epilogues=EPILOGUES)
+
+
+def sm90_fp8_attn_epilogues():
+    """sm90_fp8_attn (attention in FP8 through cuDNN) with sm90_fp8_epilogues' GEMMs; sm90_fp8_attn's floor."""
+    return dataclasses.replace(sm90_fp8_attn(), name="sm90_fp8_attn_epilogues", fp8_epilogues=EPILOGUES)

@@ -37,10 +37,9 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
             "fluxc fp8": ("sm90_fp8", (), 0), "fluxc fp8 attn": ("sm90_fp8_attn", (), 0),
             "fluxc fp8 calibrated": ("sm90_fp8", (), 4),
             "fluxc fp8 epilogues": ("sm90_fp8_epilogues", (), 0),
+            "fluxc fp8 gate residual": ("sm90_fp8_epilogues", (("fp8_epilogues", ("gate_residual",)),), 0),
             "fluxc fp8 epilogues gelu": ("sm90_fp8_epilogues", (("fp8_epilogues", ("gate_residual", "gelu")),), 0),
-            "fluxc fp8 epilogues plain": ("sm90_fp8_epilogues", (("fp8_epilogues", ("gate_residual", "plain")),), 0),
-            "fluxc fp8 attn epilogues": ("sm90_fp8_attn", (("fp8_epilogues", ("gate_residual",)),), 0),
-            "fluxc fp8 attn epilogues plain": ("sm90_fp8_attn", (("fp8_epilogues", ("gate_residual", "plain")),), 0)}
+            "fluxc fp8 attn epilogues": ("sm90_fp8_attn_epilogues", (), 0)}
 
 
 @torch.no_grad()

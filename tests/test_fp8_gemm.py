@@ -151,7 +151,8 @@ def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_drive
     """The ops are triton_ops: AOTAutograd (what Inductor compiles a segment from) traces a CUDA call into the
     Triton kernel itself, so Inductor compiles it into the segment and the engine carries its binary, instead of
     an opaque call that Triton's JIT compiles at the first generate. Torch's analysis of the kernel finds that it
-    writes only the op's outputs (an input it thought written would be cloned on every call)."""
+    writes only the op's outputs (an input it thought written would be cloned on every call). fp8_linear with
+    fewer than CUBLAS_BELOW rows (a text stream's) is cuBLAS's _scaled_mm instead."""
     from fluxc.runtime.ops import fp8_gemm
 
     monkeypatch.setattr(fp8_gemm, "CONFIGS", {k: c._replace(loads=loads) for k, c in fp8_gemm.CONFIGS.items()})
@@ -161,10 +162,11 @@ def test_compiled_segments_see_the_triton_kernel_and_what_it_writes(hopper_drive
                        ((384, 1), f32), ((384,), bf16))
     down = segment_nodes(torch.ops.fluxc.fp8_linear_gate_residual, 0, ((256, 384), e4), ((256, 3), f32),
                          ((256, 384), e4), ((256, 1), f32), None, ((2, 256), bf16), ((2, 128, 256), bf16))
-    plain = segment_nodes(torch.ops.fluxc.fp8_linear, 0, ((256, 256), e4), ((256, 1), f32), ((384, 256), e4),
-                          ((384, 1), f32), ((384,), bf16))
+    plain, few = (segment_nodes(torch.ops.fluxc.fp8_linear, 0, ((m, 256), e4), ((m, 1), f32), ((384, 256), e4),
+                                ((384, 1), f32), ((384,), bf16)) for m in (fp8_gemm.CUBLAS_BELOW, 512))
     assert kernels_writing(up) == [["out_ptr", "out_scale_ptr"]] and kernels_writing(down) == [["out_ptr"]]
     assert kernels_writing(plain) == [["out_ptr"]]
+    assert kernels_writing(few) == [] and torch.ops.aten._scaled_mm.default in [n.target for n in few]
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
@@ -196,3 +198,19 @@ def test_gate_residual_fuses_only_bf16_gemm_outputs(out_dtype):
     else:
         assert result.counts["gate_residual"] == 0
         assert any("writes torch.float32" in r.reason for r in result.rejected), result.rejected
+
+
+def test_wide_tiles_narrow_where_the_last_wave_would_idle():
+    """fp8_gemm.choose on an H100's 132 SMs: 128x256 tiles where they fill the waves as well as 128x128 ones would
+    (a double block's image MLP down-projection, 4096 x 3072: 384 tiles, 97% busy), 128x128 with one more stage where
+    the last wave of wide tiles is mostly empty (a single block's output projection, 4608 x 3072: 432 tiles, 82%
+    against 94%; the text stream's 512 x 3072: 48 tiles on 132 SMs); tile configs without 256 columns as given."""
+    from fluxc.runtime.ops.fp8_gemm import CONFIGS, EPILOGUE_BF16, EPILOGUE_GATE_RESIDUAL, Config, choose
+
+    wide = CONFIGS[(EPILOGUE_GATE_RESIDUAL, False)]
+    narrow = wide._replace(block_n=128, stages=wide.stages + 1)
+    assert (wide.block_m, wide.block_n) == (128, 256)
+    assert choose(wide, 4096, 3072, 132) == wide
+    assert choose(CONFIGS[(EPILOGUE_BF16, False)], 4608, 21504, 132).block_n == 256
+    assert choose(wide, 4608, 3072, 132) == narrow and choose(wide, 512, 3072, 132) == narrow
+    assert choose(Config(256, 128, 8, 3), 512, 3072, 132) == Config(256, 128, 8, 3)

@@ -11,7 +11,8 @@ epilogue does the work that today follows cuBLAS's `_scaled_mm` as separate pass
         The output projections: residual + gate * (a @ w.T + bias), FLUX's gated residual, in the GEMM's store.
     fp8_linear(a, a_scale, w, w_scale, bias) -> [M, N] bf16
         No epilogue: `_scaled_mm`'s work on the same kernel, for the GEMMs where it is faster than cuBLAS (on an
-        H100 it ran FLUX.1-dev's widest GEMM, 4608x21504x3072, in 0.511 ms against cuBLAS's 0.580).
+        H100, graphed, FLUX.1-dev's widest GEMM, 4608x21504x3072, in 0.485 ms against cuBLAS's 0.564); below
+        CUBLAS_BELOW rows of per-token-scaled activations it calls cuBLAS, which stays ahead there.
 
     a: [M, K] e4m3 with per-token scales [M, 1] (today's activations) or 1x128 block scales [M, K / 128] (the
     output of fp8_linear_gelu_fp8: the down-projection reads it as it was written). w: [N, K] e4m3 with per-output-
@@ -34,6 +35,9 @@ from torch.library import wrap_triton
 from fluxc.runtime.ops.kernels import E4M3_MAX, triton
 
 BLOCK = 128  # the activation scale block along K (and N, for the quantized output)
+# fp8_linear leaves GEMMs of fewer rows to cuBLAS: on an H100 it beat every tile config at the 512 text tokens' QKV
+# and MLP up-projections (0.033 against 0.035 ms, 0.036 against 0.040: results/2026-12-06-h100-fp8-gemm-dca7e98)
+CUBLAS_BELOW = 1024
 
 
 # ---- reference ------------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ def fp8_linear(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale:
     _check(a, a_scale, w, w_scale, False)
     if a.device.type != "cuda":
         return fp8_linear_reference(a, a_scale, w, w_scale, bias)
+    if a.shape[0] < CUBLAS_BELOW and a_scale.shape[-1] == 1:
+        return torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias=bias, out_dtype=torch.bfloat16)
     out = a.new_empty(a.shape[0], w.shape[0], dtype=torch.bfloat16)
     launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_BF16)
     return out
@@ -132,12 +138,29 @@ class Config(NamedTuple):
     loads: str = "pointers"
 
 
-# The fastest config per (epilogue, activation scales in 1x128 blocks) at FLUX.1-dev's shapes, measured on an H100
-# (benchmarks/results/2026-12-06-h100-fp8-gemm-e10d8a9.json): wide tiles where the epilogue allows them; the
-# block-scaled K loop (a dot and a scaled add per K block) runs best on 128x128 TMA tiles.
-CONFIGS = {(EPILOGUE_BF16, False): Config(128, 256, 8, 3), (EPILOGUE_GELU_FP8, False): Config(256, 128, 8, 3),
-           (EPILOGUE_GATE_RESIDUAL, False): Config(128, 256, 8, 3),
+# The tiles per (epilogue, activation scales in 1x128 blocks) at FLUX.1-dev's shapes, measured on an H100 as a graphed
+# step runs them (benchmarks/results/2026-12-06-h100-fp8-gemm-dca7e98.json): 128x256 TMA tiles, fastest at every
+# large shape without a block-scaled K loop (e.g. 0.485 ms against cuBLAS's 0.564 for a single block's QKV + MLP
+# up-projection); the GELU epilogue quantizes 128-column blocks; the block-scaled K loop (a dot and a scaled add per
+# K block) runs best on 128x128 TMA tiles. choose() narrows the wide tiles where they would leave the GPU idle.
+CONFIGS = {(EPILOGUE_BF16, False): Config(128, 256, 8, 3, "tma"), (EPILOGUE_GELU_FP8, False): Config(256, 128, 8, 3),
+           (EPILOGUE_GATE_RESIDUAL, False): Config(128, 256, 8, 3, "tma"),
            (EPILOGUE_GATE_RESIDUAL, True): Config(128, 128, 8, 4, "tma")}
+
+
+def choose(config: Config, m: int, n: int, programs: int) -> Config:
+    """config, or its 128x128 tiles (one more stage) where those keep more of the GPU busy: a grid runs in waves of
+    `programs` tiles, the last one part-empty, and a few wide tiles waste more of it (a single block's output
+    projection, 4608 x 3072: 432 tiles of 128x256 fill 3.3 waves of an H100's 132 SMs, 82% busy; 864 of 128x128,
+    94%; measured 0.386 against 0.355 ms). Ties keep the wide tile, which reads each operand half as often."""
+    if config.block_n != 256:
+        return config
+    narrow = config._replace(block_n=128, stages=config.stages + 1)
+
+    def busy(c: Config) -> float:
+        tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
+        return tiles / (triton.cdiv(tiles, programs) * programs)
+    return narrow if busy(narrow) > busy(config) + 0.05 else config
 
 
 def multiprocessors(device: torch.device) -> int:
@@ -150,10 +173,11 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
     traceable=False launches the kernel directly instead of through wrap_triton's operator (microbenchmarks: no
-    dispatch between launches). config: CONFIGS' for this epilogue and scaling unless given."""
+    dispatch between launches). config: CONFIGS' for this epilogue and scaling, chosen for the shape, unless given."""
     blocks = a_scale.shape[-1] != 1
-    config = Config(*(config or CONFIGS.get((epilogue, blocks), Config())))
     (m, k), n = a.shape, w.shape[0]
+    config = Config(*config) if config else choose(CONFIGS.get((epilogue, blocks), Config()), m, n,
+                                                   multiprocessors(a.device))
     assert epilogue != EPILOGUE_GELU_FP8 or config.block_n == BLOCK
     a, a_scale = a.contiguous(), a_scale.contiguous()
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
