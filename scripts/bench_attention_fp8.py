@@ -71,7 +71,8 @@ def main() -> None:
         json.dump(r, fh, indent=1)
     print(f"\ncuDNN FP8 SDPA plans on {r['gpu']} (cuDNN {r['cudnn']}, frontend {r['cudnn_frontend']}), "
           f"[B, S, H, D] = {r['shape']}; all plans built in {r['build_all_plans_s']:.1f} s")
-    print(f"bf16 SDPA {r['bf16_sdpa_ms']:.3f} ms; fluxc.attention_fp8 (heuristics' first) {r['heuristics_first_ms']:.3f} ms")
+    print(f"bf16 SDPA {r['bf16_sdpa_ms']:.3f} ms; fluxc.attention_fp8 (heuristics' first) "
+          f"{r['heuristics_first_ms']:.3f} ms")
     for p in r["plans"]:
         timing = f"{p['ms']:8.3f} ms {p['tflops']:6.0f} TF/s  err {p['relative_error_vs_first']:.1e}" if "ms" in p \
             else p["error"][:80]
