@@ -44,16 +44,13 @@ def main() -> None:
     start = time.perf_counter()
     graph.build_plans(cudnn.build_plan_policy.ALL)
     r["build_all_plans_s"] = time.perf_counter() - start
-    qt, kt, vt, o, amax_s, amax_o = attention.tensors
     first = None
     for index in range(graph.get_execution_plan_count()):
         plan = {"index": index, "name": graph.get_plan_name_at_index(index)}
         try:
             workspace = torch.empty(graph.get_workspace_size_plan_at_index(index), device="cuda", dtype=torch.uint8)
             out = _bshd_like(e4m3[0])
-            pack = {qt: e4m3[0], kt: e4m3[1], vt: e4m3[2], o: out, amax_s: attention.amaxes[0],
-                    amax_o: attention.amaxes[1]}
-            pack.update(zip(attention.scales, (*scales, attention.p_scales[0], attention.p_scales[1], 1 / scales[2])))
+            pack = attention.pack(*e4m3, *scales, out)
 
             def call():
                 cudnn.set_stream(handle=attention.handle, stream=torch.cuda.current_stream().cuda_stream)

@@ -143,7 +143,7 @@ def measure(name, m, n, k, epilogue, blocks) -> dict:
     # what the op launches for this shape: fp8_gemm.choose's tiles, or cuBLAS for a few rows without an epilogue
     chosen = f.choose(f.CONFIGS[(epilogue, blocks)], m, n, f.multiprocessors(a.device))
     row["chosen_config"] = chosen._asdict()
-    row["chosen_ms"] = (row["cublas_ms"] if epilogue == f.EPILOGUE_BF16 and m < f.CUBLAS_BELOW
+    row["chosen_ms"] = (row["cublas_ms"] if epilogue == f.EPILOGUE_BF16 and f.on_cublas(a, a_scale)
                         else row["configs_ms"].get(str(chosen)))
     # the check: against the reference ops on the same inputs (on the GPU, fp32 matmul)
     if epilogue == f.EPILOGUE_GELU_FP8:

@@ -103,7 +103,7 @@ def fp8_linear(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale:
     _check(a, a_scale, w, w_scale, False)
     if a.device.type != "cuda":
         return fp8_linear_reference(a, a_scale, w, w_scale, bias)
-    if a.shape[0] < CUBLAS_BELOW and a_scale.shape[-1] == 1:
+    if on_cublas(a, a_scale):
         return torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias=bias, out_dtype=torch.bfloat16)
     out = a.new_empty(a.shape[0], w.shape[0], dtype=torch.bfloat16)
     launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_BF16)
@@ -120,6 +120,11 @@ def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Te
     out = torch.empty_like(residual)
     launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual)
     return out
+
+
+def on_cublas(a: torch.Tensor, a_scale: torch.Tensor) -> bool:
+    """Whether fp8_linear hands this GEMM to cuBLAS: fewer than CUBLAS_BELOW rows, per-token scales."""
+    return a.shape[0] < CUBLAS_BELOW and a_scale.shape[-1] == 1
 
 
 # ---- the kernel -----------------------------------------------------------------------------------

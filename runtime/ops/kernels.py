@@ -294,12 +294,16 @@ class _CudnnFp8Attention:
         self.p_scales = torch.tensor([1 / E4M3_MAX, E4M3_MAX], device=q.device).reshape(2, 1, 1, 1, 1)
         self.cudnn = cudnn
 
-    def __call__(self, q, k, v, q_scale, k_scale, v_scale):
-        out = _bshd_like(q)
+    def pack(self, q, k, v, q_scale, k_scale, v_scale, out) -> dict:
+        """The graph's tensors -> this call's: operands, scales (P's fixed ones; the output on v's) and out."""
         qt, kt, vt, o, amax_s, amax_o = self.tensors
         pack = {qt: q, kt: k, vt: v, o: out, amax_s: self.amaxes[0], amax_o: self.amaxes[1]}
         values = (q_scale, k_scale, v_scale, self.p_scales[0], self.p_scales[1], 1 / v_scale)
-        pack.update(zip(self.scales, values))
+        return pack | dict(zip(self.scales, values))
+
+    def __call__(self, q, k, v, q_scale, k_scale, v_scale):
+        out = _bshd_like(q)
+        pack = self.pack(q, k, v, q_scale, k_scale, v_scale, out)
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         self.graph.execute(pack, self.workspace, handle=self.handle)
         return out
