@@ -18,7 +18,6 @@ the reference ops on the same inputs (relative error). Writes JSON and prints a 
 
 import argparse
 import json
-import os
 
 import torch
 
