@@ -9,8 +9,9 @@ Per shape and epilogue, GPU time per call as an engine's graphed step runs it (t
             per-token e4m3), or addcmul (residual + gate * y, one kernel, as Inductor fuses it)
     cublas  `_scaled_mm` alone (the GEMM without its epilogue), and with 1x128 / 128x128 block scales where
             torch takes them (what a down-projection reading block-scaled activations would call)
-    fluxc   the Triton kernel with the epilogue inside, at each tile config and way of loading tiles (pointers, or
-            TMA descriptors with a persistent grid); the best is reported, and the best of each way
+    fluxc   the Triton kernel with the epilogue inside, at each tile config (--tiles) and way of loading and storing
+            tiles (--ways: pointers, or TMA descriptors with a persistent grid, its loop over tiles flattened or
+            not, its output stored through descriptors or not); the best is reported, and the best of each way
     chosen  what the op launches for the shape (fp8_gemm.choose's tiles, or cuBLAS below CUBLAS_BELOW rows)
 TFLOP/s counts 2MNK; GB moved counts each variant's own reads and writes. Each fused output is checked against
 the reference ops on the same inputs (relative error). Writes JSON and prints a table last.
@@ -51,8 +52,20 @@ SHAPES = [("double img qkv", IMAGE, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16, False),
           ("single mlp up", IMAGE + TEXT, MLP, HIDDEN, f.EPILOGUE_BF16, False),
           ("single out mlp half", IMAGE + TEXT, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL, False)]
 # 4 warps and 64-row tiles, also swept on an H100 (2026-12-06), were never the fastest and at times 4x slower
-CONFIGS = [f.Config(*c, loads=loads) for loads in ("pointers", "tma")
-           for c in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3))]
+TILES = ("128x128x3", "128x128x4", "128x256x3", "256x128x3")  # block_m x block_n x stages, 8 warps
+# a way to load and store: Config.loads, then its flags
+WAYS = ("pointers", "tma", "tma+flatten", "tma+tma_store", "tma+flatten+tma_store")
+
+
+def config_of(tile: str, way: str) -> f.Config:
+    (block_m, block_n, stages), (loads, *flags) = map(int, tile.split("x")), way.split("+")
+    return f.Config(block_m, block_n, 8, stages, loads, **{flag: True for flag in flags})
+
+
+def way_of(config: f.Config) -> str:
+    return "+".join([config.loads] + [flag for flag in ("flatten", "tma_store") if getattr(config, flag)])
+
+
 NAMES = {f.EPILOGUE_BF16: "bf16", f.EPILOGUE_GELU_FP8: "gelu_fp8", f.EPILOGUE_GATE_RESIDUAL: "gate_residual"}
 
 
@@ -83,7 +96,7 @@ def outer_dim_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.t().contiguous().t()
 
 
-def measure(name, m, n, k, epilogue, blocks) -> dict:
+def measure(name, m, n, k, epilogue, blocks, configs) -> dict:
     a, a_scale, w, w_scale, bias, gate, residual = operands(m, n, k, blocks)
     flops = 2 * m * n * k
     row = {"shape": name, "m": m, "n": n, "k": k, "epilogue": NAMES[epilogue], "a_scales": "1x128" if blocks else "row"}
@@ -114,8 +127,8 @@ def measure(name, m, n, k, epilogue, blocks) -> dict:
         row["today_ms"] = row["cublas_ms"]
         today_bytes = fused_bytes = gemm_bytes + m * n * 2
     best = None
-    for config in CONFIGS:
-        if epilogue == f.EPILOGUE_GELU_FP8 and config.block_n != 128:
+    for config in configs:
+        if epilogue == f.EPILOGUE_GELU_FP8 and (config.block_n != 128 or config.tma_store):
             continue
         out = torch.empty(m, n, device="cuda", dtype=torch.float8_e4m3fn if epilogue == f.EPILOGUE_GELU_FP8
                           else torch.bfloat16)
@@ -135,8 +148,13 @@ def measure(name, m, n, k, epilogue, blocks) -> dict:
         row.setdefault("configs_ms", {})[str(config)] = ms
         if best is None or ms < best[0]:
             best = (ms, config, out.clone(), None if out_scale is None else out_scale.clone())
+    by_way = {}
+    for config in configs:
+        if str(config) in row.get("configs_ms", {}):
+            by_way[way_of(config)] = min(by_way.get(way_of(config), float("inf")), row["configs_ms"][str(config)])
+    row["fluxc_by_way_ms"] = by_way
     for loads in ("pointers", "tma"):
-        timed = [ms for c, ms in row.get("configs_ms", {}).items() if loads in c]
+        timed = [ms for way, ms in by_way.items() if way.startswith(loads)]
         row[f"fluxc_{loads}_ms"] = min(timed) if timed else None
     row["fluxc_ms"], row["fluxc_config"] = best[0], best[1]._asdict()
     # what the op launches for this shape: fp8_gemm.choose's tiles, or cuBLAS for a few rows without an epilogue
@@ -166,22 +184,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--tiles", default=",".join(TILES), help=f"comma-separated, of {TILES}")
+    ap.add_argument("--ways", default="pointers,tma", help=f"comma-separated, of {WAYS}")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    configs = [config_of(tile, way) for way in args.ways.split(",") for tile in args.tiles.split(",")]
     r = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(),
          "triton": __import__("triton").__version__, "rows": []}
     for shape in shapes:
-        r["rows"].append(measure(*shape))
+        r["rows"].append(measure(*shape, configs))
         print(json.dumps(r["rows"][-1]), flush=True)
         with open(args.out, "w") as fh:  # after each shape: a run cut short keeps what it measured
             json.dump(r, fh, indent=1)
     print(f"\nFP8 GEMMs with epilogues on {r['gpu']} (commit {r['commit']}); ms, TFLOP/s")
-    print(f"{'shape':<22}{'epilogue':<15}{'scales':<7}{'cuBLAS':>8}{'today':>8}{'ptrs':>8}{'tma':>8}{'chosen':>8}"
-          f"{'TF/s':>7}{'x today':>9}{'rel err':>9}")
+    ways = [way for way in WAYS if way in args.ways.split(",")]
+    print(f"{'shape':<22}{'epilogue':<15}{'scales':<7}{'cuBLAS':>8}{'today':>8}"
+          + "".join(f"{w.replace('tma_store', 'st').replace('flatten', 'fl'):>12}" for w in ways)
+          + f"{'chosen':>8}{'TF/s':>7}{'x today':>9}{'rel err':>9}")
     for x in r["rows"]:
-        ways = "".join(f"{x[key] or float('nan'):>8.3f}" for key in ("fluxc_pointers_ms", "fluxc_tma_ms", "chosen_ms"))
-        print(f"{x['shape']:<22}{x['epilogue']:<15}{x['a_scales']:<7}{x['cublas_ms']:>8.3f}{x['today_ms']:>8.3f}{ways}"
-              f"{x['fluxc_tflops']:>7.0f}{x['speedup_vs_today']:>9.2f}{x['relative_error']:>9.1e}")
+        best = "".join(f"{x['fluxc_by_way_ms'].get(way, float('nan')):>12.3f}" for way in ways)
+        print(f"{x['shape']:<22}{x['epilogue']:<15}{x['a_scales']:<7}{x['cublas_ms']:>8.3f}{x['today_ms']:>8.3f}{best}"
+              f"{x['chosen_ms'] or float('nan'):>8.3f}{x['fluxc_tflops']:>7.0f}{x['speedup_vs_today']:>9.2f}"
+              f"{x['relative_error']:>9.1e}")
 
 
 if __name__ == "__main__":

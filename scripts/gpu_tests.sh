@@ -25,6 +25,7 @@
 #                   FluxImg2ImgPipeline eager and torch.compile ($EDIT_TASKS, default kontext,img2img)
 #                                                                               -> $OUT/bench_edit.json
 #   fp8gemm         FP8 GEMMs with their epilogues vs cuBLAS _scaled_mm + today's kernels, every FLUX.1-dev shape
+#                   ($FP8GEMM_ARGS: more arguments, e.g. "--shapes 0,8 --ways tma,tma+flatten")
 #                                                                               -> $OUT/bench_fp8_gemm.json
 #   attention       cuDNN's FP8 SDPA plans at FLUX.1-dev's attention shape     -> $OUT/bench_attention_fp8.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
@@ -60,7 +61,7 @@ for job in "${@:-tests}"; do
              --batch "${SERVE_BATCH:-1}" --out "$OUT/bench_serve.json" 2>&1 | tee "$OUT/bench_serve.log" || rc=1 ;;
     edit) python3 scripts/bench_edit.py --tasks "${EDIT_TASKS:-kontext,img2img}" --repeats "${EDIT_REPEATS:-3}" --out "$OUT/bench_edit.json" \
              2>&1 | tee "$OUT/bench_edit.log" || rc=1 ;;
-    fp8gemm) python3 scripts/bench_fp8_gemm.py --out "$OUT/bench_fp8_gemm.json" 2>&1 | tee "$OUT/bench_fp8_gemm.log" || rc=1 ;;
+    fp8gemm) python3 scripts/bench_fp8_gemm.py --out "$OUT/bench_fp8_gemm.json" $FP8GEMM_ARGS 2>&1 | tee "$OUT/bench_fp8_gemm.log" || rc=1 ;;
     attention) python3 scripts/bench_attention_fp8.py --out "$OUT/bench_attention_fp8.json" 2>&1 \
              | tee "$OUT/bench_attention_fp8.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;

@@ -71,7 +71,8 @@ from fluxc.numerics import relative_error
 from fluxc.runtime.ops import fp8_gemm as f
 from fluxc.runtime.ops.fp8_gemm import dequantize_activation as dq
 
-m, config = int(sys.argv[1]), (64, 128, 4, 2, sys.argv[2])
+loads, *flags = sys.argv[2].split("+")  # "tma+flatten+tma_store": the Config's flags
+m, config = int(sys.argv[1]), f.Config(64, 128, 4, 2, loads, **{flag: True for flag in flags})
 ops, _ = operands(m, 256, 256, seed=5)
 a, a_scale, w, w_scale, bias = ops
 errors = {}
@@ -82,7 +83,7 @@ for blocks in (False, True):
     f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=config)
     errors[f"bf16 blocks={blocks}"] = relative_error(out, f.fp8_linear_reference(a, a_scale, w, w_scale, bias))
 q, q_scale = torch.empty(m, 256, dtype=torch.float8_e4m3fn), torch.empty(m, 2)
-f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale, config=config)
+f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale, config=config._replace(tma_store=False))
 want, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(a, a_scale, w, w_scale, bias)
 errors["gelu_fp8 scales"] = relative_error(q_scale, want_scale)
 e4m3 = relative_error(dq(q, q_scale), dq(want, want_scale))
@@ -95,10 +96,11 @@ assert max(errors.values()) <= 1e-2 and e4m3 <= 0.1, (errors, e4m3)
 """
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma"])
-@pytest.mark.parametrize("m", [256, 200])  # 200: a partial tile of rows (masked loads and stores)
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store"])
+@pytest.mark.parametrize("m", [256, 200])  # 200: a partial tile of rows (masked loads and stores, clipped TMA stores)
 def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
-    """The Triton kernel itself, every epilogue and both activation scalings, run on the CPU by Triton's interpreter
+    """The Triton kernel itself, every epilogue (the GELU's without TMA stores, which it does not take) and both
+    activation scalings, run on the CPU by Triton's interpreter
     (TRITON_INTERPRET=1 must be set before the kernels are defined, hence a fresh process), against the reference
     ops. This checks the kernel's indexing, masking, scales and epilogues, not its roundings: the interpreter
     (Triton 3.9) truncates fp32 to bf16 (about half of all values differ from torch's round-to-nearest by one
@@ -111,12 +113,13 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma"])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store"])
 @pytest.mark.parametrize("epilogue", ["bf16", "gelu_fp8", "gate_residual"])
 @pytest.mark.parametrize("blocks", [False, True])
 def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
     """Each variant compiled for sm_90a here (Triton bundles ptxas): its e4m3 dot becomes wgmma, Hopper's
-    asynchronous warpgroup MMA, the TMA variant's loads the bulk tensor copy, and the cubin is made."""
+    asynchronous warpgroup MMA, the TMA variant's loads the bulk tensor copy (and its TMA stores the bulk copy
+    out of shared memory), and the cubin is made."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -125,17 +128,19 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
 
     number = {"bf16": fp8_gemm.EPILOGUE_BF16, "gelu_fp8": fp8_gemm.EPILOGUE_GELU_FP8,
               "gate_residual": fp8_gemm.EPILOGUE_GATE_RESIDUAL}[epilogue]
+    if epilogue == "gelu_fp8" and "tma_store" in loads:
+        pytest.skip("the GELU epilogue stores its e4m3 codes and scales from registers")
     config = fp8_gemm.CONFIGS.get((number, blocks), fp8_gemm.Config())  # the tiles the ops launch
     out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
-    tma = loads == "tma"
+    tma, flags = loads.startswith("tma"), {"FLATTEN": "flatten" in loads, "TMA_STORE": "tma_store" in loads}
     signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
                  "bias_ptr": "*bf16", "out_ptr": out, "out_scale_ptr": "*fp32", "gate_ptr": "*bf16",
                  "residual_ptr": "*bf16",
                  **{p: "i32" for p in ("M", "N", "K", "rows_per_batch", "gate_stride")},
                  **{p: "constexpr" for p in ("A_BLOCKS", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                             "GROUP_M") + (("PROGRAMS",) if tma else ())}}
+                                             "GROUP_M") + (("PROGRAMS", *flags) if tma else ())}}
     constexprs = {"A_BLOCKS": blocks, "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                  "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132} if tma else {}), "EPILOGUE": number}
+                  "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132, **flags} if tma else {}), "EPILOGUE": number}
     kernel = fp8_gemm._fp8_gemm_tma_kernel if tma else fp8_gemm._fp8_gemm_kernel
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128),
@@ -143,6 +148,7 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
     ptx = compiled.asm["ptx"]
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
     assert not tma or "cp.async.bulk.tensor" in ptx
+    assert not flags["TMA_STORE"] or "cp.async.bulk.tensor.2d.global.shared" in ptx
     assert len(compiled.asm["cubin"]) > 1000
 
 

@@ -135,12 +135,18 @@ class Config(NamedTuple):
     """A launch of the kernel. BLOCK_K is 128, one activation scale block per step. Hopper: 128x128 tiles of e4m3
     take 32 KB of shared memory a stage. scripts/bench_fp8_gemm.py sweeps these.
     loads: "pointers" (cp.async through registers' addresses; one program a tile) or "tma" (the tensor memory
-    accelerator copies each tile from a descriptor; a persistent grid of one program per SM walks the tiles)."""
+    accelerator copies each tile from a descriptor; a persistent grid of one program per SM walks the tiles).
+    flatten (tma only): one software-pipelined loop over tiles x K blocks, so the next tile's first loads are in
+    flight while this tile's epilogue runs (Triton's tl.range(flatten=True)).
+    tma_store (tma only; the bf16 and gated-residual epilogues): the output (and the residual) through descriptors,
+    in two 128-column halves: staged in shared memory and written asynchronously, not stored from registers."""
     block_m: int = 128
     block_n: int = 128
     warps: int = 8
     stages: int = 4
     loads: str = "pointers"
+    flatten: bool = False
+    tma_store: bool = False
 
 
 # The tiles per (epilogue, activation scales in 1x128 blocks) at FLUX.1-dev's shapes, measured on an H100 as a graphed
@@ -188,7 +194,9 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     kernel, extra = _fp8_gemm_kernel, {}
     if config.loads == "tma":
-        kernel, extra = _fp8_gemm_tma_kernel, dict(PROGRAMS=min(tiles, multiprocessors(a.device)))
+        assert not config.tma_store or epilogue != EPILOGUE_GELU_FP8
+        kernel, extra = _fp8_gemm_tma_kernel, dict(PROGRAMS=min(tiles, multiprocessors(a.device)),
+                                                    FLATTEN=config.flatten, TMA_STORE=config.tma_store)
         triton.set_allocator(_descriptor_memory)  # (Inductor's launcher sets its own for the segments it runs)
     (wrap_triton(kernel) if traceable else kernel)[(extra.get("PROGRAMS", tiles),)](
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
@@ -228,6 +236,18 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_BLOCKS: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+        """The fp32 tile (rows rm, columns rn) times its scales, plus the bias, rounded to bf16 as the unfused
+        graph's GEMM output is."""
+        if not A_BLOCKS:
+            acc *= tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        y = acc * tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        return y.to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
     def _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
                   M, N, rows_per_batch, gate_stride, A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -235,12 +255,7 @@ if triton is not None:
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rm < M, rn < N
-        if not A_BLOCKS:
-            acc *= tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)[:, None]
-        y = acc * tl.load(b_scale_ptr + rn, mask=mask_n, other=0.0)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        y = y.to(tl.bfloat16).to(tl.float32)  # the bf16 GEMM output of the unfused graph
+        y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_BLOCKS, HAS_BIAS)
         mask = mask_m[:, None] & mask_n[None, :]
         offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
         if EPILOGUE == 1:  # GELU, then e4m3 with one scale per row of this 1x128 tile
@@ -279,17 +294,41 @@ if triton is not None:
                   M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N)
 
     @triton.jit
+    def _store_half(acc, m0, n0, a_scale_ptr, b_scale_ptr, bias_ptr, out_desc, gate_ptr, residual_desc, M, N,
+                    rows_per_batch, gate_stride, A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+        """_epilogue's bf16 and gated-residual work on the [BLOCK_M, HALF] columns from (m0, n0), through the
+        descriptors: the residual read (zeros past M, N) and the output written (clipped there) by the TMA unit."""
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rn = n0 + tl.arange(0, HALF)
+        y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_BLOCKS, HAS_BIAS)
+        if EPILOGUE == 2:
+            gate = tl.load(gate_ptr + (rm // rows_per_batch)[:, None] * gate_stride + rn[None, :],
+                           mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0).to(tl.float32)
+            y = residual_desc.load([m0, n0]).to(tl.float32) + gate * y
+        out_desc.store([m0, n0], y.to(out_desc.dtype))
+
+    @triton.jit
     def _fp8_gemm_tma_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
                              residual_ptr, M, N, K, rows_per_batch, gate_stride,
                              A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+                             GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+                             TMA_STORE: tl.constexpr):
         # persistent: PROGRAMS programs (one per SM) walk the tiles; the TMA unit copies each operand tile (rows past
         # M or N read as zeros), so the loop has no address arithmetic and no masks. The descriptors are made here
         # (on the device), not by the host: torch traces a kernel's pointers into a segment, not host descriptors.
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
-        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS):
+        if TMA_STORE:
+            out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1],
+                                                 block_shape=[BLOCK_M, BLOCK_N // 2])
+            residual_desc = out_desc  # (read only by the gated residual)
+            if EPILOGUE == 2:
+                residual_desc = tl.make_tensor_descriptor(residual_ptr, shape=[M, N], strides=[N, 1],
+                                                          block_shape=[BLOCK_M, BLOCK_N // 2])
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS,
+                             flatten=FLATTEN):
             pm, pn = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -297,6 +336,15 @@ if triton is not None:
                 a = a_desc.load([pm * BLOCK_M, kb * BLOCK_K])
                 b = b_desc.load([pn * BLOCK_N, kb * BLOCK_K])
                 acc = _accumulate(acc, a, b.T, a_scale_ptr, rm, M, K, kb, A_BLOCKS, BLOCK_K)
-            _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
-                      residual_ptr, M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M,
-                      BLOCK_N)
+            if TMA_STORE:
+                lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                _store_half(lo, pm * BLOCK_M, pn * BLOCK_N, a_scale_ptr, b_scale_ptr, bias_ptr, out_desc, gate_ptr,
+                            residual_desc, M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M,
+                            BLOCK_N // 2)
+                _store_half(hi, pm * BLOCK_M, pn * BLOCK_N + BLOCK_N // 2, a_scale_ptr, b_scale_ptr, bias_ptr,
+                            out_desc, gate_ptr, residual_desc, M, N, rows_per_batch, gate_stride, A_BLOCKS,
+                            HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N // 2)
+            else:
+                _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
+                          residual_ptr, M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M,
+                          BLOCK_N)
