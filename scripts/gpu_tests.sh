@@ -28,6 +28,7 @@
 #                   ($FP8GEMM_ARGS: more arguments, e.g. "--shapes 0,8 --ways tma,tma+flatten")
 #                                                                               -> $OUT/bench_fp8_gemm.json
 #   attention       cuDNN's FP8 SDPA plans at FLUX.1-dev's attention shape     -> $OUT/bench_attention_fp8.json
+#   activations     the FP8 step's memory-bound kernels per launch variant      -> $OUT/bench_activations.json
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -64,6 +65,8 @@ for job in "${@:-tests}"; do
     fp8gemm) python3 scripts/bench_fp8_gemm.py --out "$OUT/bench_fp8_gemm.json" $FP8GEMM_ARGS 2>&1 | tee "$OUT/bench_fp8_gemm.log" || rc=1 ;;
     attention) python3 scripts/bench_attention_fp8.py --out "$OUT/bench_attention_fp8.json" 2>&1 \
              | tee "$OUT/bench_attention_fp8.log" || rc=1 ;;
+    activations) python3 scripts/bench_activations.py --out "$OUT/bench_activations.json" 2>&1 \
+             | tee "$OUT/bench_activations.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done

@@ -150,12 +150,16 @@ class Config(NamedTuple):
 
 
 # The tiles per (epilogue, activation scales in 1x128 blocks) at FLUX.1-dev's shapes, measured on an H100 as a graphed
-# step runs them (benchmarks/results/2026-12-06-h100-fp8-gemm-dca7e98.json): 128x256 TMA tiles, fastest at every
-# large shape without a block-scaled K loop (e.g. 0.485 ms against cuBLAS's 0.564 for a single block's QKV + MLP
-# up-projection); the GELU epilogue quantizes 128-column blocks; the block-scaled K loop (a dot and a scaled add per
-# K block) runs best on 128x128 TMA tiles. choose() narrows the wide tiles where they would leave the GPU idle.
-CONFIGS = {(EPILOGUE_BF16, False): Config(128, 256, 8, 3, "tma"), (EPILOGUE_GELU_FP8, False): Config(256, 128, 8, 3),
-           (EPILOGUE_GATE_RESIDUAL, False): Config(128, 256, 8, 3, "tma"),
+# step runs them: 128x256 TMA tiles, fastest at every large shape without a block-scaled K loop (results/
+# 2026-12-06-h100-fp8-gemm-dce3364.json), their loop over tiles flattened and, for a bf16 output, stored through
+# descriptors (results/2026-12-06-h100-fp8-gemm-tma-store-0e1ff53.json: a single block's QKV + MLP up-projection
+# 0.478 ms against 0.502 unflattened and cuBLAS's 0.560; a double block's MLP up-projection 0.243 against 0.264);
+# the gated residual flattened but stored from registers (TMA stores: 0.075 against 0.070 ms at its 4096 x 3072
+# x 3072). The GELU epilogue quantizes 128-column blocks; the block-scaled K loop (a dot and a scaled add per K
+# block) runs best on 128x128 TMA tiles. choose() narrows the wide tiles where they would leave the GPU idle.
+CONFIGS = {(EPILOGUE_BF16, False): Config(128, 256, 8, 3, "tma", flatten=True, tma_store=True),
+           (EPILOGUE_GELU_FP8, False): Config(256, 128, 8, 3),
+           (EPILOGUE_GATE_RESIDUAL, False): Config(128, 256, 8, 3, "tma", flatten=True),
            (EPILOGUE_GATE_RESIDUAL, True): Config(128, 128, 8, 4, "tma")}
 
 

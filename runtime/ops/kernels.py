@@ -102,6 +102,7 @@ def _joined_qk(q_parts, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return q_parts[0].new_empty(b, s, h, d, dtype=dtype), q_parts[0].new_empty(b, s, h, d, dtype=dtype)
 
 
+QK_NORM_ROPE_WARPS = 4  # per program (one token's q and k heads)
 # what _qk_norm_rope_kernel stores: the rows as they are; e4m3 codes of the rows / static per-tensor scales
 # (qk_norm_rope_fp8); or uint8 rows of e4m3 codes and their own fp32 scale's bytes (quantize_heads' layout)
 NORM_ROPE_PLAIN, NORM_ROPE_STATIC_E4M3, NORM_ROPE_ROW_E4M3 = 0, 1, 2
@@ -122,7 +123,7 @@ def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, 
         wrap_triton(_qk_norm_rope_kernel)[(b * s,)](
             q, k, qw, kw, q_out, k_out, cos, sin, q_scale, k_scale, s, row0, *q.stride()[:3], *k.stride()[:3],
             *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=mode, D=d,
-            BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+            BLOCK_H=triton.next_power_of_2(h), num_warps=QK_NORM_ROPE_WARPS)
         row0 += s
     return q_out, k_out
 
@@ -174,13 +175,16 @@ def adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float)
     return out
 
 
+ADALN_WARPS = 8  # per program (one token)
+
+
 def _launch_adaln(x, scale, shift, eps, out, row_scale=None):
     x = x.contiguous()
     scale, shift = (t if t.stride(1) == 1 else t.contiguous() for t in (scale, shift))  # [B, C] column slices
     b, s, c = x.shape
     wrap_triton(_adaln_kernel)[(b * s,)](x, scale, shift, out, out if row_scale is None else row_scale, s, c,
                                          scale.stride(0), shift.stride(0), eps, QUANT=row_scale is not None,
-                                         BLOCK_C=triton.next_power_of_2(c), num_warps=8)
+                                         BLOCK_C=triton.next_power_of_2(c), num_warps=ADALN_WARPS)
 
 
 # ---- FP8 per-token quantization inside the producing kernel ------------------------------------------
@@ -208,17 +212,27 @@ def adaln_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return out, row_scale
 
 
+# gelu_fp8's launch: (columns a pass, warps); None: the whole row in registers, one pass (a warp per 512 columns)
+GELU_FP8_LAUNCH = None
+
+
 @torch.library.triton_op("fluxc::gelu_fp8", mutates_args=())
 def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not x.is_cuda:
         return quantize_rows(F.gelu(x, approximate="tanh"))
     x = x.contiguous()
     out, row_scale = _empty_fp8(x)
-    n = x.shape[-1]
-    block = triton.next_power_of_2(n)
-    wrap_triton(_gelu_fp8_kernel)[(x.numel() // n,)](x, out, row_scale, n, BLOCK=block,
-                                                     num_warps=min(16, max(1, block // 512)))
+    launch_gelu_fp8(x, out, row_scale, GELU_FP8_LAUNCH)
     return out, row_scale
+
+
+def launch_gelu_fp8(x, out, row_scale, launch: tuple[int, int] | None, traceable: bool = True) -> None:
+    """The kernel, one program per row: with launch=(block, warps) and block < the row, in two passes of block
+    columns at a time (the amax; then the row again, from L2, quantized), else the row held in registers."""
+    n = x.shape[-1]
+    block, warps = launch or (triton.next_power_of_2(n), min(16, max(1, triton.next_power_of_2(n) // 512)))
+    (wrap_triton(_gelu_fp8_kernel) if traceable else _gelu_fp8_kernel)[(x.numel() // n,)](
+        x, out, row_scale, n, BLOCK=block, TWO_PASS=block < n, num_warps=warps)
 
 
 # ---- FP8 attention --------------------------------------------------------------------------------
@@ -418,13 +432,30 @@ if triton is not None:
             tl.store(out_ptr + row * C + c, y, mask=mask)
 
     @triton.jit
-    def _gelu_fp8_kernel(x_ptr, out_ptr, row_scale_ptr, N, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # one token: [N] in registers
-        n = tl.arange(0, BLOCK)
-        mask = n < N
-        x = tl.load(x_ptr + row * N + n, mask=mask, other=0.0).to(tl.float32)
-        y = gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
-        _store_fp8_row(y, mask, out_ptr + row * N + n, row_scale_ptr + row)
+    def _gelu_rounded(x_ptr, n, mask):
+        """GELU of x[n] in fp32, rounded to x's dtype as the unfused GELU's output is (0 where masked)."""
+        x = tl.load(x_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        return gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _gelu_fp8_kernel(x_ptr, out_ptr, row_scale_ptr, N, BLOCK: tl.constexpr, TWO_PASS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one token
+        x_ptr += row * N
+        out_ptr += row * N
+        if TWO_PASS:  # BLOCK columns at a time: the row's amax, then the row again quantized (the same values)
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, N, BLOCK):
+                n = start + tl.arange(0, BLOCK)
+                amax = tl.maximum(amax, tl.abs(_gelu_rounded(x_ptr, n, n < N)))
+            row_scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+            tl.store(row_scale_ptr + row, row_scale)
+            for start in range(0, N, BLOCK):
+                n = start + tl.arange(0, BLOCK)
+                y = _gelu_rounded(x_ptr, n, n < N)
+                tl.store(out_ptr + n, (y * (1.0 / row_scale)).to(tl.float8e4nv), mask=n < N)
+        else:  # [N] in registers
+            n = tl.arange(0, BLOCK)
+            _store_fp8_row(_gelu_rounded(x_ptr, n, n < N), n < N, out_ptr + n, row_scale_ptr + row)
 
 
     @triton.jit
@@ -433,12 +464,19 @@ if triton is not None:
         return (h // (G2 * G3)) * stride_1 + ((h // G3) % G2) * stride_2 + (h % G3) * stride_3
 
     @triton.jit
-    def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, b, s, row, x_sb, x_ss, x_sh, o_sb, o_ss,
-                       o_1, o_2, o_3, G2, G3, H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _load_heads(x_ptr, b, s, x_sb, x_ss, x_sh, H, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Token (b, s)'s heads [H, D] of x in fp32 (rows past H: zeros)."""
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, D)[None, :]
+        return tl.load(x_ptr + b * x_sb + s * x_ss + h * x_sh + d, mask=h < H, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _norm_rope_row(x, x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, b, row, o_sb, o_ss, o_1, o_2, o_3, G2,
+                       G3, H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """x: _load_heads' [H, D] of x_ptr's token (b, row), normed, rotated and stored to out_ptr's row."""
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, D)[None, :]
         mask = h < H
-        x = tl.load(x_ptr + b * x_sb + s * x_ss + h * x_sh + d, mask=mask, other=0.0).to(tl.float32)  # [H, D]
         rstd = tl.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
         w = tl.load(w_ptr + d).to(tl.float32)
         y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded like the unfused norm output
@@ -458,12 +496,14 @@ if triton is not None:
     def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
                              S, row0, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, o_sb, o_ss, o_1, o_2, o_3, G2, G3, H, eps,
                              QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
-        pid = tl.program_id(0)  # one token of this part: all heads of q and of k
+        pid = tl.program_id(0)  # one token of this part: all heads of q and of k, both loads in flight at once
         b, s = pid // S, pid % S
-        _norm_rope_row(q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, q_scale_ptr, b, s, row0 + s, q_sb, q_ss, q_sh, o_sb,
-                       o_ss, o_1, o_2, o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
-        _norm_rope_row(k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, k_scale_ptr, b, s, row0 + s, k_sb, k_ss, k_sh, o_sb,
-                       o_ss, o_1, o_2, o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
+        q = _load_heads(q_ptr, b, s, q_sb, q_ss, q_sh, H, D, BLOCK_H)
+        k = _load_heads(k_ptr, b, s, k_sb, k_ss, k_sh, H, D, BLOCK_H)
+        _norm_rope_row(q, q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, q_scale_ptr, b, row0 + s, o_sb, o_ss, o_1, o_2,
+                       o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
+        _norm_rope_row(k, k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, k_scale_ptr, b, row0 + s, o_sb, o_ss, o_1, o_2,
+                       o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
 
     @triton.jit
     def _copy_heads_kernel(src_ptr, dst_ptr, S, G2, G3, s_b, s_s, s_1, s_2, s_3, d_b, d_s, d_1, d_2, d_3,

@@ -1,0 +1,132 @@
+"""The FP8 step's memory-bound kernels (runtime/ops/kernels.py, issue 31) at FLUX.1-dev's shapes, per launch
+variant, against the GPU's copy bandwidth.
+
+    python3 scripts/bench_activations.py --out bench_activations.json     (gpu_tests.sh job activations)
+
+    gelu_fp8          GELU(tanh) + per-token e4m3 of the MLP's up-projection output: the row in registers (one pass),
+                      or (columns, warps) at a time in two passes (the amax, then the row again from L2)
+    qk_norm_rope_fp8  q and k of the fused QKV output (strided rows) normed, rotated, e4m3: warps per token
+    adaln_fp8         LayerNorm + modulation + per-token e4m3 of the residual stream: warps per token
+GPU time per call as a graphed step runs it (timing.graph_ms); GB/s counts each kernel's own reads and writes; the
+ceiling is a device-to-device copy of 1 GiB, timed the same way. Each variant's output is compared with the
+default launch's, bit for bit. "step ms" weighs each shape by its calls in a FLUX.1-dev step (57 blocks). Writes
+JSON and prints a table last.
+"""
+
+import argparse
+import json
+
+import torch
+
+from fluxc.runtime.ops import kernels
+from timing import graph_ms, source_commit
+
+HIDDEN, MLP, HEADS, HEAD_DIM, TOKENS = 3072, 12288, 24, 128, {"image": 4096, "text": 512, "joint": 4608}
+# (shape name, tokens, calls per step): the double blocks' image and text streams, the single blocks' joint one
+STREAMS = (("double image", 4096, 19), ("double text", 512, 19), ("single", 4608, 38))
+GELU_LAUNCHES = (None, (1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
+WARPS = (2, 4, 8, 16)
+
+
+def copy_gbps() -> float:
+    src = torch.empty(2 ** 29, device="cuda", dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / graph_ms(lambda: dst.copy_(src), calls=5) / 1e6
+
+
+def gelu_case(tokens: int):
+    x = torch.randn(tokens, MLP, device="cuda", dtype=torch.bfloat16) * 2
+    out, scale = kernels._empty_fp8(x)
+    nbytes = x.numel() * 3 + tokens * 4
+
+    def variant(launch):
+        return lambda: kernels.launch_gelu_fp8(x, out, scale, launch, traceable=False)
+    return {str(launch): variant(launch) for launch in GELU_LAUNCHES}, (out, scale), nbytes
+
+
+def qk_case(stream: str, tokens: int):
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    width = 3 * HIDDEN + (MLP if stream == "single" else 0)  # the fused QKV (+ MLP up-projection) output
+    parts = [(1, tokens)] if stream == "single" else [(1, TOKENS["text"]), (1, TOKENS["image"])]
+    qkv = [torch.randn(*p, width, device="cuda", generator=g, dtype=torch.bfloat16) for p in parts]
+    q_parts = [y[..., :HIDDEN].unflatten(-1, (HEADS, HEAD_DIM)) for y in qkv]
+    k_parts = [y[..., HIDDEN:2 * HIDDEN].unflatten(-1, (HEADS, HEAD_DIM)) for y in qkv]
+    weights = [torch.rand(HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5 for _ in range(2)]
+    joint = sum(p[1] for p in parts)
+    angles = torch.randn(joint, HEAD_DIM // 2, device="cuda", generator=g).repeat_interleave(2, dim=1)
+    scales = [torch.full((1, 1, 1, 1), 0.01, device="cuda") for _ in range(2)]
+    args = (q_parts, k_parts, weights[:1] * len(parts), weights[1:] * len(parts), angles.cos(), angles.sin(), 1e-6,
+            *scales)
+    nbytes = joint * HIDDEN * 2 * (2 + 1) + 2 * joint * HEAD_DIM * 4  # q, k read, written in e4m3; cos, sin
+    result = []
+
+    def variant(warps):
+        def call():
+            kernels.QK_NORM_ROPE_WARPS = warps
+            result[:] = torch.ops.fluxc.qk_norm_rope_fp8(*args)
+        return call
+    return {str(w): variant(w) for w in WARPS}, result, nbytes
+
+
+def adaln_case(tokens: int):
+    x = torch.randn(1, tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    mod = torch.randn(1, 6 * HIDDEN, device="cuda", dtype=torch.bfloat16)
+    scale, shift = mod[:, HIDDEN:2 * HIDDEN], mod[:, 4 * HIDDEN:5 * HIDDEN]
+    result = []
+    nbytes = tokens * HIDDEN * 3 + tokens * 4
+
+    def variant(warps):
+        def call():
+            kernels.ADALN_WARPS = warps
+            result[:] = torch.ops.fluxc.adaln_fp8(x, scale, shift, 1e-6)
+        return call
+    return {str(w): variant(w) for w in WARPS}, result, nbytes
+
+
+def measure(kernel: str, stream: str, calls: int, case) -> dict:
+    variants, outputs, nbytes = case
+    row = {"kernel": kernel, "stream": stream, "calls_per_step": calls, "gb": nbytes / 1e9, "variants": {}}
+    reference = None
+    for name, fn in variants.items():
+        fn()
+        torch.cuda.synchronize()
+        got = [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in outputs]
+        got = [t.clone() for t in got]
+        same = reference is None or all(torch.equal(a, b) for a, b in zip(got, reference))
+        reference = reference or got
+        ms = graph_ms(fn)
+        row["variants"][name] = {"ms": ms, "gbps": nbytes / ms / 1e6, "bitwise_equal_to_default": same}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    defaults = (kernels.GELU_FP8_LAUNCH, kernels.QK_NORM_ROPE_WARPS, kernels.ADALN_WARPS)
+    r = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(),
+         "triton": __import__("triton").__version__, "copy_gbps": copy_gbps(),
+         "defaults": {"gelu_fp8": str(defaults[0]), "qk_norm_rope_fp8": defaults[1], "adaln_fp8": defaults[2]},
+         "rows": []}
+    for stream, tokens, calls in STREAMS:
+        r["rows"].append(measure("gelu_fp8", stream, calls, gelu_case(tokens)))
+        r["rows"].append(measure("adaln_fp8", stream, calls, adaln_case(tokens)))
+        if stream != "double text":  # the double blocks' text and image parts are one op call
+            r["rows"].append(measure("qk_norm_rope_fp8", stream, calls, qk_case(stream, tokens)))
+        with open(args.out, "w") as fh:
+            json.dump(r, fh, indent=1)
+    kernels.GELU_FP8_LAUNCH, kernels.QK_NORM_ROPE_WARPS, kernels.ADALN_WARPS = defaults
+    print(f"\nMemory-bound FP8 kernels on {r['gpu']} (commit {r['commit']}); copy {r['copy_gbps']:.0f} GB/s")
+    print(f"{'kernel':<18}{'stream':<14}{'variant':<12}{'ms':>8}{'GB/s':>7}{'step ms':>9}  equal")
+    for x in r["rows"]:
+        for name, v in x["variants"].items():
+            print(f"{x['kernel']:<18}{x['stream']:<14}{name:<12}{v['ms']:>8.4f}{v['gbps']:>7.0f}"
+                  f"{v['ms'] * x['calls_per_step']:>9.3f}  {v['bitwise_equal_to_default']}")
+    for kernel in ("gelu_fp8", "adaln_fp8", "qk_norm_rope_fp8"):
+        rows = [x for x in r["rows"] if x["kernel"] == kernel]
+        for name in rows[0]["variants"]:
+            print(f"{kernel} {name}: {sum(x['variants'][name]['ms'] * x['calls_per_step'] for x in rows):.3f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
