@@ -116,6 +116,7 @@ def test_flux2_fp8_epilogues_fuse_the_gated_residuals(tmp_path):
     counts = manifest["pass_counts"]
     assert counts["double-128x112"]["fuse_fp8_epilogues"] == {"gate_residual": 4, "gelu": 0, "plain": 4}
     assert counts["single-128x112"]["fuse_fp8_epilogues"] == {"gate_residual": 1, "gelu": 0, "plain": 1}
+    assert counts["double-128x112"]["fuse_adaln"]["fused"] == 4  # the norm2s too: their input is the GEMM's sum
     dim = Engine.load(paths["bf16"]).config["joint_attention_dim"]
     embeds = torch.randn(1, TEXT, dim, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     latents = {r: Engine.load(p).denoise(embeds, None, height=SIZE[0], width=SIZE[1], steps=8, seed=3).float()

@@ -227,6 +227,10 @@ def test_fp8_epilogues_fuse_the_gated_residuals_and_gelus_and_keep_the_floor(tin
     counts = {kind: m["pass_counts"][f"{kind}-144x112"]["fuse_fp8_epilogues"] for kind in ("double", "single")}
     assert counts["double"] == {"gate_residual": 4, "gelu": gelus[0]} | ({"plain": 4} if plain else {})
     assert counts["single"] == {"gate_residual": 1, "gelu": gelus[1]} | ({"plain": 2} if plain else {})
+    # the GEMM writes each gated residual, so fuse_adaln also takes the double block's two norm2s (their e4m3
+    # through adaln_fp8, as the norm1s)
+    adaln = {kind: m["pass_counts"][f"{kind}-144x112"]["fuse_adaln"]["fused"] for kind in ("double", "single")}
+    assert adaln == {"double": 4, "single": 1}
     ops = {s["kind"]: s["op_counts"] for s in m["segments"] if s["kind"] in ("double", "single")}
     assert tuple(ops[k].get("aten._scaled_mm.default", 0) for k in ("double", "single")) == scaled_mms
     sqnr = denoised_sqnr(path, tiny_engines["bf16"])

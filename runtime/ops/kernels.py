@@ -102,7 +102,9 @@ def _joined_qk(q_parts, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return q_parts[0].new_empty(b, s, h, d, dtype=dtype), q_parts[0].new_empty(b, s, h, d, dtype=dtype)
 
 
-QK_NORM_ROPE_WARPS = 4  # per program (one token's q and k heads)
+# warps per program (one token's q and k heads): on an H100 at FLUX.1-dev's shapes, 2 moved 2316 GB/s (single
+# blocks), 4 2070, 8 1635 (copy: 2435; benchmarks/results/2026-12-06-h100-activations-0e894bb.json)
+QK_NORM_ROPE_WARPS = 2
 # what _qk_norm_rope_kernel stores: the rows as they are; e4m3 codes of the rows / static per-tensor scales
 # (qk_norm_rope_fp8); or uint8 rows of e4m3 codes and their own fp32 scale's bytes (quantize_heads' layout)
 NORM_ROPE_PLAIN, NORM_ROPE_STATIC_E4M3, NORM_ROPE_ROW_E4M3 = 0, 1, 2
@@ -175,7 +177,8 @@ def adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float)
     return out
 
 
-ADALN_WARPS = 8  # per program (one token)
+# warps per program (one token): on an H100, 4 moved 1952 GB/s at 4608x3072, 8 1762 (the same file)
+ADALN_WARPS = 4
 
 
 def _launch_adaln(x, scale, shift, eps, out, row_scale=None):
@@ -212,27 +215,20 @@ def adaln_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return out, row_scale
 
 
-# gelu_fp8's launch: (columns a pass, warps); None: the whole row in registers, one pass (a warp per 512 columns)
-GELU_FP8_LAUNCH = None
-
-
 @torch.library.triton_op("fluxc::gelu_fp8", mutates_args=())
 def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row held in registers, one program per token: at the GPU's copy bandwidth on an H100 (2443 GB/s against a
+    copy's 2435 at 4608x12288; two passes over column blocks, the second from L2, ran at 1650-1950:
+    benchmarks/results/2026-12-06-h100-activations-0e894bb.json)."""
     if not x.is_cuda:
         return quantize_rows(F.gelu(x, approximate="tanh"))
     x = x.contiguous()
     out, row_scale = _empty_fp8(x)
-    launch_gelu_fp8(x, out, row_scale, GELU_FP8_LAUNCH)
-    return out, row_scale
-
-
-def launch_gelu_fp8(x, out, row_scale, launch: tuple[int, int] | None, traceable: bool = True) -> None:
-    """The kernel, one program per row: with launch=(block, warps) and block < the row, in two passes of block
-    columns at a time (the amax; then the row again, from L2, quantized), else the row held in registers."""
     n = x.shape[-1]
-    block, warps = launch or (triton.next_power_of_2(n), min(16, max(1, triton.next_power_of_2(n) // 512)))
-    (wrap_triton(_gelu_fp8_kernel) if traceable else _gelu_fp8_kernel)[(x.numel() // n,)](
-        x, out, row_scale, n, BLOCK=block, TWO_PASS=block < n, num_warps=warps)
+    block = triton.next_power_of_2(n)
+    wrap_triton(_gelu_fp8_kernel)[(x.numel() // n,)](x, out, row_scale, n, BLOCK=block,
+                                                     num_warps=min(16, max(1, block // 512)))
+    return out, row_scale
 
 
 # ---- FP8 attention --------------------------------------------------------------------------------
@@ -432,31 +428,13 @@ if triton is not None:
             tl.store(out_ptr + row * C + c, y, mask=mask)
 
     @triton.jit
-    def _gelu_rounded(x_ptr, n, mask):
-        """GELU of x[n] in fp32, rounded to x's dtype as the unfused GELU's output is (0 where masked)."""
-        x = tl.load(x_ptr + n, mask=mask, other=0.0).to(tl.float32)
-        return gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
-
-    @triton.jit
-    def _gelu_fp8_kernel(x_ptr, out_ptr, row_scale_ptr, N, BLOCK: tl.constexpr, TWO_PASS: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # one token
-        x_ptr += row * N
-        out_ptr += row * N
-        if TWO_PASS:  # BLOCK columns at a time: the row's amax, then the row again quantized (the same values)
-            amax = tl.zeros((BLOCK,), dtype=tl.float32)
-            for start in range(0, N, BLOCK):
-                n = start + tl.arange(0, BLOCK)
-                amax = tl.maximum(amax, tl.abs(_gelu_rounded(x_ptr, n, n < N)))
-            row_scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
-            tl.store(row_scale_ptr + row, row_scale)
-            for start in range(0, N, BLOCK):
-                n = start + tl.arange(0, BLOCK)
-                y = _gelu_rounded(x_ptr, n, n < N)
-                tl.store(out_ptr + n, (y * (1.0 / row_scale)).to(tl.float8e4nv), mask=n < N)
-        else:  # [N] in registers
-            n = tl.arange(0, BLOCK)
-            _store_fp8_row(_gelu_rounded(x_ptr, n, n < N), n < N, out_ptr + n, row_scale_ptr + row)
-
+    def _gelu_fp8_kernel(x_ptr, out_ptr, row_scale_ptr, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one token: [N] in registers
+        n = tl.arange(0, BLOCK)
+        mask = n < N
+        x = tl.load(x_ptr + row * N + n, mask=mask, other=0.0).to(tl.float32)
+        y = gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
+        _store_fp8_row(y, mask, out_ptr + row * N + n, row_scale_ptr + row)
 
     @triton.jit
     def _head_offset(h, G2, G3, stride_1, stride_2, stride_3):
