@@ -21,10 +21,20 @@ import torch
 from fluxc.runtime.ops import kernels
 from timing import graph_ms, source_commit
 
-HIDDEN, MLP, HEADS, HEAD_DIM, TOKENS = 3072, 12288, 24, 128, {"image": 4096, "text": 512, "joint": 4608}
+HIDDEN, MLP, HEADS, HEAD_DIM, IMAGE, TEXT = 3072, 12288, 24, 128, 4096, 512
 # (shape name, tokens, calls per step): the double blocks' image and text streams, the single blocks' joint one
-STREAMS = (("double image", 4096, 19), ("double text", 512, 19), ("single", 4608, 38))
+STREAMS = (("double image", IMAGE, 19), ("double text", TEXT, 19), ("single", IMAGE + TEXT, 38))
 WARPS = (2, 4, 8, 16)
+
+
+def warp_variants(knob: str, op, args, result: list) -> dict:
+    """{warps: a call of op(*args) into result with kernels.<knob> (the op's warps per program) set to warps}."""
+    def variant(warps):
+        def call():
+            setattr(kernels, knob, warps)
+            result[:] = op(*args)
+        return call
+    return {str(w): variant(w) for w in WARPS}
 
 
 def copy_gbps() -> float:
@@ -45,7 +55,7 @@ def gelu_case(tokens: int):
 def qk_case(stream: str, tokens: int):
     g = torch.Generator(device="cuda").manual_seed(tokens)
     width = 3 * HIDDEN + (MLP if stream == "single" else 0)  # the fused QKV (+ MLP up-projection) output
-    parts = [(1, tokens)] if stream == "single" else [(1, TOKENS["text"]), (1, TOKENS["image"])]
+    parts = [(1, tokens)] if stream == "single" else [(1, TEXT), (1, IMAGE)]
     qkv = [torch.randn(*p, width, device="cuda", generator=g, dtype=torch.bfloat16) for p in parts]
     q_parts = [y[..., :HIDDEN].unflatten(-1, (HEADS, HEAD_DIM)) for y in qkv]
     k_parts = [y[..., HIDDEN:2 * HIDDEN].unflatten(-1, (HEADS, HEAD_DIM)) for y in qkv]
@@ -57,13 +67,7 @@ def qk_case(stream: str, tokens: int):
             *scales)
     nbytes = joint * HIDDEN * 2 * (2 + 1) + 2 * joint * HEAD_DIM * 4  # q, k read, written in e4m3; cos, sin
     result = []
-
-    def variant(warps):
-        def call():
-            kernels.QK_NORM_ROPE_WARPS = warps
-            result[:] = torch.ops.fluxc.qk_norm_rope_fp8(*args)
-        return call
-    return {str(w): variant(w) for w in WARPS}, result, nbytes
+    return warp_variants("QK_NORM_ROPE_WARPS", torch.ops.fluxc.qk_norm_rope_fp8, args, result), result, nbytes
 
 
 def adaln_case(tokens: int):
@@ -71,14 +75,8 @@ def adaln_case(tokens: int):
     mod = torch.randn(1, 6 * HIDDEN, device="cuda", dtype=torch.bfloat16)
     scale, shift = mod[:, HIDDEN:2 * HIDDEN], mod[:, 4 * HIDDEN:5 * HIDDEN]
     result = []
-    nbytes = tokens * HIDDEN * 3 + tokens * 4
-
-    def variant(warps):
-        def call():
-            kernels.ADALN_WARPS = warps
-            result[:] = torch.ops.fluxc.adaln_fp8(x, scale, shift, 1e-6)
-        return call
-    return {str(w): variant(w) for w in WARPS}, result, nbytes
+    variants = warp_variants("ADALN_WARPS", torch.ops.fluxc.adaln_fp8, (x, scale, shift, 1e-6), result)
+    return variants, result, tokens * HIDDEN * 3 + tokens * 4
 
 
 def measure(kernel: str, stream: str, calls: int, case) -> dict:

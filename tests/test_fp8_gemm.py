@@ -83,7 +83,8 @@ for blocks in (False, True):
     f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=config)
     errors[f"bf16 blocks={blocks}"] = relative_error(out, f.fp8_linear_reference(a, a_scale, w, w_scale, bias))
 q, q_scale = torch.empty(m, 256, dtype=torch.float8_e4m3fn), torch.empty(m, 2)
-f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale, config=config._replace(tma_store=False))
+f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale,
+         config=config._replace(tma_store=False))  # the GELU epilogue stores from registers
 want, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(a, a_scale, w, w_scale, bias)
 errors["gelu_fp8 scales"] = relative_error(q_scale, want_scale)
 e4m3 = relative_error(dq(q, q_scale), dq(want, want_scale))
