@@ -52,18 +52,22 @@ SHAPES = [("double img qkv", IMAGE, 3 * HIDDEN, HIDDEN, f.EPILOGUE_BF16, False),
           ("single mlp up", IMAGE + TEXT, MLP, HIDDEN, f.EPILOGUE_BF16, False),
           ("single out mlp half", IMAGE + TEXT, HIDDEN, MLP, f.EPILOGUE_GATE_RESIDUAL, False)]
 # 4 warps and 64-row tiles, also swept on an H100 (2026-12-06), were never the fastest and at times 4x slower
-TILES = ("128x128x3", "128x128x4", "128x256x3", "256x128x3")  # block_m x block_n x stages, 8 warps
+# block_m x block_n x stages; 8 warps, or 4 a consumer warp group where warp specialized
+TILES = ("128x128x3", "128x128x4", "128x256x3", "128x256x4", "256x128x3")
 # a way to load and store: Config.loads, then its flags
-WAYS = ("pointers", "tma", "tma+flatten", "tma+tma_store", "tma+flatten+tma_store")
+FLAGS = ("flatten", "warp_specialize", "tma_store")
+WAYS = ("pointers", "tma", "tma+flatten", "tma+tma_store", "tma+flatten+tma_store", "tma+warp_specialize",
+        "tma+warp_specialize+tma_store")
 
 
 def config_of(tile: str, way: str) -> f.Config:
     (block_m, block_n, stages), (loads, *flags) = map(int, tile.split("x")), way.split("+")
-    return f.Config(block_m, block_n, 8, stages, loads, **{flag: True for flag in flags})
+    return f.Config(block_m, block_n, 4 if "warp_specialize" in flags else 8, stages, loads,
+                    **{flag: True for flag in flags})
 
 
 def way_of(config: f.Config) -> str:
-    return "+".join([config.loads] + [flag for flag in ("flatten", "tma_store") if getattr(config, flag)])
+    return "+".join([config.loads] + [flag for flag in FLAGS if getattr(config, flag)])
 
 
 NAMES = {f.EPILOGUE_BF16: "bf16", f.EPILOGUE_GELU_FP8: "gelu_fp8", f.EPILOGUE_GATE_RESIDUAL: "gate_residual"}
@@ -180,6 +184,10 @@ def measure(name, m, n, k, epilogue, blocks, configs) -> dict:
     return row
 
 
+def abbreviated(way: str) -> str:
+    return way.replace("tma_store", "st").replace("flatten", "fl").replace("warp_specialize", "ws")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -199,7 +207,7 @@ def main() -> None:
     print(f"\nFP8 GEMMs with epilogues on {r['gpu']} (commit {r['commit']}); ms, TFLOP/s")
     ways = [way for way in WAYS if way in args.ways.split(",")]
     print(f"{'shape':<22}{'epilogue':<15}{'scales':<7}{'cuBLAS':>8}{'today':>8}"
-          + "".join(f"{w.replace('tma_store', 'st').replace('flatten', 'fl'):>12}" for w in ways)
+          + "".join(f"{abbreviated(w):>12}" for w in ways)
           + f"{'chosen':>8}{'TF/s':>7}{'x today':>9}{'rel err':>9}")
     for x in r["rows"]:
         best = "".join(f"{x['fluxc_by_way_ms'].get(way, float('nan')):>12.3f}" for way in ways)

@@ -114,13 +114,14 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store"])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store", "tma+warp_specialize+tma_store"])
 @pytest.mark.parametrize("epilogue", ["bf16", "gelu_fp8", "gate_residual"])
 @pytest.mark.parametrize("blocks", [False, True])
 def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
     """Each variant compiled for sm_90a here (Triton bundles ptxas): its e4m3 dot becomes wgmma, Hopper's
     asynchronous warpgroup MMA, the TMA variant's loads the bulk tensor copy (and its TMA stores the bulk copy
-    out of shared memory), and the cubin is made."""
+    out of shared memory), and the cubin is made; warp specialized, the kernel splits into a producer and consumer
+    warp groups that trade registers (setmaxnreg), not a uniform kernel with the loop's attribute ignored."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -133,7 +134,8 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
         pytest.skip("the GELU epilogue stores its e4m3 codes and scales from registers")
     config = fp8_gemm.CONFIGS.get((number, blocks), fp8_gemm.Config())  # the tiles the ops launch
     out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
-    tma, flags = loads.startswith("tma"), {"FLATTEN": "flatten" in loads, "TMA_STORE": "tma_store" in loads}
+    tma = loads.startswith("tma")
+    flags = {flag.upper(): flag in loads for flag in ("flatten", "tma_store", "warp_specialize")}
     signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
                  "bias_ptr": "*bf16", "out_ptr": out, "out_scale_ptr": "*fp32", "gate_ptr": "*bf16",
                  "residual_ptr": "*bf16",
@@ -145,11 +147,13 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
     kernel = fp8_gemm._fp8_gemm_tma_kernel if tma else fp8_gemm._fp8_gemm_kernel
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128),
-                              options={"num_warps": config.warps, "num_stages": config.stages})
+                              options={"num_warps": 4 if flags["WARP_SPECIALIZE"] else config.warps,
+                                       "num_stages": config.stages})
     ptx = compiled.asm["ptx"]
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
     assert not tma or "cp.async.bulk.tensor" in ptx
     assert not flags["TMA_STORE"] or "cp.async.bulk.tensor.2d.global.shared" in ptx
+    assert not flags["WARP_SPECIALIZE"] or ("setmaxnreg" in ptx and compiled.metadata.num_warps > 4)
     assert len(compiled.asm["cubin"]) > 1000
 
 

@@ -139,7 +139,11 @@ class Config(NamedTuple):
     flatten (tma only): one software-pipelined loop over tiles x K blocks, so the next tile's first loads are in
     flight while this tile's epilogue runs (Triton's tl.range(flatten=True)).
     tma_store (tma only; the bf16 and gated-residual epilogues): the output (and the residual) through descriptors,
-    in two 128-column halves: staged in shared memory and written asynchronously, not stored from registers."""
+    in two 128-column halves: staged in shared memory and written asynchronously, not stored from registers.
+    warp_specialize (tma only, not with flatten): Triton's Hopper warp specialization (tl.range(warp_specialize=True)
+    on the loop over tiles): a producer warp group issues the TMA loads while two consumer warp groups of `warps`
+    warps each (4: one warp group) run the wgmma and the epilogue on half the tile, DeepGEMM's and CUTLASS's
+    layout; the producer runs ahead into the next tile while the consumers store this one."""
     block_m: int = 128
     block_n: int = 128
     warps: int = 8
@@ -147,6 +151,7 @@ class Config(NamedTuple):
     loads: str = "pointers"
     flatten: bool = False
     tma_store: bool = False
+    warp_specialize: bool = False
 
 
 # The tiles per (epilogue, activation scales in 1x128 blocks) at FLUX.1-dev's shapes, measured on an H100 as a graphed
@@ -199,8 +204,10 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     kernel, extra = _fp8_gemm_kernel, {}
     if config.loads == "tma":
         assert not config.tma_store or epilogue != EPILOGUE_GELU_FP8
+        assert not (config.flatten and config.warp_specialize), config
         kernel, extra = _fp8_gemm_tma_kernel, dict(PROGRAMS=min(tiles, multiprocessors(a.device)),
-                                                    FLATTEN=config.flatten, TMA_STORE=config.tma_store)
+                                                    FLATTEN=config.flatten, TMA_STORE=config.tma_store,
+                                                    WARP_SPECIALIZE=config.warp_specialize)
         triton.set_allocator(_descriptor_memory)  # (Inductor's launcher sets its own for the segments it runs)
     (wrap_triton(kernel) if traceable else kernel)[(extra.get("PROGRAMS", tiles),)](
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
@@ -318,7 +325,7 @@ if triton is not None:
                              A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
-                             TMA_STORE: tl.constexpr):
+                             TMA_STORE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         # persistent: PROGRAMS programs (one per SM) walk the tiles; the TMA unit copies each operand tile (rows past
         # M or N read as zeros), so the loop has no address arithmetic and no masks. The descriptors are made here
         # (on the device), not by the host: torch traces a kernel's pointers into a segment, not host descriptors.
@@ -332,7 +339,7 @@ if triton is not None:
                 residual_desc = tl.make_tensor_descriptor(residual_ptr, shape=[M, N], strides=[N, 1],
                                                           block_shape=[BLOCK_M, BLOCK_N // 2])
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS,
-                             flatten=FLATTEN):
+                             flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
             pm, pn = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
