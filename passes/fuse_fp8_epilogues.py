@@ -18,7 +18,9 @@ Rewrite:
     (the reading GEMMs take %q, %s directly: the views between them only flattened [B, S] and back)
 The GELU output is written once, in e4m3, where today it is written in bf16, read back, quantized and written
 again; the projections' bf16 output goes straight into the residual stream.
-Pattern, plain (after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias)
+Pattern, plain (after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias),
+    where the Triton kernel is the faster on the GPU building the engine (fluxc.tactics measures both at the shape;
+    a CPU build rewrites them all, and the op leaves fewer than CUBLAS_BELOW rows to cuBLAS in any case)
 The recipe's fp8_epilogues names which: "gate_residual", "gelu" (which needs "gate_residual") and "plain".
 Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static
 per-tensor scales, and FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or
@@ -37,8 +39,9 @@ import operator
 
 import torch
 
+from fluxc import tactics
 from fluxc.passes.base import NoMatch, PassContext, PassResult, aten, call, is_aten, rewrite_all
-from fluxc.runtime.ops.fp8_gemm import BLOCK
+from fluxc.runtime.ops.fp8_gemm import BLOCK, on_cublas
 
 GATE_RESIDUAL, GELU_FP8 = torch.ops.fluxc.fp8_linear_gate_residual.default, torch.ops.fluxc.fp8_linear_gelu_fp8.default
 LINEAR = torch.ops.fluxc.fp8_linear.default
@@ -125,6 +128,13 @@ def fuse_gelu(gm: torch.fx.GraphModule, gelu: torch.fx.Node) -> None:
 
 def fuse_plain(gm: torch.fx.GraphModule, mm: torch.fx.Node) -> None:
     operands = _operands(mm, 0, one_user=False)
+    a, a_scale, w, _, bias = (x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in operands)
+    if a.is_cuda and not on_cublas(a, a_scale):
+        (m, k), n = a.shape, w.shape[0]
+        ms = tactics.fp8_linear_ms(m, n, k, bias is not None, a.device)
+        if ms["cublas"] <= ms["triton"]:
+            raise NoMatch(mm, f"cuBLAS measured faster on this GPU at {m}x{n}x{k}: {ms['cublas']:.3f} ms against the "
+                              f"Triton kernel's {ms['triton']:.3f}", 1)
     with gm.graph.inserting_before(mm):
         mm.replace_all_uses_with(call(gm.graph, LINEAR, *operands))
 

@@ -12,7 +12,6 @@ back to back, as a denoising loop runs them, lets each launch overlap the previo
 """
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -28,20 +27,10 @@ from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 from fluxc.runtime.core.families import FAMILIES
 from fluxc.runtime.core.profile import Profile
-from fluxc.runtime.ops import fp8_gemm
 from timing import H, TEXT, W, cuda_ms, diffusers_call, free, inputs, kernel_breakdown, phase_peak, source_commit
 
 AUTOTUNE = (("emulate_precision_casts", True), ("max_autotune_gemm", True), ("coordinate_descent_tuning", True))
-# The "ws" variants' FP8 GEMM launches (fp8_gemm.CONFIGS while they build; their kernels are compiled into the
-# engine then): every epilogue on TMA tiles with Triton's Hopper warp specialization, a producer warp group and two
-# consumer warp groups of 4 warps; the tiles as CONFIGS', the GELU's 128 columns wide (one scale block)
-WARP_SPECIALIZED = {
-    (fp8_gemm.EPILOGUE_BF16, False): fp8_gemm.Config(128, 256, 4, 3, "tma", tma_store=True, warp_specialize=True),
-    (fp8_gemm.EPILOGUE_GELU_FP8, False): fp8_gemm.Config(128, 128, 4, 4, "tma", warp_specialize=True),
-    (fp8_gemm.EPILOGUE_GATE_RESIDUAL, False): fp8_gemm.Config(128, 256, 4, 3, "tma", warp_specialize=True),
-    (fp8_gemm.EPILOGUE_GATE_RESIDUAL, True): fp8_gemm.Config(128, 128, 4, 4, "tma", warp_specialize=True)}
-GELU = (("fp8_epilogues", ("gate_residual", "gelu", "plain")),)
-# --variants: label -> (recipe, recipe overrides, calibration samples[, fp8_gemm.CONFIGS for the build])
+# --variants: label -> (recipe, recipe overrides, calibration samples)
 VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("hoist_schedule", False),), 0),
             "fluxc bf16 unfused": ("bf16_unfused", (), 0),
             "fluxc bf16 autotune": ("bf16", (("inductor_options", AUTOTUNE),), 0),
@@ -51,23 +40,8 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
             "fluxc fp8 gate residual": ("sm90_fp8_epilogues", (("fp8_epilogues", ("gate_residual",)),), 0),
             "fluxc fp8 epilogues gelu": ("sm90_fp8_epilogues", (("fp8_epilogues", ("gate_residual", "gelu")),), 0),
             "fluxc fp8 attn epilogues": ("sm90_fp8_attn_epilogues", (), 0),
-            "fluxc fp8 attn epilogues gelu": ("sm90_fp8_attn_epilogues", GELU, 0),
-            "fluxc fp8 attn epilogues ws": ("sm90_fp8_attn_epilogues", (), 0, WARP_SPECIALIZED),
-            "fluxc fp8 attn epilogues gelu ws": ("sm90_fp8_attn_epilogues", GELU, 0, WARP_SPECIALIZED)}
-
-
-@contextlib.contextmanager
-def gemm_configs(configs: dict | None):
-    """fp8_gemm.CONFIGS updated with `configs` for the duration (None: unchanged), Inductor's caches off then (its
-    keys see the graph's fluxc ops, not the launches they trace to: a cached segment would keep the old tiles)."""
-    saved = dict(fp8_gemm.CONFIGS)
-    fp8_gemm.CONFIGS.update(configs or {})
-    try:
-        with torch._inductor.config.patch(force_disable_caches=bool(configs)):
-            yield
-    finally:
-        fp8_gemm.CONFIGS.clear()
-        fp8_gemm.CONFIGS.update(saved)
+            "fluxc fp8 attn epilogues gelu": ("sm90_fp8_attn_epilogues",
+                                              (("fp8_epilogues", ("gate_residual", "gelu", "plain")),), 0)}
 
 
 @torch.no_grad()
@@ -89,13 +63,12 @@ def main():
     # 1. fluxc, with and without its fusion passes: build, then load the written engine (hash-verified) and time it
     x = None
     for label in args.variants.split(","):
-        recipe, overrides, calibrate, *configs = VARIANTS[label]
+        recipe, overrides, calibrate = VARIANTS[label]
         engine_path = os.path.join(args.workdir, "flux1-dev.fluxe")
         t0 = time.perf_counter()
-        with gemm_configs(configs[0] if configs else None):
-            manifest = build(BuildOptions(model="flux1-dev", output=engine_path,
-                                          precision=RECIPES[recipe]().precision.value, recipe=recipe,
-                                          recipe_overrides=overrides, calibrate=calibrate, transformer_only=True))
+        manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision=RECIPES[recipe]().precision.value,
+                                      recipe=recipe,
+                                      recipe_overrides=overrides, calibrate=calibrate, transformer_only=True))
         total_build = time.perf_counter() - t0
         secs = manifest["build_seconds"]
         trace_compile = secs["trace"] + secs["passes"] + sum(v for k, v in secs.items() if k.startswith("compile"))
@@ -123,14 +96,16 @@ def main():
                           "peak_gib": peak, "denoise_s": loop_ms / 1000, "weights_gb": engine.weight_bytes / 1e9,
                           "build_trace_compile_s": trace_compile, "build_total_s": total_build,
                           "build_stages_s": secs, "load_s": load_s, "segment_numerics": manifest["numerics"],
-                          "pass_counts": manifest["pass_counts"], "kernels": breakdown}
+                          "pass_counts": manifest["pass_counts"], "kernels": breakdown,
+                          "fp8_epilogues_explain": {seg: ex["fuse_fp8_epilogues"] for seg, ex in
+                                                    manifest["pass_explain"].items() if "fuse_fp8_epilogues" in ex}}
         del engine, graphed
         free()
         shutil.rmtree(engine_path)  # 24 GB each
+        with open(args.out, "w") as f:  # after each variant: a run cut short keeps what it measured
+            json.dump(rec | {"results": results}, f, indent=1)
 
     if args.no_baselines:
-        with open(args.out, "w") as f:
-            json.dump(rec | {"results": results}, f, indent=1)
         for name, r in results.items():
             k = r["kernels"]
             print(f"{name}: {r['ms_per_step']:.2f} ms/step (graph {r['graph_ms_per_step']:.2f}); GEMM {k['gemm_ms']:.1f} "

@@ -11,6 +11,7 @@ import subprocess
 import torch
 
 from fluxc.runtime.core.profile import Profile
+from fluxc.tactics import graph_ms  # noqa: F401 (the benchmarks' graphed timing is the build's)
 
 H = W = 1024
 TEXT = 512
@@ -37,23 +38,6 @@ def cuda_ms(fn, warmup=3, iters=10, calls=1) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
-
-
-def graph_ms(fn, calls=10, iters=10, warmup=2) -> float:
-    """GPU ms per fn() call as a graphed engine step runs it: CUDA-event median of replays of one CUDA graph holding
-    `calls` back-to-back fn() calls, so no launch gap or host dispatch is timed. Repeating one call keeps its
-    operands warm in L2, for every variant alike."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks its kernel) off the capture
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return cuda_ms(graph.replay, warmup=1, iters=iters) / calls
 
 
 def kernel_category(name: str) -> str:

@@ -1,0 +1,65 @@
+"""Choices made by measurement on the GPU an engine is built on, where the fastest kernel for a shape differs by GPU
+(TensorRT calls these tactics): the build times the candidates once per shape and bakes the winner into the graph.
+
+    fp8_linear_ms(m, n, k, bias, device) -> {"triton": ms, "cublas": ms}
+        An FP8 GEMM without an epilogue (per-token activation scales, per-channel weight scales, bf16 output) on
+        fluxc's Triton kernel (runtime/ops/fp8_gemm.py, its tiles for the shape) and on cuBLAS's `_scaled_mm`.
+        They trade places by GPU: on an H100 the Triton kernel led at FLUX.1-dev's widest GEMM, 4608x21504x3072
+        (0.478 against 0.560 ms); on an H200, cuBLAS (0.493 against 0.515), in the same build of torch
+        (benchmarks/results/2026-12-06-h{1,2}00-fp8-gemm-*.json). passes/fuse_fp8_epilogues.py's "plain" asks.
+
+Timings are GPU time as a graphed step runs the kernel (graph_ms). A build on a CPU measures nothing: the passes
+keep their rule-based choice. Two builds can choose differently where two candidates are within noise, and then
+either is as fast; --explain records what was measured.
+"""
+
+import functools
+import statistics
+
+import torch
+
+
+def graph_ms(fn, calls: int = 10, iters: int = 10, warmup: int = 2) -> float:
+    """GPU ms per fn() call as a graphed engine step runs it: the CUDA-event median of replays of one CUDA graph
+    holding `calls` back-to-back fn() calls, so no launch gap or host dispatch is timed. Repeating one call keeps
+    its operands warm in L2, for every candidate alike."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks its kernel) off the capture
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+@functools.cache
+def fp8_linear_ms(m: int, n: int, k: int, bias: bool, device: torch.device) -> dict[str, float]:
+    """{"triton": ms, "cublas": ms} of an [M, K] x [N, K]^T e4m3 GEMM with per-token scales and a bf16 output."""
+    from fluxc.runtime.ops import fp8_gemm
+
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(m, k, generator=g, device=device).to(torch.float8_e4m3fn)
+    w = torch.randn(n, k, generator=g, device=device).to(torch.float8_e4m3fn)
+    a_scale, w_scale = torch.rand(m, 1, device=device) + 0.5, torch.rand(n, 1, device=device) + 0.5
+    b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
+    out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+    ms = {"triton": graph_ms(lambda: fp8_gemm.launch(a, a_scale, w, w_scale, b, out, fp8_gemm.EPILOGUE_BF16,
+                                                     traceable=False)),
+          "cublas": graph_ms(lambda: torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias=b,
+                                                      out_dtype=torch.bfloat16))}
+    del a, w, out
+    torch.cuda.empty_cache()
+    return ms
