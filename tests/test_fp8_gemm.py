@@ -225,3 +225,49 @@ def test_wide_tiles_narrow_where_the_last_wave_would_idle():
     assert choose(CONFIGS[(EPILOGUE_BF16, False)], 4608, 21504, 132).block_n == 256
     assert choose(wide, 4608, 3072, 132) == narrow and choose(wide, 512, 3072, 132) == narrow
     assert choose(Config(256, 128, 8, 3), 512, 3072, 132) == Config(256, 128, 8, 3)
+
+
+@pytest.mark.parametrize("faster", ["triton", "cublas"])
+def test_plain_gemms_go_where_the_building_gpu_measured_them_faster(faster, hopper_driver, monkeypatch):
+    """fuse_fp8_epilogues' "plain" on a GEMM traced on (fake) CUDA tensors asks fluxc.tactics for both candidates'
+    times at the shape and rewrites to the Triton kernel only where it was faster, saying why where it does not; the
+    GEMMs the op leaves to cuBLAS anyway (fewer than CUBLAS_BELOW rows) are not measured. The measurement is
+    replaced here (it needs the GPU; scripts/gpu_tests.sh's transformer job records what an H200 chose)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fluxc import tactics
+    from fluxc.passes import fuse_fp8_epilogues
+    from fluxc.passes.base import PassContext
+    from fluxc.recipes import RECIPES
+    from fluxc.runtime.ops import fp8_gemm
+    from fluxc.runtime.ops.fp8_gemm import CUBLAS_BELOW
+
+    asked = []
+
+    def measured(m, n, k, bias, device):
+        asked.append((m, n, k, bias, device.type))
+        return {"triton": 1.0, "cublas": 2.0} if faster == "triton" else {"triton": 2.0, "cublas": 1.0}
+
+    monkeypatch.setattr(tactics, "fp8_linear_ms", measured)
+    monkeypatch.setattr(fp8_gemm, "multiprocessors", lambda device: 132)  # (the rewritten op's fake launches ask)
+    e4, f32, bf16 = torch.float8_e4m3fn, torch.float32, torch.bfloat16
+
+    def gemms(a, sa, w, sw, bias, text, text_scale):
+        return (torch._scaled_mm(a, w.t(), sa, sw.t(), bias, out_dtype=bf16),
+                torch._scaled_mm(text, w.t(), text_scale, sw.t(), bias, out_dtype=bf16))
+
+    with FakeTensorMode():
+        args = [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in
+                (((CUBLAS_BELOW, 256), e4), ((CUBLAS_BELOW, 1), f32), ((384, 256), e4), ((384, 1), f32), ((384,), bf16),
+                 ((512, 256), e4), ((512, 1), f32))]
+    gm = make_fx(gemms, tracing_mode="fake")(*args)
+    result = fuse_fp8_epilogues.run(gm, PassContext(RECIPES["sm90_fp8_epilogues"](), "sm_90", "double"))
+    assert asked == [(CUBLAS_BELOW, 384, 256, True, "cuda")]
+    left = [n for n in gm.graph.nodes if n.target is torch.ops.aten._scaled_mm.default]
+    if faster == "triton":
+        assert result.counts["plain"] == 2 and not left  # (the text stream's op calls cuBLAS itself)
+    else:
+        assert result.counts["plain"] == 1 and len(left) == 1 and left[0].args[0].meta["val"].shape[0] == CUBLAS_BELOW
+        assert [r.reason for r in result.rejected] == [
+            f"cuBLAS measured faster on this GPU at {CUBLAS_BELOW}x384x256: 1.000 ms against the Triton kernel's 2.000"]
