@@ -10,9 +10,11 @@ epilogue does the work that today follows cuBLAS's `_scaled_mm` as separate pass
     fp8_linear_gate_residual(a, a_scale, w, w_scale, bias, gate [B, N], residual [B, S, N]) -> [B, S, N] bf16
         The output projections: residual + gate * (a @ w.T + bias), FLUX's gated residual, in the GEMM's store.
     fp8_linear(a, a_scale, w, w_scale, bias) -> [M, N] bf16
-        No epilogue: `_scaled_mm`'s work on the same kernel, for the GEMMs where it is faster than cuBLAS (on an
-        H100, graphed, FLUX.1-dev's widest GEMM, 4608x21504x3072, in 0.485 ms against cuBLAS's 0.564); below
-        CUBLAS_BELOW rows of per-token-scaled activations it calls cuBLAS, which stays ahead there.
+        No epilogue: `_scaled_mm`'s work on the same kernel, for the GEMMs where it is faster than cuBLAS, which
+        differs by GPU (graphed, FLUX.1-dev's widest GEMM, 4608x21504x3072: an H100 0.478 ms against cuBLAS's
+        0.560, an H200 0.515 against 0.493): fuse_fp8_epilogues rewrites to it where fluxc.tactics measured it
+        faster on the building GPU. Below CUBLAS_BELOW rows of per-token-scaled activations it calls cuBLAS, which
+        stays ahead there.
 
     a: [M, K] e4m3 with per-token scales [M, 1] (today's activations) or 1x128 block scales [M, K / 128] (the
     output of fp8_linear_gelu_fp8: the down-projection reads it as it was written). w: [N, K] e4m3 with per-output-
