@@ -13,6 +13,7 @@ Per shape and epilogue, GPU time per call as an engine's graphed step runs it (t
             tiles (--ways: pointers, or TMA descriptors with a persistent grid, its loop over tiles flattened or
             not, its output stored through descriptors or not); the best is reported, and the best of each way
     chosen  what the op launches for the shape (fp8_gemm.choose's tiles, or cuBLAS below CUBLAS_BELOW rows)
+    tactic  for a GEMM without an epilogue: what fluxc.tactics measures for a build on this GPU, and its pick
 TFLOP/s counts 2MNK; GB moved counts each variant's own reads and writes. Each fused output is checked against
 the reference ops on the same inputs (relative error). Writes JSON and prints a table last.
 """
@@ -23,6 +24,7 @@ import json
 import torch
 
 from timing import graph_ms, source_commit
+from fluxc import tactics
 from fluxc.runtime.ops import fp8_gemm as f
 from fluxc.runtime.ops.kernels import quantize_rows
 from fluxc.numerics import relative_error
@@ -166,6 +168,10 @@ def measure(name, m, n, k, epilogue, blocks, configs) -> dict:
     row["chosen_config"] = chosen._asdict()
     row["chosen_ms"] = (row["cublas_ms"] if epilogue == f.EPILOGUE_BF16 and f.on_cublas(a, a_scale)
                         else row["configs_ms"].get(str(chosen)))
+    if epilogue == f.EPILOGUE_BF16 and not blocks and not f.on_cublas(a, a_scale):
+        # what a build on this GPU measures to pick the plain GEMM's kernel (passes/fuse_fp8_epilogues.py)
+        row["tactic_ms"] = tactics.fp8_linear_ms(m, n, k, True, a.device)
+        row["tactic"] = min(row["tactic_ms"], key=row["tactic_ms"].get)
     # the check: against the reference ops on the same inputs (on the GPU, fp32 matmul)
     if epilogue == f.EPILOGUE_GELU_FP8:
         want_q, want_scale = f.gelu_fp8_reference(a, a_scale, w, w_scale, bias)
@@ -208,12 +214,12 @@ def main() -> None:
     ways = [way for way in WAYS if way in args.ways.split(",")]
     print(f"{'shape':<22}{'epilogue':<15}{'scales':<7}{'cuBLAS':>8}{'today':>8}"
           + "".join(f"{abbreviated(w):>12}" for w in ways)
-          + f"{'chosen':>8}{'TF/s':>7}{'x today':>9}{'rel err':>9}")
+          + f"{'chosen':>8}{'TF/s':>7}{'x today':>9}{'rel err':>9}  tactic")
     for x in r["rows"]:
         best = "".join(f"{x['fluxc_by_way_ms'].get(way, float('nan')):>12.3f}" for way in ways)
         print(f"{x['shape']:<22}{x['epilogue']:<15}{x['a_scales']:<7}{x['cublas_ms']:>8.3f}{x['today_ms']:>8.3f}{best}"
               f"{x['chosen_ms'] or float('nan'):>8.3f}{x['fluxc_tflops']:>7.0f}{x['speedup_vs_today']:>9.2f}"
-              f"{x['relative_error']:>9.1e}")
+              f"{x['relative_error']:>9.1e}  {x.get('tactic', '')}")
 
 
 if __name__ == "__main__":
