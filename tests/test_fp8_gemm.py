@@ -271,3 +271,42 @@ def test_plain_gemms_go_where_the_building_gpu_measured_them_faster(faster, hopp
         assert result.counts["plain"] == 1 and len(left) == 1 and left[0].args[0].meta["val"].shape[0] == CUBLAS_BELOW
         assert [r.reason for r in result.rejected] == [
             f"cuBLAS measured faster on this GPU at {CUBLAS_BELOW}x384x256: 1.000 ms against the Triton kernel's 2.000"]
+
+
+@pytest.mark.gpu
+def test_plain_gemm_choice_on_this_gpu_follows_its_timings_and_keeps_the_result():
+    """On a real GPU, unreplaced: fluxc.tactics times both kernels at a FLUX-sized plain GEMM (two positive
+    timings, each within 2x of the same calls timed back to back by CUDA events outside a graph), the pass keeps the
+    faster, and the graph computes what it did before (within bf16 rounding of the other kernel's sum order)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fluxc import tactics
+    from fluxc.passes import fuse_fp8_epilogues
+    from fluxc.passes.base import PassContext
+    from fluxc.recipes import RECIPES
+    from fluxc.runtime.ops import fp8_gemm
+
+    m, n, k = 4096, 9216, 3072  # a double block's image QKV: ~0.18 ms, well above a launch's host time
+    ops, _ = operands(m, k, n, seed=7)
+    args = [t.cuda() for t in ops]
+
+    def gemm(a, sa, w, sw, bias):
+        return torch._scaled_mm(a, w.t(), sa, sw.t(), bias, out_dtype=torch.bfloat16)
+
+    gm = make_fx(gemm, tracing_mode="fake")(*args)
+    want = gm(*args)
+    result = fuse_fp8_epilogues.run(gm, PassContext(RECIPES["sm90_fp8_epilogues"](), "sm_90", "double"))
+    ms = tactics.fp8_linear_ms(m, n, k, True, args[0].device)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    candidates = {"triton": lambda: fp8_gemm.launch(*args, out, fp8_gemm.EPILOGUE_BF16, traceable=False),
+                  "cublas": lambda: gemm(*args)}
+    for name, fn in candidates.items():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        end.synchronize()
+        assert 0 < ms[name] and 0.5 < start.elapsed_time(end) / 20 / ms[name] < 2, (name, ms)
+    assert result.counts["plain"] == (ms["triton"] < ms["cublas"]), (ms, result.rejected)
+    assert relative_error(gm(*args).float(), want.float()) <= REWRITE_TOLERANCE[torch.bfloat16]
