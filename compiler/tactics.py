@@ -56,10 +56,7 @@ def fp8_linear_ms(m: int, n: int, k: int, bias: bool, device: torch.device) -> d
     a_scale, w_scale = torch.rand(m, 1, device=device) + 0.5, torch.rand(n, 1, device=device) + 0.5
     b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
     out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
-    ms = {"triton": graph_ms(lambda: fp8_gemm.launch(a, a_scale, w, w_scale, b, out, fp8_gemm.EPILOGUE_BF16,
-                                                     traceable=False)),
-          "cublas": graph_ms(lambda: torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias=b,
-                                                      out_dtype=torch.bfloat16))}
-    del a, w, out
-    torch.cuda.empty_cache()
-    return ms
+    return {"triton": graph_ms(lambda: fp8_gemm.launch(a, a_scale, w, w_scale, b, out, fp8_gemm.EPILOGUE_BF16,
+                                                       traceable=False)),
+            "cublas": graph_ms(lambda: torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias=b,
+                                                        out_dtype=torch.bfloat16))}
