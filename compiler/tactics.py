@@ -19,10 +19,27 @@ import statistics
 import torch
 
 
+def cuda_ms(fn, warmup: int = 3, iters: int = 10, calls: int = 1) -> float:
+    """Median over `iters` CUDA-event timings of `calls` back-to-back fn() calls, per call, after warm-up.
+    calls > 1 times calls as a denoising loop makes them: each launch overlaps the previous call's GPU work."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def graph_ms(fn, calls: int = 10, iters: int = 10, warmup: int = 2) -> float:
-    """GPU ms per fn() call as a graphed engine step runs it: the CUDA-event median of replays of one CUDA graph
-    holding `calls` back-to-back fn() calls, so no launch gap or host dispatch is timed. Repeating one call keeps
-    its operands warm in L2, for every candidate alike."""
+    """GPU ms per fn() call as a graphed engine step runs it: cuda_ms of replays of one CUDA graph holding `calls`
+    back-to-back fn() calls, so no launch gap or host dispatch is timed. Repeating one call keeps its operands warm
+    in L2, for every candidate alike."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks its kernel) off the capture
@@ -33,16 +50,7 @@ def graph_ms(fn, calls: int = 10, iters: int = 10, warmup: int = 2) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+    return cuda_ms(graph.replay, warmup=1, iters=iters) / calls
 
 
 @functools.cache

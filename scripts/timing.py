@@ -5,13 +5,12 @@ kernel breakdown under torch.profiler, and the commit measured.
 
 import gc
 import os
-import statistics
 import subprocess
 
 import torch
 
 from fluxc.runtime.core.profile import Profile
-from fluxc.tactics import graph_ms  # noqa: F401 (the benchmarks' graphed timing is the build's)
+from fluxc.tactics import cuda_ms, graph_ms  # noqa: F401 (the benchmarks' timers are the build's)
 
 H = W = 1024
 TEXT = 512
@@ -21,23 +20,6 @@ def source_commit() -> str:
     """The commit measured: $FLUXC_COMMIT (the lab GPU gets a copy of the tree without its history), else git."""
     return os.environ.get("FLUXC_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                                             capture_output=True, text=True).stdout.strip()
-
-
-def cuda_ms(fn, warmup=3, iters=10, calls=1) -> float:
-    """Median over `iters` CUDA-event timings of `calls` back-to-back fn() calls, per call, after warm-up.
-    calls > 1 times calls as a denoising loop makes them: each launch overlaps the previous call's GPU work."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
 
 
 def kernel_category(name: str) -> str:
