@@ -301,12 +301,6 @@ def test_plain_gemm_choice_on_this_gpu_follows_its_timings_and_keeps_the_result(
     candidates = {"triton": lambda: fp8_gemm.launch(*args, out, fp8_gemm.EPILOGUE_BF16, traceable=False),
                   "cublas": lambda: gemm(*args)}
     for name, fn in candidates.items():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            fn()
-        end.record()
-        end.synchronize()
-        assert 0 < ms[name] and 0.5 < start.elapsed_time(end) / 20 / ms[name] < 2, (name, ms)
+        assert 0 < ms[name] and 0.5 < tactics.cuda_ms(fn, warmup=1, iters=3, calls=20) / ms[name] < 2, (name, ms)
     assert result.counts["plain"] == (ms["triton"] < ms["cublas"]), (ms, result.rejected)
     assert relative_error(gm(*args).float(), want.float()) <= REWRITE_TOLERANCE[torch.bfloat16]
