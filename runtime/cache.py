@@ -20,8 +20,8 @@ a row the next step runs. A forced schedule (`schedule`, for measuring the mecha
 decision: exactly the listed steps skip.
 
 The settings (CacheConfig, the policies and their default thresholds) are in core/cache_config.py.
-The decision is a handful of scalar ops on the device; the loop reads one flag per step to pick the
-graph to launch (the only host sync a cached loop has).
+The decision is a handful of scalar ops on the device, and the step's CUDA graph branches on its flag
+(runtime/loop.py): a cached loop has no host sync on one GPU.
 """
 
 import torch

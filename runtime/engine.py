@@ -7,8 +7,9 @@ embedding, every block's AdaLN modulation) run once over all steps' rows and giv
 per-step values. On CUDA one whole step (head, every block, tail, Euler update) is captured as one CUDA
 graph per profile; the loop then only copies the step's row of that buffer, its timestep and its sigma
 delta on the device and replays, so there is no host sync inside the loop. With a cache policy
-(runtime/cache.py) a step is three graphs instead: the head up to the cut with the skip decision, then
-either the rest of the stack or the reuse of its remembered residual, picked by one flag read per step.
+(runtime/cache.py) the graph also holds the skip decision and both branches, the rest of the stack and the
+reuse of its remembered residual, as conditional nodes the GPU chooses between (runtime/loop.py; a
+context-parallel step reads the flag on the host instead).
 Segments have a static batch: more prompts than the engine's batch run in chunks, the last one padded by
 repeating its last prompt.
 """
@@ -689,19 +690,19 @@ class Engine:
 
         step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph,
                           inpaint="inpaint_mask" in conditions)
-        skipped, clock = [], StepClock(self.device) if step_ms is not None else None
+        flags, clock = [], StepClock(self.device) if step_ms is not None else None
         for i in range(steps):
             if clock:
                 clock.tick()
             for k, v in per_step.items():
                 step.state[k].copy_(v[i])  # device to device: no host sync
-            if step.run():
-                skipped.append(i)
+            flags.append(step.run())
             if on_step is not None:
                 on_step(i)
         if clock:
             step_ms.extend(clock.done())
         if report is not None and config.on:
+            skipped = [i for i, skip in enumerate(torch.stack(flags).tolist()) if skip]  # read once, after the loop
             report["cache"] = config.to_dict() | {"threshold": config.limit, "skipped_steps": skipped,
                                                   "full_steps": steps - len(skipped)}
         return parallel.gather(step.state["hidden_states"].clone(), 1)

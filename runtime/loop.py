@@ -2,8 +2,11 @@
 
 A step without a cache policy is one piece: the whole transformer (head, every block, tail) and the Euler update,
 captured as one CUDA graph per profile. With a cache policy (cache.py) it is three: the head up to the cut with
-the skip decision, then either the rest of the stack or the reuse of its remembered residual, picked by one flag
-read per step. The engine (engine.py) owns the segments; a step calls its head / blocks / tail.
+the skip decision, then either the rest of the stack or the reuse of its remembered residual. On one GPU the three
+are one CUDA graph whose two branches are conditional (IF) nodes on the decision's flag, so the GPU picks the
+branch and the loop never waits for it; a context-parallel step (collectives in the branches) reads the flag on the
+host instead and launches the branch's own graph. The engine (engine.py) owns the segments; a step calls its head /
+blocks / tail.
 """
 
 import time
@@ -72,13 +75,17 @@ class StageClock:
 
 class Step:
     """One Euler step as a list of pieces over the loop's state buffers, each captured as a CUDA graph (all in
-    one memory pool) when `graphed`, else run as is. run() runs the step; it returns whether the step skipped."""
+    one memory pool) when `graphed`, else run as is. run() runs the step; a cached step returns its skip flag
+    (a 0-d bool on the device, read when the caller wants it), an uncached one None."""
 
     def __init__(self, engine, profile: Profile, config, state: dict, graphed: bool):
         self.engine, self.profile, self.config = engine, profile, config
         self.state = {k: v.clone() for k, v in state.items()} if graphed else state
         self.pieces = self._pieces()
-        self.graphs = _capture(self.pieces) if graphed else None
+        self.graphs = self._capture() if graphed else None
+
+    def _capture(self) -> list[torch.cuda.CUDAGraph]:
+        return capture(self.pieces)
 
     def _pieces(self) -> list:
         return [lambda: self._finish(self.engine.transformer(self.profile, self.state))]
@@ -99,9 +106,9 @@ class Step:
         else:
             self.graphs[i].replay()
 
-    def run(self) -> bool:
+    def run(self) -> torch.Tensor | None:
         self._piece(0)
-        return False
+        return None
 
     def load(self, state: dict) -> None:
         """Copy the caller's inputs into the captured buffers (the warm-up changed them)."""
@@ -111,7 +118,11 @@ class Step:
 
 class CachedStep(Step):
     """A step with a cache policy: the head up to the cut with the decision, then the rest of the stack or
-    the reuse of its remembered residual, picked by reading the decision's flag (one host sync per step)."""
+    the reuse of its remembered residual. Graphed on one GPU, the three are one graph with the branches as
+    conditional nodes (`branched`); otherwise the host reads the decision's flag (one sync per step) and runs
+    the branch's piece."""
+
+    branched = False
 
     def _pieces(self) -> list:
         return [self._head, self._rest, self._reuse]
@@ -145,15 +156,42 @@ class CachedStep(Step):
         acts = dict(self.cut, hidden_states=self.cut["hidden_states"] + self.state["cache_tail"])
         self._finish(self.engine.tail(self.profile, acts))
 
-    def run(self) -> bool:
-        self._piece(0)
-        skip = bool(self.state["cache_skip"])  # the flag read
-        self._piece(2 if skip else 1)
-        return skip
+    def _capture(self) -> list[torch.cuda.CUDAGraph]:
+        self.branched = parallel.world_size() == 1 and conditional_nodes()
+        return capture(self.pieces, [self._branches] if self.branched else None)
+
+    def _branches(self) -> None:
+        """The whole step, captured: the head, then the reuse if the flag is set and the rest if it is not, each
+        a CUDA IF node whose predicate the GPU reads when the graph reaches it."""
+        self._head()
+        skip = self.state["cache_skip"]
+        run = ~skip  # before either branch (neither writes the flag, but the order should not matter)
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        for flag, body in ((skip, self._reuse), (run, self._rest)):
+            graph.begin_capture_to_if_node(flag)
+            try:
+                body()
+            finally:
+                graph.end_capture_to_conditional_node()
+
+    def run(self) -> torch.Tensor:
+        if self.branched:
+            self.graphs[0].replay()
+        else:
+            self._piece(0)
+            self._piece(2 if bool(self.state["cache_skip"]) else 1)  # the flag read: a host sync
+        return self.state["cache_skip"].clone()  # the buffer is this step's; the next step overwrites it
 
 
-def _capture(pieces: list) -> list[torch.cuda.CUDAGraph]:
-    """CUDA graphs of `pieces`, sharing one memory pool (later pieces read earlier pieces' outputs)."""
+def conditional_nodes() -> bool:
+    """Whether this torch can capture CUDA graph conditional nodes (CUDA 12.4 and later)."""
+    cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+    return cuda >= (12, 4) and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+
+
+def capture(pieces: list, captured: list | None = None) -> list[torch.cuda.CUDAGraph]:
+    """CUDA graphs of `pieces` (or of `captured`, functions that call them), sharing one memory pool (later pieces
+    read earlier pieces' outputs). Every piece is warmed up first, outside capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside capture: lazy init, autotuning
@@ -162,7 +200,7 @@ def _capture(pieces: list) -> list[torch.cuda.CUDAGraph]:
                 piece()
     torch.cuda.current_stream().wait_stream(side)
     graphs, pool = [], None
-    for piece in pieces:
+    for piece in captured or pieces:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             piece()

@@ -62,9 +62,11 @@ def test_graphed_loop_equals_eager_loop_on_gpu(tiny_bf16_cuda):
 
 @pytest.mark.parametrize("policy, threshold", [("fbcache", 0.6), ("teacache", 1.0)])
 def test_cached_graphed_loop_equals_cached_eager_loop_on_gpu(tiny_bf16_cuda, policy, threshold):
-    """The cached step's three CUDA graphs (head + decision, rest, reuse) replay what the eager pieces compute,
-    with the same decisions; threshold 0 skips nothing and equals the plain graphed loop."""
+    """The cached step's CUDA graph (head + decision, then rest or reuse as conditional nodes) replays what the
+    eager pieces compute, with the same decisions, and a step runs without a host sync; threshold 0 skips
+    nothing and equals the plain graphed loop."""
     from fluxc.runtime.core.cache_config import CacheConfig
+    from fluxc.runtime.loop import conditional_nodes
 
     emb = random_embeddings(dtype=torch.bfloat16)
     run = dict(height=144, width=112, steps=8, seed=3)
@@ -77,6 +79,14 @@ def test_cached_graphed_loop_equals_cached_eager_loop_on_gpu(tiny_bf16_cuda, pol
         reports[2]["cache"]["skipped_steps"]
     assert 0 < len(reports[0]["cache"]["skipped_steps"]) < 7
     assert torch.equal(graphed, eager) and torch.equal(graphed, again)
+    step = tiny_bf16_cuda._graphs[tiny_bf16_cuda.graph_key(tiny_bf16_cuda.profile_for(144, 112), config)]
+    assert step.branched == conditional_nodes() and len(step.graphs) == (1 if step.branched else 3)
+    if step.branched:
+        torch.cuda.set_sync_debug_mode("error")  # a host read of the flag would raise
+        try:
+            step.run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     plain = tiny_bf16_cuda.denoise(*emb, **run)
     assert torch.equal(tiny_bf16_cuda.denoise(*emb, **run, cache_config=CacheConfig(policy, 0.0)), plain)
 
