@@ -12,6 +12,7 @@ back to back, as a denoising loop runs them, lets each launch overlap the previo
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 from fluxc.runtime.core.families import FAMILIES
 from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.ops import kernels
 from timing import H, TEXT, W, cuda_ms, diffusers_call, free, inputs, kernel_breakdown, phase_peak, source_commit
 
 AUTOTUNE = (("emulate_precision_casts", True), ("max_autotune_gemm", True), ("coordinate_descent_tuning", True))
@@ -42,6 +44,23 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
             "fluxc fp8 attn epilogues": ("sm90_fp8_attn_epilogues", (), 0),
             "fluxc fp8 attn epilogues gelu": ("sm90_fp8_attn_epilogues",
                                               (("fp8_epilogues", ("gate_residual", "gelu", "plain")),), 0)}
+# variants that also set launch knobs of fluxc.runtime.ops.kernels while their engine is built (Inductor compiles
+# the launches into the engine, so the knob is the engine's): q/k norm + RoPE with 4 warps a token, as before 0e894bb
+KNOBS = {"fluxc fp8 attn epilogues qk 4 warps": {"QK_NORM_ROPE_WARPS": 4}}
+VARIANTS["fluxc fp8 attn epilogues qk 4 warps"] = VARIANTS["fluxc fp8 attn epilogues"]
+
+
+@contextlib.contextmanager
+def knobs(values: dict):
+    """Module constants of fluxc.runtime.ops.kernels set to `values` inside the block, restored after it."""
+    before = {name: getattr(kernels, name) for name in values}
+    for name, value in values.items():
+        setattr(kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(kernels, name, value)
 
 
 @torch.no_grad()
@@ -66,9 +85,10 @@ def main():
         recipe, overrides, calibrate = VARIANTS[label]
         engine_path = os.path.join(args.workdir, "flux1-dev.fluxe")
         t0 = time.perf_counter()
-        manifest = build(BuildOptions(model="flux1-dev", output=engine_path, precision=RECIPES[recipe]().precision.value,
-                                      recipe=recipe,
-                                      recipe_overrides=overrides, calibrate=calibrate, transformer_only=True))
+        with knobs(KNOBS.get(label, {})):
+            manifest = build(BuildOptions(model="flux1-dev", output=engine_path, recipe=recipe,
+                                          precision=RECIPES[recipe]().precision.value,
+                                          recipe_overrides=overrides, calibrate=calibrate, transformer_only=True))
         total_build = time.perf_counter() - t0
         secs = manifest["build_seconds"]
         trace_compile = secs["trace"] + secs["passes"] + sum(v for k, v in secs.items() if k.startswith("compile"))
