@@ -690,18 +690,21 @@ class Engine:
 
         step = self._step(profile, config, state, graphed=self.device.type == "cuda" and cuda_graph,
                           inpaint="inpaint_mask" in conditions)
+        reported = report is not None and config.on
         flags, clock = [], StepClock(self.device) if step_ms is not None else None
         for i in range(steps):
             if clock:
                 clock.tick()
             for k, v in per_step.items():
                 step.state[k].copy_(v[i])  # device to device: no host sync
-            flags.append(step.run())
+            step.run()
+            if reported:
+                flags.append(step.state["cache_skip"].clone())  # on the device; the next step overwrites the flag
             if on_step is not None:
                 on_step(i)
         if clock:
             step_ms.extend(clock.done())
-        if report is not None and config.on:
+        if reported:
             skipped = [i for i, skip in enumerate(torch.stack(flags).tolist()) if skip]  # read once, after the loop
             report["cache"] = config.to_dict() | {"threshold": config.limit, "skipped_steps": skipped,
                                                   "full_steps": steps - len(skipped)}

@@ -75,8 +75,8 @@ class StageClock:
 
 class Step:
     """One Euler step as a list of pieces over the loop's state buffers, each captured as a CUDA graph (all in
-    one memory pool) when `graphed`, else run as is. run() runs the step; a cached step returns its skip flag
-    (a 0-d bool on the device, read when the caller wants it), an uncached one None."""
+    one memory pool) when `graphed`, else run as is. run() runs the step (a cached step leaves its decision in
+    state["cache_skip"], a 0-d bool on the device)."""
 
     def __init__(self, engine, profile: Profile, config, state: dict, graphed: bool):
         self.engine, self.profile, self.config = engine, profile, config
@@ -106,9 +106,8 @@ class Step:
         else:
             self.graphs[i].replay()
 
-    def run(self) -> torch.Tensor | None:
+    def run(self) -> None:
         self._piece(0)
-        return None
 
     def load(self, state: dict) -> None:
         """Copy the caller's inputs into the captured buffers (the warm-up changed them)."""
@@ -174,13 +173,12 @@ class CachedStep(Step):
             finally:
                 graph.end_capture_to_conditional_node()
 
-    def run(self) -> torch.Tensor:
+    def run(self) -> None:
         if self.branched:
             self.graphs[0].replay()
         else:
             self._piece(0)
             self._piece(2 if bool(self.state["cache_skip"]) else 1)  # the flag read: a host sync
-        return self.state["cache_skip"].clone()  # the buffer is this step's; the next step overwrites it
 
 
 def conditional_nodes() -> bool:
