@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -52,15 +53,24 @@ VARIANTS["fluxc fp8 attn epilogues qk 4 warps"] = VARIANTS["fluxc fp8 attn epilo
 
 @contextlib.contextmanager
 def knobs(values: dict):
-    """Module constants of fluxc.runtime.ops.kernels set to `values` inside the block, restored after it."""
-    before = {name: getattr(kernels, name) for name in values}
-    for name, value in values.items():
-        setattr(kernels, name, value)
-    try:
+    """Module constants of fluxc.runtime.ops.kernels set to `values` inside the block, restored after it. A build
+    with knobs gets fresh Inductor and Triton cache folders: AOTAutograd's cache keys a triton_op on its kernels'
+    source, not on the launch options its Python reads from such constants, so with the warm caches of the variant
+    before, the build would reuse that variant's compiled code (it did at 971fd39: compile 0.3 s, the same kernel)."""
+    if not values:
         yield
-    finally:
-        for name, value in before.items():
+        return
+    before = {name: getattr(kernels, name) for name in values}
+    with tempfile.TemporaryDirectory() as caches, mock.patch.dict(os.environ, {
+            "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
+            "TRITON_CACHE_DIR": os.path.join(caches, "triton")}):
+        for name, value in values.items():
             setattr(kernels, name, value)
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                setattr(kernels, name, value)
 
 
 @torch.no_grad()
