@@ -7,6 +7,7 @@ tree between calls), so the work can be split over calls; --drop deletes an engi
 
     python3 scripts/bench_engines.py --recipes bf16,sm90_fp8 --drop sm90_fp8 --workdir .engines --out $OUT
     python3 scripts/bench_engines.py --recipes sm100_nvfp4 --workdir .engines --out $OUT
+    python3 scripts/bench_engines.py --recipes sm90_fp8_attn,sm90_fp8_attn_epilogues --reference eager --out $OUT
 """
 
 import argparse
@@ -28,11 +29,11 @@ LABELS = {"bf16": "h200-bf16", "sm90_fp8": "h200-fp8", "sm90_fp8_attn": "h200-fp
           "sm100_nvfp4": "h200-nvfp4-emulated"}
 
 
-def engine(recipe: str, workdir: str) -> tuple[Engine, float]:
+def engine(recipe: str, workdir: str, model: str) -> tuple[Engine, float]:
     """The engine (built first unless the workdir has it) and its load seconds."""
     path = os.path.join(workdir, f"{recipe}.fluxe")
     if not os.path.exists(os.path.join(path, "manifest.json")):
-        build(BuildOptions(model="flux1-dev", output=path, recipe=recipe, precision=RECIPES[recipe]().precision.value))
+        build(BuildOptions(model=model, output=path, recipe=recipe, precision=RECIPES[recipe]().precision.value))
     start = time.perf_counter()
     return Engine.load(path), time.perf_counter() - start
 
@@ -40,23 +41,25 @@ def engine(recipe: str, workdir: str) -> tuple[Engine, float]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", required=True)
-    ap.add_argument("--reference", default="bf16", help="the recipe every other engine is evaluated against")
+    ap.add_argument("--reference", default="bf16", help="the recipe every other engine is evaluated against, or "
+                    "eager: diffusers' FluxPipeline in bf16 on the same random weights (fluxc eval --reference eager)")
     ap.add_argument("--drop", default="", help="recipes whose engine is deleted after its records")
     ap.add_argument("--workdir", default=".engines")
     ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--model", default="flux1-dev", help="an architecture with seeded random weights (tiny: a CPU check)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     for recipe in args.recipes.split(","):
-        eng, load_s = engine(recipe, args.workdir)
+        eng, load_s = engine(recipe, args.workdir, args.model)
         name = LABELS.get(recipe, recipe)
         rec = bench(eng, steps=args.steps, warmup=1, repeat=2, name=name, load_s=load_s)  # alone on the GPU
         write_record(os.path.join(args.out, f"{name}-bench.json"), rec)
         print(f"{name}: {rec['speed']['ms_per_step']['median']:.2f} ms/step, e2e {rec['speed']['e2e_s']['total']:.2f} s",
               flush=True)
         if recipe != args.reference:
-            reference = engine(args.reference, args.workdir)[0]
+            reference = "eager" if args.reference == "eager" else engine(args.reference, args.workdir, args.model)[0]
             q = evaluate(eng, reference, steps=args.steps, name=name)
             write_record(os.path.join(args.out, f"{name}-eval.json"), q)
             print(f"{name} vs {args.reference}: {json.dumps(q['quality']['mean'])}", flush=True)

@@ -29,6 +29,9 @@
 #                                                                               -> $OUT/bench_fp8_gemm.json
 #   attention       cuDNN's FP8 SDPA plans at FLUX.1-dev's attention shape     -> $OUT/bench_attention_fp8.json
 #   activations     the FP8 step's memory-bound kernels per launch variant      -> $OUT/bench_activations.json
+#   eval            whole-pipeline FLUX.1-dev engines ($EVAL_RECIPES, default sm90_fp8_attn,sm90_fp8_attn_epilogues):
+#                   fluxc bench and fluxc eval records against diffusers' FluxPipeline eager (latent SQNR after
+#                   the 28-step loop, image PSNR/SSIM; each engine deleted after its records)  -> $OUT/records/
 # e.g. bash scripts/gpu_tests.sh tests smoke
 # Benchmarks record $FLUXC_COMMIT (pass FLUXC_COMMIT=$(git rev-parse --short HEAD)): the GPU copy has no git history.
 set -o pipefail
@@ -67,6 +70,9 @@ for job in "${@:-tests}"; do
              | tee "$OUT/bench_attention_fp8.log" || rc=1 ;;
     activations) python3 scripts/bench_activations.py --out "$OUT/bench_activations.json" 2>&1 \
              | tee "$OUT/bench_activations.log" || rc=1 ;;
+    eval) recipes=${EVAL_RECIPES:-sm90_fp8_attn,sm90_fp8_attn_epilogues}
+          python3 scripts/bench_engines.py --recipes "$recipes" --reference eager --drop "$recipes" \
+             --workdir .engines --out "$OUT/records" 2>&1 | tee "$OUT/bench_eval.log" || rc=1 ;;
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
