@@ -29,9 +29,13 @@ LABELS = {"bf16": "h200-bf16", "sm90_fp8": "h200-fp8", "sm90_fp8_attn": "h200-fp
           "sm100_nvfp4": "h200-nvfp4-emulated"}
 
 
+def engine_path(recipe: str, workdir: str, model: str) -> str:
+    return os.path.join(workdir, f"{model}-{recipe}.fluxe")
+
+
 def engine(recipe: str, workdir: str, model: str) -> tuple[Engine, float]:
     """The engine (built first unless the workdir has it) and its load seconds."""
-    path = os.path.join(workdir, f"{recipe}.fluxe")
+    path = engine_path(recipe, workdir, model)
     if not os.path.exists(os.path.join(path, "manifest.json")):
         build(BuildOptions(model=model, output=path, recipe=recipe, precision=RECIPES[recipe]().precision.value))
     start = time.perf_counter()
@@ -68,7 +72,7 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()  # the next engine's peak memory is its own
         if recipe in args.drop.split(","):
-            shutil.rmtree(os.path.join(args.workdir, f"{recipe}.fluxe"))
+            shutil.rmtree(engine_path(recipe, args.workdir, args.model))
 
 if __name__ == "__main__":
     main()
