@@ -65,7 +65,7 @@ _unverified: str | None = None
 
 
 @contextmanager
-def _caches_at(folder: str):
+def caches_at(folder: str):
     """Inductor's and Triton's cache folders set to `folder` for the block."""
     saved = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = folder, os.path.join(folder, "triton")
@@ -85,7 +85,7 @@ def load_inductor(segment_dir: str, digest: str | None):
     try:
         # compile_threads=1: a fresh process would otherwise start Inductor's pool of compile workers (one Python
         # with torch per core) on the first Triton kernel it loads, though the kernels come from the cache
-        with _caches_at(segment_cache(digest)), torch._inductor.config.patch(compile_threads=1):
+        with caches_at(segment_cache(digest)), torch._inductor.config.patch(compile_threads=1):
             return torch._inductor.CompiledArtifact.load(path=path, format="binary")
     except Exception as e:  # a damaged artifact passes the digest check only when the digests were rewritten
         raise FluxcError(f"Cannot load compiled segment {path}: {type(e).__name__}: {e}",

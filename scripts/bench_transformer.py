@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from unittest import mock
 
 import torch
 
@@ -29,6 +28,7 @@ from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 from fluxc.runtime.core.families import FAMILIES
 from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.loaders import caches_at
 from fluxc.runtime.ops import kernels
 from timing import H, TEXT, W, cuda_ms, diffusers_call, free, inputs, kernel_breakdown, phase_peak, source_commit
 
@@ -61,9 +61,7 @@ def knobs(values: dict):
         yield
         return
     before = {name: getattr(kernels, name) for name in values}
-    with tempfile.TemporaryDirectory() as caches, mock.patch.dict(os.environ, {
-            "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
-            "TRITON_CACHE_DIR": os.path.join(caches, "triton")}):
+    with tempfile.TemporaryDirectory() as caches, caches_at(caches):
         for name, value in values.items():
             setattr(kernels, name, value)
         try:
