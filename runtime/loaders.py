@@ -50,13 +50,18 @@ def segment_cache(digest: str | None) -> str:
             _unverified = tempfile.mkdtemp(prefix="fluxc-unverified-")
             atexit.register(shutil.rmtree, _unverified, True)
         return _unverified
+    return cache_folder("segments", digest)
+
+
+def cache_folder(*parts: str) -> str:
+    """A private folder under $FLUXC_CACHE_DIR (default ~/.cache/fluxc), created if missing."""
     root = os.environ.get("FLUXC_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                                              os.path.expanduser("~/.cache"), "fluxc")
-    folder = os.path.join(root, "segments", digest)
+    folder = os.path.join(root, *parts)
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError as e:
-        raise FluxcError(f"Cannot create the segment cache {folder}: {e.strerror}.",
+        raise FluxcError(f"Cannot create the cache folder {folder}: {e.strerror}.",
                          "Set FLUXC_CACHE_DIR to a folder you can write.") from None
     return folder
 
