@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import time
 
@@ -25,8 +26,16 @@ from fluxc.records import bench, evaluate
 from fluxc.recipes import RECIPES
 from fluxc.runtime import Engine
 
-LABELS = {"bf16": "h200-bf16", "sm90_fp8": "h200-fp8", "sm90_fp8_attn": "h200-fp8-attn",
-          "sm100_nvfp4": "h200-nvfp4-emulated"}
+LABELS = {"bf16": "bf16", "sm90_fp8": "fp8", "sm90_fp8_attn": "fp8-attn", "sm100_nvfp4": "nvfp4-emulated"}
+
+
+def gpu_tag() -> str:
+    """The records' name prefix: the GPU's model (h100, h200, b200), else cpu. Records are named by the machine
+    that measured them, never by the one a run asked for (an nvidia-h200 call may run on an H100)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    found = re.search(r"\b([A-Z]+\d{2,3})\b", torch.cuda.get_device_name())
+    return found.group(1).lower() if found else "gpu"
 
 
 def engine_path(recipe: str, workdir: str, model: str) -> str:
@@ -57,7 +66,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     for recipe in args.recipes.split(","):
         eng, load_s = engine(recipe, args.workdir, args.model)
-        name = LABELS.get(recipe, recipe)
+        name = f"{gpu_tag()}-{LABELS.get(recipe, recipe)}"
         rec = bench(eng, steps=args.steps, warmup=1, repeat=2, name=name, load_s=load_s)  # alone on the GPU
         write_record(os.path.join(args.out, f"{name}-bench.json"), rec)
         print(f"{name}: {rec['speed']['ms_per_step']['median']:.2f} ms/step, e2e {rec['speed']['e2e_s']['total']:.2f} s",
