@@ -110,8 +110,9 @@ def _random_model(name: str, dtype, device, seed: int) -> LoadedModel:
     cls = _model_class(family)
     with torch.device("meta"):
         module = cls(**overrides)
+    # cast on meta, then allocate: allocating first would hold the float32 model on the device (FLUX.2-dev: 128 GB).
     # torch's own to(): diffusers' override warns that the (empty) list of modules kept in float32 is not kept
-    module = torch.nn.Module.to(module.to_empty(device=device), dtype)
+    module = torch.nn.Module.to(module, dtype).to_empty(device=device)
     buffers = [name for name, _ in module.named_buffers()]
     assert not buffers, f"to_empty left buffers {buffers} uninitialised"
     init_random_(module, seed)
