@@ -31,11 +31,11 @@ class InductorBackend:
 
 def build_caches():
     """The Inductor and Triton cache folders a build compiles in: $FLUXC_CACHE_DIR/build/<ops digest>, unless
-    TORCHINDUCTOR_CACHE_DIR names another folder than Inductor's default (which Inductor itself writes into the
-    variable on first use, so the default does not count as the user's choice). AOTAutograd's cache keys a triton_op on its kernels' source, not on the launch
-    options the op's Python body reads (fp8_gemm's CONFIGS and CUBLAS_BELOW, the kernels' warps), so in one shared
-    cache a build after a fluxc upgrade that changed only those could reuse the older launches. Keyed on the ops'
-    sources, each fluxc builds in its own folder, and rebuilds with one fluxc stay warm."""
+    TORCHINDUCTOR_CACHE_DIR names another folder than Inductor's default (Inductor writes its default into the
+    variable on first use, so that one is not the user's choice). AOTAutograd's cache keys a triton_op on its
+    kernels' source, not on the launch options the op's Python body reads (fp8_gemm's CONFIGS and CUBLAS_BELOW, the
+    kernels' warps), so in one shared cache a build after a fluxc upgrade that changed only those could reuse the
+    older launches. Keyed on the ops' sources, each fluxc builds in its own folder; its rebuilds stay warm."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return contextlib.nullcontext()
