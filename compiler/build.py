@@ -118,7 +118,9 @@ def prepare(opts: BuildOptions, settings: Settings, stages: Stages) -> Prepared:
             if seg.kind in modules:  # a schedule segment is checked with the segment it feeds
                 seg.expected = eager_outputs(modules[seg.kind][0], seg)
     with stages("transform weights"):
-        weights = engine_weights(segments, _checkpoint(model, comps, opts.tasks) | amaxes)
+        checkpoint = _checkpoint(model, comps, opts.tasks) | amaxes
+        model.module.to_empty(device="meta")  # the checkpoint holds the only references now: freed layer by layer
+        weights = engine_weights(segments, checkpoint, release=True)
     components, tokenizers = _tokenizers(comps, settings, text_tokens) if comps else (None, {})
     if components is not None:
         components["tasks"] = list(opts.tasks)

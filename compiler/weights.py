@@ -8,27 +8,37 @@ from fluxc.passes.weight_formats import FORMATS
 from fluxc.runtime.core.errors import FluxcError
 
 
-def engine_weights(segments, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def engine_weights(segments, tensors: dict[str, torch.Tensor], release: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor the rewritten segments read, per layer: checkpoint tensors, and the ones passes made
     from them (fused QKV, split projections, quantized forms), from `tensors` (the checkpoint, or a plan's
-    weights). Refreshes each segment's weight names from its graph."""
-    weights, by_kind = {}, {}
+    weights). Refreshes each segment's weight names from its graph.
+    release: `tensors` is handed over: each layer's entries are deleted from it once that layer's weights are made,
+    so that a build whose checkpoint holds the only references frees a layer's bf16 sources as their quantized forms
+    are made (a FLUX.2-dev fp8 build then peaks at its 64-GB checkpoint, not 64 + 32 GB of fp8 copies). The top
+    level's tensors ("" prefix) are made first and kept."""
+    by_kind, by_layer = {}, {"": {}}
     for seg in segments:
         sources = [n.meta["weight"] for n in ir.weight_placeholders(seg.graph)]
         seg.weight_names = [src.name for src in sources]
         if by_kind.setdefault(seg.kind, seg.weight_names) != seg.weight_names:  # the runtime shares them by kind
             raise ir.IRError(f"{seg.name}: the passes gave its weights another layout than another {seg.kind} profile's")
         for layer in seg.layers:
-            prefix = f"{layer}." if layer else ""
+            wanted = by_layer.setdefault(f"{layer}." if layer else "", {})
             for src in sources:
-                if prefix + src.name not in weights:
-                    try:
-                        made = src.make(_Prefixed(tensors, prefix), FORMATS)
-                    except ValueError as e:  # a weight the format cannot hold (NaN / Inf for NVFP4)
-                        raise FluxcError(f"Cannot make {prefix}{src.name}: {e}.",
-                                         "Check the checkpoint (it holds values no quantized format can store), or "
-                                         "build --precision bf16.") from None
-                    weights[prefix + src.name] = made.detach().contiguous()
+                wanted.setdefault(src.name, src)
+    weights = {}
+    for prefix, sources in by_layer.items():
+        for name, src in sources.items():
+            try:
+                made = src.make(_Prefixed(tensors, prefix), FORMATS)
+            except ValueError as e:  # a weight the format cannot hold (NaN / Inf for NVFP4)
+                raise FluxcError(f"Cannot make {prefix}{name}: {e}.",
+                                 "Check the checkpoint (it holds values no quantized format can store), or "
+                                 "build --precision bf16.") from None
+            weights[prefix + name] = made.detach().contiguous()
+        if release and prefix:
+            for key in [k for k in tensors if k.startswith(prefix)]:
+                del tensors[key]
     return weights
 
 

@@ -138,8 +138,9 @@ def main():
                              f"has {free_gb:.0f} GB free. Run on a machine with more disk.")
         path = os.path.join(workdir, f"{args.model}-{name}.fluxe")
         t0 = time.perf_counter()
-        manifest = build(BuildOptions(model=args.model, output=path, target=target, precision=precision, recipe=recipe,
-                                      resolutions=((h, w),), text_tokens=args.text, transformer_only=True))
+        manifest, build_gib = peak(lambda: build(BuildOptions(
+            model=args.model, output=path, target=target, precision=precision, recipe=recipe, resolutions=((h, w),),
+            text_tokens=args.text, transformer_only=True)))
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         engine = Engine.load(path)  # sha256 of every file checked
@@ -158,6 +159,7 @@ def main():
         res[f"fluxc {name}"] = {
             "precision_mode": manifest["precision_mode"], "ms_per_step": loop_ms / args.steps,
             "loop_s": loop_ms / 1000, "peak_gib": gib, "weights_gb": engine.weight_bytes / 1e9, "build_s": build_s,
+            "build_peak_gib": build_gib,
             "build_stages_s": manifest["build_seconds"], "load_s": load_s, "engine_folder_free_gb": free_gb,
             "forward_relative_error_vs_eager": relative_error(out, eager_out),
             "forward_sqnr_db_vs_eager": sqnr_db(out, eager_out),

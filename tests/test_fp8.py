@@ -23,7 +23,7 @@ from fluxc.frontend.trace import trace_model
 
 from conftest import TINY_TEXT, denoised_sqnr
 from test_passes import _tensors
-from fluxc.weights import call_graph as _run, one_linear_graph as _one_linear
+from fluxc.weights import call_graph as _run, engine_weights, one_linear_graph as _one_linear
 
 # Per segment on `tiny`: every block linear is quantized (a double block's fused img/txt QKV, both output
 # projections, both MLPs; a single block's QKV, MLP and both halves of its split output projection), the
@@ -132,6 +132,50 @@ def test_every_block_linear_meets_the_fp8_floor(tiny_bf16):
 # 32.4 dB (calibrated) on the CPU; numerics.FP8_SEGMENT_SQNR_DB (20 dB) is the full model's per-segment floor and
 # would let a 10 dB regression of the tiny engine pass.
 TINY_FP8_ENGINE_SQNR_DB = 30.0
+
+
+def test_a_build_frees_each_layers_bf16_weights_once_their_fp8_forms_are_made(tiny_bf16):
+    """A build hands engine_weights the checkpoint, which holds the only references to the transformer's tensors
+    (release=True): when a layer's weights are made, no earlier layer's checkpoint tensor is still held, and every
+    tensor the engine does not carry as it is has been freed at the end. The build's peak is then the checkpoint,
+    not the checkpoint plus every fp8 copy (FLUX.2-dev: 64 GB, not 96). The weights equal those made without."""
+    import weakref
+
+    segments = _segments(tiny_bf16)
+    for seg in segments:
+        seg.graph = run_pipeline(seg.graph, PassContext(RECIPES["sm90_fp8"](), "cpu", seg.kind)).graph
+    expected = engine_weights(segments, dict(tiny_bf16.module.state_dict()))
+    layers = [f"{layer}." for layer in dict.fromkeys(layer for seg in segments for layer in seg.layers) if layer]
+    assert len(layers) == 4  # tiny: 2 double + 2 single blocks
+
+    def layer_of(key):
+        return next((p for p in layers if key.startswith(p)), None)
+
+    class Watched(dict):
+        """The checkpoint: at each read of a layer's tensor, the layers whose tensors it still holds."""
+        reads = []
+
+        def __getitem__(self, key):
+            self.reads.append((layer_of(key), {layer_of(k) for k in self} - {None}))
+            return super().__getitem__(key)
+
+    checkpoint = Watched({k: v.clone() for k, v in tiny_bf16.module.state_dict().items()})
+    alive = {k: weakref.ref(v) for k, v in checkpoint.items()}
+    got = engine_weights(segments, checkpoint, release=True)
+
+    order = list(dict.fromkeys(layer for layer, _ in Watched.reads if layer))
+    assert sorted(order) == sorted(layers)
+    for layer, held in Watched.reads:
+        if layer:
+            assert held == set(order[order.index(layer):]), (layer, held)
+    carried = {t.untyped_storage().data_ptr() for t in got.values()}
+    for key, ref in alive.items():
+        if layer_of(key):
+            assert key not in checkpoint
+            assert ref() is None or ref().untyped_storage().data_ptr() in carried, key
+    assert got.keys() == expected.keys()
+    for name, t in expected.items():
+        assert torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
 
 
 @pytest.fixture(scope="module")
