@@ -300,20 +300,23 @@ class _CudnnFp8Attention:
         self.tensors = qt, kt, vt, o, amax_s, amax_o
         self.workspace = torch.empty(self.graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
         self.amaxes = torch.empty(2, 1, 1, 1, 1, device=q.device)
-        # P in [0, 1] is held as e4m3 scaled by 448
-        self.p_scales = torch.tensor([1 / E4M3_MAX, E4M3_MAX], device=q.device).reshape(2, 1, 1, 1, 1)
+        # P in [0, 1] is held as e4m3 scaled by 448; v and the output stay in v's units (descale 1, scale 1)
+        self.fixed = torch.tensor([1 / E4M3_MAX, E4M3_MAX, 1.0], device=q.device).reshape(3, 1, 1, 1, 1)
         self.cudnn = cudnn
 
-    def pack(self, q, k, v, q_scale, k_scale, v_scale, out) -> dict:
-        """The graph's tensors -> this call's: operands, scales (P's fixed ones; the output on v's) and out."""
+    def pack(self, q, k, v, q_scale, k_scale, out) -> dict:
+        """The graph's tensors -> this call's: operands, scales and out. The output is P @ v in v's units, which
+        is the reference's (P @ (v * v_scale)) / v_scale without two multiplies, and the launches of 1 / v_scale
+        (a reciprocal and a product, 2 of the step's kernels per attention): |P @ v| <= max |v| <= 448 fits."""
         qt, kt, vt, o, amax_s, amax_o = self.tensors
         pack = {qt: q, kt: k, vt: v, o: out, amax_s: self.amaxes[0], amax_o: self.amaxes[1]}
-        values = (q_scale, k_scale, v_scale, self.p_scales[0], self.p_scales[1], 1 / v_scale)
+        one = self.fixed[2]
+        values = (q_scale, k_scale, one, self.fixed[0], self.fixed[1], one)
         return pack | dict(zip(self.scales, values))
 
-    def __call__(self, q, k, v, q_scale, k_scale, v_scale):
+    def __call__(self, q, k, v, q_scale, k_scale):
         out = _bshd_like(q)
-        pack = self.pack(q, k, v, q_scale, k_scale, v_scale, out)
+        pack = self.pack(q, k, v, q_scale, k_scale, out)
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         self.graph.execute(pack, self.workspace, handle=self.handle)
         return out
@@ -321,7 +324,7 @@ class _CudnnFp8Attention:
 
 @attention_fp8.register_kernel("cuda")
 def _attention_fp8_cuda(q, k, v, q_scale, k_scale, v_scale, softmax_scale):
-    return _CudnnFp8Attention.get(q, k, v, softmax_scale)(q, k, v, q_scale, k_scale, v_scale)
+    return _CudnnFp8Attention.get(q, k, v, softmax_scale)(q, k, v, q_scale, k_scale)  # v_scale: see pack
 
 
 # ---- head regrouping (context parallelism) -----------------------------------------------------------
