@@ -22,9 +22,9 @@ Pattern, plain (after the others): any other such _scaled_mm -> fluxc.fp8_linear
     where the Triton kernel is the faster on the GPU building the engine (fluxc.tactics measures both at the shape;
     a CPU build rewrites them all, and the op leaves fewer than CUBLAS_BELOW rows to cuBLAS in any case)
 The recipe's fp8_epilogues names which: "gate_residual", "gelu" (which needs "gate_residual") and "plain".
-Pre:  quantize_fp8 ran with per-token activation scales and bf16 GEMM outputs (a calibrated build's static
-per-tensor scales, and FP8 attention's per-tensor output scale, are rejected: the kernel reads [M, 1] or
-[M, K / 128] scales).
+Pre:  quantize_fp8 ran, with bf16 GEMM outputs, and scales the kernel reads: [M, 1] per token, or one [1, 1] scale
+that quantize_fp8 expanded to rows for _scaled_mm (FP8 attention's output, on v's scale: the op takes the [1, 1]
+scale, not a copy of it per row); compiler/validate.py keeps calibrated builds' static scales out.
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
 block and 1 per single block with "gelu", else 0, counts["plain"] the GEMMs left (tiny, pinned by
 tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
@@ -61,7 +61,18 @@ def _operands(mm: torch.fx.Node, depth: int, one_user: bool = True) -> tuple:
     if k % BLOCK or tuple(scale) not in ((m, 1), (m, k // BLOCK)):
         raise NoMatch(mm, f"activation scales {tuple(scale)} are not per token (static or per-tensor scales), or K "
                           f"{k} is not a multiple of {BLOCK}", depth)
-    return a, sa, wt.args[0], swt.args[0], bias
+    return a, _one_scale(sa), wt.args[0], swt.args[0], bias
+
+
+def _one_scale(sa: torch.fx.Node) -> torch.fx.Node:
+    """A per-tensor scale s [1, 1] that quantize_fp8 copied into rows for _scaled_mm (clone(expand(s, [M, 1])): the
+    FP8 attention output's) as s itself, which the kernel reads once (a copy kernel per GEMM less); other scales as
+    they are."""
+    if is_aten(sa, aten.clone.default) and is_aten(sa.args[0], aten.expand.default):
+        s = sa.args[0].args[0]
+        if tuple(s.meta["val"].shape) == (1, 1):
+            return s
+    return sa
 
 
 def _gated(out: torch.fx.Node):

@@ -12,7 +12,7 @@ from fluxc.ir import WeightSource
 from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB, FP8_LINEAR_SQNR_DB, FP8_SEGMENT_SQNR_DB, sqnr_db
 from fluxc.runtime.ops.kernels import norm_rope_reference
 from fluxc.passes import quantize_fp8
-from fluxc.passes.base import PassContext
+from fluxc.passes.base import PassContext, aten, is_aten
 from fluxc.passes.pipeline import run_pipeline
 from fluxc.passes.weight_formats import FORMATS
 from fluxc.recipes import RECIPES, bf16
@@ -76,6 +76,18 @@ def test_fp8_attention_counts_and_segment_sqnr(tiny_bf16):
                                                  "fused_inputs": GOLDEN[seg.kind]["fused_inputs"] + attention_outputs}
         ops = {n.target for n in result.graph.graph.nodes}
         assert (torch.ops.fluxc.attention_fp8.default in ops) == (attention_outputs > 0)
+        assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
+
+
+def test_fp8_attention_output_projections_read_vs_one_scale(tiny_bf16):
+    """sm90_fp8_attn_epilogues: the output projections' GEMMs read the e4m3 attention output with its one scale
+    (v's, [1, 1]) as it is, not a copy of it per token; the segments keep the FP8-attention floor."""
+    for seg, result, sqnrs in _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues"):
+        nodes = result.graph.graph.nodes
+        one_scale = [n for n in nodes if n.target is torch.ops.fluxc.fp8_linear_gate_residual.default
+                     and tuple(n.args[1].meta["val"].shape) == (1, 1)]
+        assert len(one_scale) == {"double": 2, "single": 1}.get(seg.kind, 0), seg.name  # to_out, to_add_out; proj_out
+        assert not any(is_aten(n, aten.expand.default) for n in nodes), seg.name
         assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
 
 

@@ -76,12 +76,15 @@ m, config = int(sys.argv[1]), f.Config(64, 128, 4, 2, loads, **{flag: True for f
 ops, _ = operands(m, 256, 256, seed=5)
 a, a_scale, w, w_scale, bias = ops
 errors = {}
-for blocks in (False, True):
-    if blocks:  # the activation as fp8_linear_gelu_fp8 writes it: 1x128 block scales
-        a, a_scale = f.quantize_blocks(dq(a, a_scale))
+x = dq(a, a_scale)
+one = x.abs().amax().reshape(1, 1) / 448  # a per-tensor scale, as the FP8 attention output has
+scalings = {"rows": (a, a_scale), "tensor": ((x / one).to(torch.float8_e4m3fn), one),
+            "blocks": f.quantize_blocks(x)}  # as fp8_linear_gelu_fp8 writes its output
+for name, (xq, x_scale) in scalings.items():
     out = torch.empty(m, 256, dtype=torch.bfloat16)
-    f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=config)
-    errors[f"bf16 blocks={blocks}"] = relative_error(out, f.fp8_linear_reference(a, a_scale, w, w_scale, bias))
+    f.launch(xq, x_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=config)
+    errors[f"bf16 {name}"] = relative_error(out, f.fp8_linear_reference(xq, x_scale, w, w_scale, bias))
+a, a_scale = scalings["blocks"]
 q, q_scale = torch.empty(m, 256, dtype=torch.float8_e4m3fn), torch.empty(m, 2)
 f.launch(a, a_scale, w, w_scale, bias, q, f.EPILOGUE_GELU_FP8, out_scale=q_scale,
          config=config._replace(tma_store=False))  # the GELU epilogue stores from registers
@@ -89,9 +92,12 @@ want, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(a, a_scale, w, w_scale, b
 errors["gelu_fp8 scales"] = relative_error(q_scale, want_scale)
 e4m3 = relative_error(dq(q, q_scale), dq(want, want_scale))
 gate, residual = torch.randn(2, 256).bfloat16(), torch.randn(2, m // 2, 256).bfloat16()
-out = torch.empty_like(residual)
-f.launch(a, a_scale, w, w_scale, None, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, config=config)
-errors["gate_residual"] = relative_error(out, torch.ops.fluxc.fp8_linear_gate_residual(a, a_scale, w, w_scale, None, gate, residual))
+for name in ("blocks", "tensor"):  # the MLP's and the attention's output projections
+    a, a_scale = scalings[name]
+    out = torch.empty_like(residual)
+    f.launch(a, a_scale, w, w_scale, None, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, config=config)
+    errors[f"gate_residual {name}"] = relative_error(
+        out, torch.ops.fluxc.fp8_linear_gate_residual(a, a_scale, w, w_scale, None, gate, residual))
 print(errors, e4m3)
 assert max(errors.values()) <= 1e-2 and e4m3 <= 0.1, (errors, e4m3)
 """
@@ -100,8 +106,8 @@ assert max(errors.values()) <= 1e-2 and e4m3 <= 0.1, (errors, e4m3)
 @pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store"])
 @pytest.mark.parametrize("m", [256, 200])  # 200: a partial tile of rows (masked loads and stores, clipped TMA stores)
 def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
-    """The Triton kernel itself, every epilogue (the GELU's without TMA stores, which it does not take) and both
-    activation scalings, run on the CPU by Triton's interpreter
+    """The Triton kernel itself, every epilogue (the GELU's without TMA stores, which it does not take) and each
+    activation scaling (per token, per tensor, 1x128 blocks; the gated residual: the last two), run on the CPU by Triton's interpreter
     (TRITON_INTERPRET=1 must be set before the kernels are defined, hence a fresh process), against the reference
     ops. This checks the kernel's indexing, masking, scales and epilogues, not its roundings: the interpreter
     (Triton 3.9) truncates fp32 to bf16 (about half of all values differ from torch's round-to-nearest by one
@@ -116,8 +122,8 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
 
 @pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store", "tma+warp_specialize"])
 @pytest.mark.parametrize("epilogue", ["bf16", "gelu_fp8", "gate_residual"])
-@pytest.mark.parametrize("blocks", [False, True])
-def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
+@pytest.mark.parametrize("scales", ["rows", "blocks", "tensor"])
+def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, scales, loads):
     """Each variant compiled for sm_90a here (Triton bundles ptxas): its e4m3 dot becomes wgmma, Hopper's
     asynchronous warpgroup MMA, the TMA variant's loads the bulk tensor copy (and its TMA stores the bulk copy
     out of shared memory), and the cubin is made; warp specialized, the kernel splits into a producer and consumer
@@ -132,6 +138,9 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
               "gate_residual": fp8_gemm.EPILOGUE_GATE_RESIDUAL}[epilogue]
     if epilogue == "gelu_fp8" and "tma_store" in loads:
         pytest.skip("the GELU epilogue stores its e4m3 codes and scales from registers")
+    if scales == "tensor" and epilogue == "gelu_fp8":
+        pytest.skip("a per-tensor scale is the FP8 attention output's, which the output projections read")
+    blocks = scales == "blocks"
     config = fp8_gemm.CONFIGS.get((number, blocks), fp8_gemm.Config())  # the tiles the ops launch
     out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
     tma = loads.startswith("tma")
@@ -140,9 +149,10 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, blocks, loads):
                  "bias_ptr": "*bf16", "out_ptr": out, "out_scale_ptr": "*fp32", "gate_ptr": "*bf16",
                  "residual_ptr": "*bf16",
                  **{p: "i32" for p in ("M", "N", "K", "rows_per_batch", "gate_stride")},
-                 **{p: "constexpr" for p in ("A_BLOCKS", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                 **{p: "constexpr" for p in ("A_SCALES", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
                                              "GROUP_M") + (("PROGRAMS", *flags) if tma else ())}}
-    constexprs = {"A_BLOCKS": blocks, "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+    constexprs = {"A_SCALES": {"rows": fp8_gemm.SCALES_ROWS, "blocks": fp8_gemm.SCALES_BLOCKS,
+                               "tensor": fp8_gemm.SCALES_TENSOR}[scales], "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132, **flags} if tma else {}), "EPILOGUE": number}
     kernel = fp8_gemm._fp8_gemm_tma_kernel if tma else fp8_gemm._fp8_gemm_kernel
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),

@@ -16,8 +16,9 @@ epilogue does the work that today follows cuBLAS's `_scaled_mm` as separate pass
         faster on the building GPU. Below CUBLAS_BELOW rows of per-token-scaled activations it calls cuBLAS, which
         stays ahead there.
 
-    a: [M, K] e4m3 with per-token scales [M, 1] (today's activations) or 1x128 block scales [M, K / 128] (the
-    output of fp8_linear_gelu_fp8: the down-projection reads it as it was written). w: [N, K] e4m3 with per-output-
+    a: [M, K] e4m3 with per-token scales [M, 1] (today's activations), 1x128 block scales [M, K / 128] (the
+    output of fp8_linear_gelu_fp8: the down-projection reads it as it was written) or one scale [1, 1] (the FP8
+    attention output on v's scale, which _scaled_mm would need expanded to rows). w: [N, K] e4m3 with per-output-
     channel scales [N, 1] (today's weights, unchanged). K a multiple of 128; N a multiple of 128 for the GELU op.
 
 Numerics: the kernel rounds y to bf16 where the unfused graph does (the GEMM's bf16 output, GELU's bf16 output)
@@ -44,7 +45,7 @@ CUBLAS_BELOW = 1024
 
 # ---- reference ------------------------------------------------------------------------------------
 def dequantize_activation(a: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
-    """fp32 values of an e4m3 activation with per-token [M, 1] or 1x128 block [M, K / 128] scales."""
+    """fp32 values of an e4m3 activation with per-token [M, 1], 1x128 block [M, K / 128] or one [1, 1] scale."""
     m, k = a.shape
     if a_scale.shape[-1] == 1:
         return a.float() * a_scale
@@ -79,7 +80,8 @@ def gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual) -> tor
 def _check(a, a_scale, w, w_scale, quantized_output: bool) -> None:
     (m, k), n = a.shape, w.shape[0]
     assert a.dtype == w.dtype == torch.float8_e4m3fn and w.shape[1] == k and k % BLOCK == 0, (a.shape, w.shape)
-    assert a_scale.shape in ((m, 1), (m, k // BLOCK)) and w_scale.shape == (n, 1), (a_scale.shape, w_scale.shape)
+    assert a_scale.shape in ((m, 1), (m, k // BLOCK), (1, 1)) and w_scale.shape == (n, 1), (a_scale.shape,
+                                                                                             w_scale.shape)
     assert not quantized_output or n % BLOCK == 0, n
 
 
@@ -126,11 +128,20 @@ def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Te
 
 def on_cublas(a: torch.Tensor, a_scale: torch.Tensor) -> bool:
     """Whether fp8_linear hands this GEMM to cuBLAS: fewer than CUBLAS_BELOW rows, per-token scales."""
-    return a.shape[0] < CUBLAS_BELOW and a_scale.shape[-1] == 1
+    return a.shape[0] < CUBLAS_BELOW and scaling(a, a_scale) == SCALES_ROWS
+
+
+def scaling(a: torch.Tensor, a_scale: torch.Tensor) -> int:
+    """How the activation a [M, K] is scaled: SCALES_ROWS ([M, 1]), SCALES_BLOCKS ([M, K / 128]) or SCALES_TENSOR
+    ([1, 1]: the FP8 attention output, v's scale; _scaled_mm needs it expanded to rows, the kernel reads it once)."""
+    if tuple(a_scale.shape) == (1, 1) and a.shape[0] != 1:
+        return SCALES_TENSOR
+    return SCALES_ROWS if a_scale.shape[-1] == 1 else SCALES_BLOCKS
 
 
 # ---- the kernel -----------------------------------------------------------------------------------
 EPILOGUE_BF16, EPILOGUE_GELU_FP8, EPILOGUE_GATE_RESIDUAL = 0, 1, 2
+SCALES_ROWS, SCALES_BLOCKS, SCALES_TENSOR = 0, 1, 2  # the kernel's A_SCALES: scaling()
 
 
 class Config(NamedTuple):
@@ -196,9 +207,9 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
     traceable=False launches the kernel directly instead of through wrap_triton's operator (microbenchmarks: no
     dispatch between launches). config: CONFIGS' for this epilogue and scaling, chosen for the shape, unless given."""
-    blocks = a_scale.shape[-1] != 1
     (m, k), n = a.shape, w.shape[0]
-    config = Config(*config) if config else choose(CONFIGS.get((epilogue, blocks), Config()), m, n,
+    scales = scaling(a, a_scale)
+    config = Config(*config) if config else choose(CONFIGS.get((epilogue, scales == SCALES_BLOCKS), Config()), m, n,
                                                    multiprocessors(a.device))
     assert epilogue != EPILOGUE_GELU_FP8 or config.block_n == BLOCK
     a, a_scale = a.contiguous(), a_scale.contiguous()
@@ -215,7 +226,7 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
         a_scale if gate is None else gate, a_scale if residual is None else residual, m, n, k,
         residual.shape[1] if residual is not None else m, gate.stride(0) if gate is not None else 0,
-        A_BLOCKS=blocks, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=config.block_m,
+        A_SCALES=scales, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=BLOCK, GROUP_M=8, num_warps=config.warps, num_stages=config.stages, **extra)
 
 
@@ -240,21 +251,23 @@ if triton is not None:
         return first_m + (tile % (GROUP_M * tiles_n)) % size_m, (tile % (GROUP_M * tiles_n)) // size_m
 
     @triton.jit
-    def _accumulate(acc, a, b, a_scale_ptr, rm, M, K, kb, A_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _accumulate(acc, a, b, a_scale_ptr, rm, M, K, kb, A_SCALES: tl.constexpr, BLOCK_K: tl.constexpr):
         """acc + a @ b for K block kb (b: [BLOCK_K, BLOCK_N]); with 1x128 activation blocks, each block is one K
         step, its partial product scaled by the rows' scales as it is added."""
-        if A_BLOCKS:
+        if A_SCALES == 1:  # SCALES_BLOCKS
             a_scale = tl.load(a_scale_ptr + rm * (K // BLOCK_K) + kb, mask=rm < M, other=0.0)
             return acc + tl.dot(a, b) * a_scale[:, None]
         return tl.dot(a, b, acc)
 
     @triton.jit
-    def _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_BLOCKS: tl.constexpr,
+    def _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_SCALES: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
         """The fp32 tile (rows rm, columns rn) times its scales, plus the bias, rounded to bf16 as the unfused
         graph's GEMM output is."""
-        if not A_BLOCKS:
+        if A_SCALES == 0:  # SCALES_ROWS
             acc *= tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        elif A_SCALES == 2:  # SCALES_TENSOR
+            acc *= tl.load(a_scale_ptr)
         y = acc * tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -262,13 +275,13 @@ if triton is not None:
 
     @triton.jit
     def _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
-                  M, N, rows_per_batch, gate_stride, A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  M, N, rows_per_batch, gate_stride, A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
                   EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The fp32 tile's scales and bias, then the epilogue's work, stored."""
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rm < M, rn < N
-        y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_BLOCKS, HAS_BIAS)
+        y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_SCALES, HAS_BIAS)
         mask = mask_m[:, None] & mask_n[None, :]
         offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
         if EPILOGUE == 1:  # GELU, then e4m3 with one scale per row of this 1x128 tile
@@ -287,7 +300,7 @@ if triton is not None:
     @triton.jit
     def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
                          residual_ptr, M, N, K, rows_per_batch, gate_stride,
-                         A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                         A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         pm, pn = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -300,21 +313,21 @@ if triton is not None:
         for kb in range(0, K // BLOCK_K):
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-            acc = _accumulate(acc, a, b, a_scale_ptr, rm, M, K, kb, A_BLOCKS, BLOCK_K)
+            acc = _accumulate(acc, a, b, a_scale_ptr, rm, M, K, kb, A_SCALES, BLOCK_K)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
-                  M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N)
+                  M, N, rows_per_batch, gate_stride, A_SCALES, HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _store_half(acc, m0, n0, a_scale_ptr, b_scale_ptr, bias_ptr, out_desc, gate_ptr, residual_desc, M, N,
-                    rows_per_batch, gate_stride, A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    rows_per_batch, gate_stride, A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
                     EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
         """_epilogue's bf16 and gated-residual work on the [BLOCK_M, HALF] columns from (m0, n0), through the
         descriptors: the residual read (zeros past M, N) and the output written (clipped there) by the TMA unit."""
         rm = m0 + tl.arange(0, BLOCK_M)
         rn = n0 + tl.arange(0, HALF)
-        y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_BLOCKS, HAS_BIAS)
+        y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_SCALES, HAS_BIAS)
         if EPILOGUE == 2:
             gate = tl.load(gate_ptr + (rm // rows_per_batch)[:, None] * gate_stride + rn[None, :],
                            mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0).to(tl.float32)
@@ -324,7 +337,7 @@ if triton is not None:
     @triton.jit
     def _fp8_gemm_tma_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
                              residual_ptr, M, N, K, rows_per_batch, gate_stride,
-                             A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                             A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
                              TMA_STORE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
@@ -348,16 +361,16 @@ if triton is not None:
             for kb in range(0, K // BLOCK_K):
                 a = a_desc.load([pm * BLOCK_M, kb * BLOCK_K])
                 b = b_desc.load([pn * BLOCK_N, kb * BLOCK_K])
-                acc = _accumulate(acc, a, b.T, a_scale_ptr, rm, M, K, kb, A_BLOCKS, BLOCK_K)
+                acc = _accumulate(acc, a, b.T, a_scale_ptr, rm, M, K, kb, A_SCALES, BLOCK_K)
             if TMA_STORE:
                 lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 _store_half(lo, pm * BLOCK_M, pn * BLOCK_N, a_scale_ptr, b_scale_ptr, bias_ptr, out_desc, gate_ptr,
-                            residual_desc, M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M,
+                            residual_desc, M, N, rows_per_batch, gate_stride, A_SCALES, HAS_BIAS, EPILOGUE, BLOCK_M,
                             BLOCK_N // 2)
                 _store_half(hi, pm * BLOCK_M, pn * BLOCK_N + BLOCK_N // 2, a_scale_ptr, b_scale_ptr, bias_ptr,
-                            out_desc, gate_ptr, residual_desc, M, N, rows_per_batch, gate_stride, A_BLOCKS,
+                            out_desc, gate_ptr, residual_desc, M, N, rows_per_batch, gate_stride, A_SCALES,
                             HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N // 2)
             else:
                 _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
-                          residual_ptr, M, N, rows_per_batch, gate_stride, A_BLOCKS, HAS_BIAS, EPILOGUE, BLOCK_M,
+                          residual_ptr, M, N, rows_per_batch, gate_stride, A_SCALES, HAS_BIAS, EPILOGUE, BLOCK_M,
                           BLOCK_N)
