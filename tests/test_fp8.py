@@ -79,7 +79,7 @@ def test_fp8_attention_counts_and_segment_sqnr(tiny_bf16):
         assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
 
 
-def test_fp8_attention_output_projections_read_vs_one_scale(tiny_bf16):
+def test_output_projections_after_fp8_attention_read_its_one_scale(tiny_bf16):
     """sm90_fp8_attn_epilogues: the output projections' GEMMs read the e4m3 attention output with its one scale
     (v's, [1, 1]) as it is, not a copy of it per token; the segments keep the FP8-attention floor."""
     for seg, result, sqnrs in _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues"):

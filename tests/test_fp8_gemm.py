@@ -107,7 +107,8 @@ assert max(errors.values()) <= 1e-2 and e4m3 <= 0.1, (errors, e4m3)
 @pytest.mark.parametrize("m", [256, 200])  # 200: a partial tile of rows (masked loads and stores, clipped TMA stores)
 def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
     """The Triton kernel itself, every epilogue (the GELU's without TMA stores, which it does not take) and each
-    activation scaling (per token, per tensor, 1x128 blocks; the gated residual: the last two), run on the CPU by Triton's interpreter
+    activation scaling (per token, per tensor, 1x128 blocks; the gated residual: the last two, as FLUX's output
+    projections read them), run on the CPU by Triton's interpreter
     (TRITON_INTERPRET=1 must be set before the kernels are defined, hence a fresh process), against the reference
     ops. This checks the kernel's indexing, masking, scales and epilogues, not its roundings: the interpreter
     (Triton 3.9) truncates fp32 to bf16 (about half of all values differ from torch's round-to-nearest by one
