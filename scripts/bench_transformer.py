@@ -46,9 +46,12 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
             "fluxc fp8 attn epilogues gelu": ("sm90_fp8_attn_epilogues",
                                               (("fp8_epilogues", ("gate_residual", "gelu", "plain")),), 0)}
 # variants that also set launch knobs of fluxc.runtime.ops.kernels while their engine is built (Inductor compiles
-# the launches into the engine, so the knob is the engine's): q/k norm + RoPE with 4 warps a token, as before 0e894bb
-KNOBS = {"fluxc fp8 attn epilogues qk 4 warps": {"QK_NORM_ROPE_WARPS": 4}}
-VARIANTS["fluxc fp8 attn epilogues qk 4 warps"] = VARIANTS["fluxc fp8 attn epilogues"]
+# the launches into the engine, so the knob is the engine's): q/k norm + RoPE with 4 warps a token, as before 0e894bb;
+# or over 3 programs a token of 8 heads each (no padded rows; in the step at 6dc83aa the kernel took 3.88 ms where
+# bench_activations had timed its calls at ~2.3 ms alone)
+KNOBS = {"fluxc fp8 attn epilogues qk 4 warps": {"QK_NORM_ROPE_WARPS": 4},
+         "fluxc fp8 attn epilogues qk 8 heads": {"QK_NORM_ROPE_HEADS": 8}}
+VARIANTS |= {label: VARIANTS["fluxc fp8 attn epilogues"] for label in KNOBS}
 
 
 @contextlib.contextmanager

@@ -182,6 +182,12 @@ scales = lambda t: t[..., 16:].contiguous().view(torch.float32)
 assert torch.allclose(scales(got), scales(want), rtol=2 ** -5), "scales differ beyond a few bf16 ulps"
 assert (codes(got) != codes(want)).float().mean() < 0.1
 assert not got[..., 2, :, :].any()
+for heads_per_program in (2, 4):  # a token's 6 heads over 3 programs, or 2 with 2 rows masked: the same bytes
+    kernels.QK_NORM_ROPE_HEADS = heads_per_program
+    split = torch.zeros_like(got)
+    kernels._launch_qk_norm_rope(*args, *(split[..., i, :, :].permute(3, 2, 1, 0, 4, 5) for i in range(2)),
+                                 mode=kernels.NORM_ROPE_ROW_E4M3)
+    assert torch.equal(split, got), f"{heads_per_program} heads per program"
 """
 
 

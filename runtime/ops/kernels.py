@@ -105,6 +105,10 @@ def _joined_qk(q_parts, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 # warps per program (one token's q and k heads): on an H100 at FLUX.1-dev's shapes, 2 moved 2316 GB/s (single
 # blocks), 4 2070, 8 1635 (copy: 2435; benchmarks/results/2026-12-06-h100-activations-0e894bb.json)
 QK_NORM_ROPE_WARPS = 2
+# heads per program: None, all of a token's (FLUX's 24 in a 32-row tile); a power of two N splits each token over
+# H / N programs with no padded rows (a launch knob, bitwise the same output; bench_transformer's "qk 8 heads"
+# variant times it in the step, not yet run)
+QK_NORM_ROPE_HEADS = None
 # what _qk_norm_rope_kernel stores: the rows as they are; e4m3 codes of the rows / static per-tensor scales
 # (qk_norm_rope_fp8); or uint8 rows of e4m3 codes and their own fp32 scale's bytes (quantize_heads' layout)
 NORM_ROPE_PLAIN, NORM_ROPE_STATIC_E4M3, NORM_ROPE_ROW_E4M3 = 0, 1, 2
@@ -122,10 +126,11 @@ def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, 
     for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
         q, k = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k))  # rows may be strided (fused QKV)
         s = q.shape[1]
-        wrap_triton(_qk_norm_rope_kernel)[(b * s,)](
+        block_h = QK_NORM_ROPE_HEADS or triton.next_power_of_2(h)
+        wrap_triton(_qk_norm_rope_kernel)[(b * s, triton.cdiv(h, block_h))](
             q, k, qw, kw, q_out, k_out, cos, sin, q_scale, k_scale, s, row0, *q.stride()[:3], *k.stride()[:3],
-            *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=mode, D=d,
-            BLOCK_H=triton.next_power_of_2(h), num_warps=QK_NORM_ROPE_WARPS)
+            *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=mode, D=d, BLOCK_H=block_h,
+            num_warps=QK_NORM_ROPE_WARPS)
         row0 += s
     return q_out, k_out
 
@@ -445,17 +450,17 @@ if triton is not None:
         return (h // (G2 * G3)) * stride_1 + ((h // G3) % G2) * stride_2 + (h % G3) * stride_3
 
     @triton.jit
-    def _load_heads(x_ptr, b, s, x_sb, x_ss, x_sh, H, D: tl.constexpr, BLOCK_H: tl.constexpr):
-        """Token (b, s)'s heads [H, D] of x in fp32 (rows past H: zeros)."""
-        h = tl.arange(0, BLOCK_H)[:, None]
+    def _load_heads(x_ptr, b, s, h0, x_sb, x_ss, x_sh, H, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Token (b, s)'s heads h0 .. h0 + BLOCK_H of x, [BLOCK_H, D] in fp32 (rows past H: zeros)."""
+        h = h0 + tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, D)[None, :]
         return tl.load(x_ptr + b * x_sb + s * x_ss + h * x_sh + d, mask=h < H, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _norm_rope_row(x, x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, b, row, o_sb, o_ss, o_1, o_2, o_3, G2,
-                       G3, H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
-        """x: _load_heads' [H, D] of x_ptr's token (b, row), normed, rotated and stored to out_ptr's row."""
-        h = tl.arange(0, BLOCK_H)[:, None]
+    def _norm_rope_row(x, x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, scale_ptr, b, row, h0, o_sb, o_ss, o_1, o_2, o_3,
+                       G2, G3, H, eps, QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """x: _load_heads' heads from h0 of x_ptr's token (b, row), normed, rotated and stored to out_ptr's row."""
+        h = h0 + tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, D)[None, :]
         mask = h < H
         rstd = tl.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
@@ -477,14 +482,14 @@ if triton is not None:
     def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
                              S, row0, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, o_sb, o_ss, o_1, o_2, o_3, G2, G3, H, eps,
                              QUANT: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
-        pid = tl.program_id(0)  # one token of this part: all heads of q and of k, both loads in flight at once
-        b, s = pid // S, pid % S
-        q = _load_heads(q_ptr, b, s, q_sb, q_ss, q_sh, H, D, BLOCK_H)
-        k = _load_heads(k_ptr, b, s, k_sb, k_ss, k_sh, H, D, BLOCK_H)
-        _norm_rope_row(q, q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, q_scale_ptr, b, row0 + s, o_sb, o_ss, o_1, o_2,
-                       o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
-        _norm_rope_row(k, k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, k_scale_ptr, b, row0 + s, o_sb, o_ss, o_1, o_2,
-                       o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
+        pid = tl.program_id(0)  # one token of this part: BLOCK_H heads of q and of k, both loads in flight at once
+        b, s, h0 = pid // S, pid % S, tl.program_id(1) * BLOCK_H
+        q = _load_heads(q_ptr, b, s, h0, q_sb, q_ss, q_sh, H, D, BLOCK_H)
+        k = _load_heads(k_ptr, b, s, h0, k_sb, k_ss, k_sh, H, D, BLOCK_H)
+        _norm_rope_row(q, q_ptr, qw_ptr, qo_ptr, cos_ptr, sin_ptr, q_scale_ptr, b, row0 + s, h0, o_sb, o_ss, o_1,
+                       o_2, o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
+        _norm_rope_row(k, k_ptr, kw_ptr, ko_ptr, cos_ptr, sin_ptr, k_scale_ptr, b, row0 + s, h0, o_sb, o_ss, o_1,
+                       o_2, o_3, G2, G3, H, eps, QUANT, D, BLOCK_H)
 
     @triton.jit
     def _copy_heads_kernel(src_ptr, dst_ptr, S, G2, G3, s_b, s_s, s_1, s_2, s_3, d_b, d_s, d_1, d_2, d_3,
