@@ -122,11 +122,11 @@ def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, 
     cos, sin = cos.contiguous(), sin.contiguous()
     q_scale, k_scale = scales or (cos, cos)  # unread unless NORM_ROPE_STATIC_E4M3
     assert q_out.stride() == k_out.stride() and q_out.stride(5) == 1
+    block_h = QK_NORM_ROPE_HEADS or triton.next_power_of_2(h)
     row0 = 0
     for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
         q, k = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k))  # rows may be strided (fused QKV)
         s = q.shape[1]
-        block_h = QK_NORM_ROPE_HEADS or triton.next_power_of_2(h)
         wrap_triton(_qk_norm_rope_kernel)[(b * s, triton.cdiv(h, block_h))](
             q, k, qw, kw, q_out, k_out, cos, sin, q_scale, k_scale, s, row0, *q.stride()[:3], *k.stride()[:3],
             *q_out.stride()[:5], q_out.shape[3], q_out.shape[4], h, eps, QUANT=mode, D=d, BLOCK_H=block_h,
@@ -306,7 +306,8 @@ class _CudnnFp8Attention:
         self.workspace = torch.empty(self.graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
         self.amaxes = torch.empty(2, 1, 1, 1, 1, device=q.device)
         # P in [0, 1] is held as e4m3 scaled by 448; v and the output stay in v's units (descale 1, scale 1)
-        self.fixed = torch.tensor([1 / E4M3_MAX, E4M3_MAX, 1.0], device=q.device).reshape(3, 1, 1, 1, 1)
+        self.p_descale, self.p_scale, self.one = torch.tensor([1 / E4M3_MAX, E4M3_MAX, 1.0],
+                                                              device=q.device).reshape(3, 1, 1, 1, 1)
         self.cudnn = cudnn
 
     def pack(self, q, k, v, q_scale, k_scale, out) -> dict:
@@ -315,8 +316,7 @@ class _CudnnFp8Attention:
         (a reciprocal and a product, 2 of the step's kernels per attention): |P @ v| <= max |v| <= 448 fits."""
         qt, kt, vt, o, amax_s, amax_o = self.tensors
         pack = {qt: q, kt: k, vt: v, o: out, amax_s: self.amaxes[0], amax_o: self.amaxes[1]}
-        one = self.fixed[2]
-        values = (q_scale, k_scale, one, self.fixed[0], self.fixed[1], one)
+        values = (q_scale, k_scale, self.one, self.p_descale, self.p_scale, self.one)
         return pack | dict(zip(self.scales, values))
 
     def __call__(self, q, k, v, q_scale, k_scale):
