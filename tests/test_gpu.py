@@ -143,9 +143,14 @@ def test_fusions_fire_on_gpu(tiny_bf16_cuda):
     assert counts["single-144x112"]["fuse_qkv"] == {"groups": 1, "linears": 3}
 
 
-def test_qk_norm_rope_kernel_matches_its_reference():
+@pytest.mark.parametrize("heads_per_program", [None, 2])
+def test_qk_norm_rope_kernel_matches_its_reference(monkeypatch, heads_per_program):
     """The Triton kernel against the op's reference implementation on the CPU, on strided
-    q/k column slices of one fused projection output and two joined parts, as a double block feeds it."""
+    q/k column slices of one fused projection output and two joined parts, as a double block feeds it; with a
+    token's 3 heads in one program, or over 2 programs (QK_NORM_ROPE_HEADS = 2, the second's last row masked)."""
+    from fluxc.runtime.ops import kernels
+
+    monkeypatch.setattr(kernels, "QK_NORM_ROPE_HEADS", heads_per_program)
     g = torch.Generator().manual_seed(0)
     b, t, s, h, d = 2, 7, 37, 3, 128
     qkv = [torch.randn(b, n, 3, h, d, generator=g).to(torch.bfloat16) for n in (t, s)]  # [B, S, 3, H, D]
@@ -277,7 +282,11 @@ def test_gelu_fp8_kernel_matches_its_reference():
     _assert_fp8_rows_match(got, want, torch.nn.functional.gelu(x.double(), approximate="tanh"))
 
 
-def test_qk_norm_rope_fp8_kernel_matches_its_reference():
+@pytest.mark.parametrize("heads_per_program", [None, 2])
+def test_qk_norm_rope_fp8_kernel_matches_its_reference(monkeypatch, heads_per_program):
+    from fluxc.runtime.ops import kernels
+
+    monkeypatch.setattr(kernels, "QK_NORM_ROPE_HEADS", heads_per_program)
     g = torch.Generator().manual_seed(0)
     b, t, s, h, d = 1, 7, 37, 3, 128
     qkv = [torch.randn(b, n, 3, h, d, generator=g).to(torch.bfloat16) for n in (t, s)]
