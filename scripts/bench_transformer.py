@@ -47,10 +47,9 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
                                               (("fp8_epilogues", ("gate_residual", "gelu", "plain")),), 0)}
 # variants that also set launch knobs of fluxc.runtime.ops.kernels while their engine is built (Inductor compiles
 # the launches into the engine, so the knob is the engine's): q/k norm + RoPE with 4 warps a token, as before 0e894bb;
-# or over 3 programs a token of 8 heads each (no padded rows; in the step at 6dc83aa the kernel took 3.88 ms where
-# bench_activations had timed its calls at ~2.3 ms alone)
+# or a token's 24 heads in one 32-row program, as before the 8 heads a program of 1844927's run
 KNOBS = {"fluxc fp8 attn epilogues qk 4 warps": {"QK_NORM_ROPE_WARPS": 4},
-         "fluxc fp8 attn epilogues qk 8 heads": {"QK_NORM_ROPE_HEADS": 8}}
+         "fluxc fp8 attn epilogues qk all heads": {"QK_NORM_ROPE_HEADS": 32}}
 VARIANTS |= {label: VARIANTS["fluxc fp8 attn epilogues"] for label in KNOBS}
 
 

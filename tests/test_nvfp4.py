@@ -181,7 +181,7 @@ def _kernels():
           **{p: "i32" for p in ("S", "row0", "q_sb", "q_ss", "q_sh", "k_sb", "k_ss", "k_sh", "o_sb", "o_ss", "o_1",
                                 "o_2", "o_3", "G2", "G3", "H")},
           "eps": "fp32", "QUANT": "constexpr", "D": "constexpr", "BLOCK_H": "constexpr"},
-         {"QUANT": kernels.NORM_ROPE_STATIC_E4M3, "D": 128, "BLOCK_H": 32}),
+         {"QUANT": kernels.NORM_ROPE_STATIC_E4M3, "D": 128, "BLOCK_H": kernels.QK_NORM_ROPE_HEADS}),
         (kernels._copy_heads_kernel,
          {"src_ptr": "*bf16", "dst_ptr": "*bf16", **{p: "i32" for p in ("S", "G2", "G3", "s_b", "s_s", "s_1", "s_2",
                                                                        "s_3", "d_b", "d_s", "d_1", "d_2", "d_3")},

@@ -319,7 +319,7 @@ def test_e4m3_send_kernels_compile_for_hopper(kernel):
                     "k_scale_ptr": "*fp32"}
         ints = ("S", "row0", "q_sb", "q_ss", "q_sh", "k_sb", "k_ss", "k_sh", "o_sb", "o_ss", "o_1", "o_2", "o_3", "G2",
                 "G3", "H")
-        constexprs = {"QUANT": kernels.NORM_ROPE_ROW_E4M3, "D": 128, "BLOCK_H": 32}
+        constexprs = {"QUANT": kernels.NORM_ROPE_ROW_E4M3, "D": 128, "BLOCK_H": kernels.QK_NORM_ROPE_HEADS}
     signature = {**pointers, **{p: "i32" for p in ints}, **({"eps": "fp32"} if kernel == "qk_norm_rope" else {}),
                  **{p: "constexpr" for p in constexprs}}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

@@ -8,7 +8,8 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
     qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps) -> (q, k)           [B, S, H, D]
         Per part: RMSNorm over D with that part's weight; the parts concatenated along S (FLUX's double
         blocks join text and image tokens); then the interleaved-pair rotary embedding with cos/sin
-        [S, D] (fp32). CUDA: one Triton kernel launch per part doing q and k, one program per token.
+        [S, D] (fp32). CUDA: one Triton kernel launch per part doing q and k, one program per token and
+        QK_NORM_ROPE_HEADS of its heads.
     adaln(x [B, S, C], scale [B, C], shift [B, C], eps) -> LayerNorm(x) * (1 + scale) + shift  [B, S, C]
         LayerNorm without affine (FLUX's AdaLN). CUDA: one Triton program per token, the row held in
         registers: x is read once (Inductor's fused kernel loops over a 3072-wide row twice).
@@ -105,10 +106,10 @@ def _joined_qk(q_parts, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 # warps per program (one token's q and k heads): on an H100 at FLUX.1-dev's shapes, 2 moved 2316 GB/s (single
 # blocks), 4 2070, 8 1635 (copy: 2435; benchmarks/results/2026-12-06-h100-activations-0e894bb.json)
 QK_NORM_ROPE_WARPS = 2
-# heads per program: None, all of a token's (FLUX's 24 in a 32-row tile); a power of two N splits each token over
-# H / N programs with no padded rows (a launch knob, bitwise the same output; bench_transformer's "qk 8 heads"
-# variant times it in the step, not yet run)
-QK_NORM_ROPE_HEADS = None
+# heads per program, a power of two (or all of a token's where it has fewer): FLUX's 24 heads over 3 programs a token
+# with no padded rows. In the FP8 step on an H100 the kernel took 2.58 ms against 3.95 with a token's 24 heads in one
+# 32-row program, bitwise the same output (benchmarks/results/2026-12-07-h100-flux1dev-fp8-qk-8-heads-1844927.json)
+QK_NORM_ROPE_HEADS = 8
 # what _qk_norm_rope_kernel stores: the rows as they are; e4m3 codes of the rows / static per-tensor scales
 # (qk_norm_rope_fp8); or uint8 rows of e4m3 codes and their own fp32 scale's bytes (quantize_heads' layout)
 NORM_ROPE_PLAIN, NORM_ROPE_STATIC_E4M3, NORM_ROPE_ROW_E4M3 = 0, 1, 2
@@ -122,7 +123,7 @@ def _launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, 
     cos, sin = cos.contiguous(), sin.contiguous()
     q_scale, k_scale = scales or (cos, cos)  # unread unless NORM_ROPE_STATIC_E4M3
     assert q_out.stride() == k_out.stride() and q_out.stride(5) == 1
-    block_h = QK_NORM_ROPE_HEADS or triton.next_power_of_2(h)
+    block_h = min(QK_NORM_ROPE_HEADS, triton.next_power_of_2(h))
     row0 = 0
     for q, k, qw, kw in zip(q_parts, k_parts, q_weights, k_weights):
         q, k = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k))  # rows may be strided (fused QKV)
