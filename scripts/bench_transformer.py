@@ -47,7 +47,7 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
                                               (("fp8_epilogues", ("gate_residual", "gelu", "plain")),), 0)}
 # variants that also set launch knobs of fluxc.runtime.ops.kernels while their engine is built (Inductor compiles
 # the launches into the engine, so the knob is the engine's): q/k norm + RoPE with 4 warps a token, as before 0e894bb;
-# or a token's 24 heads in one 32-row program, as before the 8 heads a program of 1844927's run
+# or a token's 24 heads in one 32-row program, the launch before 8 heads a program became the default (b9e657c)
 KNOBS = {"fluxc fp8 attn epilogues qk 4 warps": {"QK_NORM_ROPE_WARPS": 4},
          "fluxc fp8 attn epilogues qk all heads": {"QK_NORM_ROPE_HEADS": 32}}
 VARIANTS |= {label: VARIANTS["fluxc fp8 attn epilogues"] for label in KNOBS}
