@@ -76,4 +76,5 @@ for job in "${@:-tests}"; do
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
+sed -i "s#$PWD/##g" "$OUT"/*.log 2>/dev/null  # the logs are committed: paths relative to the checkout, not this machine's
 exit $rc
