@@ -76,5 +76,6 @@ for job in "${@:-tests}"; do
     *) echo "unknown job $job"; rc=1 ;;
   esac
 done
-sed -i "s#$PWD/##g" "$OUT"/*.log 2>/dev/null  # the logs are committed: paths relative to the checkout, not this machine's
+# the logs are committed: paths in them relative to the checkout, not this machine's
+sed -i "s#$PWD/##g" "$OUT"/*.log 2>/dev/null
 exit $rc

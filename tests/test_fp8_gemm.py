@@ -141,8 +141,8 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, scales, loads):
         pytest.skip("the GELU epilogue stores its e4m3 codes and scales from registers")
     if scales == "tensor" and epilogue == "gelu_fp8":
         pytest.skip("a per-tensor scale is the FP8 attention output's, which the output projections read")
-    blocks = scales == "blocks"
-    config = fp8_gemm.CONFIGS.get((number, blocks), fp8_gemm.Config())  # the tiles the ops launch
+    a_scales = getattr(fp8_gemm, f"SCALES_{scales.upper()}")
+    config = fp8_gemm.CONFIGS.get((number, a_scales == fp8_gemm.SCALES_BLOCKS), fp8_gemm.Config())  # as the ops launch
     out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
     tma = loads.startswith("tma")
     flags = {flag.upper(): flag in loads for flag in ("flatten", "tma_store", "warp_specialize")}
@@ -152,8 +152,7 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, scales, loads):
                  **{p: "i32" for p in ("M", "N", "K", "rows_per_batch", "gate_stride")},
                  **{p: "constexpr" for p in ("A_SCALES", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
                                              "GROUP_M") + (("PROGRAMS", *flags) if tma else ())}}
-    constexprs = {"A_SCALES": {"rows": fp8_gemm.SCALES_ROWS, "blocks": fp8_gemm.SCALES_BLOCKS,
-                               "tensor": fp8_gemm.SCALES_TENSOR}[scales], "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+    constexprs = {"A_SCALES": a_scales, "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132, **flags} if tma else {}), "EPILOGUE": number}
     kernel = fp8_gemm._fp8_gemm_tma_kernel if tma else fp8_gemm._fp8_gemm_kernel
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
