@@ -7,6 +7,11 @@ variant, against the GPU's copy bandwidth.
                       passes over column blocks, the second from L2, were timed at 0e894bb and lost: 1650-1950 GB/s)
     qk_norm_rope_fp8  q and k of the fused QKV output (strided rows) normed, rotated, e4m3: warps per token
     adaln_fp8         LayerNorm + modulation + per-token e4m3 of the residual stream: warps per token
+    v_fp8             FP8 attention's v: amax over the tensor, then e4m3 on amax / 448, as Inductor compiles
+                      quantize_fp8_attention's aten ops from the fused QKV output (a slice, viewed [B, H, S, D];
+                      the double blocks' text and image parts joined), against the amax taken over the slice before
+                      its permute (the same elements). Each call reads another of four copies of the QKV output, so
+                      that v comes from HBM as in the step, not from the L2 the previous call left it in.
 GPU time per call as a graphed step runs it (timing.graph_ms); GB/s counts each kernel's own reads and writes; the
 ceiling is a device-to-device copy of 1 GiB, timed the same way. Each variant's output is compared with the
 first variant's, bit for bit (warp counts sum a row in other orders: a last-bit difference is expected). "step ms"
@@ -79,6 +84,32 @@ def adaln_case(tokens: int):
     return variants, result, tokens * HIDDEN * 3 + tokens * 4
 
 
+def v_case(stream: str, tokens: int):
+    width = 3 * HIDDEN + (MLP if stream == "single" else 0)
+    parts = [TEXT, IMAGE] if stream == "double" else [tokens]
+    copies = [[torch.randn(1, p, width, device="cuda", dtype=torch.bfloat16) for p in parts] for _ in range(4)]
+
+    def quantize(qkv, permuted_amax: bool):
+        v = torch.cat([y[..., 2 * HIDDEN:3 * HIDDEN] for y in qkv], dim=1)  # [B, S, H * D]
+        v4 = v.unflatten(-1, (HEADS, HEAD_DIM)).permute(0, 2, 1, 3)
+        amax = (v4 if permuted_amax else v).abs().amax((0, 1, 2, 3) if permuted_amax else (0, 1, 2), True).float()
+        scale = amax.clamp_min(1e-12).view(1, 1, 1, 1) / kernels.E4M3_MAX
+        return (v4 / scale).to(torch.float8_e4m3fn), scale
+
+    result = []
+
+    def variant(permuted_amax: bool):
+        fn, turn = torch.compile(lambda qkv: quantize(qkv, permuted_amax), fullgraph=True), [0]
+
+        def call():
+            turn[0] += 1
+            result[:] = fn(copies[turn[0] % len(copies)])
+        return call
+    joint = sum(parts)
+    return ({"inductor": variant(True), "amax unpermuted": variant(False)}, result,
+            joint * HIDDEN * (2 * 2 + 1))  # v read twice (amax, quantize), written in e4m3
+
+
 def measure(kernel: str, stream: str, calls: int, case) -> dict:
     variants, outputs, nbytes = case
     row = {"kernel": kernel, "stream": stream, "calls_per_step": calls, "gb": nbytes / 1e9, "variants": {}}
@@ -109,6 +140,7 @@ def main() -> None:
         r["rows"].append(measure("adaln_fp8", stream, calls, adaln_case(tokens)))
         if stream != "double text":  # the double blocks' text and image parts are one op call
             r["rows"].append(measure("qk_norm_rope_fp8", stream, calls, qk_case(stream, tokens)))
+            r["rows"].append(measure("v_fp8", stream, calls, v_case(stream.split()[0], tokens)))
         with open(args.out, "w") as fh:
             json.dump(r, fh, indent=1)
     kernels.QK_NORM_ROPE_WARPS, kernels.ADALN_WARPS = defaults
@@ -118,7 +150,7 @@ def main() -> None:
         for name, v in x["variants"].items():
             print(f"{x['kernel']:<18}{x['stream']:<14}{name:<12}{v['ms']:>8.4f}{v['gbps']:>7.0f}"
                   f"{v['ms'] * x['calls_per_step']:>9.3f}  {v['bitwise_equal_to_default']}")
-    for kernel in ("gelu_fp8", "adaln_fp8", "qk_norm_rope_fp8"):
+    for kernel in ("gelu_fp8", "adaln_fp8", "qk_norm_rope_fp8", "v_fp8"):
         rows = [x for x in r["rows"] if x["kernel"] == kernel]
         for name in rows[0]["variants"]:
             print(f"{kernel} {name}: {sum(x['variants'][name]['ms'] * x['calls_per_step'] for x in rows):.3f} ms/step")
