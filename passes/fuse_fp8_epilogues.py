@@ -10,7 +10,9 @@ output projection, which fuse_epilogues split into its attention and MLP halves)
          (FLUX.2: a [B, 1, N] gate, squeezed for the kernel; aten._unsafe_view as well as aten.view)
 Rewrite:
     %out = fluxc.fp8_linear_gate_residual(%a, %sa, %w, %sw, %bias, %gate, %residual)
-           (two GEMMs: the first's output is the second's residual)
+           (two GEMMs: the first's output is the second's residual; with "joined", where one of them has the
+           bias, one op whose K loop runs the other first: fp8_linear_gate_residual(<the one with the bias>,
+           %gate, %residual, <the other's a, sa, w, sw>))
 Pattern, GELU (the MLP up-projections), once every GEMM that reads the quantized GELU output was rewritten above:
     %q, %s = fluxc.gelu_fp8(aten._scaled_mm(%xq, aten.t(%w), %sx, aten.t(%sw), %bias, None, bf16))
 Rewrite:
@@ -21,7 +23,7 @@ again; the projections' bf16 output goes straight into the residual stream.
 Pattern, plain (after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias),
     where the Triton kernel is the faster on the GPU building the engine (fluxc.tactics measures both at the shape;
     a CPU build rewrites them all, and the op leaves fewer than CUBLAS_BELOW rows to cuBLAS in any case)
-The recipe's fp8_epilogues names which: "gate_residual", "gelu" (which needs "gate_residual") and "plain".
+The recipe's fp8_epilogues names which: "gate_residual", "joined" and "gelu" (which need "gate_residual"), "plain".
 Pre:  quantize_fp8 ran, with bf16 GEMM outputs, and scales the kernel reads: [M, 1] per token, or one [1, 1] scale
 that quantize_fp8 expanded to rows for _scaled_mm (FP8 attention's output, on v's scale: the op takes the [1, 1]
 scale, not a copy of it per row); compiler/validate.py keeps calibrated builds' static scales out.
@@ -29,7 +31,8 @@ Post: counts["gate_residual"] == 4 per double block and 1 per single block, coun
 block and 1 per single block with "gelu", else 0, counts["plain"] the GEMMs left (tiny, pinned by
 tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
 residuals, no GELU (tiny-flux2, tests/test_flux2.py).
-Numerics: the GEMMs are the same FP8 GEMMs; what changes is the GELU output's scaling, 1x128 blocks instead of one
+Numerics: the GEMMs are the same FP8 GEMMs (joined: the two halves summed in fp32 and rounded once, within
+REWRITE_TOLERANCE[bf16] of the chain, tests/test_fp8.py); what changes is the GELU output's scaling, 1x128 blocks instead of one
 scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once in fp32
 instead of twice in bf16. Contract: each linear at or above numerics.FP8_LINEAR_SQNR_DB against float64, and a
 segment at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph, as quantize_fp8's.
@@ -99,13 +102,17 @@ def _gated(out: torch.fx.Node):
     return residual, gate, not unsqueezed, [_operands(mm, 3) for mm in halves]
 
 
-def fuse_gate_residual(gm: torch.fx.GraphModule, out: torch.fx.Node) -> None:
+def fuse_gate_residual(gm: torch.fx.GraphModule, out: torch.fx.Node, joined: bool) -> None:
     residual, gate, squeeze, gemms = _gated(out)
     with gm.graph.inserting_before(out):
         if squeeze:  # [B, 1, N] -> [B, N]: the kernel reads a gate row per batch element
             gate = call(gm.graph, aten.squeeze.dim, gate, 1)
-        for operands in gemms:
-            residual = call(gm.graph, GATE_RESIDUAL, *operands, gate, residual)
+        if joined and len(gemms) == 2 and None in (gemms[0][4], gemms[1][4]):  # one bias between them
+            lead, main = sorted(gemms, key=lambda operands: operands[4] is not None)  # the bias in the main's epilogue
+            residual = call(gm.graph, GATE_RESIDUAL, *main, gate, residual, *lead[:4])
+        else:
+            for operands in gemms:
+                residual = call(gm.graph, GATE_RESIDUAL, *operands, gate, residual)
     out.replace_all_uses_with(residual)
 
 
@@ -156,7 +163,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     epilogues = ctx.recipe.fp8_epilogues
     adds = ([n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3]
             if "gate_residual" in epilogues else [])
-    gated, rejected = rewrite_all(adds, lambda n: fuse_gate_residual(gm, n))
+    gated, rejected = rewrite_all(adds, lambda n: fuse_gate_residual(gm, n, "joined" in epilogues))
     gm.graph.eliminate_dead_code()  # the replaced GEMMs, so that each GELU's readers are the fused ops
     gelus = [n for n in gm.graph.nodes if n.target is torch.ops.fluxc.gelu_fp8.default]
     fused, more = rewrite_all(gelus if "gelu" in epilogues else [], lambda n: fuse_gelu(gm, n))

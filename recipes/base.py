@@ -49,8 +49,9 @@ class Recipe:
     # fp8: attention on e4m3 q, k, v through cuDNN's FP8 SDPA (sm_90+; passes/quantize_fp8.py).
     fp8_attention: bool = False
     # fp8: the epilogues FP8 GEMMs own (Triton; passes/fuse_fp8_epilogues.py): "gate_residual" (the output
-    # projections' gated residual), "gelu" (the MLP's GELU + quantization, in 1x128 blocks that the
-    # down-projection then reads) and "plain" (the GEMMs left without one run on the Triton kernel too).
+    # projections' gated residual), "joined" (a single block's two output-projection halves in one K loop: one
+    # kernel, not two), "gelu" (the MLP's GELU + quantization, in 1x128 blocks that the down-projection then
+    # reads) and "plain" (the GEMMs left without one run on the Triton kernel too).
     fp8_epilogues: tuple[str, ...] = ()
     # Context parallelism (--world-size > 1): q, k and v cross to the other ranks as e4m3 rows with a scale each
     # (3/8 fewer bytes than bf16 q, k, v and output; passes/shard_attention.py). The FP8 recipes set it.

@@ -1,5 +1,6 @@
 """FP8 (quantize_fp8, recipe sm90_fp8) on the tiny model: counts, SQNR floors, the engine, target checks."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,8 @@ import torch
 from fluxc.build import BuildOptions, build
 from fluxc.validate import validate
 from fluxc.ir import WeightSource
-from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB, FP8_LINEAR_SQNR_DB, FP8_SEGMENT_SQNR_DB, sqnr_db
+from fluxc.numerics import (FP8_ATTENTION_SEGMENT_SQNR_DB, FP8_LINEAR_SQNR_DB, FP8_SEGMENT_SQNR_DB,
+                             REWRITE_TOLERANCE, relative_error, sqnr_db)
 from fluxc.runtime.ops.kernels import norm_rope_reference
 from fluxc.passes import quantize_fp8
 from fluxc.passes.base import PassContext, aten, is_aten
@@ -49,13 +51,14 @@ def _segments(model):
     return trace_model(model, [Profile(144, 112, TINY_TEXT)], torch.device("cpu"), torch.bfloat16)
 
 
-def _fp8_segments(model, recipe_name: str):
+def _fp8_segments(model, recipe_name: str, **overrides):
     """(segment, its fp8 pipeline result, SQNR of each output against the same segment through the bf16
-    pipeline on the same inputs) per segment of the tiny model."""
+    pipeline on the same inputs) per segment of the tiny model; overrides: of the recipe's fields."""
     for seg, plain in zip(_segments(model), _segments(model)):
         tensors = _tensors(seg.graph)
         want = _run(run_pipeline(plain.graph, PassContext(bf16(), "cpu", seg.kind)).graph, tensors)
-        result = run_pipeline(seg.graph, PassContext(RECIPES[recipe_name](), "cpu", seg.kind))
+        recipe = dataclasses.replace(RECIPES[recipe_name](), **overrides)
+        result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind))
         yield seg, result, [sqnr_db(got, expected) for got, expected in zip(_run(result.graph, tensors), want)]
 
 
@@ -88,6 +91,26 @@ def test_output_projections_after_fp8_attention_read_its_one_scale(tiny_bf16):
                      and tuple(n.args[1].meta["val"].shape) == (1, 1)]
         assert len(one_scale) == {"double": 2, "single": 1}.get(seg.kind, 0), seg.name  # to_out, to_add_out; proj_out
         assert not any(is_aten(n, aten.expand.default) for n in nodes), seg.name
+        assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
+
+
+def test_joined_output_projection_is_one_gemm_with_the_same_result(tiny_bf16):
+    """fp8_epilogues "joined": a single block's output projection, its attention half (e4m3 on v's one scale) and
+    its MLP half (per token), is one fused GEMM whose K loop runs both, not two chained ones; the double blocks'
+    four are unchanged. Its segment computes what the two-GEMM one does, within the bf16 rewrite tolerance (one
+    rounding of the sum where the chain rounds each half's gated residual), at sm90_fp8_attn's floor."""
+    epilogues = ("gate_residual", "joined", "plain")
+    chained = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues")
+    for (seg, result, sqnrs), (_, two, _), traced in zip(
+            _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues", fp8_epilogues=epilogues), chained, _segments(tiny_bf16)):
+        fused = [n for n in result.graph.graph.nodes if n.target is torch.ops.fluxc.fp8_linear_gate_residual.default]
+        leads = [n for n in fused if len(n.args) > 7]
+        assert (len(fused), len(leads)) == {"double": (4, 0), "single": (1, 1)}.get(seg.kind, (0, 0)), seg.name
+        if leads:  # the lead is the attention half, on v's one scale; the bias stays with the MLP half
+            assert tuple(leads[0].args[8].meta["val"].shape) == (1, 1) and leads[0].args[4] is not None
+        tensors = _tensors(traced.graph)  # the inputs _fp8_segments ran both on
+        for got, want in zip(_run(result.graph, tensors), _run(two.graph, tensors)):
+            assert relative_error(got, want) <= REWRITE_TOLERANCE[torch.bfloat16], seg.name
         assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
 
 
@@ -298,7 +321,9 @@ def test_fp8_epilogues_fuse_the_gated_residuals_and_gelus_and_keep_the_floor(tin
 @pytest.mark.parametrize("options, words", [(dict(calibrate=2), "--calibrate makes static"),
                                             (dict(backend="onnx"), "--backend onnx does not export"),
                                             (dict(recipe_overrides=(("fp8_epilogues", ("gelu",)),)),
-                                             "which needs 'gate_residual'")])
+                                             "which need 'gate_residual'"),
+                                            (dict(recipe_overrides=(("fp8_epilogues", ("joined", "plain")),)),
+                                             "which need 'gate_residual'")])
 def test_fp8_epilogues_refuse_static_scales_and_onnx(tmp_path, options, words):
     with pytest.raises(FluxcError, match=words):
         build(BuildOptions(model="tiny", output=str(tmp_path / "x.fluxe"), target="cpu", recipe="sm90_fp8_epilogues",

@@ -98,6 +98,16 @@ for name in ("blocks", "tensor"):  # the MLP's and the attention's output projec
     f.launch(a, a_scale, w, w_scale, None, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, config=config)
     errors[f"gate_residual {name}"] = relative_error(
         out, torch.ops.fluxc.fp8_linear_gate_residual(a, a_scale, w, w_scale, None, gate, residual))
+if loads == "tma" and not flags:  # a single block's output projection: the attention half (per tensor) leads the MLP half's loop
+    (_, _, w2, w2_scale, _), _ = operands(m, 256, 256, seed=6)
+    for name in ("rows", "blocks"):
+        a, a_scale = scalings[name]
+        lead = (*scalings["tensor"], w2, w2_scale)
+        out = torch.empty_like(residual)
+        f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual,
+                 lead=lead, config=config)
+        errors[f"joined {name}"] = relative_error(
+            out, torch.ops.fluxc.fp8_linear_gate_residual(a, a_scale, w, w_scale, bias, gate, residual, *lead))
 print(errors, e4m3)
 assert max(errors.values()) <= 1e-2 and e4m3 <= 0.1, (errors, e4m3)
 """
@@ -121,14 +131,16 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_ops(m, loads):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store", "tma+warp_specialize"])
+@pytest.mark.parametrize("loads", ["pointers", "tma", "tma+flatten+tma_store", "tma+warp_specialize", "tma+joined"])
 @pytest.mark.parametrize("epilogue", ["bf16", "gelu_fp8", "gate_residual"])
 @pytest.mark.parametrize("scales", ["rows", "blocks", "tensor"])
 def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, scales, loads):
     """Each variant compiled for sm_90a here (Triton bundles ptxas): its e4m3 dot becomes wgmma, Hopper's
     asynchronous warpgroup MMA, the TMA variant's loads the bulk tensor copy (and its TMA stores the bulk copy
     out of shared memory), and the cubin is made; warp specialized, the kernel splits into a producer and consumer
-    warp groups that trade registers (setmaxnreg), not a uniform kernel with the loop's attribute ignored."""
+    warp groups that trade registers (setmaxnreg), not a uniform kernel with the loop's attribute ignored. Joined
+    (a single block's output projection: a per-tensor-scaled lead GEMM, then this one's K loop), with the gated
+    residual, the epilogue it is built for."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -141,19 +153,25 @@ def test_triton_kernel_compiles_to_hopper_tensor_cores(epilogue, scales, loads):
         pytest.skip("the GELU epilogue stores its e4m3 codes and scales from registers")
     if scales == "tensor" and epilogue == "gelu_fp8":
         pytest.skip("a per-tensor scale is the FP8 attention output's, which the output projections read")
+    if "joined" in loads and (epilogue != "gate_residual" or scales == "tensor"):
+        pytest.skip("a lead GEMM joins the MLP half of a single block's gated output projection")
     a_scales = getattr(fp8_gemm, f"SCALES_{scales.upper()}")
     config = fp8_gemm.CONFIGS.get((number, a_scales == fp8_gemm.SCALES_BLOCKS), fp8_gemm.Config())  # as the ops launch
+    config = fp8_gemm.JOINED_CONFIG if "joined" in loads else config
     out = "*fp8e4nv" if epilogue == "gelu_fp8" else "*bf16"
     tma = loads.startswith("tma")
-    flags = {flag.upper(): flag in loads for flag in ("flatten", "tma_store", "warp_specialize")}
+    flags = {flag.upper(): flag in loads for flag in ("flatten", "tma_store", "warp_specialize", "joined")}
+    tma_args = {"a0_ptr": "*fp8e4nv", "a0_scale_ptr": "*fp32", "b0_ptr": "*fp8e4nv", "b0_scale_ptr": "*fp32",
+                "K0": "i32", "A0_SCALES": "constexpr", "PROGRAMS": "constexpr", **dict.fromkeys(flags, "constexpr")}
     signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "b_scale_ptr": "*fp32",
                  "bias_ptr": "*bf16", "out_ptr": out, "out_scale_ptr": "*fp32", "gate_ptr": "*bf16",
                  "residual_ptr": "*bf16",
                  **{p: "i32" for p in ("M", "N", "K", "rows_per_batch", "gate_stride")},
                  **{p: "constexpr" for p in ("A_SCALES", "HAS_BIAS", "EPILOGUE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                             "GROUP_M") + (("PROGRAMS", *flags) if tma else ())}}
+                                             "GROUP_M")}, **(tma_args if tma else {})}
     constexprs = {"A_SCALES": a_scales, "HAS_BIAS": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                  "BLOCK_K": 128, "GROUP_M": 8, **({"PROGRAMS": 132, **flags} if tma else {}), "EPILOGUE": number}
+                  "BLOCK_K": 128, "GROUP_M": 8, "EPILOGUE": number,
+                  **({"PROGRAMS": 132, "A0_SCALES": fp8_gemm.SCALES_TENSOR, **flags} if tma else {})}
     kernel = fp8_gemm._fp8_gemm_tma_kernel if tma else fp8_gemm._fp8_gemm_kernel
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128),

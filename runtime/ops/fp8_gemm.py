@@ -7,8 +7,11 @@ epilogue does the work that today follows cuBLAS's `_scaled_mm` as separate pass
         quantize it per token. A row's amax spans every N tile, so per-token scales cannot be made in the tile
         that computes it; 1x128 blocks are tile-local (BLOCK_N = 128) and finer (DeepSeek's FP8 recipe, cuBLAS's
         Hopper block scaling).
-    fp8_linear_gate_residual(a, a_scale, w, w_scale, bias, gate [B, N], residual [B, S, N]) -> [B, S, N] bf16
+    fp8_linear_gate_residual(a, a_scale, w, w_scale, bias, gate [B, N], residual [B, S, N], a0=None, a0_scale=None,
+                             w0=None, w0_scale=None) -> [B, S, N] bf16
         The output projections: residual + gate * (a @ w.T + bias), FLUX's gated residual, in the GEMM's store.
+        With a0 (a single block's output projection, whose attention half a0 @ w0.T is added to its MLP half
+        a @ w.T): both in one K loop, a0's first, one accumulator, one epilogue.
     fp8_linear(a, a_scale, w, w_scale, bias) -> [M, N] bf16
         No epilogue: `_scaled_mm`'s work on the same kernel, for the GEMMs where it is faster than cuBLAS, which
         differs by GPU (graphed, FLUX.1-dev's widest GEMM, 4608x21504x3072: an H100 0.478 ms against cuBLAS's
@@ -71,9 +74,14 @@ def gelu_fp8_reference(a, a_scale, w, w_scale, bias) -> tuple[torch.Tensor, torc
     return quantize_blocks(y.to(torch.bfloat16))
 
 
-def gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual) -> torch.Tensor:
+def gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual, lead=None) -> torch.Tensor:
+    """residual + gate * y, y = a @ w.T + bias (plus a0 @ w0.T with a lead, summed in fp32) rounded to bf16."""
     b, s, n = residual.shape
-    y = fp8_linear_reference(a, a_scale, w, w_scale, bias).float().view(b, s, n)
+    y = dequantize_activation(a, a_scale) @ (w.float() * w_scale).T
+    if lead is not None:
+        a0, a0_scale, w0, w0_scale = lead
+        y += dequantize_activation(a0, a0_scale) @ (w0.float() * w0_scale).T
+    y = (y if bias is None else y + bias.float()).to(torch.bfloat16).float().view(b, s, n)
     return (residual.float() + gate.float()[:, None, :] * y).to(residual.dtype)
 
 
@@ -116,13 +124,20 @@ def fp8_linear(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale:
 
 @torch.library.triton_op("fluxc::fp8_linear_gate_residual", mutates_args=())
 def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                             bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+                             bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor,
+                             a0: torch.Tensor | None = None, a0_scale: torch.Tensor | None = None,
+                             w0: torch.Tensor | None = None, w0_scale: torch.Tensor | None = None) -> torch.Tensor:
     _check(a, a_scale, w, w_scale, False)
+    lead = None
+    if a0 is not None:
+        _check(a0, a0_scale, w0, w0_scale, False)
+        assert a0.shape[0] == a.shape[0] and w0.shape[0] == w.shape[0], (a0.shape, a.shape, w0.shape, w.shape)
+        lead = (a0, a0_scale, w0, w0_scale)
     if a.device.type != "cuda":
-        return gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual)
+        return gate_residual_reference(a, a_scale, w, w_scale, bias, gate, residual, lead)
     residual = residual.contiguous()
     out = torch.empty_like(residual)
-    launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual)
+    launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, lead=lead)
     return out
 
 
@@ -179,6 +194,9 @@ CONFIGS = {(EPILOGUE_BF16, False): Config(128, 256, 8, 3, "tma", flatten=True, t
            (EPILOGUE_GELU_FP8, False): Config(256, 128, 8, 3),
            (EPILOGUE_GATE_RESIDUAL, False): Config(128, 256, 8, 3, "tma", flatten=True),
            (EPILOGUE_GATE_RESIDUAL, True): Config(128, 128, 8, 4, "tma")}
+# two GEMMs in one K loop (a lead, fp8_linear_gate_residual's a0): one loop over K blocks a tile, so not flattened
+# over tiles (nor warp specialized); long K (a single block's 3072 + 12288) amortizes each tile's epilogue
+JOINED_CONFIG = Config(128, 256, 8, 3, "tma")
 
 
 def choose(config: Config, m: int, n: int, programs: int) -> Config:
@@ -201,26 +219,32 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gate=None, residual=None,
+def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gate=None, residual=None, lead=None,
            config: Config | None = None, traceable=True) -> None:
     """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
-    traceable=False launches the kernel directly instead of through wrap_triton's operator (microbenchmarks: no
-    dispatch between launches). config: CONFIGS' for this epilogue and scaling, chosen for the shape, unless given."""
+    lead: (a0, a0_scale, w0, w0_scale), a GEMM of the same M and N whose product is added before the epilogue, in
+    the same K loop (TMA loads). traceable=False launches the kernel directly instead of through wrap_triton's
+    operator (microbenchmarks: no dispatch between launches). config: CONFIGS' for this epilogue and scaling (and
+    JOINED_CONFIG with a lead), chosen for the shape, unless given."""
     (m, k), n = a.shape, w.shape[0]
     scales = scaling(a, a_scale)
-    config = Config(*config) if config else choose(CONFIGS.get((epilogue, scales == SCALES_BLOCKS), Config()), m, n,
-                                                   multiprocessors(a.device))
+    default = JOINED_CONFIG if lead else CONFIGS.get((epilogue, scales == SCALES_BLOCKS), Config())
+    config = Config(*config) if config else choose(default, m, n, multiprocessors(a.device))
     assert epilogue != EPILOGUE_GELU_FP8 or config.block_n == BLOCK
+    assert not lead or (config.loads == "tma" and not config.flatten and not config.warp_specialize), config
     a, a_scale = a.contiguous(), a_scale.contiguous()
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     kernel, extra = _fp8_gemm_kernel, {}
     if config.loads == "tma":
         assert not config.tma_store or epilogue != EPILOGUE_GELU_FP8
         assert not (config.flatten and config.warp_specialize), config
-        kernel, extra = _fp8_gemm_tma_kernel, dict(PROGRAMS=min(tiles, multiprocessors(a.device)),
-                                                    FLATTEN=config.flatten, TMA_STORE=config.tma_store,
-                                                    WARP_SPECIALIZE=config.warp_specialize)
+        a0, a0_scale, w0, w0_scale = (t.contiguous() for t in lead) if lead else (a_scale,) * 4
+        kernel, extra = _fp8_gemm_tma_kernel, dict(
+            a0_ptr=a0, a0_scale_ptr=a0_scale, b0_ptr=w0, b0_scale_ptr=w0_scale, K0=a0.shape[1] if lead else 0,
+            A0_SCALES=scaling(a0, a0_scale) if lead else 0, PROGRAMS=min(tiles, multiprocessors(a.device)),
+            FLATTEN=config.flatten, TMA_STORE=config.tma_store, WARP_SPECIALIZE=config.warp_specialize,
+            JOINED=lead is not None)
         triton.set_allocator(_descriptor_memory)  # (Inductor's launcher sets its own for the segments it runs)
     (wrap_triton(kernel) if traceable else kernel)[(extra.get("PROGRAMS", tiles),)](
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
@@ -260,14 +284,22 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _row_scale(rm, a_scale_ptr, M, A_SCALES: tl.constexpr):
+        """[BLOCK_M, 1]: what the accumulator's rows are still to be multiplied by, the activation's scale (1 for
+        1x128 blocks, which _accumulate applied per K block)."""
+        if A_SCALES == 0:  # SCALES_ROWS
+            return tl.load(a_scale_ptr + rm, mask=rm < M, other=1.0)[:, None]
+        elif A_SCALES == 2:  # SCALES_TENSOR
+            return tl.full((rm.shape[0], 1), 1.0, tl.float32) * tl.load(a_scale_ptr)
+        return tl.full((rm.shape[0], 1), 1.0, tl.float32)
+
+    @triton.jit
     def _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_SCALES: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
         """The fp32 tile (rows rm, columns rn) times its scales, plus the bias, rounded to bf16 as the unfused
         graph's GEMM output is."""
-        if A_SCALES == 0:  # SCALES_ROWS
-            acc *= tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
-        elif A_SCALES == 2:  # SCALES_TENSOR
-            acc *= tl.load(a_scale_ptr)
+        if A_SCALES != 1:  # (1x128 blocks: _accumulate scaled each K block)
+            acc *= _row_scale(rm, a_scale_ptr, M, A_SCALES)
         y = acc * tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -336,16 +368,22 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemm_tma_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
-                             residual_ptr, M, N, K, rows_per_batch, gate_stride,
-                             A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
-                             TMA_STORE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                             residual_ptr, M, N, K, rows_per_batch, gate_stride, a0_ptr, a0_scale_ptr, b0_ptr,
+                             b0_scale_ptr, K0, A_SCALES: tl.constexpr, A0_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+                             FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                             JOINED: tl.constexpr):
         # persistent: PROGRAMS programs (one per SM) walk the tiles; the TMA unit copies each operand tile (rows past
         # M or N read as zeros), so the loop has no address arithmetic and no masks. The descriptors are made here
         # (on the device), not by the host: torch traces a kernel's pointers into a segment, not host descriptors.
+        # JOINED: a0 @ b0.T + a @ b.T in one accumulator (a single block's output projection, its attention and MLP
+        # halves): a0's K loop first, its sum brought to a's and b's scales, then a's K loop.
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if JOINED:
+            a0_desc = tl.make_tensor_descriptor(a0_ptr, shape=[M, K0], strides=[K0, 1], block_shape=[BLOCK_M, BLOCK_K])
+            b0_desc = tl.make_tensor_descriptor(b0_ptr, shape=[N, K0], strides=[K0, 1], block_shape=[BLOCK_N, BLOCK_K])
         if TMA_STORE:
             out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1],
                                                  block_shape=[BLOCK_M, BLOCK_N // 2])
@@ -358,6 +396,16 @@ if triton is not None:
             pm, pn = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if JOINED:
+                for kb in range(0, K0 // BLOCK_K):
+                    a = a0_desc.load([pm * BLOCK_M, kb * BLOCK_K])
+                    b = b0_desc.load([pn * BLOCK_N, kb * BLOCK_K])
+                    acc = _accumulate(acc, a, b.T, a0_scale_ptr, rm, M, K0, kb, A0_SCALES, BLOCK_K)
+                rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+                b_ratio = (tl.load(b0_scale_ptr + rn, mask=rn < N, other=1.0)
+                           / tl.load(b_scale_ptr + rn, mask=rn < N, other=1.0))
+                acc *= _row_scale(rm, a0_scale_ptr, M, A0_SCALES) / _row_scale(rm, a_scale_ptr, M, A_SCALES)
+                acc *= b_ratio[None, :]
             for kb in range(0, K // BLOCK_K):
                 a = a_desc.load([pm * BLOCK_M, kb * BLOCK_K])
                 b = b_desc.load([pn * BLOCK_N, kb * BLOCK_K])
