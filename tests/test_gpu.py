@@ -451,6 +451,15 @@ def test_fp8_gemm_kernels_match_their_references(m, loads, monkeypatch):
         want = torch.ops.fluxc.fp8_linear_gate_residual(*args)
         got = torch.ops.fluxc.fp8_linear_gate_residual(*(None if t is None else t.cuda() for t in args))
         assert relative_error(got.cpu(), want) <= 5e-3
+    if loads == "tma":  # joined (TMA only): a single block's attention half, on one scale, leads the MLP half's loop
+        x0 = torch.randn(m, 3072, generator=g)
+        one = x0.abs().amax().reshape(1, 1) / 448
+        w0q, w0_scale = quantize_rows((torch.randn(3072, 3072, generator=g) / 3072 ** 0.5).bfloat16())
+        args = (*quantize_rows(dq(want_q, want_scale).bfloat16()), w2q, w2_scale, ops[4][:3072], gate, residual,
+                (x0 / one).to(torch.float8_e4m3fn), one, w0q, w0_scale)
+        want = torch.ops.fluxc.fp8_linear_gate_residual(*args)
+        got = torch.ops.fluxc.fp8_linear_gate_residual(*(t.cuda() for t in args))
+        assert relative_error(got.cpu(), want) <= 5e-3
 
 
 FRESH_PROCESS_DENOISE = """
