@@ -87,22 +87,22 @@ def test_output_projections_after_fp8_attention_read_its_one_scale(tiny_bf16):
     (v's, [1, 1]) as it is, not a copy of it per token; the segments keep the FP8-attention floor."""
     for seg, result, sqnrs in _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues"):
         nodes = result.graph.graph.nodes
-        one_scale = [n for n in nodes if n.target is torch.ops.fluxc.fp8_linear_gate_residual.default
-                     and tuple(n.args[1].meta["val"].shape) == (1, 1)]
+        one_scale = [s for n in nodes if n.target is torch.ops.fluxc.fp8_linear_gate_residual.default
+                     for s in n.args[1::7] if tuple(s.meta["val"].shape) == (1, 1)]  # a_scale, and a lead's a0_scale
         assert len(one_scale) == {"double": 2, "single": 1}.get(seg.kind, 0), seg.name  # to_out, to_add_out; proj_out
         assert not any(is_aten(n, aten.expand.default) for n in nodes), seg.name
         assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
 
 
 def test_joined_output_projection_is_one_gemm_with_the_same_result(tiny_bf16):
-    """fp8_epilogues "joined": a single block's output projection, its attention half (e4m3 on v's one scale) and
+    """fp8_epilogues "joined" (the *_epilogues recipes'): a single block's output projection, its attention half (e4m3 on v's one scale) and
     its MLP half (per token), is one fused GEMM whose K loop runs both, not two chained ones; the double blocks'
     four are unchanged. Its segment computes what the two-GEMM one does, within the bf16 rewrite tolerance (one
     rounding of the sum where the chain rounds each half's gated residual), at sm90_fp8_attn's floor."""
-    epilogues = ("gate_residual", "joined", "plain")
-    chained = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues")
-    for (seg, result, sqnrs), (_, two, _), traced in zip(
-            _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues", fp8_epilogues=epilogues), chained, _segments(tiny_bf16)):
+    assert "joined" in RECIPES["sm90_fp8_attn_epilogues"]().fp8_epilogues
+    chained = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues", fp8_epilogues=("gate_residual", "plain"))
+    for (seg, result, sqnrs), (_, two, _), traced in zip(_fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues"),
+                                                         chained, _segments(tiny_bf16)):
         fused = [n for n in result.graph.graph.nodes if n.target is torch.ops.fluxc.fp8_linear_gate_residual.default]
         leads = [n for n in fused if len(n.args) > 7]
         assert (len(fused), len(leads)) == {"double": (4, 0), "single": (1, 1)}.get(seg.kind, (0, 0)), seg.name

@@ -195,7 +195,9 @@ CONFIGS = {(EPILOGUE_BF16, False): Config(128, 256, 8, 3, "tma", flatten=True, t
            (EPILOGUE_GATE_RESIDUAL, False): Config(128, 256, 8, 3, "tma", flatten=True),
            (EPILOGUE_GATE_RESIDUAL, True): Config(128, 128, 8, 4, "tma")}
 # two GEMMs in one K loop (a lead, fp8_linear_gate_residual's a0): one loop over K blocks a tile, so not flattened
-# over tiles (nor warp specialized); long K (a single block's 3072 + 12288) amortizes each tile's epilogue
+# over tiles (nor warp specialized). Not narrowed by choose(): at a single block's 4608 x 3072 x (3072 + 12288) on an
+# H100, 128x256 tiles took 0.347 ms, 128x128 0.384 (4 stages; 3: 0.470), the two chained kernels 0.374
+# (results/2026-12-07-h100-fp8-gemm-joined-b199e1e.json): the long K loop amortizes the last wave's idle SMs
 JOINED_CONFIG = Config(128, 256, 8, 3, "tma")
 
 
@@ -229,8 +231,10 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     JOINED_CONFIG with a lead), chosen for the shape, unless given."""
     (m, k), n = a.shape, w.shape[0]
     scales = scaling(a, a_scale)
-    default = JOINED_CONFIG if lead else CONFIGS.get((epilogue, scales == SCALES_BLOCKS), Config())
-    config = Config(*config) if config else choose(default, m, n, multiprocessors(a.device))
+    if config is None and lead:
+        config = JOINED_CONFIG
+    config = Config(*config) if config else choose(CONFIGS.get((epilogue, scales == SCALES_BLOCKS), Config()), m, n,
+                                                   multiprocessors(a.device))
     assert epilogue != EPILOGUE_GELU_FP8 or config.block_n == BLOCK
     assert not lead or (config.loads == "tma" and not config.flatten and not config.warp_specialize), config
     a, a_scale = a.contiguous(), a_scale.contiguous()
