@@ -90,7 +90,8 @@ def v_case(stream: str, tokens: int):
     copies = [[torch.randn(1, p, width, device="cuda", dtype=torch.bfloat16) for p in parts] for _ in range(4)]
 
     def quantize(qkv, permuted_amax: bool):
-        v = torch.cat([y[..., 2 * HIDDEN:3 * HIDDEN] for y in qkv], dim=1)  # [B, S, H * D]
+        v = [y[..., 2 * HIDDEN:3 * HIDDEN] for y in qkv]  # [B, S, H * D]
+        v = torch.cat(v, dim=1) if len(v) > 1 else v[0]  # (a cat of one tensor would be a copy in the graph)
         v4 = v.unflatten(-1, (HEADS, HEAD_DIM)).permute(0, 2, 1, 3)
         amax = (v4 if permuted_amax else v).abs().amax((0, 1, 2, 3) if permuted_amax else (0, 1, 2), True).float()
         scale = amax.clamp_min(1e-12).view(1, 1, 1, 1) / kernels.E4M3_MAX
