@@ -41,15 +41,10 @@ def linear_operands(node: torch.fx.Node):
     return x, weight, bias, None, False
 
 
-def quantize_by_amax(g: torch.fx.Graph, x: torch.fx.Node, dims: list[int],
-                     amax_of: torch.fx.Node | None = None) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """(x / scale in e4m3, scale) as aten ops, scale = amax of |x| over `dims` (kept) in f32 / 448; amax_of: the
-    same elements in another layout to take the amax over (every dim; x's own dims must then be all of them)."""
-    source, dims = (x, dims) if amax_of is None else (amax_of, list(range(amax_of.meta["val"].dim())))
-    amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, source), dims, True),
+def quantize_by_amax(g: torch.fx.Graph, x: torch.fx.Node, dims: list[int]) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """(x / scale in e4m3, scale) as aten ops, scale = amax of |x| over `dims` (kept) in f32 / 448."""
+    amax = call(g, aten._to_copy.default, call(g, aten.amax.default, call(g, aten.abs.default, x), dims, True),
                 dtype=torch.float32)
-    if amax_of is not None:
-        amax = call(g, aten.view.default, amax, [1] * x.meta["val"].dim())
     scale = call(g, aten.div.Tensor, call(g, aten.clamp_min.default, amax, 1e-12), E4M3_MAX)
     return call(g, aten._to_copy.default, call(g, aten.div.Tensor, x, scale), dtype=torch.float8_e4m3fn), scale
 
