@@ -32,9 +32,9 @@ block and 1 per single block with "gelu", else 0, counts["plain"] the GEMMs left
 tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
 residuals, no GELU (tiny-flux2, tests/test_flux2.py).
 Numerics: the GEMMs are the same FP8 GEMMs (joined: the two halves summed in fp32 and rounded once, within
-REWRITE_TOLERANCE[bf16] of the chain, tests/test_fp8.py); what changes is the GELU output's scaling, 1x128 blocks instead of one
-scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once in fp32
-instead of twice in bf16. Contract: each linear at or above numerics.FP8_LINEAR_SQNR_DB against float64, and a
+REWRITE_TOLERANCE[bf16] of the chain, tests/test_fp8.py); what changes is the GELU output's scaling, 1x128 blocks
+instead of one scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once
+in fp32 instead of twice in bf16. Contract: each linear at or above numerics.FP8_LINEAR_SQNR_DB against float64, and a
 segment at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph, as quantize_fp8's.
 """
 

@@ -227,14 +227,14 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
     lead: (a0, a0_scale, w0, w0_scale), a GEMM of the same M and N whose product is added before the epilogue, in
     the same K loop (TMA loads). traceable=False launches the kernel directly instead of through wrap_triton's
-    operator (microbenchmarks: no dispatch between launches). config: CONFIGS' for this epilogue and scaling (and
-    JOINED_CONFIG with a lead), chosen for the shape, unless given."""
+    operator (microbenchmarks: no dispatch between launches). config: CONFIGS' for this epilogue and scaling,
+    chosen for the shape (with a lead: JOINED_CONFIG as it is), unless given."""
     (m, k), n = a.shape, w.shape[0]
     scales = scaling(a, a_scale)
-    if config is None and lead:
-        config = JOINED_CONFIG
-    config = Config(*config) if config else choose(CONFIGS.get((epilogue, scales == SCALES_BLOCKS), Config()), m, n,
+    if config is None:
+        config = JOINED_CONFIG if lead else choose(CONFIGS.get((epilogue, scales == SCALES_BLOCKS), Config()), m, n,
                                                    multiprocessors(a.device))
+    config = Config(*config)
     assert epilogue != EPILOGUE_GELU_FP8 or config.block_n == BLOCK
     assert not lead or (config.loads == "tma" and not config.flatten and not config.warp_specialize), config
     a, a_scale = a.contiguous(), a_scale.contiguous()
