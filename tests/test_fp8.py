@@ -95,10 +95,11 @@ def test_output_projections_after_fp8_attention_read_its_one_scale(tiny_bf16):
 
 
 def test_joined_output_projection_is_one_gemm_with_the_same_result(tiny_bf16):
-    """fp8_epilogues "joined" (the *_epilogues recipes'): a single block's output projection, its attention half (e4m3 on v's one scale) and
-    its MLP half (per token), is one fused GEMM whose K loop runs both, not two chained ones; the double blocks'
-    four are unchanged. Its segment computes what the two-GEMM one does, within the bf16 rewrite tolerance (one
-    rounding of the sum where the chain rounds each half's gated residual), at sm90_fp8_attn's floor."""
+    """fp8_epilogues "joined" (the *_epilogues recipes'): a single block's output projection, its attention half
+    (e4m3 on v's one scale) and its MLP half (per token), is one fused GEMM whose K loop runs both, not two chained
+    ones; the double blocks' four are unchanged. Its segment computes what the two-GEMM one does, within the bf16
+    rewrite tolerance (one rounding of the sum where the chain rounds each half's gated residual), at
+    sm90_fp8_attn's floor."""
     assert "joined" in RECIPES["sm90_fp8_attn_epilogues"]().fp8_epilogues
     chained = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues", fp8_epilogues=("gate_residual", "plain"))
     for (seg, result, sqnrs), (_, two, _), traced in zip(_fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues"),

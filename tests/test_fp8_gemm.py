@@ -98,7 +98,8 @@ for name in ("blocks", "tensor"):  # the MLP's and the attention's output projec
     f.launch(a, a_scale, w, w_scale, None, out, f.EPILOGUE_GATE_RESIDUAL, gate=gate, residual=residual, config=config)
     errors[f"gate_residual {name}"] = relative_error(
         out, torch.ops.fluxc.fp8_linear_gate_residual(a, a_scale, w, w_scale, None, gate, residual))
-if loads == "tma" and not flags:  # a single block's output projection: the attention half (per tensor) leads the MLP half's loop
+# a single block's output projection, joined: the attention half (one scale) leads the MLP half's K loop
+if loads == "tma" and not flags:
     (_, _, w2, w2_scale, _), _ = operands(m, 256, 256, seed=6)
     for name in ("rows", "blocks"):
         a, a_scale = scalings[name]
