@@ -43,9 +43,9 @@ residuals, no GELU (tiny-flux2, tests/test_flux2.py).
 Numerics: the GEMMs are the same FP8 GEMMs (joined: the two halves summed in fp32 and rounded once, within
 REWRITE_TOLERANCE[bf16] of the chain, tests/test_fp8.py); what changes is the GELU output's scaling, 1x128 blocks
 instead of one scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once
-in fp32 instead of twice in bf16; v's amax is the same
-bits. Contract: each linear at or above numerics.FP8_LINEAR_SQNR_DB against float64, and a
-segment at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph, as quantize_fp8's.
+in fp32 instead of twice in bf16; v's amax is the same bits. Contract: each linear at or above
+numerics.FP8_LINEAR_SQNR_DB against float64, and a segment at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16
+graph, as quantize_fp8's.
 """
 
 import operator

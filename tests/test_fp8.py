@@ -120,7 +120,8 @@ def test_v_amax_from_the_qkv_gemms_epilogue_is_the_same_bits(tiny_bf16):
     that writes it (fluxc.fp8_linear_amax: a double block's image and text QKV GEMMs, maxed; a single block's), not
     from a pass over v. The max of the same bf16 values: the segments' outputs are bitwise those without it."""
     epilogues = RECIPES["sm90_fp8_attn_epilogues"]().fp8_epilogues
-    without = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues", fp8_epilogues=tuple(e for e in epilogues if e != "amax"))
+    without = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues",
+                            fp8_epilogues=tuple(e for e in epilogues if e != "amax"))
     with_amax = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues", fp8_epilogues=(*epilogues, "amax"))
     for (seg, result, _), (_, plain, _), traced in zip(with_amax, without, _segments(tiny_bf16)):
         fused = [n for n in result.graph.graph.nodes if n.target is torch.ops.fluxc.fp8_linear_amax.default]

@@ -249,10 +249,10 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
     lead: (a0, a0_scale, w0, w0_scale), a GEMM of the same M and N whose product is added before the epilogue, in
-    the same K loop (TMA loads). amax: a zeroed f32 tensor the largest |output| of the columns in
-    amax_columns = (lo, hi) is maxed into. traceable=False launches the kernel directly instead of through wrap_triton's
-    operator (microbenchmarks: no dispatch between launches). config: CONFIGS' for this epilogue and scaling,
-    chosen for the shape (with a lead: JOINED_CONFIG as it is), unless given."""
+    the same K loop (TMA loads). amax: a zeroed f32 tensor that the largest |output| in the columns amax_columns
+    = (lo, hi) is maxed into. traceable=False launches the kernel directly instead of through wrap_triton's operator
+    (microbenchmarks: no dispatch between launches). config: CONFIGS' for this epilogue and scaling, chosen for the
+    shape (with a lead: JOINED_CONFIG as it is), unless given."""
     (m, k), n = a.shape, w.shape[0]
     scales = scaling(a, a_scale)
     if config is None:
