@@ -195,12 +195,12 @@ def _check_backend(backend: str, recipe: Recipe, calibrated: bool, target: str) 
         raise FluxcError(f"--backend {backend} does not export cuDNN's FP8 attention (recipe {recipe.name}).",
                          "Use --recipe sm90_fp8 (bf16 attention) with ONNX.")
     epilogues = set(recipe.fp8_epilogues)
-    if not epilogues <= {"gate_residual", "joined", "gelu", "amax", "plain"} or (
+    if not epilogues <= {"gate_residual", "joined", "gelu", "plain"} or (
             epilogues & {"joined", "gelu"} and "gate_residual" not in epilogues):
         raise FluxcError(f"Recipe {recipe.name}'s fp8_epilogues {recipe.fp8_epilogues} are not a choice of "
                          "'gate_residual', 'joined' and 'gelu' (which need 'gate_residual': 'joined' fuses a "
                          "single block's two gated output projections into one, the GELU's down-projection reads "
-                         "its 1x128 blocks), 'amax' and 'plain'.",
+                         "its 1x128 blocks) and 'plain'.",
                          "Use e.g. ('gate_residual',) or ('gate_residual', 'gelu').")
     if recipe.fp8_epilogues and backend != "inductor":
         raise FluxcError(f"Recipe {recipe.name}'s Triton GEMMs read per-token activation scales; --backend {backend} "

@@ -20,32 +20,22 @@ Rewrite:
     (the reading GEMMs take %q, %s directly: the views between them only flattened [B, S] and back)
 The GELU output is written once, in e4m3, where today it is written in bf16, read back, quantized and written
 again; the projections' bf16 output goes straight into the residual stream.
-Pattern, amax (FP8 attention's v: quantize_fp8_attention's amax over it, v a column slice of a QKV GEMM's output,
-or of several, concatenated; before "plain"):
-    %amax = aten.amax(aten.abs(<views, permutes, cat of> aten.slice(%y = aten._scaled_mm(...), 1, lo, hi)), all dims)
-Rewrite:
-    %y, %m = fluxc.fp8_linear_amax(%a, %sa, %w, %sw, %bias, lo, hi)   per GEMM; %amax = the max of the %m, in bf16
-    (the GEMM's epilogue takes the amax of the columns it writes: no pass over v before the one that quantizes it;
-    at or above CUBLAS_BELOW rows on the Triton kernel whatever fluxc.tactics measured for fp8_linear)
 Pattern, plain (after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias),
     where the Triton kernel is the faster on the GPU building the engine (fluxc.tactics measures both at the shape;
     a CPU build rewrites them all, and the op leaves fewer than CUBLAS_BELOW rows to cuBLAS in any case)
-The recipe's fp8_epilogues names which: "gate_residual", "joined" and "gelu" (which need "gate_residual"), "amax",
-"plain".
+The recipe's fp8_epilogues names which: "gate_residual", "joined" and "gelu" (which need "gate_residual"), "plain".
 Pre:  quantize_fp8 ran, with bf16 GEMM outputs, and scales the kernel reads: [M, 1] per token, or one [1, 1] scale
 that quantize_fp8 expanded to rows for _scaled_mm (FP8 attention's output, on v's scale: the op takes the [1, 1]
 scale, not a copy of it per row); compiler/validate.py keeps calibrated builds' static scales out.
 Post: counts["gate_residual"] == 4 per double block and 1 per single block, counts["gelu"] == 2 per double
-block and 1 per single block with "gelu", else 0, counts["amax"] 1 per block with FP8 attention (the double
-block's amax over its image and text v, both GEMMs), counts["plain"] the GEMMs left (tiny, pinned by
+block and 1 per single block with "gelu", else 0, counts["plain"] the GEMMs left (tiny, pinned by
 tests/test_fp8.py); FLUX.2 (SwiGLU MLP, no GELU): 4 and 1 gated
 residuals, no GELU (tiny-flux2, tests/test_flux2.py).
 Numerics: the GEMMs are the same FP8 GEMMs (joined: the two halves summed in fp32 and rounded once, within
 REWRITE_TOLERANCE[bf16] of the chain, tests/test_fp8.py); what changes is the GELU output's scaling, 1x128 blocks
 instead of one scale per token (finer: each block's amax is at most its row's), and the gated residual rounded once
-in fp32 instead of twice in bf16; v's amax is the same bits. Contract: each linear at or above
-numerics.FP8_LINEAR_SQNR_DB against float64, and a segment at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16
-graph, as quantize_fp8's.
+in fp32 instead of twice in bf16. Contract: each linear at or above numerics.FP8_LINEAR_SQNR_DB against float64, and a
+segment at or above numerics.FP8_SEGMENT_SQNR_DB against its bf16 graph, as quantize_fp8's.
 """
 
 import operator
@@ -53,11 +43,11 @@ import operator
 import torch
 
 from fluxc import tactics
-from fluxc.passes.base import VIEWS, NoMatch, PassContext, PassResult, aten, call, expect, is_aten, rewrite_all
+from fluxc.passes.base import NoMatch, PassContext, PassResult, aten, call, is_aten, rewrite_all
 from fluxc.runtime.ops.fp8_gemm import BLOCK, on_cublas
 
 GATE_RESIDUAL, GELU_FP8 = torch.ops.fluxc.fp8_linear_gate_residual.default, torch.ops.fluxc.fp8_linear_gelu_fp8.default
-LINEAR, LINEAR_AMAX = torch.ops.fluxc.fp8_linear.default, torch.ops.fluxc.fp8_linear_amax.default
+LINEAR = torch.ops.fluxc.fp8_linear.default
 
 
 def _operands(mm: torch.fx.Node, depth: int, one_user: bool = True) -> tuple:
@@ -154,39 +144,6 @@ def fuse_gelu(gm: torch.fx.GraphModule, gelu: torch.fx.Node) -> None:
         reader.args = (q, s, *reader.args[2:])
 
 
-def _column_slices(x: torch.fx.Node) -> list[torch.fx.Node]:
-    """The aten.slice nodes whose values x holds, through views, permutes and cats; NoMatch past anything else."""
-    while is_aten(x, *VIEWS, aten.permute.default):
-        x = x.args[0]
-    if is_aten(x, aten.cat.default):
-        return [s for part in x.args[0] for s in _column_slices(part)]
-    return [expect(x, aten.slice.Tensor, depth=1, what="v: expected views and cats of")]
-
-
-def fuse_amax(gm: torch.fx.GraphModule, amax: torch.fx.Node) -> None:
-    x = expect(amax.args[0], aten.abs.default, depth=0).args[0]
-    gemms = []
-    for part in _column_slices(x):
-        mm, dim, lo, hi, *step = part.args
-        n = mm.meta["val"].shape[-1]
-        if dim not in (1, -1) or step not in ([], [1]) or not is_aten(mm, aten._scaled_mm.default):
-            raise NoMatch(part, "not a column slice of an FP8 GEMM's output", 2)
-        gemms.append((mm, _operands(mm, 3, one_user=False), lo, min(hi, n)))
-    g = gm.graph
-    with g.inserting_before(amax):
-        for mm, operands, lo, hi in gemms:
-            with g.inserting_after(mm):
-                fused = call(g, LINEAR_AMAX, *operands, lo, hi)
-            with g.inserting_after(fused):
-                y = call(g, operator.getitem, fused, 0)
-            mm.replace_all_uses_with(y)
-            m = call(g, operator.getitem, fused, 1)
-            largest = m if mm is gemms[0][0] else call(g, aten.maximum.default, largest, m)
-        largest = call(g, aten.view.default, call(g, aten._to_copy.default, largest, dtype=amax.meta["val"].dtype),
-                       list(amax.meta["val"].shape))
-    amax.replace_all_uses_with(largest)
-
-
 def fuse_plain(gm: torch.fx.GraphModule, mm: torch.fx.Node) -> None:
     operands = _operands(mm, 0, one_user=False)
     a, a_scale, w, _, bias = (x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in operands)
@@ -202,7 +159,7 @@ def fuse_plain(gm: torch.fx.GraphModule, mm: torch.fx.Node) -> None:
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """The epilogues ctx.recipe.fp8_epilogues names ("gate_residual", then "gelu", which needs the first; then
-    "amax", then "plain")."""
+    "plain")."""
     epilogues = ctx.recipe.fp8_epilogues
     adds = ([n for n in gm.graph.nodes if is_aten(n, aten.add.Tensor) and n.meta["val"].dim() == 3]
             if "gate_residual" in epilogues else [])
@@ -212,12 +169,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     fused, more = rewrite_all(gelus if "gelu" in epilogues else [], lambda n: fuse_gelu(gm, n))
     gm.graph.eliminate_dead_code()
     counts, rejected = {"gate_residual": gated, "gelu": fused}, rejected + more
-    if "amax" in epilogues:
-        amaxes = [n for n in gm.graph.nodes if is_aten(n, aten.amax.default)  # over every dimension: per tensor
-                  and len(set(d % n.args[0].meta["val"].dim() for d in n.args[1])) == n.args[0].meta["val"].dim()]
-        counts["amax"], more = rewrite_all(amaxes, lambda n: fuse_amax(gm, n))
-        rejected += more
-        gm.graph.eliminate_dead_code()
     if "plain" in epilogues:
         gemms = [n for n in gm.graph.nodes if is_aten(n, aten._scaled_mm.default)]
         counts["plain"], more = rewrite_all(gemms, lambda n: fuse_plain(gm, n))

@@ -240,41 +240,6 @@ def measure_joined(configs) -> dict:
     return row
 
 
-def measure_amax(name: str, m: int) -> dict:
-    """FP8 attention's v amax (fp8_epilogues "amax"): a QKV GEMM with the amax of v's columns in its epilogue
-    (fluxc.fp8_linear_amax: the amax zeroed, then the kernel at the tiles the op launches) against the same GEMM
-    then the amax over v as Inductor compiles it (the engine's graph without "amax"), and the GEMM alone."""
-    n, k, lo = 3 * HIDDEN, HIDDEN, 2 * HIDDEN
-    a, a_scale, w, w_scale, bias, _, _ = operands(m, n, k, False)
-    config = f.choose(f.CONFIGS[(f.EPILOGUE_BF16, False)], m, n, f.multiprocessors(a.device))
-    out, amax = torch.empty(m, n, device="cuda", dtype=torch.bfloat16), torch.zeros(1, 1, device="cuda")
-
-    def gemm(**kw):
-        f.launch(a, a_scale, w, w_scale, bias, out, f.EPILOGUE_BF16, config=config, traceable=False, **kw)
-
-    def fused():
-        amax.zero_()
-        gemm(amax=amax, amax_columns=(lo, n))
-    v_amax = torch.compile(lambda y: f.column_amax(y, lo, n))
-    row = {"shape": name, "m": m, "n": n, "k": k, "epilogue": "bf16+amax", "a_scales": "row",
-           "chosen_config": config._asdict(), "fluxc_config": config._asdict()}
-    row["cublas_ms"] = graph_ms(lambda: scaled_mm(a, a_scale, w, w_scale, bias))
-    row["gemm_ms"] = graph_ms(gemm)
-    row["today_ms"] = graph_ms(lambda: (gemm(), v_amax(out)))
-    row["fluxc_ms"] = row["chosen_ms"] = graph_ms(fused)
-    row["fluxc_by_way_ms"] = {way_of(config): row["fluxc_ms"]}
-    fused()
-    row["amax_equal"] = bool(torch.equal(amax, f.column_amax(out, lo, n)))  # the same bits, or the epilogue is wrong
-    row["relative_error"] = relative_error(out, scaled_mm(a, a_scale, w, w_scale, bias))
-    flops, gemm_bytes = 2 * m * n * k, m * k + n * k + 4 * (m + n) + m * n * 2
-    for key, nbytes in (("today", gemm_bytes + m * (n - lo) * 2), ("fluxc", gemm_bytes)):
-        row[f"{key}_gb"] = nbytes / 1e9  # today: v read back for its amax
-        row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
-    row["cublas_tflops"] = flops / row["cublas_ms"] / 1e9
-    row["speedup_vs_today"] = row["today_ms"] / row["fluxc_ms"]
-    return row
-
-
 def abbreviated(way: str) -> str:
     return way.replace("tma_store", "st").replace("flatten", "fl").replace("warp_specialize", "ws")
 
@@ -282,25 +247,19 @@ def abbreviated(way: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES, 'joined' (a single "
-                                                   "block's output projection in one K loop) or 'amax' (the QKV "
-                                                   "GEMMs with v's amax); default: all")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES, or 'joined' (a single "
+                                                   "block's output projection in one K loop); default: all")
     ap.add_argument("--tiles", default=",".join(TILES), help=f"comma-separated, of {TILES}")
     ap.add_argument("--ways", default="pointers,tma", help=f"comma-separated, of {WAYS}")
     args = ap.parse_args()
-    shapes = [*SHAPES, "joined", "amax"] if args.shapes is None else [
-        i if i in ("joined", "amax") else SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = [*SHAPES, "joined"] if args.shapes is None else [
+        "joined" if i == "joined" else SHAPES[int(i)] for i in args.shapes.split(",")]
     configs = [config_of(tile, way) for way in args.ways.split(",") for tile in args.tiles.split(",")]
     r = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(),
          "triton": __import__("triton").__version__, "rows": []}
     for shape in shapes:
-        if shape == "amax":  # v's amax from the QKV GEMM, a double block's image stream and a single block
-            rows = [measure_amax("double img qkv amax", IMAGE), measure_amax("single qkv amax", IMAGE + TEXT)]
-        else:
-            rows = [measure_joined(configs) if shape == "joined" else measure(*shape, configs)]
-        for row in rows:
-            r["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        r["rows"].append(measure_joined(configs) if shape == "joined" else measure(*shape, configs))
+        print(json.dumps(r["rows"][-1]), flush=True)
         with open(args.out, "w") as fh:  # after each shape: a run cut short keeps what it measured
             json.dump(r, fh, indent=1)
     print(f"\nFP8 GEMMs with epilogues on {r['gpu']} (commit {r['commit']}); ms, TFLOP/s")

@@ -115,24 +115,6 @@ def test_joined_output_projection_is_one_gemm_with_the_same_result(tiny_bf16):
         assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
 
 
-def test_v_amax_from_the_qkv_gemms_epilogue_is_the_same_bits(tiny_bf16):
-    """fp8_epilogues "amax": FP8 attention's per-tensor scale for v takes v's amax from the epilogue of the GEMM
-    that writes it (fluxc.fp8_linear_amax: a double block's image and text QKV GEMMs, maxed; a single block's), not
-    from a pass over v. The max of the same bf16 values: the segments' outputs are bitwise those without it."""
-    epilogues = RECIPES["sm90_fp8_attn_epilogues"]().fp8_epilogues
-    without = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues",
-                            fp8_epilogues=tuple(e for e in epilogues if e != "amax"))
-    with_amax = _fp8_segments(tiny_bf16, "sm90_fp8_attn_epilogues", fp8_epilogues=(*epilogues, "amax"))
-    for (seg, result, _), (_, plain, _), traced in zip(with_amax, without, _segments(tiny_bf16)):
-        fused = [n for n in result.graph.graph.nodes if n.target is torch.ops.fluxc.fp8_linear_amax.default]
-        assert len(fused) == {"double": 2, "single": 1}.get(seg.kind, 0), seg.name
-        assert result.counts["fuse_fp8_epilogues"]["amax"] == int(bool(fused)), seg.name
-        assert not any(is_aten(n, aten.amax.default) and len(n.args[1]) == 4 for n in result.graph.graph.nodes)
-        tensors = _tensors(traced.graph)
-        for got, want in zip(_run(result.graph, tensors), _run(plain.graph, tensors)):
-            assert torch.equal(got, want), seg.name
-
-
 def test_rms_fp8_scale_bounds_normed_rotated_rows():
     """The static q/k scale (sqrt(D) max|w| / 448) holds every RMSNorm + rotary output below e4m3's 448, and is
     nearly tight: a one-hot row puts all of its norm on one element."""

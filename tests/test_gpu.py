@@ -431,10 +431,6 @@ def test_fp8_gemm_kernels_match_their_references(m, loads, monkeypatch):
     ops, _ = operands(m, 3072, 12288)
     plain = torch.ops.fluxc.fp8_linear(*(t.cuda() for t in ops))
     assert relative_error(plain.cpu(), torch.ops.fluxc.fp8_linear(*ops)) <= 5e-3  # bf16 values a ulp apart at most
-    # the same GEMM with the amax of columns 8192.. (FP8 attention's v) from its epilogue: the same output, and
-    # that amax taken from it
-    y, amax = torch.ops.fluxc.fp8_linear_amax(*(t.cuda() for t in ops), 8192, 12288)
-    assert torch.equal(y, plain) and torch.equal(amax, fp8_gemm.column_amax(y, 8192, 12288))
     want_q, want_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*ops)
     q, q_scale = torch.ops.fluxc.fp8_linear_gelu_fp8(*(t.cuda() for t in ops))
     # a block's scale is its bf16 amax / 448: where the fp32 sums (summed in another order) round to the next bf16

@@ -12,10 +12,6 @@ epilogue does the work that today follows cuBLAS's `_scaled_mm` as separate pass
         The output projections: residual + gate * (a @ w.T + bias), FLUX's gated residual, in the GEMM's store.
         With a0 (a single block's output projection, whose attention half a0 @ w0.T is added to its MLP half
         a @ w.T): both in one K loop, a0's first, one accumulator, one epilogue.
-    fp8_linear_amax(a, a_scale, w, w_scale, bias, lo, hi) -> (y [M, N] bf16, amax [1, 1] f32)
-        fp8_linear's y, and the largest |y| in its columns [lo, hi) from the epilogue: FP8 attention's v, a column
-        slice of the QKV GEMM's output, whose per-tensor scale needs it (without it, a pass over v before the one
-        that quantizes it). Below CUBLAS_BELOW rows: cuBLAS, then that reduction.
     fp8_linear(a, a_scale, w, w_scale, bias) -> [M, N] bf16
         No epilogue: `_scaled_mm`'s work on the same kernel, for the GEMMs where it is faster than cuBLAS, which
         differs by GPU (graphed, FLUX.1-dev's widest GEMM, 4608x21504x3072: an H100 0.478 ms against cuBLAS's
@@ -126,25 +122,6 @@ def fp8_linear(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale:
     return out
 
 
-@torch.library.triton_op("fluxc::fp8_linear_amax", mutates_args=())
-def fp8_linear_amax(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(a, a_scale, w, w_scale, False)
-    assert 0 <= lo < hi <= w.shape[0], (lo, hi, w.shape)
-    if a.device.type != "cuda" or on_cublas(a, a_scale):
-        out = fp8_linear(a, a_scale, w, w_scale, bias)
-        return out, column_amax(out, lo, hi)
-    out = a.new_empty(a.shape[0], w.shape[0], dtype=torch.bfloat16)
-    amax = torch.zeros(1, 1, dtype=torch.float32, device=a.device)
-    launch(a, a_scale, w, w_scale, bias, out, EPILOGUE_BF16, amax=amax, amax_columns=(lo, hi))
-    return out, amax
-
-
-def column_amax(y: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """[1, 1] f32: the largest |y| in columns [lo, hi) of y [M, N]."""
-    return y[:, lo:hi].abs().amax().float().view(1, 1)
-
-
 @torch.library.triton_op("fluxc::fp8_linear_gate_residual", mutates_args=())
 def fp8_linear_gate_residual(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                              bias: torch.Tensor | None, gate: torch.Tensor, residual: torch.Tensor,
@@ -245,14 +222,13 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gate=None, residual=None, lead=None,
-           amax=None, amax_columns=(0, 0), config: Config | None = None, traceable=True) -> None:
+           config: Config | None = None, traceable=True) -> None:
     """Run the kernel into `out` (tensors on one device: CUDA, or the CPU under TRITON_INTERPRET=1). Pointers an
     epilogue does not use get a_scale, which the kernel only reads, so that no output aliases another argument.
     lead: (a0, a0_scale, w0, w0_scale), a GEMM of the same M and N whose product is added before the epilogue, in
-    the same K loop (TMA loads). amax: a zeroed f32 tensor that the largest |output| in the columns amax_columns
-    = (lo, hi) is maxed into. traceable=False launches the kernel directly instead of through wrap_triton's operator
-    (microbenchmarks: no dispatch between launches). config: CONFIGS' for this epilogue and scaling, chosen for the
-    shape (with a lead: JOINED_CONFIG as it is), unless given."""
+    the same K loop (TMA loads). traceable=False launches the kernel directly instead of through wrap_triton's
+    operator (microbenchmarks: no dispatch between launches). config: CONFIGS' for this epilogue and scaling,
+    chosen for the shape (with a lead: JOINED_CONFIG as it is), unless given."""
     (m, k), n = a.shape, w.shape[0]
     scales = scaling(a, a_scale)
     if config is None:
@@ -267,7 +243,6 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
     if config.loads == "tma":
         assert not config.tma_store or epilogue != EPILOGUE_GELU_FP8
         assert not (config.flatten and config.warp_specialize), config
-        assert not (amax is not None and config.warp_specialize), "Triton 3.9 fails to partition the atomic max"
         a0, a0_scale, w0, w0_scale = (t.contiguous() for t in lead) if lead else (a_scale,) * 4
         kernel, extra = _fp8_gemm_tma_kernel, dict(
             a0_ptr=a0, a0_scale_ptr=a0_scale, b0_ptr=w0, b0_scale_ptr=w0_scale, K0=a0.shape[1] if lead else 0,
@@ -279,8 +254,7 @@ def launch(a, a_scale, w, w_scale, bias, out, epilogue: int, out_scale=None, gat
         a, a_scale, w, w_scale, a_scale if bias is None else bias, out, a_scale if out_scale is None else out_scale,
         a_scale if gate is None else gate, a_scale if residual is None else residual, m, n, k,
         residual.shape[1] if residual is not None else m, gate.stride(0) if gate is not None else 0,
-        a_scale if amax is None else amax, *amax_columns, A_SCALES=scales, HAS_BIAS=bias is not None,
-        EPILOGUE=epilogue, AMAX=amax is not None, BLOCK_M=config.block_m,
+        A_SCALES=scales, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=BLOCK, GROUP_M=8, num_warps=config.warps, num_stages=config.stages, **extra)
 
 
@@ -336,26 +310,14 @@ if triton is not None:
         return y.to(tl.bfloat16).to(tl.float32)
 
     @triton.jit
-    def _column_amax(y, rm, n0, M, amax_ptr, amax_lo, amax_hi, AMAX: tl.constexpr):
-        """With AMAX: the largest |y| of the tile's rows below M and columns (from n0) in [amax_lo, amax_hi), maxed
-        into *amax_ptr (zero before the launch; |y| >= 0, so the max in any order is the same bits)."""
-        if AMAX:
-            if (n0 < amax_hi) & (n0 + y.shape[1] > amax_lo):
-                rn = n0 + tl.arange(0, y.shape[1])
-                inside = (rm < M)[:, None] & ((rn >= amax_lo) & (rn < amax_hi))[None, :]
-                tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(inside, tl.abs(y), 0.0), axis=1), axis=0))
-
-    @triton.jit
     def _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
-                  M, N, rows_per_batch, gate_stride, amax_ptr, amax_lo, amax_hi, A_SCALES: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, AMAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  M, N, rows_per_batch, gate_stride, A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The fp32 tile's scales and bias, then the epilogue's work, stored."""
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rm < M, rn < N
         y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_SCALES, HAS_BIAS)
-        _column_amax(y, rm, pn * BLOCK_N, M, amax_ptr, amax_lo, amax_hi, AMAX)
         mask = mask_m[:, None] & mask_n[None, :]
         offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
         if EPILOGUE == 1:  # GELU, then e4m3 with one scale per row of this 1x128 tile
@@ -373,8 +335,8 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
-                         residual_ptr, M, N, K, rows_per_batch, gate_stride, amax_ptr, amax_lo, amax_hi,
-                         A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, AMAX: tl.constexpr,
+                         residual_ptr, M, N, K, rows_per_batch, gate_stride,
+                         A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         pm, pn = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -391,20 +353,17 @@ if triton is not None:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr, residual_ptr,
-                  M, N, rows_per_batch, gate_stride, amax_ptr, amax_lo, amax_hi, A_SCALES, HAS_BIAS, EPILOGUE, AMAX,
-                  BLOCK_M, BLOCK_N)
+                  M, N, rows_per_batch, gate_stride, A_SCALES, HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _store_half(acc, m0, n0, a_scale_ptr, b_scale_ptr, bias_ptr, out_desc, gate_ptr, residual_desc, M, N,
-                    rows_per_batch, gate_stride, amax_ptr, amax_lo, amax_hi, A_SCALES: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, AMAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HALF: tl.constexpr):
+                    rows_per_batch, gate_stride, A_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
         """_epilogue's bf16 and gated-residual work on the [BLOCK_M, HALF] columns from (m0, n0), through the
         descriptors: the residual read (zeros past M, N) and the output written (clipped there) by the TMA unit."""
         rm = m0 + tl.arange(0, BLOCK_M)
         rn = n0 + tl.arange(0, HALF)
         y = _scaled(acc, rm, rn, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, A_SCALES, HAS_BIAS)
-        _column_amax(y, rm, n0, M, amax_ptr, amax_lo, amax_hi, AMAX)
         if EPILOGUE == 2:
             gate = tl.load(gate_ptr + (rm // rows_per_batch)[:, None] * gate_stride + rn[None, :],
                            mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0).to(tl.float32)
@@ -413,10 +372,9 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemm_tma_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
-                             residual_ptr, M, N, K, rows_per_batch, gate_stride, amax_ptr, amax_lo, amax_hi, a0_ptr,
-                             a0_scale_ptr, b0_ptr, b0_scale_ptr, K0, A_SCALES: tl.constexpr, A0_SCALES: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, AMAX: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             residual_ptr, M, N, K, rows_per_batch, gate_stride, a0_ptr, a0_scale_ptr, b0_ptr,
+                             b0_scale_ptr, K0, A_SCALES: tl.constexpr, A0_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
                              FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                              JOINED: tl.constexpr):
@@ -459,12 +417,12 @@ if triton is not None:
             if TMA_STORE:
                 lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 _store_half(lo, pm * BLOCK_M, pn * BLOCK_N, a_scale_ptr, b_scale_ptr, bias_ptr, out_desc, gate_ptr,
-                            residual_desc, M, N, rows_per_batch, gate_stride, amax_ptr, amax_lo, amax_hi, A_SCALES,
-                            HAS_BIAS, EPILOGUE, AMAX, BLOCK_M, BLOCK_N // 2)
+                            residual_desc, M, N, rows_per_batch, gate_stride, A_SCALES, HAS_BIAS, EPILOGUE, BLOCK_M,
+                            BLOCK_N // 2)
                 _store_half(hi, pm * BLOCK_M, pn * BLOCK_N + BLOCK_N // 2, a_scale_ptr, b_scale_ptr, bias_ptr,
-                            out_desc, gate_ptr, residual_desc, M, N, rows_per_batch, gate_stride, amax_ptr, amax_lo,
-                            amax_hi, A_SCALES, HAS_BIAS, EPILOGUE, AMAX, BLOCK_M, BLOCK_N // 2)
+                            out_desc, gate_ptr, residual_desc, M, N, rows_per_batch, gate_stride, A_SCALES,
+                            HAS_BIAS, EPILOGUE, BLOCK_M, BLOCK_N // 2)
             else:
                 _epilogue(acc, pm, pn, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, gate_ptr,
-                          residual_ptr, M, N, rows_per_batch, gate_stride, amax_ptr, amax_lo, amax_hi, A_SCALES,
-                          HAS_BIAS, EPILOGUE, AMAX, BLOCK_M, BLOCK_N)
+                          residual_ptr, M, N, rows_per_batch, gate_stride, A_SCALES, HAS_BIAS, EPILOGUE, BLOCK_M,
+                          BLOCK_N)
