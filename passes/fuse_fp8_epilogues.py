@@ -22,7 +22,8 @@ The GELU output is written once, in e4m3, where today it is written in bf16, rea
 again; the projections' bf16 output goes straight into the residual stream.
 Pattern, plain (after the others): any other such _scaled_mm -> fluxc.fp8_linear(%a, %sa, %w, %sw, %bias),
     where the Triton kernel is the faster on the GPU building the engine (fluxc.tactics measures both at the shape;
-    a CPU build rewrites them all, and the op leaves fewer than CUBLAS_BELOW rows to cuBLAS in any case)
+    a CPU build rewrites them all, and the op leaves fewer than CUBLAS_BELOW rows to cuBLAS in any case); the
+    manifest's pass_reports keep the timings, {"plain_ms": {"MxNxK": {"triton": ms, "cublas": ms}}}
 The recipe's fp8_epilogues names which: "gate_residual", "joined" and "gelu" (which need "gate_residual"), "plain".
 Pre:  quantize_fp8 ran, with bf16 GEMM outputs, and scales the kernel reads: [M, 1] per token, or one [1, 1] scale
 that quantize_fp8 expanded to rows for _scaled_mm (FP8 attention's output, on v's scale: the op takes the [1, 1]
@@ -144,12 +145,13 @@ def fuse_gelu(gm: torch.fx.GraphModule, gelu: torch.fx.Node) -> None:
         reader.args = (q, s, *reader.args[2:])
 
 
-def fuse_plain(gm: torch.fx.GraphModule, mm: torch.fx.Node) -> None:
+def fuse_plain(gm: torch.fx.GraphModule, mm: torch.fx.Node, measured: dict) -> None:
+    """measured: {"MxNxK": fluxc.tactics' timings} of the shapes measured, for the manifest."""
     operands = _operands(mm, 0, one_user=False)
     a, a_scale, w, _, bias = (x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in operands)
     if a.is_cuda and not on_cublas(a, a_scale):
         (m, k), n = a.shape, w.shape[0]
-        ms = tactics.fp8_linear_ms(m, n, k, bias is not None, a.device)
+        ms = measured[f"{m}x{n}x{k}"] = tactics.fp8_linear_ms(m, n, k, bias is not None, a.device)
         if ms["cublas"] <= ms["triton"]:
             raise NoMatch(mm, f"cuBLAS measured faster on this GPU at {m}x{n}x{k}: {ms['cublas']:.3f} ms against the "
                               f"Triton kernel's {ms['triton']:.3f}", 1)
@@ -171,8 +173,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     counts, rejected = {"gate_residual": gated, "gelu": fused}, rejected + more
     if "plain" in epilogues:
         gemms = [n for n in gm.graph.nodes if is_aten(n, aten._scaled_mm.default)]
-        counts["plain"], more = rewrite_all(gemms, lambda n: fuse_plain(gm, n))
+        measured = {}
+        counts["plain"], more = rewrite_all(gemms, lambda n: fuse_plain(gm, n, measured))
         rejected += more
         gm.graph.eliminate_dead_code()
     gm.recompile()
-    return PassResult(gm, counts, rejected)
+    return PassResult(gm, counts, rejected, report={"plain_ms": measured} if "plain" in epilogues else None)

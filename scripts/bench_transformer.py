@@ -130,7 +130,9 @@ def main():
                           "build_stages_s": secs, "load_s": load_s, "segment_numerics": manifest["numerics"],
                           "pass_counts": manifest["pass_counts"], "kernels": breakdown,
                           "fp8_epilogues_explain": {seg: ex["fuse_fp8_epilogues"] for seg, ex in
-                                                    manifest["pass_explain"].items() if "fuse_fp8_epilogues" in ex}}
+                                                    manifest["pass_explain"].items() if "fuse_fp8_epilogues" in ex},
+                          "fp8_plain_tactics_ms": {seg: rep["fuse_fp8_epilogues"] for seg, rep in
+                                                   manifest["pass_reports"].items() if "fuse_fp8_epilogues" in rep}}
         del engine, graphed
         free()
         shutil.rmtree(engine_path)  # 24 GB each

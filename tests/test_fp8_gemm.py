@@ -260,7 +260,8 @@ def test_wide_tiles_narrow_where_the_last_wave_would_idle():
 def test_plain_gemms_go_where_the_building_gpu_measured_them_faster(faster, hopper_driver, monkeypatch):
     """fuse_fp8_epilogues' "plain" on a GEMM traced on (fake) CUDA tensors asks fluxc.tactics for both candidates'
     times at the shape and rewrites to the Triton kernel only where it was faster, saying why where it does not; the
-    GEMMs the op leaves to cuBLAS anyway (fewer than CUBLAS_BELOW rows) are not measured. The measurement is
+    GEMMs the op leaves to cuBLAS anyway (fewer than CUBLAS_BELOW rows) are not measured; the pass reports what was
+    measured (the manifest's pass_reports: why a build chose cuBLAS for a shape). The measurement is
     replaced here (it needs the GPU; scripts/gpu_tests.sh's transformer job records what an H200 chose)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -272,11 +273,11 @@ def test_plain_gemms_go_where_the_building_gpu_measured_them_faster(faster, hopp
     from fluxc.runtime.ops import fp8_gemm
     from fluxc.runtime.ops.fp8_gemm import CUBLAS_BELOW
 
-    asked = []
+    asked, timings = [], {"triton": 1.0, "cublas": 2.0} if faster == "triton" else {"triton": 2.0, "cublas": 1.0}
 
     def measured(m, n, k, bias, device):
         asked.append((m, n, k, bias, device.type))
-        return {"triton": 1.0, "cublas": 2.0} if faster == "triton" else {"triton": 2.0, "cublas": 1.0}
+        return timings
 
     monkeypatch.setattr(tactics, "fp8_linear_ms", measured)
     monkeypatch.setattr(fp8_gemm, "multiprocessors", lambda device: 132)  # (the rewritten op's fake launches ask)
@@ -293,6 +294,7 @@ def test_plain_gemms_go_where_the_building_gpu_measured_them_faster(faster, hopp
     gm = make_fx(gemms, tracing_mode="fake")(*args)
     result = fuse_fp8_epilogues.run(gm, PassContext(RECIPES["sm90_fp8_epilogues"](), "sm_90", "double"))
     assert asked == [(CUBLAS_BELOW, 384, 256, True, "cuda")]
+    assert result.report == {"plain_ms": {f"{CUBLAS_BELOW}x384x256": timings}}
     left = [n for n in gm.graph.nodes if n.target is torch.ops.aten._scaled_mm.default]
     if faster == "triton":
         assert result.counts["plain"] == 2 and not left  # (the text stream's op calls cuBLAS itself)
