@@ -7,8 +7,10 @@ Per shape and epilogue, GPU time per call as an engine's graphed step runs it (t
 10 back-to-back calls, replayed; until 2026-12-06 one eagerly launched call per timing, which counted host dispatch):
     today   `_scaled_mm` (rowwise scales, bias, bf16 out) then the epilogue's own kernels: fluxc.gelu_fp8 (GELU and
             per-token e4m3), or addcmul (residual + gate * y, one kernel, as Inductor fuses it)
-    cublas  `_scaled_mm` alone (the GEMM without its epilogue), and with 1x128 / 128x128 block scales where
-            torch takes them (what a down-projection reading block-scaled activations would call)
+    cublas  `_scaled_mm` alone (the GEMM without its epilogue), with fast accumulation (use_fast_accum: the sums
+            left in the tensor cores' accumulator, as the Triton kernel leaves them; its relative error against the
+            default), and with 1x128 / 128x128 block scales where torch takes them (what a down-projection reading
+            block-scaled activations would call)
     fluxc   the Triton kernel with the epilogue inside, at each tile config (--tiles) and way of loading and storing
             tiles (--ways: pointers, or TMA descriptors with a persistent grid, its loop over tiles flattened or
             not, its output stored through descriptors or not); the best is reported, and the best of each way
@@ -87,8 +89,10 @@ def operands(m, n, k, blocks: bool, device="cuda"):
     return a, a_scale, wq, w_scale, bias, gate, residual
 
 
-def scaled_mm(a, a_scale, w, w_scale, bias):
-    return torch._scaled_mm(a, w.T, a_scale, w_scale.T, bias=bias, out_dtype=torch.bfloat16)
+def scaled_mm(a, a_scale, w, w_scale, bias, fast_accum=False):
+    """cuBLAS's rowwise-scaled FP8 GEMM; fast_accum: e4m3 products summed in the tensor cores' own accumulator
+    across K, as fluxc's Triton kernel sums them (Triton's default on sm_90), not promoted to fp32 at intervals."""
+    return torch._scaled_mm(a, w.T, a_scale, w_scale.T, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
 def block_scaled_mm(a, a_scale, w, w_scale_blocks):
@@ -113,6 +117,8 @@ def measure(name, m, n, k, epilogue, blocks, configs) -> dict:
         a_row, a_row_scale = a, a_scale
     y = scaled_mm(a_row, a_row_scale, w, w_scale, bias)
     row["cublas_ms"] = graph_ms(lambda: scaled_mm(a_row, a_row_scale, w, w_scale, bias))
+    row["cublas_fast_accum_ms"] = graph_ms(lambda: scaled_mm(a_row, a_row_scale, w, w_scale, bias, True))
+    row["cublas_fast_accum_relative_error"] = relative_error(scaled_mm(a_row, a_row_scale, w, w_scale, bias, True), y)
     if epilogue == f.EPILOGUE_GELU_FP8:
         row["today_ms"] = graph_ms(lambda: torch.ops.fluxc.gelu_fp8(scaled_mm(a_row, a_row_scale, w, w_scale, bias)))
         today_bytes = gemm_bytes + 2 * m * n * 2 + m * n + 4 * m  # y written and read in bf16, e4m3 + scales written
@@ -264,12 +270,13 @@ def main() -> None:
             json.dump(r, fh, indent=1)
     print(f"\nFP8 GEMMs with epilogues on {r['gpu']} (commit {r['commit']}); ms, TFLOP/s")
     ways = [way for way in WAYS if way in args.ways.split(",")]
-    print(f"{'shape':<22}{'epilogue':<15}{'scales':<7}{'cuBLAS':>8}{'today':>8}"
+    print(f"{'shape':<22}{'epilogue':<15}{'scales':<7}{'cuBLAS':>8}{'fast':>7}{'today':>8}"
           + "".join(f"{abbreviated(w):>12}" for w in ways)
           + f"{'chosen':>8}{'TF/s':>7}{'x today':>9}{'rel err':>9}  tactic")
     for x in r["rows"]:
         best = "".join(f"{x['fluxc_by_way_ms'].get(way, float('nan')):>12.3f}" for way in ways)
-        print(f"{x['shape']:<22}{x['epilogue']:<15}{x['a_scales']:<7}{x['cublas_ms']:>8.3f}{x['today_ms']:>8.3f}{best}"
+        print(f"{x['shape']:<22}{x['epilogue']:<15}{x['a_scales']:<7}{x['cublas_ms']:>8.3f}"
+              f"{x.get('cublas_fast_accum_ms', float('nan')):>7.3f}{x['today_ms']:>8.3f}{best}"
               f"{x['chosen_ms'] or float('nan'):>8.3f}{x['fluxc_tflops']:>7.0f}{x['speedup_vs_today']:>9.2f}"
               f"{x['relative_error']:>9.1e}  {x.get('tactic', '')}")
 
