@@ -4,7 +4,8 @@ variant, against the GPU's copy bandwidth.
     python3 scripts/bench_activations.py --out bench_activations.json     (gpu_tests.sh job activations)
 
     gelu_fp8          GELU(tanh) + per-token e4m3 of the MLP's up-projection output, the row in registers (two
-                      passes over column blocks, the second from L2, were timed at 0e894bb and lost: 1650-1950 GB/s)
+                      passes over column blocks, the second from L2, were timed at 0e894bb and lost: 1650-1950 GB/s):
+                      warps per token (16: two programs an SM at 64 registers; 8: two, 110; 32: one, 44)
     qk_norm_rope_fp8  q and k of the fused QKV output (strided rows) normed, rotated, e4m3: warps per token
     adaln_fp8         LayerNorm + modulation + per-token e4m3 of the residual stream: warps per token
     v_fp8             FP8 attention's v: amax over the tensor, then e4m3 on amax / 448, as Inductor compiles
@@ -32,14 +33,14 @@ STREAMS = (("double image", IMAGE, 19), ("double text", TEXT, 19), ("single", IM
 WARPS = (2, 4, 8, 16)
 
 
-def warp_variants(knob: str, op, args, result: list) -> dict:
+def warp_variants(knob: str, op, args, result: list, warps=WARPS) -> dict:
     """{warps: a call of op(*args) into result with kernels.<knob> (the op's warps per program) set to warps}."""
-    def variant(warps):
+    def variant(w):
         def call():
-            setattr(kernels, knob, warps)
+            setattr(kernels, knob, w)
             result[:] = op(*args)
         return call
-    return {str(w): variant(w) for w in WARPS}
+    return {str(w): variant(w) for w in warps}
 
 
 def copy_gbps() -> float:
@@ -51,10 +52,8 @@ def copy_gbps() -> float:
 def gelu_case(tokens: int):
     x = torch.randn(tokens, MLP, device="cuda", dtype=torch.bfloat16) * 2
     result = []
-
-    def call():
-        result[:] = torch.ops.fluxc.gelu_fp8(x)
-    return {"row": call}, result, x.numel() * 3 + tokens * 4
+    variants = warp_variants("GELU_FP8_WARPS", torch.ops.fluxc.gelu_fp8, (x,), result, warps=(16, 8, 32))
+    return variants, result, x.numel() * 3 + tokens * 4
 
 
 def qk_case(stream: str, tokens: int):
@@ -131,10 +130,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    defaults = (kernels.QK_NORM_ROPE_WARPS, kernels.ADALN_WARPS)
+    defaults = (kernels.QK_NORM_ROPE_WARPS, kernels.ADALN_WARPS, kernels.GELU_FP8_WARPS)
     r = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(),
          "triton": __import__("triton").__version__, "copy_gbps": copy_gbps(),
-         "default_warps": {"qk_norm_rope_fp8": defaults[0], "adaln_fp8": defaults[1]},
+         "default_warps": {"qk_norm_rope_fp8": defaults[0], "adaln_fp8": defaults[1], "gelu_fp8": defaults[2]},
          "rows": []}
     for stream, tokens, calls in STREAMS:
         r["rows"].append(measure("gelu_fp8", stream, calls, gelu_case(tokens)))
@@ -144,7 +143,7 @@ def main() -> None:
             r["rows"].append(measure("v_fp8", stream, calls, v_case(stream.split()[0], tokens)))
         with open(args.out, "w") as fh:
             json.dump(r, fh, indent=1)
-    kernels.QK_NORM_ROPE_WARPS, kernels.ADALN_WARPS = defaults
+    kernels.QK_NORM_ROPE_WARPS, kernels.ADALN_WARPS, kernels.GELU_FP8_WARPS = defaults
     print(f"\nMemory-bound FP8 kernels on {r['gpu']} (commit {r['commit']}); copy {r['copy_gbps']:.0f} GB/s")
     print(f"{'kernel':<18}{'stream':<14}{'variant':<12}{'ms':>8}{'GB/s':>7}{'step ms':>9}  equal")
     for x in r["rows"]:

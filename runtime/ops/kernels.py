@@ -221,11 +221,19 @@ def adaln_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return out, row_scale
 
 
+# warps per program (one token) at FLUX's 12288-wide rows, at most: 16 hold a row in 64 registers a thread, two
+# programs an SM (8: 110 registers, two; 32: 44, one), by ptxas -v for sm_90a
+GELU_FP8_WARPS = 16
+
+
 @torch.library.triton_op("fluxc::gelu_fp8", mutates_args=())
 def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The row held in registers, one program per token: at the GPU's copy bandwidth on an H100 (2443 GB/s against a
     copy's 2435 at 4608x12288; two passes over column blocks, the second from L2, ran at 1650-1950:
-    benchmarks/results/2026-12-06-h100-activations-0e894bb.json)."""
+    benchmarks/results/2026-12-06-h100-activations-0e894bb.json). Not on an H200: ~2.2 TB/s in the step against
+    its ~4.3 TB/s copy (results/2026-12-07-h200-flux1dev-fp8-amax-194af5b.json), with one 16-warp program an SM
+    (103 registers a thread); at 64 registers, since the GELU output is held in bf16 and the amax unmasked, an SM
+    holds two rows in flight."""
     if not x.is_cuda:
         return quantize_rows(F.gelu(x, approximate="tanh"))
     x = x.contiguous()
@@ -233,7 +241,7 @@ def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
     block = triton.next_power_of_2(n)
     wrap_triton(_gelu_fp8_kernel)[(x.numel() // n,)](x, out, row_scale, n, BLOCK=block,
-                                                     num_warps=min(16, max(1, block // 512)))
+                                                     num_warps=min(GELU_FP8_WARPS, max(1, block // 512)))
     return out, row_scale
 
 
@@ -385,12 +393,14 @@ if triton is not None:
 
     @triton.jit
     def _store_fp8_row(y, mask, out_ptrs, row_scale_ptr):
-        """Store the fp32 row y (already rounded to the activation dtype) as e4m3 with its scale amax / 448.
-        y * (1 / scale) may differ from torch's y / scale in the last fp32 bit, which moves an e4m3 rounding
-        only at an exact tie; one reciprocal per row instead of an IEEE division per element."""
-        row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), 1e-12) / 448.0
+        """Store the row y (values of the activation dtype, in it or in fp32; 0 where mask is false: the callers
+        load 0 there, and map 0 to 0) as e4m3 with its scale amax / 448. y * (1 / scale) may differ from torch's
+        y / scale in the last fp32 bit, which moves an e4m3 rounding only at an exact tie; one reciprocal per row
+        instead of an IEEE division per element. (No tl.where on the mask: it kept a predicate per element live,
+        103 registers a thread against 64 for gelu_fp8's 16 warps, by ptxas -v for sm_90a.)"""
+        row_scale = tl.maximum(tl.max(tl.abs(y), axis=0).to(tl.float32), 1e-12) / 448.0
         tl.store(row_scale_ptr, row_scale)
-        tl.store(out_ptrs, (y * (1.0 / row_scale)).to(tl.float8e4nv), mask=mask)
+        tl.store(out_ptrs, (y.to(tl.float32) * (1.0 / row_scale)).to(tl.float8e4nv), mask=mask)
 
     @triton.jit
     def _store_e4m3_rows(x, rows, d, mask, D: tl.constexpr):
@@ -442,7 +452,7 @@ if triton is not None:
         n = tl.arange(0, BLOCK)
         mask = n < N
         x = tl.load(x_ptr + row * N + n, mask=mask, other=0.0).to(tl.float32)
-        y = gelu_tanh(x).to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = gelu_tanh(x).to(x_ptr.dtype.element_ty)  # held in bf16 until the store: half the registers of fp32
         _store_fp8_row(y, mask, out_ptr + row * N + n, row_scale_ptr + row)
 
     @triton.jit
