@@ -348,10 +348,10 @@ def check(got, want, exact, name):
     assert sqnr_db(q.float() * scale, exact) >= 20, (name, sqnr_db(q.float() * scale, exact))
 
 g = torch.Generator().manual_seed(0)
-x = (torch.randn(3, 12288 - 128, generator=g) * 2).to(torch.bfloat16)  # lanes past N masked in the 16384 block
-x[1] = -4 - torch.rand(x.shape[1], generator=g)  # GELU ~ -1e-4: a lane past N that were not 0 would set the scale
+x = (torch.randn(3, 12288, generator=g) * 2).to(torch.bfloat16)  # as launched: 3 chunks of 4096 in a block of 4
+x[1] = -4 - torch.rand(x.shape[1], generator=g)  # GELU ~ -1e-4: a masked lane that were not 0 would set the scale
 out, scale = torch.empty(x.shape, dtype=torch.float8_e4m3fn), torch.empty(3, 1)
-K._gelu_fp8_kernel[(3,)](x, out, scale, x.shape[1], BLOCK=16384, num_warps=K.GELU_FP8_WARPS)
+K._gelu_fp8_kernel[(3,)](x, out, scale, x.shape[1], CHUNKS=4, CHUNK=4096, num_warps=K.GELU_FP8_WARPS)
 check((out, scale), K.gelu_fp8(x), torch.nn.functional.gelu(x.double(), approximate="tanh"), "gelu_fp8")
 b, s, c = 2, 3, 3072 - 256
 x = (torch.randn(b, s, c, generator=g) * 3 + 1).to(torch.bfloat16)
@@ -377,18 +377,20 @@ def test_fp8_row_kernels_in_the_interpreter_match_their_references():
 
 
 def test_gelu_fp8_kernel_holds_two_rows_an_sm_on_hopper():
-    """gelu_fp8's kernel compiled for sm_90a as it is launched at FLUX's 12288-wide rows (16 warps, a 16384 block):
-    at most 64 registers a thread and no local memory (cuobjdump, bundled with Triton, reads the cubin), so that two
-    programs, two rows in flight, fit an SM's 64K registers. It took 103 while the row amax was masked per element
-    and the GELU output held in fp32, one row an SM: ~2.2 TB/s in the H200 step, half its copy bandwidth."""
+    """gelu_fp8's kernel compiled for sm_90a as it is launched at FLUX's 12288-wide rows (3 chunks of 4096 in a
+    block of 4, GELU_FP8_WARPS): no local memory, and few enough registers (cuobjdump, bundled with Triton, reads
+    the cubin) that two programs, two rows in flight, fit an SM's 64K. As one 16384-lane block masked per lane it
+    took ~100 at 16 warps, one row an SM: ~2.2 TB/s in the H200 step, half its copy bandwidth."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fluxc.runtime.ops import kernels
 
-    signature = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "row_scale_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr"}
-    compiled = triton.compile(ASTSource(fn=kernels._gelu_fp8_kernel, signature=signature, constexprs={"BLOCK": 16384}),
+    signature = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "row_scale_ptr": "*fp32", "N": "i32",
+                 "CHUNKS": "constexpr", "CHUNK": "constexpr"}
+    constexprs = {"CHUNKS": 4, "CHUNK": kernels.GELU_FP8_CHUNK}
+    compiled = triton.compile(ASTSource(fn=kernels._gelu_fp8_kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128), options={"num_warps": kernels.GELU_FP8_WARPS})
     cubin = os.path.join(tempfile.gettempdir(), f"gelu_fp8_{os.getpid()}.cubin")
     with open(cubin, "wb") as f:

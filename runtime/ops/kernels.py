@@ -221,9 +221,12 @@ def adaln_fp8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return out, row_scale
 
 
-# warps per program (one token) at FLUX's 12288-wide rows, at most: 16 hold a row in 64 registers a thread, two
-# programs an SM (8: 110 registers, two; 32: 44, one), by ptxas -v for sm_90a
+# warps per program (one token), at most: at FLUX's 12288-wide rows, 16 hold a row in 64 registers a thread, so two
+# programs, two rows in flight, fit an SM (cuobjdump of the sm_90a cubin, with Triton 3.6 and 3.9; 8 warps: 128, two;
+# 32: 38 with Triton 3.6, one)
 GELU_FP8_WARPS = 16
+# a row as chunks of at most this many elements (a power of two dividing N), so that the mask is one per chunk
+GELU_FP8_CHUNK = 4096
 
 
 @torch.library.triton_op("fluxc::gelu_fp8", mutates_args=())
@@ -231,17 +234,18 @@ def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The row held in registers, one program per token: at the GPU's copy bandwidth on an H100 (2443 GB/s against a
     copy's 2435 at 4608x12288; two passes over column blocks, the second from L2, ran at 1650-1950:
     benchmarks/results/2026-12-06-h100-activations-0e894bb.json). Not on an H200: ~2.2 TB/s in the step against
-    its ~4.3 TB/s copy (results/2026-12-07-h200-flux1dev-fp8-amax-194af5b.json), with one 16-warp program an SM
-    (103 registers a thread); at 64 registers, since the GELU output is held in bf16 and the amax unmasked, an SM
-    holds two rows in flight."""
+    its ~4.3 TB/s copy (results/2026-12-07-h200-flux1dev-fp8-amax-194af5b.json), with one program an SM (16 warps,
+    ~100 registers a thread: a 16384-lane block with a predicate per lane). As whole chunks of the row, masked
+    per chunk, with the GELU output held in bf16, an SM holds two."""
     if not x.is_cuda:
         return quantize_rows(F.gelu(x, approximate="tanh"))
     x = x.contiguous()
     out, row_scale = _empty_fp8(x)
     n = x.shape[-1]
-    block = triton.next_power_of_2(n)
-    wrap_triton(_gelu_fp8_kernel)[(x.numel() // n,)](x, out, row_scale, n, BLOCK=block,
-                                                     num_warps=min(GELU_FP8_WARPS, max(1, block // 512)))
+    chunk = min(GELU_FP8_CHUNK, n & -n)
+    chunks = triton.next_power_of_2(n // chunk)
+    wrap_triton(_gelu_fp8_kernel)[(x.numel() // n,)](x, out, row_scale, n, CHUNKS=chunks, CHUNK=chunk,
+                                                     num_warps=min(GELU_FP8_WARPS, max(1, chunks * chunk // 512)))
     return out, row_scale
 
 
@@ -393,14 +397,12 @@ if triton is not None:
 
     @triton.jit
     def _store_fp8_row(y, mask, out_ptrs, row_scale_ptr):
-        """Store the row y (values of the activation dtype, in it or in fp32; 0 where mask is false: the callers
-        load 0 there, and map 0 to 0) as e4m3 with its scale amax / 448. y * (1 / scale) may differ from torch's
-        y / scale in the last fp32 bit, which moves an e4m3 rounding only at an exact tie; one reciprocal per row
-        instead of an IEEE division per element. (No tl.where on the mask: it kept a predicate per element live,
-        103 registers a thread against 64 for gelu_fp8's 16 warps, by ptxas -v for sm_90a.)"""
-        row_scale = tl.maximum(tl.max(tl.abs(y), axis=0).to(tl.float32), 1e-12) / 448.0
+        """Store the fp32 row y (already rounded to the activation dtype) as e4m3 with its scale amax / 448.
+        y * (1 / scale) may differ from torch's y / scale in the last fp32 bit, which moves an e4m3 rounding
+        only at an exact tie; one reciprocal per row instead of an IEEE division per element."""
+        row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), 1e-12) / 448.0
         tl.store(row_scale_ptr, row_scale)
-        tl.store(out_ptrs, (y.to(tl.float32) * (1.0 / row_scale)).to(tl.float8e4nv), mask=mask)
+        tl.store(out_ptrs, (y * (1.0 / row_scale)).to(tl.float8e4nv), mask=mask)
 
     @triton.jit
     def _store_e4m3_rows(x, rows, d, mask, D: tl.constexpr):
@@ -447,13 +449,17 @@ if triton is not None:
             tl.store(out_ptr + row * C + c, y, mask=mask)
 
     @triton.jit
-    def _gelu_fp8_kernel(x_ptr, out_ptr, row_scale_ptr, N, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # one token: [N] in registers
-        n = tl.arange(0, BLOCK)
-        mask = n < N
-        x = tl.load(x_ptr + row * N + n, mask=mask, other=0.0).to(tl.float32)
-        y = gelu_tanh(x).to(x_ptr.dtype.element_ty)  # held in bf16 until the store: half the registers of fp32
-        _store_fp8_row(y, mask, out_ptr + row * N + n, row_scale_ptr + row)
+    def _gelu_fp8_kernel(x_ptr, out_ptr, row_scale_ptr, N, CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one token: [N] in registers, as [CHUNKS, CHUNK], N a multiple of CHUNK
+        r = tl.arange(0, CHUNKS)[:, None]
+        offsets = row * N + r * CHUNK + tl.arange(0, CHUNK)[None, :]
+        mask = r < N // CHUNK  # one mask per chunk: one per element kept ~100 registers a thread live at 16 warps
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        y = gelu_tanh(x.to(tl.float32)).to(x_ptr.dtype.element_ty)  # held in bf16 until the store
+        # _store_fp8_row's work on the 2-D row, its amax unmasked: the masked chunks loaded 0, and GELU(0) = 0
+        row_scale = tl.maximum(tl.max(tl.abs(y)).to(tl.float32), 1e-12) / 448.0
+        tl.store(row_scale_ptr + row, row_scale)
+        tl.store(out_ptr + offsets, (y.to(tl.float32) * (1.0 / row_scale)).to(tl.float8e4nv), mask=mask)
 
     @triton.jit
     def _head_offset(h, G2, G3, stride_1, stride_2, stride_3):
