@@ -5,7 +5,8 @@ variant, against the GPU's copy bandwidth.
 
     gelu_fp8          GELU(tanh) + per-token e4m3 of the MLP's up-projection output, the row in registers (two
                       passes over column blocks, the second from L2, were timed at 0e894bb and lost: 1650-1950 GB/s):
-                      warps per token (16: two programs an SM at 64 registers; 8: two, 110; 32: one, 44)
+                      warps per token (16: two programs an SM at 64 registers; 8: two, 128; 32: 38 registers
+                      with Triton 3.6, one)
     qk_norm_rope_fp8  q and k of the fused QKV output (strided rows) normed, rotated, e4m3: warps per token
     adaln_fp8         LayerNorm + modulation + per-token e4m3 of the residual stream: warps per token
     v_fp8             FP8 attention's v: amax over the tensor, then e4m3 on amax / 448, as Inductor compiles
