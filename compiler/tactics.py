@@ -54,7 +54,7 @@ def graph_ms(fn, calls: int = 10, iters: int = 10, warmup: int = 2) -> float:
 
 
 # each candidate is timed ROUNDS times, the two alternating, and keeps its median: one timing each, first one then
-# the other, let the order decide close calls (the GPU's clocks and temperature move while a build measures, and
+# the other, can let the order decide close calls (the GPU's clocks and temperature move while a build measures, and
 # the two are within ~8% at FLUX's shapes: on an H200 at 194af5b a build chose cuBLAS for a single block's QKV,
 # 4608x9216x3072, where bench_fp8_gemm, timing cuBLAS first, had the Triton kernel ahead, 0.191 against 0.207 ms)
 ROUNDS = 3
