@@ -351,7 +351,8 @@ g = torch.Generator().manual_seed(0)
 x = (torch.randn(3, 12288, generator=g) * 2).to(torch.bfloat16)  # as launched: 3 chunks of 4096 in a block of 4
 x[1] = -4 - torch.rand(x.shape[1], generator=g)  # GELU ~ -1e-4: a masked lane that were not 0 would set the scale
 out, scale = torch.empty(x.shape, dtype=torch.float8_e4m3fn), torch.empty(3, 1)
-K._gelu_fp8_kernel[(3,)](x, out, scale, x.shape[1], CHUNKS=4, CHUNK=4096, num_warps=K.GELU_FP8_WARPS)
+chunks, chunk = K.gelu_fp8_chunks(x.shape[1])
+K._gelu_fp8_kernel[(3,)](x, out, scale, x.shape[1], CHUNKS=chunks, CHUNK=chunk, num_warps=K.GELU_FP8_WARPS)
 check((out, scale), K.gelu_fp8(x), torch.nn.functional.gelu(x.double(), approximate="tanh"), "gelu_fp8")
 b, s, c = 2, 3, 3072 - 256
 x = (torch.randn(b, s, c, generator=g) * 3 + 1).to(torch.bfloat16)
@@ -367,9 +368,9 @@ check((out, row_scale), K.adaln_fp8(x, scale, shift, 1e-6), K.adaln(x, scale, sh
 def test_fp8_row_kernels_in_the_interpreter_match_their_references():
     """gelu_fp8's and adaln_fp8's Triton kernels (per-token e4m3 in the producing kernel), run on the CPU by Triton's
     interpreter (a fresh process: TRITON_INTERPRET=1 before the kernels are defined) at rows narrower than their
-    power-of-two blocks, against the ops' CPU references: the row amax is taken without a mask, so the lanes past
-    the row must hold 0 (loaded as 0, mapped to 0); a lane that did not would move the scale. tests/test_gpu.py holds
-    the compiled kernels to rounding."""
+    power-of-two blocks, against the ops' CPU references. gelu_fp8 takes its row amax without a mask, so its masked
+    chunk must hold 0 (loaded as 0, mapped to 0): one that did not would move the scale of the row of small values.
+    tests/test_gpu.py holds the compiled kernels to rounding."""
     pytest.importorskip("triton", reason="Triton is not installed")
     done = subprocess.run([sys.executable, "-c", FP8_ROWS_INTERPRETED], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TRITON_INTERPRET="1"))
@@ -389,7 +390,9 @@ def test_gelu_fp8_kernel_holds_two_rows_an_sm_on_hopper():
 
     signature = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "row_scale_ptr": "*fp32", "N": "i32",
                  "CHUNKS": "constexpr", "CHUNK": "constexpr"}
-    constexprs = {"CHUNKS": 4, "CHUNK": kernels.GELU_FP8_CHUNK}
+    chunks, chunk = kernels.gelu_fp8_chunks(12288)
+    assert (chunks, chunk) == (4, 4096)
+    constexprs = {"CHUNKS": chunks, "CHUNK": chunk}
     compiled = triton.compile(ASTSource(fn=kernels._gelu_fp8_kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 128), options={"num_warps": kernels.GELU_FP8_WARPS})
     cubin = os.path.join(tempfile.gettempdir(), f"gelu_fp8_{os.getpid()}.cubin")

@@ -175,7 +175,7 @@ def _kernels():
          {"QUANT": True, "BLOCK_C": 4096}),
         (kernels._gelu_fp8_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "row_scale_ptr": "*fp32", "N": "i32",
                                     "CHUNKS": "constexpr", "CHUNK": "constexpr"},
-         {"CHUNKS": 4, "CHUNK": kernels.GELU_FP8_CHUNK}),
+         dict(zip(("CHUNKS", "CHUNK"), kernels.gelu_fp8_chunks(12288)))),
         (kernels._qk_norm_rope_kernel,
          {**{p: "*bf16" for p in ("q_ptr", "k_ptr", "qw_ptr", "kw_ptr")}, "qo_ptr": "*fp8e4nv", "ko_ptr": "*fp8e4nv",
           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",

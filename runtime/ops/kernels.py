@@ -242,11 +242,17 @@ def gelu_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     out, row_scale = _empty_fp8(x)
     n = x.shape[-1]
-    chunk = min(GELU_FP8_CHUNK, n & -n)
-    chunks = triton.next_power_of_2(n // chunk)
+    chunks, chunk = gelu_fp8_chunks(n)
     wrap_triton(_gelu_fp8_kernel)[(x.numel() // n,)](x, out, row_scale, n, CHUNKS=chunks, CHUNK=chunk,
                                                      num_warps=min(GELU_FP8_WARPS, max(1, chunks * chunk // 512)))
     return out, row_scale
+
+
+def gelu_fp8_chunks(n: int) -> tuple[int, int]:
+    """_gelu_fp8_kernel's (CHUNKS, CHUNK) for rows of n: the largest power of two dividing n, at most
+    GELU_FP8_CHUNK, and enough of them, a power of two, to hold the row (FLUX's 12288: 3 of 4096 in a block of 4)."""
+    chunk = min(GELU_FP8_CHUNK, n & -n)
+    return triton.next_power_of_2(n // chunk), chunk
 
 
 # ---- FP8 attention --------------------------------------------------------------------------------
