@@ -14,6 +14,7 @@ from fluxc.runtime.core.bundle import check_writable
 from fluxc.runtime.core.schema import ALONE, ENCODER_PLACEMENTS, TASKS
 from fluxc.runtime.core.errors import FluxcError
 from fluxc.runtime.core.profile import Profile
+from fluxc.runtime.ops.kernels import FP8_ATTENTION_KERNELS
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -160,6 +161,10 @@ def choose_recipe(opts: BuildOptions) -> Recipe:
 
 def _check_target(recipe: Recipe, target: str) -> None:
     """The precision and the recipe's kernels against the target's SM (the CPU target emulates everything)."""
+    if recipe.fp8_attention_kernel not in FP8_ATTENTION_KERNELS:
+        raise FluxcError(f"Recipe '{recipe.name}': fp8_attention_kernel '{recipe.fp8_attention_kernel}' is not one of "
+                         f"{', '.join(FP8_ATTENTION_KERNELS)}.", "Use 'cudnn' (cuDNN's FP8 SDPA, the default) or "
+                         "'flash3' (FlashAttention-3, sm_90 only).")
     if targets.sm(target) is None:
         return
     fp8 = f"sm_{targets.FIRST_SM['fp8']}"
@@ -170,6 +175,9 @@ def _check_target(recipe: Recipe, target: str) -> None:
         raise FluxcError(f"--precision nvfp4 runs natively on sm_{targets.FIRST_SM['nvfp4']} and newer, and its "
                          f"emulation needs FP8 conversions ({fp8} or newer); {target} has neither.",
                          f"Build --precision bf16 for this GPU, or target an {fp8}+ GPU.")
+    if recipe.fp8_attention and recipe.fp8_attention_kernel == "flash3" and targets.sm(target) != 90:
+        raise FluxcError(f"Recipe '{recipe.name}' runs attention through FlashAttention-3's FP8 forward, whose kernels "
+                         f"are Hopper's (sm_90); {target} is not.", "Use fp8_attention_kernel 'cudnn' there.")
     if recipe.fp8_attention and not targets.has(target, "cudnn_attention"):
         raise FluxcError(f"Recipe '{recipe.name}' runs attention through cuDNN's FP8 SDPA, which needs "
                          f"sm_{targets.FIRST_SM['cudnn_attention']} or newer; {target} is older.",

@@ -1,4 +1,5 @@
-"""Attention in FP8: attention over fluxc.qk_norm_rope's q and k becomes cuDNN's FP8 SDPA (recipe.fp8_attention).
+"""Attention in FP8: attention over fluxc.qk_norm_rope's q and k becomes fluxc.attention_fp8 (recipe.fp8_attention):
+cuDNN's FP8 SDPA, or FlashAttention-3's FP8 forward (recipe.fp8_attention_kernel).
 
 Pattern:
     %rope = fluxc.qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps)      q, k [B, S, H, D]
@@ -8,12 +9,12 @@ Rewrite:
     %rms_fp8_scale(q weights), %rms_fp8_scale(k weights): f32[1, 1, 1, 1] = input          (made at build time)
     %rope8 = fluxc.qk_norm_rope_fp8(..., q scale, k scale)                                 q, k e4m3
     %v8, %v_scale = aten._to_copy(%v / (amax|v| / 448), f8e4m3), amax|v| / 448              (per tensor, at run time)
-    %o8 = fluxc.attention_fp8(%q8, %k8, %v8, q scale, k scale, %v_scale, softmax_scale)     [B, H, S, D] e4m3
+    %o8 = fluxc.attention_fp8(%q8, %k8, %v8, q scale, k scale, %v_scale, softmax_scale, kernel)  [B, H, S, D] e4m3
     %o = aten.mul(aten._to_copy(%o8, bf16), %v_scale)
 quantize_fp8, which runs next, lets the output projections read %o8 through the layout ops between.
 Pre:  fuse_qk_norm_rope ran. Post: counts["attention"] attention calls in FP8 (n_double + n_single on tiny).
 Numerics: q and k on static bounds of the normed rows (sqrt(D) max|w| / 448), v and the output on v's amax; the
-softmax probabilities in e4m3 (cuDNN); a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against bf16.
+softmax probabilities in e4m3 (both kernels); a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against bf16.
 """
 
 import operator
@@ -25,7 +26,7 @@ from fluxc.passes.base import ATTENTION, NoMatch, PassContext, PassResult, add_w
 from fluxc.passes.linear import quantize_by_amax
 
 
-def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node, kernel: str) -> None:
     """attention(q, k, v) over fluxc.qk_norm_rope's q and k -> fluxc.attention_fp8 on e4m3 q, k (static scales
     from the norm weights, quantized by qk_norm_rope_fp8) and v (scale amax / 448 at run time); the output is
     dequantized for its readers, and quantized linears reading it take the e4m3 output directly."""
@@ -49,14 +50,16 @@ def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         q8, k8 = (call(g, aten.permute.default, call(g, operator.getitem, rope8, i), [0, 2, 1, 3]) for i in (0, 1))
         v8, v_scale = quantize_by_amax(g, v, [0, 1, 2, 3])
         softmax_scale = node.kwargs.get("scale") or q.meta["val"].shape[-1] ** -0.5
-        o8 = call(g, torch.ops.fluxc.attention_fp8.default, q8, k8, v8, *scales, v_scale, float(softmax_scale))
+        o8 = call(g, torch.ops.fluxc.attention_fp8.default, q8, k8, v8, *scales, v_scale, float(softmax_scale), kernel)
         o = call(g, aten.mul.Tensor, call(g, aten._to_copy.default, o8, dtype=q.meta["val"].dtype), v_scale)
     for user in out:
         user.replace_all_uses_with(o)
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    done, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)], lambda n: quantize_attention(gm, n))
+    kernel = ctx.recipe.fp8_attention_kernel
+    done, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
+                                 lambda n: quantize_attention(gm, n, kernel))
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return PassResult(gm, {"attention": done}, rejected)

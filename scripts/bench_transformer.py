@@ -46,7 +46,8 @@ VARIANTS = {"fluxc bf16": ("bf16", (), 0), "fluxc bf16 no hoist": ("bf16", (("ho
             "fluxc fp8 attn epilogues gelu": ("sm90_fp8_attn_epilogues",
                                               (("fp8_epilogues", ("gate_residual", "gelu", "plain")),), 0),
             "fluxc fp8 attn epilogues chained": ("sm90_fp8_attn_epilogues",  # before 'joined' was the default
-                                                 (("fp8_epilogues", ("gate_residual", "plain")),), 0)}
+                                                 (("fp8_epilogues", ("gate_residual", "plain")),), 0),
+            "fluxc fp8 attn epilogues flash3": ("sm90_fp8_attn_epilogues", (("fp8_attention_kernel", "flash3"),), 0)}
 # variants that also set launch knobs of fluxc.runtime.ops.kernels while their engine is built (Inductor compiles
 # the launches into the engine, so the knob is the engine's): q/k norm + RoPE with 4 warps a token, as before 0e894bb;
 # or a token's 24 heads in one 32-row program, the launch before 8 heads a program became the default (b9e657c)

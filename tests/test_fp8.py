@@ -85,6 +85,23 @@ def test_fp8_attention_counts_and_segment_sqnr(tiny_bf16):
         assert min(sqnrs) >= FP8_ATTENTION_SEGMENT_SQNR_DB, (seg.name, sqnrs)
 
 
+def test_fp8_attention_runs_the_recipes_kernel(tiny_bf16, tmp_path):
+    """recipe.fp8_attention_kernel is the kernel argument of every fluxc.attention_fp8 call (what its CUDA
+    implementation dispatches on); an unknown kernel, or FlashAttention-3 off Hopper, is refused before any work."""
+    for kernel in ("cudnn", "flash3"):
+        recipe = dataclasses.replace(RECIPES["sm90_fp8_attn"](), fp8_attention_kernel=kernel)
+        for seg in _segments(tiny_bf16):
+            nodes = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind)).graph.graph.nodes
+            calls = [n for n in nodes if n.target is torch.ops.fluxc.attention_fp8.default]
+            assert [n.args[7] for n in calls] == [kernel] * (seg.kind in ("double", "single")), seg.name
+    options = dict(model="tiny", output=str(tmp_path / "e.fluxe"), precision="fp8", recipe="sm90_fp8_attn")
+    with pytest.raises(FluxcError, match="fp8_attention_kernel 'flash4'"):
+        validate(BuildOptions(**options, recipe_overrides=(("fp8_attention_kernel", "flash4"),)))
+    with pytest.raises(FluxcError, match="FlashAttention-3.*sm_90"):
+        validate(BuildOptions(**options, target="sm_100", recipe_overrides=(("fp8_attention_kernel", "flash3"),)))
+    assert not (tmp_path / "e.fluxe").exists()
+
+
 def test_output_projections_after_fp8_attention_read_its_one_scale(tiny_bf16):
     """sm90_fp8_attn_epilogues: the output projections' GEMMs read the e4m3 attention output with its one scale
     (v's, [1, 1]) as it is, not a copy of it per token; the segments keep the FP8-attention floor."""

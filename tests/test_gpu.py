@@ -303,10 +303,22 @@ def test_qk_norm_rope_fp8_kernel_matches_its_reference(monkeypatch, heads_per_pr
         assert (gt.cpu().float() == wt.float()).float().mean() > 0.99
 
 
-def test_fp8_attention_kernel_against_float64_and_in_a_cuda_graph():
-    """cuDNN's FP8 SDPA (fluxc.attention_fp8) against float64 attention over the same dequantized inputs, at the
-    stated floor; and captured in a CUDA graph, as the engine's step runs it, replaying to the same output."""
-    pytest.importorskip("cudnn")
+def skip_without_fp8_attention_kernel(kernel: str) -> None:
+    """cuDNN's FP8 SDPA needs the cudnn frontend; FlashAttention-3's FP8 forward flash_attn_3 and Hopper."""
+    if kernel == "flash3":
+        pytest.importorskip("flash_attn_interface")
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("FlashAttention-3's kernels are sm_90's")
+    else:
+        pytest.importorskip("cudnn")
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash3"])
+def test_fp8_attention_kernel_against_float64_and_in_a_cuda_graph(kernel):
+    """fluxc.attention_fp8 on each kernel (cuDNN's FP8 SDPA, FlashAttention-3's FP8 forward) against float64 attention
+    over the same dequantized inputs, at the stated floor; and captured in a CUDA graph, as the engine's step runs
+    it, replaying to the same output."""
+    skip_without_fp8_attention_kernel(kernel)
     from fluxc.numerics import FP8_ATTENTION_SQNR_DB
 
     g = torch.Generator().manual_seed(0)
@@ -314,9 +326,9 @@ def test_fp8_attention_kernel_against_float64_and_in_a_cuda_graph():
     scales = [torch.tensor(x).reshape(1, 1, 1, 1).cuda() for x in (1.5 * d ** 0.5 / 448, 1.5 * d ** 0.5 / 448, 4 / 448)]
     q, k, v = ((torch.randn(b, s, h, d, generator=g) * 1.5).clamp(-4, 4).cuda() for _ in range(3))
     q8, k8, v8 = ((t / sc).to(torch.float8_e4m3fn).permute(0, 2, 1, 3) for t, sc in zip((q, k, v), scales))
-    run = lambda: torch.ops.fluxc.attention_fp8(q8, k8, v8, *scales, d ** -0.5)  # noqa: E731
+    run = lambda: torch.ops.fluxc.attention_fp8(q8, k8, v8, *scales, d ** -0.5, kernel)  # noqa: E731
     got = run()
-    assert got.dtype == torch.float8_e4m3fn and got.shape == (b, h, s, d)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == (b, h, s, d) and got.stride() == q8.stride()
     deq = [t.double() * sc.double() for t, sc in zip((q8, k8, v8), scales)]
     want = torch.softmax(deq[0] @ deq[1].transpose(-1, -2) * d ** -0.5, -1) @ deq[2]
     assert sqnr_db(got.double() * scales[2].double(), want) >= FP8_ATTENTION_SQNR_DB
@@ -328,9 +340,11 @@ def test_fp8_attention_kernel_against_float64_and_in_a_cuda_graph():
     assert torch.equal(captured.view(torch.uint8), got.view(torch.uint8))
 
 
-def test_fp8_attention_engine_denoises_close_to_bf16_on_gpu(tmp_path):
-    """The tiny transformer built with sm90_fp8_attn runs its CUDA-graphed loop near the bf16 engine's."""
-    pytest.importorskip("cudnn")
+@pytest.mark.parametrize("kernel", ["cudnn", "flash3"])
+def test_fp8_attention_engine_denoises_close_to_bf16_on_gpu(tmp_path, kernel):
+    """The tiny transformer built with sm90_fp8_attn, on each FP8 attention kernel, runs its CUDA-graphed loop near
+    the bf16 engine's."""
+    skip_without_fp8_attention_kernel(kernel)
     from fluxc.build import BuildOptions, build
     from fluxc.numerics import FP8_ATTENTION_SEGMENT_SQNR_DB
     from fluxc.runtime import Engine
@@ -339,9 +353,11 @@ def test_fp8_attention_engine_denoises_close_to_bf16_on_gpu(tmp_path):
     for recipe in ("bf16", "sm90_fp8_attn"):
         paths[recipe] = str(tmp_path / f"{recipe}.fluxe")
         build(BuildOptions(model="tiny", output=paths[recipe], precision="fp8" if "fp8" in recipe else "bf16",
-                           recipe=recipe, resolutions=((144, 112),), text_tokens=13, transformer_only=True))
-    counts = Engine.load(paths["sm90_fp8_attn"]).manifest["pass_counts"]
-    assert counts["double-144x112"]["quantize_fp8_attention"]["attention"] == 1
+                           recipe=recipe, resolutions=((144, 112),), text_tokens=13, transformer_only=True,
+                           recipe_overrides=(("fp8_attention_kernel", kernel),) if "fp8" in recipe else ()))
+    engine = Engine.load(paths["sm90_fp8_attn"])
+    assert engine.manifest["pass_counts"]["double-144x112"]["quantize_fp8_attention"]["attention"] == 1
+    assert engine.manifest["recipe"]["fp8_attention_kernel"] == kernel
     pe, pooled = (t.cuda() for t in random_embeddings(dtype=torch.bfloat16))
     got, want = (Engine.load(paths[r]).denoise(pe, pooled, height=144, width=112, steps=8, seed=5)
                  for r in ("sm90_fp8_attn", "bf16"))

@@ -21,10 +21,12 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
         cast kernel ran at 170-200 us per 4608x12288 call on the H200, ~5x its memory traffic.)
     qk_norm_rope_fp8(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale) -> (q, k) e4m3
         qk_norm_rope's rows divided by static per-tensor scales [1, 1, 1, 1] and rounded to e4m3, in its kernel.
-    attention_fp8(q, k, v [B, H, S, D] e4m3, q_scale, k_scale, v_scale [1, 1, 1, 1], softmax_scale) -> o e4m3
+    attention_fp8(q, k, v [B, H, S, D] e4m3, q_scale, k_scale, v_scale [1, 1, 1, 1], softmax_scale, kernel) -> o e4m3
         softmax(q k^T * softmax_scale) v over the dequantized inputs, o stored / v_scale (|o| <= max |v|, so
-        it shares v's scale). CUDA: cuDNN's FP8 SDPA through the cudnn frontend (per-tensor scales; the
-        softmax probabilities are held in e4m3 too, scaled by 448), one built graph per shape.
+        it shares v's scale). CUDA, by `kernel` (the recipe's fp8_attention_kernel): "cudnn", cuDNN's FP8 SDPA
+        through the cudnn frontend (per-tensor scales; the softmax probabilities are held in e4m3 too, scaled by
+        448), one built graph per shape; "flash3", FlashAttention-3's FP8 forward (sm_90 only; e4m3 probabilities
+        too), whose bf16 output is then cast to e4m3 (one more pass over o).
     qk_norm_rope_into(..., q_out, k_out)   qk_norm_rope written into [B, S, G1, G2, G3, D] views (heads h = (g1, g2, g3)),
         as runtime/parallel.py's send buffer lays them out: no copy between the kernel and the wire.
     copy_heads(dst, src)   dst.copy_(src) for [B, S, G1, G2, G3, D] views with D contiguous in both (a plain function,
@@ -269,14 +271,17 @@ def _bshd_like(q: torch.Tensor, o: torch.Tensor | None = None) -> torch.Tensor:
     return out if o is None else out.copy_(o)
 
 
+FP8_ATTENTION_KERNELS = ("cudnn", "flash3")  # attention_fp8's CUDA kernels, the recipe's fp8_attention_kernel
+
+
 @torch.library.custom_op("fluxc::attention_fp8", mutates_args=())
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                  v_scale: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                  v_scale: torch.Tensor, softmax_scale: float, kernel: str = "cudnn") -> torch.Tensor:
     return attention_fp8_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale)
 
 
 @attention_fp8.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, softmax_scale):
+def _(q, k, v, q_scale, k_scale, v_scale, softmax_scale, kernel="cudnn"):
     return _bshd_like(q)
 
 
@@ -346,8 +351,27 @@ class _CudnnFp8Attention:
         return out
 
 
+def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
+    """FlashAttention-3's FP8 forward on FLUX's [B, S, H, D] memory. Its descales are per (batch, head): the
+    per-tensor scales broadcast (stride 0); v's is 1, so its bf16 output is P @ v in v's units, as cuDNN's pack
+    makes it, and |P @ v| <= max |v| <= 448 casts to e4m3 without saturating."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError as e:
+        raise FluxcError("This engine runs attention in FP8 through FlashAttention-3, which is not installed.",
+                         "Install flash-attention's Hopper package (flash_attn_3, built from its hopper/ folder), "
+                         "or build with fp8_attention_kernel 'cudnn'.") from e
+    b, h = q.shape[:2]
+    descales = [s.reshape(1, 1).expand(b, h) for s in (q_scale, k_scale, q_scale.new_ones(1, 1))]
+    o = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=softmax_scale, q_descale=descales[0],
+                        k_descale=descales[1], v_descale=descales[2])
+    return o.to(torch.float8_e4m3fn).transpose(1, 2)  # [B, S, H, D] memory as [B, H, S, D], like _bshd_like
+
+
 @attention_fp8.register_kernel("cuda")
-def _attention_fp8_cuda(q, k, v, q_scale, k_scale, v_scale, softmax_scale):
+def _attention_fp8_cuda(q, k, v, q_scale, k_scale, v_scale, softmax_scale, kernel="cudnn"):
+    if kernel == "flash3":
+        return _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale)
     return _CudnnFp8Attention.get(q, k, v, softmax_scale)(q, k, v, q_scale, k_scale)  # v_scale: see pack
 
 
