@@ -7,6 +7,10 @@
         They trade places by GPU: on an H100 the Triton kernel led at FLUX.1-dev's widest GEMM, 4608x21504x3072
         (0.478 against 0.560 ms); on an H200, cuBLAS (0.493 against 0.515), in the same build of torch
         (benchmarks/results/2026-12-06-h{1,2}00-fp8-gemm-*.json). passes/fuse_fp8_epilogues.py's "plain" asks.
+    attention_fp8_ms(b, s, h, d, device) -> {"cudnn": ms, "flash3": ms}
+        fluxc.attention_fp8 on each of its kernels at [B, H, S, D] (FLUX's [B, S, H, D] memory), FlashAttention-3's
+        only where it can run (kernels.flash3_available). passes/quantize_fp8_attention.py asks for the recipe's
+        fp8_attention_kernel "auto".
 
 Timings are GPU time as a graphed step runs the kernel (graph_ms), the median of ROUNDS alternating timings. A build
 on a CPU measures nothing: the passes keep their rule-based choice. Two builds can choose differently where two
@@ -71,9 +75,28 @@ def fp8_linear_ms(m: int, n: int, k: int, bias: bool, device: torch.device) -> d
     a_scale, w_scale = torch.rand(m, 1, device=device) + 0.5, torch.rand(n, 1, device=device) + 0.5
     b = torch.randn(n, device=device, dtype=torch.bfloat16) if bias else None
     out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
-    candidates = {"triton": lambda: fp8_gemm.launch(a, a_scale, w, w_scale, b, out, fp8_gemm.EPILOGUE_BF16,
-                                                    traceable=False),
-                  "cublas": lambda: torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias=b, out_dtype=torch.bfloat16)}
+    return _median_ms({"triton": lambda: fp8_gemm.launch(a, a_scale, w, w_scale, b, out, fp8_gemm.EPILOGUE_BF16,
+                                                         traceable=False),
+                       "cublas": lambda: torch._scaled_mm(a, w.t(), a_scale, w_scale.t(), bias=b,
+                                                          out_dtype=torch.bfloat16)})
+
+
+@functools.cache
+def attention_fp8_ms(b: int, s: int, h: int, d: int, device: torch.device) -> dict[str, float]:
+    """{"cudnn": ms[, "flash3": ms]} of fluxc.attention_fp8 on e4m3 q, k, v [B, H, S, D] ([B, S, H, D] memory)."""
+    from fluxc.runtime.ops import kernels
+
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (kernels._bshd_like(torch.empty(b, h, s, d, device=device)).copy_(
+        torch.randn(b, h, s, d, generator=g, device=device)) for _ in range(3))
+    one = torch.ones(1, 1, 1, 1, device=device)
+    names = ("cudnn", "flash3") if kernels.flash3_available(device) else ("cudnn",)
+    return _median_ms({name: functools.partial(torch.ops.fluxc.attention_fp8, q, k, v, one, one, one, d ** -0.5, name)
+                       for name in names})
+
+
+def _median_ms(candidates: dict) -> dict[str, float]:
+    """{name: the median of ROUNDS graph_ms timings of fn} over candidates {name: fn}, timed in turn each round."""
     times = {name: [] for name in candidates}
     for _ in range(ROUNDS):
         for name, fn in candidates.items():

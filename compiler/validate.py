@@ -161,10 +161,10 @@ def choose_recipe(opts: BuildOptions) -> Recipe:
 
 def _check_target(recipe: Recipe, target: str) -> None:
     """The precision and the recipe's kernels against the target's SM (the CPU target emulates everything)."""
-    if recipe.fp8_attention_kernel not in FP8_ATTENTION_KERNELS:
+    if recipe.fp8_attention_kernel not in ("auto", *FP8_ATTENTION_KERNELS):
         raise FluxcError(f"Recipe '{recipe.name}': fp8_attention_kernel '{recipe.fp8_attention_kernel}' is not one of "
-                         f"{', '.join(FP8_ATTENTION_KERNELS)}.", "Use 'cudnn' (cuDNN's FP8 SDPA, the default) or "
-                         "'flash3' (FlashAttention-3, sm_90 only).")
+                         f"auto, {', '.join(FP8_ATTENTION_KERNELS)}.", "Use 'cudnn' (cuDNN's FP8 SDPA, the default), "
+                         "'flash3' (FlashAttention-3, sm_90 only) or 'auto' (the faster, measured at build time).")
     if targets.sm(target) is None:
         return
     fp8 = f"sm_{targets.FIRST_SM['fp8']}"

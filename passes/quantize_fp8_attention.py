@@ -12,6 +12,9 @@ Rewrite:
     %o8 = fluxc.attention_fp8(%q8, %k8, %v8, q scale, k scale, %v_scale, softmax_scale, kernel)  [B, H, S, D] e4m3
     %o = aten.mul(aten._to_copy(%o8, bf16), %v_scale)
 quantize_fp8, which runs next, lets the output projections read %o8 through the layout ops between.
+Kernel: recipe.fp8_attention_kernel, the op's last argument; "auto" takes the faster on the GPU building the engine
+(fluxc.tactics times both at the segment's attention shape; "cudnn" on a CPU build), and the manifest's pass_reports
+keep {"kernel": chosen, "measured_ms": {kernel: ms}}.
 Pre:  fuse_qk_norm_rope ran. Post: counts["attention"] attention calls in FP8 (n_double + n_single on tiny).
 Numerics: q and k on static bounds of the normed rows (sqrt(D) max|w| / 448), v and the output on v's amax; the
 softmax probabilities in e4m3 (both kernels); a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against bf16.
@@ -21,6 +24,7 @@ import operator
 
 import torch
 
+from fluxc import tactics
 from fluxc.ir import WeightSource
 from fluxc.passes.base import ATTENTION, NoMatch, PassContext, PassResult, add_weight, aten, call, expect, is_aten, rewrite_all
 from fluxc.passes.linear import quantize_by_amax
@@ -56,10 +60,23 @@ def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node, kernel: st
         user.replace_all_uses_with(o)
 
 
+def fastest_kernel(q) -> tuple[str, dict]:
+    """"auto": the faster kernel on the GPU building the engine, at q's [B, H, S, D] (cuDNN's on a CPU build, where
+    nothing is measured), and the report for the manifest."""
+    measured = {}
+    if q.is_cuda:
+        b, h, s, d = q.shape
+        measured = tactics.attention_fp8_ms(b, s, h, d, q.device)
+    kernel = min(measured, key=measured.get) if measured else "cudnn"
+    return kernel, {"kernel": kernel, "measured_ms": measured}
+
+
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    kernel = ctx.recipe.fp8_attention_kernel
-    done, rejected = rewrite_all([n for n in gm.graph.nodes if is_aten(n, *ATTENTION)],
-                                 lambda n: quantize_attention(gm, n, kernel))
+    nodes = [n for n in gm.graph.nodes if is_aten(n, *ATTENTION)]
+    kernel, report = ctx.recipe.fp8_attention_kernel, None
+    if kernel == "auto" and nodes:
+        kernel, report = fastest_kernel(nodes[0].args[0].meta["val"])
+    done, rejected = rewrite_all(nodes, lambda n: quantize_attention(gm, n, kernel))
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return PassResult(gm, {"attention": done}, rejected)
+    return PassResult(gm, {"attention": done}, rejected, report=report)

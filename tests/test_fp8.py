@@ -88,12 +88,15 @@ def test_fp8_attention_counts_and_segment_sqnr(tiny_bf16):
 def test_fp8_attention_runs_the_recipes_kernel(tiny_bf16, tmp_path):
     """recipe.fp8_attention_kernel is the kernel argument of every fluxc.attention_fp8 call (what its CUDA
     implementation dispatches on); an unknown kernel, or FlashAttention-3 off Hopper, is refused before any work."""
-    for kernel in ("cudnn", "flash3"):
+    for kernel in ("cudnn", "flash3", "auto"):  # auto: cuDNN's on the CPU, where nothing is measured
         recipe = dataclasses.replace(RECIPES["sm90_fp8_attn"](), fp8_attention_kernel=kernel)
         for seg in _segments(tiny_bf16):
-            nodes = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind)).graph.graph.nodes
-            calls = [n for n in nodes if n.target is torch.ops.fluxc.attention_fp8.default]
-            assert [n.args[7] for n in calls] == [kernel] * (seg.kind in ("double", "single")), seg.name
+            result = run_pipeline(seg.graph, PassContext(recipe, "cpu", seg.kind))
+            calls = [n for n in result.graph.graph.nodes if n.target is torch.ops.fluxc.attention_fp8.default]
+            want = "cudnn" if kernel == "auto" else kernel
+            assert [n.args[7] for n in calls] == [want] * (seg.kind in ("double", "single")), seg.name
+            report = result.reports.get("quantize_fp8_attention")
+            assert report == ({"kernel": "cudnn", "measured_ms": {}} if kernel == "auto" and calls else None)
     options = dict(model="tiny", output=str(tmp_path / "e.fluxe"), precision="fp8", recipe="sm90_fp8_attn")
     with pytest.raises(FluxcError, match="fp8_attention_kernel 'flash4'"):
         validate(BuildOptions(**options, recipe_overrides=(("fp8_attention_kernel", "flash4"),)))

@@ -37,6 +37,8 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
 Engines that use these ops need this module imported before their segments load; the runtime does that.
 """
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch.library import wrap_triton
@@ -271,7 +273,7 @@ def _bshd_like(q: torch.Tensor, o: torch.Tensor | None = None) -> torch.Tensor:
     return out if o is None else out.copy_(o)
 
 
-FP8_ATTENTION_KERNELS = ("cudnn", "flash3")  # attention_fp8's CUDA kernels, the recipe's fp8_attention_kernel
+FP8_ATTENTION_KERNELS = ("cudnn", "flash3")  # attention_fp8's CUDA kernels
 
 
 @torch.library.custom_op("fluxc::attention_fp8", mutates_args=())
@@ -349,6 +351,12 @@ class _CudnnFp8Attention:
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         self.graph.execute(pack, self.workspace, handle=self.handle)
         return out
+
+
+def flash3_available(device: torch.device) -> bool:
+    """Whether attention_fp8's "flash3" kernel can run on device: flash_attn_3 installed, an sm_90 GPU."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+            and importlib.util.find_spec("flash_attn_interface") is not None)
 
 
 def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
