@@ -27,7 +27,8 @@
 #   fp8gemm         FP8 GEMMs with their epilogues vs cuBLAS _scaled_mm + today's kernels, every FLUX.1-dev shape
 #                   ($FP8GEMM_ARGS: more arguments, e.g. "--shapes 0,8 --ways tma,tma+flatten")
 #                                                                               -> $OUT/bench_fp8_gemm.json
-#   attention       cuDNN's FP8 SDPA plans at FLUX.1-dev's attention shape     -> $OUT/bench_attention_fp8.json
+#   attention       fluxc.attention_fp8 on cuDNN and FlashAttention-3 (where flash_attn_3 is carried), bf16
+#                   attention, cuDNN's FP8 SDPA plans, at FLUX.1-dev's shape   -> $OUT/bench_attention_fp8.json
 #   activations     the FP8 step's memory-bound kernels per launch variant      -> $OUT/bench_activations.json
 #   eval            whole-pipeline FLUX.1-dev engines ($EVAL_RECIPES, default sm90_fp8_attn,sm90_fp8_attn_epilogues):
 #                   fluxc bench and fluxc eval records against diffusers' FluxPipeline eager (latent SQNR after
