@@ -9,12 +9,12 @@ Rewrite:
     %rms_fp8_scale(q weights), %rms_fp8_scale(k weights): f32[1, 1, 1, 1] = input          (made at build time)
     %rope8 = fluxc.qk_norm_rope_fp8(..., q scale, k scale)                                 q, k e4m3
     %v8, %v_scale = aten._to_copy(%v / (amax|v| / 448), f8e4m3), amax|v| / 448              (per tensor, at run time)
-    %o8 = fluxc.attention_fp8(%q8, %k8, %v8, q scale, k scale, %v_scale, softmax_scale, kernel)  [B, H, S, D] e4m3
+    %o8 = fluxc.attention_fp8(%q8, %k8, %v8, q scale, k scale, %v_scale, softmax_scale, impl)  [B, H, S, D] e4m3
     %o = aten.mul(aten._to_copy(%o8, bf16), %v_scale)
 quantize_fp8, which runs next, lets the output projections read %o8 through the layout ops between.
-Kernel: recipe.fp8_attention_kernel, the op's last argument; "auto" takes the faster on the GPU building the engine
-(fluxc.tactics times both at the segment's attention shape; "cudnn" on a CPU build), and the manifest's pass_reports
-keep {"kernel": chosen, "measured_ms": {kernel: ms}}.
+Kernel: recipe.fp8_attention_kernel, the op's last argument (impl); "auto" takes the faster on the GPU building the
+engine (fluxc.tactics times both at the segment's attention shape; "cudnn" on a CPU build), and the manifest's
+pass_reports keep {"kernel": chosen, "measured_ms": {kernel: ms}}.
 Pre:  fuse_qk_norm_rope ran. Post: counts["attention"] attention calls in FP8 (n_double + n_single on tiny).
 Numerics: q and k on static bounds of the normed rows (sqrt(D) max|w| / 448), v and the output on v's amax; the
 softmax probabilities in e4m3 (both kernels); a segment's output at or above numerics.FP8_SEGMENT_SQNR_DB against bf16.

@@ -8,6 +8,10 @@ tree between calls), so the work can be split over calls; --drop deletes an engi
     python3 scripts/bench_engines.py --recipes bf16,sm90_fp8 --drop sm90_fp8 --workdir .engines --out $OUT
     python3 scripts/bench_engines.py --recipes sm100_nvfp4 --workdir .engines --out $OUT
     python3 scripts/bench_engines.py --recipes sm90_fp8_attn,sm90_fp8_attn_epilogues --reference eager --out $OUT
+    python3 scripts/bench_engines.py --recipes sm90_fp8_attn_epilogues:fp8_attention_kernel=flash3 --reference eager ...
+
+A recipe may carry one string field set over the named recipe's (RECIPE:FIELD=VALUE), as the engine's name and its
+records' do (RECIPE-FIELD-VALUE).
 """
 
 import argparse
@@ -38,15 +42,22 @@ def gpu_tag() -> str:
     return found.group(1).lower() if found else "gpu"
 
 
+def label(recipe: str) -> str:
+    """RECIPE or RECIPE:FIELD=VALUE as a file name's part."""
+    return LABELS.get(recipe) or recipe.replace(":", "-").replace("=", "-")
+
+
 def engine_path(recipe: str, workdir: str, model: str) -> str:
-    return os.path.join(workdir, f"{model}-{recipe}.fluxe")
+    return os.path.join(workdir, f"{model}-{label(recipe)}.fluxe")
 
 
 def engine(recipe: str, workdir: str, model: str) -> tuple[Engine, float]:
     """The engine (built first unless the workdir has it) and its load seconds."""
     path = engine_path(recipe, workdir, model)
     if not os.path.exists(os.path.join(path, "manifest.json")):
-        build(BuildOptions(model=model, output=path, recipe=recipe, precision=RECIPES[recipe]().precision.value))
+        name, _, override = recipe.partition(":")
+        build(BuildOptions(model=model, output=path, recipe=name, precision=RECIPES[name]().precision.value,
+                           recipe_overrides=(tuple(override.split("=", 1)),) if override else ()))
     start = time.perf_counter()
     return Engine.load(path), time.perf_counter() - start
 
@@ -66,7 +77,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     for recipe in args.recipes.split(","):
         eng, load_s = engine(recipe, args.workdir, args.model)
-        name = f"{gpu_tag()}-{LABELS.get(recipe, recipe)}"
+        name = f"{gpu_tag()}-{label(recipe)}"
         rec = bench(eng, steps=args.steps, warmup=1, repeat=2, name=name, load_s=load_s)  # alone on the GPU
         write_record(os.path.join(args.out, f"{name}-bench.json"), rec)
         print(f"{name}: {rec['speed']['ms_per_step']['median']:.2f} ms/step, e2e {rec['speed']['e2e_s']['total']:.2f} s",

@@ -33,6 +33,7 @@ from fluxc.runtime.core.families import FAMILIES
 from fluxc.runtime.core.profile import Profile
 
 ENGINES = {"bf16": ("bf16", None), "fp8": ("fp8", None), "fp8-epilogues": ("fp8", "sm90_fp8_epilogues"),
+           "fp8-attn-epilogues": ("fp8", "sm90_fp8_attn_epilogues"),
            "nvfp4": ("nvfp4", None)}  # phase -> (precision, recipe; None: the precision's default)
 PHASES = ("eager", "compile", *ENGINES)
 BYTES_PER_PARAMETER = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 2.0}  # on disk; the emulated nvfp4 engine keeps bf16 copies

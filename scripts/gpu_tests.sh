@@ -13,7 +13,8 @@
 #                   ($PARALLEL_WORLDS, default 1,2,4, picks the world sizes for both: 1,2 on nvidia-h200-x2;
 #                   other overlap-part counts: FLUXC_ULYSSES_CHUNKS=N)
 #   flux2           FLUX.2-dev bf16/fp8/nvfp4 engines vs eager and torch.compile  -> $OUT/bench_flux2.json
-#                   (phase fp8-epilogues: recipe sm90_fp8_epilogues, issue 31)
+#                   (phases fp8-epilogues, fp8-attn-epilogues: recipes sm90_fp8_epilogues, sm90_fp8_attn_epilogues,
+#                   issue 31)
 #                   ($FLUX2_PHASES splits it over calls: eager,bf16 writes $OUT/flux2_reference.safetensors, which
 #                   later calls carry and name in $FLUX2_REFERENCE; a bf16 engine is 64 GB on disk)
 #   load            cold start: verification and Engine.load of the FLUX.1-dev bf16 whole-pipeline engine

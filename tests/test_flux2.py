@@ -126,6 +126,30 @@ def test_flux2_fp8_epilogues_fuse_the_gated_residuals(tmp_path):
     assert fused >= numerics.FP8_SEGMENT_SQNR_DB and fused >= unfused - 0.5
 
 
+def test_flux2_fp8_attention_engine_denoises_close_to_bf16(tmp_path):
+    """Recipe sm90_fp8_attn_epilogues on FLUX.2: each block's attention on e4m3 q, k, v (fluxc.attention_fp8, the
+    reference implementation on the CPU) and its output read by the output projections' FP8 GEMMs in e4m3; the
+    8-step latents against the bf16 engine's at the FP8-attention segment floor."""
+    from fluxc import numerics
+    from fluxc.build import BuildOptions, build
+    from fluxc.runtime import Engine
+
+    paths = {}
+    for recipe in ("bf16", "sm90_fp8_attn_epilogues"):
+        paths[recipe] = str(tmp_path / f"{recipe}.fluxe")
+        manifest = build(BuildOptions(model="tiny-flux2", output=paths[recipe], target="cpu", recipe=recipe,
+                                      resolutions=(SIZE,), text_tokens=TEXT, transformer_only=True))
+    for kind in ("double", "single"):
+        assert manifest["pass_counts"][f"{kind}-128x112"]["quantize_fp8_attention"] == {"attention": 1}, kind
+    dim = Engine.load(paths["bf16"]).config["joint_attention_dim"]
+    embeds = torch.randn(1, TEXT, dim, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got, want = (Engine.load(paths[r]).denoise(embeds, None, height=SIZE[0], width=SIZE[1], steps=8, seed=3).float()
+                 for r in ("sm90_fp8_attn_epilogues", "bf16"))
+    sqnr = numerics.sqnr_db(got, want)
+    print(f"tiny-flux2 fp8 attention + GEMM epilogues, 8-step latents against bf16: {sqnr:.1f} dB")
+    assert sqnr >= numerics.FP8_ATTENTION_SEGMENT_SQNR_DB
+
+
 def test_denoising_loop_equals_flux2_pipeline(flux2_engine):
     """8 steps from prompt embeddings: the engine's loop (FLUX.2's noise layout, its empirical schedule shift,
     guidance 4) against diffusers' Flux2Pipeline with the same transformer, output_type="latent". The scheduler

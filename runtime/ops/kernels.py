@@ -21,9 +21,9 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
         cast kernel ran at 170-200 us per 4608x12288 call on the H200, ~5x its memory traffic.)
     qk_norm_rope_fp8(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale) -> (q, k) e4m3
         qk_norm_rope's rows divided by static per-tensor scales [1, 1, 1, 1] and rounded to e4m3, in its kernel.
-    attention_fp8(q, k, v [B, H, S, D] e4m3, q_scale, k_scale, v_scale [1, 1, 1, 1], softmax_scale, kernel) -> o e4m3
+    attention_fp8(q, k, v [B, H, S, D] e4m3, q_scale, k_scale, v_scale [1, 1, 1, 1], softmax_scale, impl) -> o e4m3
         softmax(q k^T * softmax_scale) v over the dequantized inputs, o stored / v_scale (|o| <= max |v|, so
-        it shares v's scale). CUDA, by `kernel` (the recipe's fp8_attention_kernel): "cudnn", cuDNN's FP8 SDPA
+        it shares v's scale). CUDA, by `impl` (the recipe's fp8_attention_kernel): "cudnn", cuDNN's FP8 SDPA
         through the cudnn frontend (per-tensor scales; the softmax probabilities are held in e4m3 too, scaled by
         448), one built graph per shape; "flash3", FlashAttention-3's FP8 forward (sm_90 only; e4m3 probabilities
         too), whose bf16 output is then cast to e4m3 (one more pass over o).
@@ -278,12 +278,13 @@ FP8_ATTENTION_KERNELS = ("cudnn", "flash3")  # attention_fp8's CUDA kernels
 
 @torch.library.custom_op("fluxc::attention_fp8", mutates_args=())
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                  v_scale: torch.Tensor, softmax_scale: float, kernel: str = "cudnn") -> torch.Tensor:
+                  v_scale: torch.Tensor, softmax_scale: float, impl: str = "cudnn") -> torch.Tensor:
+    # impl, not "kernel": Inductor's FallbackKernel.create(kernel, *args, **kwargs) takes that name
     return attention_fp8_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale)
 
 
 @attention_fp8.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, softmax_scale, kernel="cudnn"):
+def _(q, k, v, q_scale, k_scale, v_scale, softmax_scale, impl="cudnn"):
     return _bshd_like(q)
 
 
@@ -377,8 +378,8 @@ def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
 
 
 @attention_fp8.register_kernel("cuda")
-def _attention_fp8_cuda(q, k, v, q_scale, k_scale, v_scale, softmax_scale, kernel="cudnn"):
-    if kernel == "flash3":
+def _attention_fp8_cuda(q, k, v, q_scale, k_scale, v_scale, softmax_scale, impl="cudnn"):
+    if impl == "flash3":
         return _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale)
     return _CudnnFp8Attention.get(q, k, v, softmax_scale)(q, k, v, q_scale, k_scale)  # v_scale: see pack
 
