@@ -8,9 +8,9 @@
         (0.478 against 0.560 ms); on an H200, cuBLAS (0.493 against 0.515), in the same build of torch
         (benchmarks/results/2026-12-06-h{1,2}00-fp8-gemm-*.json). passes/fuse_fp8_epilogues.py's "plain" asks.
     attention_fp8_ms(b, s, h, d, device) -> {"cudnn": ms, "flash3": ms}
-        fluxc.attention_fp8 on each of its kernels at [B, H, S, D] (FLUX's [B, S, H, D] memory), FlashAttention-3's
-        only where it can run (kernels.flash3_available). passes/quantize_fp8_attention.py asks for the recipe's
-        fp8_attention_kernel "auto".
+        fluxc.attention_fp8 on each of its kernels at [B, H, S, D] (FLUX's [B, S, H, D] memory), where both run
+        (kernels.flash3_available). passes/quantize_fp8_attention.py asks for the recipe's fp8_attention_kernel
+        "auto".
 
 Timings are GPU time as a graphed step runs the kernel (graph_ms), the median of ROUNDS alternating timings. A build
 on a CPU measures nothing: the passes keep their rule-based choice. Two builds can choose differently where two
@@ -83,16 +83,15 @@ def fp8_linear_ms(m: int, n: int, k: int, bias: bool, device: torch.device) -> d
 
 @functools.cache
 def attention_fp8_ms(b: int, s: int, h: int, d: int, device: torch.device) -> dict[str, float]:
-    """{"cudnn": ms[, "flash3": ms]} of fluxc.attention_fp8 on e4m3 q, k, v [B, H, S, D] ([B, S, H, D] memory)."""
+    """{"cudnn": ms, "flash3": ms} of fluxc.attention_fp8 on e4m3 q, k, v [B, H, S, D] ([B, S, H, D] memory)."""
     from fluxc.runtime.ops import kernels
 
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (kernels._bshd_like(torch.empty(b, h, s, d, device=device)).copy_(
         torch.randn(b, h, s, d, generator=g, device=device)) for _ in range(3))
     one = torch.ones(1, 1, 1, 1, device=device)
-    names = ("cudnn", "flash3") if kernels.flash3_available(device) else ("cudnn",)
-    return _median_ms({name: functools.partial(torch.ops.fluxc.attention_fp8, q, k, v, one, one, one, d ** -0.5, name)
-                       for name in names})
+    return _median_ms({impl: functools.partial(torch.ops.fluxc.attention_fp8, q, k, v, one, one, one, d ** -0.5, impl)
+                       for impl in kernels.FP8_ATTENTION_KERNELS})
 
 
 def _median_ms(candidates: dict) -> dict[str, float]:

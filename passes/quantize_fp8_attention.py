@@ -13,7 +13,7 @@ Rewrite:
     %o = aten.mul(aten._to_copy(%o8, bf16), %v_scale)
 quantize_fp8, which runs next, lets the output projections read %o8 through the layout ops between.
 Kernel: recipe.fp8_attention_kernel, the op's last argument (impl); "auto" takes the faster on the GPU building the
-engine (fluxc.tactics times both at the segment's attention shape; "cudnn" on a CPU build), and the manifest's
+engine (fluxc.tactics times both at the segment's attention shape; "cudnn" where FA3 cannot run), and the manifest's
 pass_reports keep {"kernel": chosen, "measured_ms": {kernel: ms}}.
 Pre:  fuse_qk_norm_rope ran. Post: counts["attention"] attention calls in FP8 (n_double + n_single on tiny).
 Numerics: q and k on static bounds of the normed rows (sqrt(D) max|w| / 448), v and the output on v's amax; the
@@ -28,6 +28,7 @@ from fluxc import tactics
 from fluxc.ir import WeightSource
 from fluxc.passes.base import ATTENTION, NoMatch, PassContext, PassResult, add_weight, aten, call, expect, is_aten, rewrite_all
 from fluxc.passes.linear import quantize_by_amax
+from fluxc.runtime.ops.kernels import flash3_available
 
 
 def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node, kernel: str) -> None:
@@ -61,10 +62,10 @@ def quantize_attention(gm: torch.fx.GraphModule, node: torch.fx.Node, kernel: st
 
 
 def fastest_kernel(q) -> tuple[str, dict]:
-    """"auto": the faster kernel on the GPU building the engine, at q's [B, H, S, D] (cuDNN's on a CPU build, where
-    nothing is measured), and the report for the manifest."""
+    """"auto": the faster kernel on the GPU building the engine, at q's [B, H, S, D], and the report for the
+    manifest; cuDNN's, with nothing measured, where FlashAttention-3 cannot run (a CPU build among them)."""
     measured = {}
-    if q.is_cuda:
+    if q.is_cuda and flash3_available(q.device):
         b, h, s, d = q.shape
         measured = tactics.attention_fp8_ms(b, s, h, d, q.device)
     kernel = min(measured, key=measured.get) if measured else "cudnn"
