@@ -8,7 +8,10 @@ variant, against the GPU's copy bandwidth.
                       warps per token (16: two programs an SM at 64 registers; 8: two, 128; 32: 38 registers
                       with Triton 3.6, one)
     qk_norm_rope_fp8  q and k of the fused QKV output (strided rows) normed, rotated, e4m3: warps per token
-    adaln_fp8         LayerNorm + modulation + per-token e4m3 of the residual stream: warps per token
+    adaln_fp8         LayerNorm + modulation + per-token e4m3 of the residual stream: warps per token; and a candidate
+                      kept here until it is measured, "prefetch xN": N programs an SM, each walking rows with the next
+                      row's load in flight while this one is normed and stored (the H200 ran the step's memory-bound
+                      kernels at ~2 TB/s against its 4.3 TB/s copy: too few bytes in flight, if latency-bound)
     v_fp8             FP8 attention's v: amax over the tensor, then e4m3 on amax / 448, as Inductor compiles
                       quantize_fp8_attention's aten ops from the fused QKV output (a slice, viewed [B, H, S, D];
                       the double blocks' text and image parts joined), against the amax taken over the slice before
@@ -24,8 +27,11 @@ import argparse
 import json
 
 import torch
+import triton
+import triton.language as tl
 
 from fluxc.runtime.ops import kernels
+from fluxc.runtime.ops.kernels import _store_fp8_row
 from timing import graph_ms, source_commit
 
 HIDDEN, MLP, HEADS, HEAD_DIM, IMAGE, TEXT = 3072, 12288, 24, 128, 4096, 512
@@ -75,12 +81,55 @@ def qk_case(stream: str, tokens: int):
     return warp_variants("QK_NORM_ROPE_WARPS", torch.ops.fluxc.qk_norm_rope_fp8, args, result), result, nbytes
 
 
+@triton.jit
+def _adaln_fp8_prefetch_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, row_scale_ptr, R, S, C, scale_stride,
+                               shift_stride, eps, BLOCK_C: tl.constexpr):
+    """kernels._adaln_kernel's QUANT work on rows pid, pid + P, ... (P programs): each row's x is loaded, as it is
+    stored (bf16), while the row before it is normed, modulated, quantized and stored."""
+    c = tl.arange(0, BLOCK_C)
+    mask = c < C
+    first, programs = tl.program_id(0), tl.num_programs(0)
+    x_next = tl.load(x_ptr + first * C + c, mask=mask & (first * C + c < R * C), other=0.0)
+    for row in range(first, R, programs):
+        x = x_next.to(tl.float32)
+        following = row + programs
+        x_next = tl.load(x_ptr + following * C + c, mask=mask & (following * C + c < R * C), other=0.0)
+        b = row // S
+        mean = tl.sum(x, axis=0) / C
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        normed = (xc * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.load(scale_ptr + b * scale_stride + c, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + b * shift_stride + c, mask=mask, other=0.0).to(tl.float32)
+        y = (normed * (1 + scale) + shift).to(x_ptr.dtype.element_ty)
+        _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * C + c, row_scale_ptr + row)
+
+
+# the candidate's warps: at 8, 118 registers a thread with Triton 3.6 (162 with 3.9), two programs an SM; at 4, 252
+PREFETCH_WARPS = 8
+
+
+def adaln_prefetch_variant(x, scale, shift, result: list, per_sm: int):
+    """A call of _adaln_fp8_prefetch_kernel into result, per_sm programs an SM of PREFETCH_WARPS warps."""
+    b, s, c = x.shape
+    programs = min(b * s, per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count)
+
+    def call():
+        out, row_scale = torch.empty_like(x, dtype=torch.float8_e4m3fn), x.new_empty(b, s, 1, dtype=torch.float32)
+        _adaln_fp8_prefetch_kernel[(programs,)](x, scale, shift, out, row_scale, b * s, s, c, scale.stride(0),
+                                               shift.stride(0), 1e-6, BLOCK_C=triton.next_power_of_2(c),
+                                               num_warps=PREFETCH_WARPS)
+        result[:] = out, row_scale
+    return call
+
+
 def adaln_case(tokens: int):
     x = torch.randn(1, tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
     mod = torch.randn(1, 6 * HIDDEN, device="cuda", dtype=torch.bfloat16)
     scale, shift = mod[:, HIDDEN:2 * HIDDEN], mod[:, 4 * HIDDEN:5 * HIDDEN]
     result = []
     variants = warp_variants("ADALN_WARPS", torch.ops.fluxc.adaln_fp8, (x, scale, shift, 1e-6), result)
+    variants |= {f"prefetch x{n}": adaln_prefetch_variant(x, scale, shift, result, n) for n in (1, 2)}
     return variants, result, tokens * HIDDEN * 3 + tokens * 4
 
 
