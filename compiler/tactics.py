@@ -87,8 +87,8 @@ def attention_fp8_ms(b: int, s: int, h: int, d: int, device: torch.device) -> di
     from fluxc.runtime.ops import kernels
 
     g = torch.Generator(device).manual_seed(0)
-    q, k, v = (kernels._bshd_like(torch.empty(b, h, s, d, device=device)).copy_(
-        torch.randn(b, h, s, d, generator=g, device=device)) for _ in range(3))
+    randn = [torch.randn(b, h, s, d, generator=g, device=device) for _ in range(3)]
+    q, k, v = (kernels._bshd_like(x, x) for x in randn)  # e4m3 in FLUX's [B, S, H, D] memory
     one = torch.ones(1, 1, 1, 1, device=device)
     return _median_ms({impl: functools.partial(torch.ops.fluxc.attention_fp8, q, k, v, one, one, one, d ** -0.5, impl)
                        for impl in kernels.FP8_ATTENTION_KERNELS})
