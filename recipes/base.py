@@ -50,7 +50,7 @@ class Recipe:
     fp8_attention: bool = False
     # Its kernel (runtime/ops/kernels.py, attention_fp8): "cudnn" (cuDNN's FP8 SDPA), "flash3" (FlashAttention-3's
     # FP8 forward, sm_90 only, the flash_attn_3 package; its bf16 output is cast to e4m3 in one more pass) or "auto"
-    # (the faster of the two on the GPU building the engine, fluxc.tactics; cuDNN's on a CPU build).
+    # (the faster of the two on the GPU building the engine, fluxc.tactics; cuDNN's where FA3 cannot run).
     fp8_attention_kernel: str = "cudnn"
     # fp8: the epilogues FP8 GEMMs own (Triton; passes/fuse_fp8_epilogues.py): "gate_residual" (the output
     # projections' gated residual), "joined" (a single block's two output-projection halves in one K loop: one
