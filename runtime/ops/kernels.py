@@ -22,11 +22,12 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
     qk_norm_rope_fp8(q_parts, k_parts, q_weights, k_weights, cos, sin, eps, q_scale, k_scale) -> (q, k) e4m3
         qk_norm_rope's rows divided by static per-tensor scales [1, 1, 1, 1] and rounded to e4m3, in its kernel.
     attention_fp8(q, k, v [B, H, S, D] e4m3, q_scale, k_scale, v_scale [1, 1, 1, 1], softmax_scale, impl) -> o e4m3
-        softmax(q k^T * softmax_scale) v over the dequantized inputs, o stored / v_scale (|o| <= max |v|, so
-        it shares v's scale). CUDA, by `impl` (the recipe's fp8_attention_kernel): "cudnn", cuDNN's FP8 SDPA
-        through the cudnn frontend (per-tensor scales; the softmax probabilities are held in e4m3 too, scaled by
-        448), one built graph per shape; "flash3", FlashAttention-3's FP8 forward (sm_90 only; e4m3 probabilities
-        too), whose bf16 output is then cast to e4m3 (one more pass over o).
+        softmax(q k^T * softmax_scale) v over the dequantized inputs, o stored / (v_scale * ATTENTION_OUT_HEADROOM)
+        (|o| <= max |v| exactly; the kernels' e4m3 probabilities can take it a little past). CUDA, by `impl` (the
+        recipe's fp8_attention_kernel): "cudnn", cuDNN's FP8 SDPA through the cudnn frontend (per-tensor scales;
+        the softmax probabilities are held in e4m3 too, scaled by 448), one built graph per shape; "flash3",
+        FlashAttention-3's FP8 forward (sm_90 only; e4m3 probabilities too, scaled by 256), whose bf16 output is
+        then cast to e4m3 (one more pass over o).
     qk_norm_rope_into(..., q_out, k_out)   qk_norm_rope written into [B, S, G1, G2, G3, D] views (heads h = (g1, g2, g3)),
         as runtime/parallel.py's send buffer lays them out: no copy between the kernel and the wire.
     copy_heads(dst, src)   dst.copy_(src) for [B, S, G1, G2, G3, D] views with D contiguous in both (a plain function,
@@ -260,10 +261,19 @@ def gelu_fp8_chunks(n: int) -> tuple[int, int]:
 
 
 # ---- FP8 attention --------------------------------------------------------------------------------
+# attention_fp8's output is stored in units of v_scale * 9/8, not v_scale. Exactly, |P @ v| <= max |v| (448 in v's
+# units), but the kernels multiply v by e4m3 probabilities, each rounded by up to 2^-4 (and more where subnormal),
+# while the softmax divides by the sum of the unrounded ones: a row of P can sum to ~1.08, and the output reach ~484.
+# e4m3 ends at 448, and a cast that does not saturate (torch's, before it did: values from 465 became NaN) would
+# turn such an output into NaN. With 9/8 the output stays below ~430. e4m3 is floating point, so the 9/8 costs no
+# relative precision.
+ATTENTION_OUT_HEADROOM = 9 / 8
+
+
 def attention_fp8_reference(q, k, v, q_scale, k_scale, v_scale, softmax_scale: float) -> torch.Tensor:
     qf, kf, vf = (t.float() * s for t, s in ((q, q_scale), (k, k_scale), (v, v_scale)))
     o = torch.softmax(qf @ kf.transpose(-1, -2) * softmax_scale, dim=-1) @ vf
-    return _bshd_like(q, (o / v_scale).to(torch.float8_e4m3fn))
+    return _bshd_like(q, (o / (v_scale * ATTENTION_OUT_HEADROOM)).to(torch.float8_e4m3fn))
 
 
 def _bshd_like(q: torch.Tensor, o: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,18 +342,20 @@ class _CudnnFp8Attention:
         self.tensors = qt, kt, vt, o, amax_s, amax_o
         self.workspace = torch.empty(self.graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
         self.amaxes = torch.empty(2, 1, 1, 1, 1, device=q.device)
-        # P in [0, 1] is held as e4m3 scaled by 448; v and the output stay in v's units (descale 1, scale 1)
-        self.p_descale, self.p_scale, self.one = torch.tensor([1 / E4M3_MAX, E4M3_MAX, 1.0],
-                                                              device=q.device).reshape(3, 1, 1, 1, 1)
+        # P in [0, 1] is held as e4m3 scaled by 448; v stays in v's units (descale 1), the output is stored in
+        # units of v's * ATTENTION_OUT_HEADROOM
+        self.p_descale, self.p_scale, self.one, self.o_scale = torch.tensor(
+            [1 / E4M3_MAX, E4M3_MAX, 1.0, 1 / ATTENTION_OUT_HEADROOM], device=q.device).reshape(4, 1, 1, 1, 1)
         self.cudnn = cudnn
 
     def pack(self, q, k, v, q_scale, k_scale, out) -> dict:
-        """The graph's tensors -> this call's: operands, scales and out. The output is P @ v in v's units, which
-        is the reference's (P @ (v * v_scale)) / v_scale without two multiplies, and the launches of 1 / v_scale
-        (a reciprocal and a product, 2 of the step's kernels per attention): |P @ v| <= max |v| <= 448 fits."""
+        """The graph's tensors -> this call's: operands, scales and out. The output is P @ v in v's units over
+        ATTENTION_OUT_HEADROOM, which is the reference's (P @ (v * v_scale)) / (v_scale * ATTENTION_OUT_HEADROOM)
+        without multiplying by v_scale and dividing by it again: no 1 / v_scale is computed (a reciprocal and a
+        product, 2 of the step's kernels per attention)."""
         qt, kt, vt, o, amax_s, amax_o = self.tensors
         pack = {qt: q, kt: k, vt: v, o: out, amax_s: self.amaxes[0], amax_o: self.amaxes[1]}
-        values = (q_scale, k_scale, self.one, self.p_descale, self.p_scale, self.one)
+        values = (q_scale, k_scale, self.one, self.p_descale, self.p_scale, self.o_scale)
         return pack | dict(zip(self.scales, values))
 
     def __call__(self, q, k, v, q_scale, k_scale):
@@ -362,8 +374,8 @@ def flash3_available(device: torch.device) -> bool:
 
 def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
     """FlashAttention-3's FP8 forward on FLUX's [B, S, H, D] memory. Its descales are per (batch, head): the
-    per-tensor scales broadcast (stride 0); v's is 1, so its bf16 output is P @ v in v's units, as cuDNN's pack
-    makes it, and |P @ v| <= max |v| <= 448 casts to e4m3 without saturating."""
+    per-tensor scales broadcast (stride 0), and v's 1 / ATTENTION_OUT_HEADROOM. Its bf16 output is then P @ v in
+    v's units over the headroom, as cuDNN's pack makes it, below ~430, and it casts to e4m3 without overflow."""
     try:
         from flash_attn_interface import flash_attn_func
     except ImportError as e:
@@ -371,7 +383,8 @@ def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
                          "Install flash-attention's Hopper package (flash_attn_3, built from its hopper/ folder), "
                          "or build with fp8_attention_kernel 'cudnn'.") from e
     b, h = q.shape[:2]
-    descales = [s.reshape(1, 1).expand(b, h) for s in (q_scale, k_scale, q_scale.new_ones(1, 1))]
+    descales = [s.reshape(1, 1).expand(b, h)
+                for s in (q_scale, k_scale, q_scale.new_full((1, 1), 1 / ATTENTION_OUT_HEADROOM))]
     o = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=softmax_scale, q_descale=descales[0],
                         k_descale=descales[1], v_descale=descales[2])
     return o.to(torch.float8_e4m3fn).transpose(1, 2)  # [B, S, H, D] memory as [B, H, S, D], like _bshd_like
