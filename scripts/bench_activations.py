@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fluxc.runtime.ops import kernels
-from fluxc.runtime.ops.kernels import _store_fp8_row
+from fluxc.runtime.ops.kernels import _adaln_row, _store_fp8_row
 from timing import graph_ms, source_commit
 
 HIDDEN, MLP, HEADS, HEAD_DIM, IMAGE, TEXT = 3072, 12288, 24, 128, 4096, 512
@@ -95,13 +95,8 @@ def _adaln_fp8_prefetch_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, row_scale_p
         following = row + programs
         x_next = tl.load(x_ptr + following * C + c, mask=mask & (following * C + c < R * C), other=0.0)
         b = row // S
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
-        normed = (xc * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        scale = tl.load(scale_ptr + b * scale_stride + c, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + b * shift_stride + c, mask=mask, other=0.0).to(tl.float32)
-        y = (normed * (1 + scale) + shift).to(x_ptr.dtype.element_ty)
+        y = _adaln_row(x, mask, c, C, eps, scale_ptr + b * scale_stride, shift_ptr + b * shift_stride,
+                       x_ptr.dtype.element_ty)
         _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * C + c, row_scale_ptr + row)
 
 

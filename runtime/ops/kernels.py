@@ -481,6 +481,18 @@ if triton is not None:
         return tl.fdiv(x, 1 + tl.exp2(-2.302208198144325 * (x + 0.044715 * x * x * x)), ieee_rounding=False)
 
     @triton.jit
+    def _adaln_row(x, mask, c, C, eps, scale_ptr, shift_ptr, dtype: tl.constexpr):
+        """One token's LayerNorm(x) * (1 + scale) + shift (x: [BLOCK_C] fp32, lanes past C masked), rounded to dtype
+        where the unfused graph rounds: the norm's output and the result."""
+        mean = tl.sum(x, axis=0) / C
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        normed = (xc * rstd).to(dtype).to(tl.float32)
+        scale = tl.load(scale_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        return (normed * (1 + scale) + shift).to(dtype)
+
+    @triton.jit
     def _adaln_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, row_scale_ptr, S, C, scale_stride, shift_stride, eps,
                       QUANT: tl.constexpr, BLOCK_C: tl.constexpr):
         row = tl.program_id(0)  # one token: [C] in registers
@@ -488,13 +500,8 @@ if triton is not None:
         c = tl.arange(0, BLOCK_C)
         mask = c < C
         x = tl.load(x_ptr + row * C + c, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
-        normed = (xc * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        scale = tl.load(scale_ptr + b * scale_stride + c, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + b * shift_stride + c, mask=mask, other=0.0).to(tl.float32)
-        y = (normed * (1 + scale) + shift).to(x_ptr.dtype.element_ty)
+        y = _adaln_row(x, mask, c, C, eps, scale_ptr + b * scale_stride, shift_ptr + b * shift_stride,
+                       x_ptr.dtype.element_ty)
         if QUANT:
             _store_fp8_row(y.to(tl.float32), mask, out_ptr + row * C + c, row_scale_ptr + row)
         else:
