@@ -62,8 +62,9 @@ def atomic_directory(output: str):
     scheduler stopping the build) included."""
     parent = os.path.dirname(os.path.abspath(output))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
-    with _terminate_raises(), _cleaned_up(tmp):
+    with _terminate_raises() as raise_if_stopped, _cleaned_up(tmp):
         yield tmp
+        raise_if_stopped()
         if os.path.exists(output):
             old = tmp + ".old"
             os.rename(output, old)
@@ -85,17 +86,26 @@ def _cleaned_up(tmp: str):
 @contextmanager
 def _terminate_raises():
     """SIGTERM raises SystemExit (exit code 143) inside the block, so that cleanup runs; by default it kills the
-    process on the spot. Only the main thread can set signal handlers; elsewhere the block runs as is."""
+    process on the spot. Only the main thread can set signal handlers; elsewhere the block runs as is. Yields a
+    function that raises it again where the first was lost: a handler's exception is ignored when the signal lands
+    in a __del__ that garbage collection runs (seen: regex's Group.__del__ during a build), and the block goes on."""
+    received = []
+
+    def raise_if_stopped():
+        if received:
+            raise SystemExit(128 + received[0])
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield raise_if_stopped
         return
 
     def stop(signum, frame):
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        yield
+        yield raise_if_stopped
     finally:
         signal.signal(signal.SIGTERM, previous)
 
