@@ -3,8 +3,11 @@
 import importlib
 import importlib.util
 
+import torch
+
 from fluxc.records import machine_info, software_info
 from fluxc.runtime.core import targets
+from fluxc.runtime.ops.kernels import flash3_available
 
 
 def _has(module: str) -> bool:
@@ -40,8 +43,9 @@ def report() -> list[tuple[str, str]]:
     lines += [
         ("fp8 attention", "yes (cuDNN FP8 SDPA)" if fp8_attention else
          "no: needs sm_90+ and the nvidia-cudnn-frontend package (pip install -e '.[fp8-attention]')"),
-        ("fp8 attention, FlashAttention-3", "yes (fp8_attention_kernel 'flash3')" if targets.sm(target) == 90 and
-         _has("flash_attn_interface") else "no: needs sm_90 and flash-attention's Hopper package (flash_attn_3)"),
+        ("fp8 attention, FlashAttention-3", "yes (fp8_attention_kernel 'flash3')" if target != "cpu" and
+         flash3_available(torch.device("cuda")) else
+         "no: needs sm_90 and flash-attention's Hopper package (flash_attn_3)"),
         ("backend inductor", "yes (standalone_compile, the default)"),
         ("compiler extras", "yes" if _has("diffusers") and _has("transformers") else
          "no: fluxc build needs diffusers and transformers (pip install -e '.[compiler]'); running engines does not"),

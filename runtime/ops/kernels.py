@@ -38,6 +38,7 @@ rewrite) and as the spec its GPU kernel is tested against, and a CUDA implementa
 Engines that use these ops need this module imported before their segments load; the runtime does that.
 """
 
+import functools
 import importlib.util
 
 import torch
@@ -372,6 +373,13 @@ def flash3_available(device: torch.device) -> bool:
             and importlib.util.find_spec("flash_attn_interface") is not None)
 
 
+@functools.cache
+def _flash3_v_descale(device: torch.device) -> torch.Tensor:
+    """FA3's v descale, 1 / ATTENTION_OUT_HEADROOM, made once a device, on the warm-up call before capture (made in
+    a captured step, it would be a fill kernel replayed every step), as _CudnnFp8Attention keeps its constants."""
+    return torch.full((1, 1), 1 / ATTENTION_OUT_HEADROOM, device=device)
+
+
 def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
     """FlashAttention-3's FP8 forward on FLUX's [B, S, H, D] memory. Its descales are per (batch, head): the
     per-tensor scales broadcast (stride 0), and v's 1 / ATTENTION_OUT_HEADROOM. Its bf16 output is then P @ v in
@@ -383,8 +391,7 @@ def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
                          "Install flash-attention's Hopper package (flash_attn_3, built from its hopper/ folder), "
                          "or build with fp8_attention_kernel 'cudnn'.") from e
     b, h = q.shape[:2]
-    descales = [s.reshape(1, 1).expand(b, h)
-                for s in (q_scale, k_scale, q_scale.new_full((1, 1), 1 / ATTENTION_OUT_HEADROOM))]
+    descales = [s.reshape(1, 1).expand(b, h) for s in (q_scale, k_scale, _flash3_v_descale(q.device))]
     o = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=softmax_scale, q_descale=descales[0],
                         k_descale=descales[1], v_descale=descales[2])
     return o.to(torch.float8_e4m3fn).transpose(1, 2)  # [B, S, H, D] memory as [B, H, S, D], like _bshd_like
