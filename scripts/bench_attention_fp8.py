@@ -25,8 +25,9 @@ from fluxc.runtime.ops.kernels import ATTENTION_OUT_HEADROOM, _CudnnFp8Attention
 
 try:
     from flash_attn_interface import flash_attn_func
-except ImportError:
-    flash_attn_func = None
+    FLASH3_IMPORT_ERROR = None
+except ImportError as e:  # not installed, or installed but failing to load: the JSON and the log say which
+    flash_attn_func, FLASH3_IMPORT_ERROR = None, str(e)
 
 B, S, H, D = 1, 4608, 24, 128
 
@@ -45,7 +46,10 @@ def main() -> None:
     flops = 4 * S * S * D * H * B
     r = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
          "cudnn_frontend": cudnn.__version__, "commit": source_commit(), "shape": [B, S, H, D], "plans": [],
-         "flash_attn_3": importlib.metadata.version("flash_attn_3") if flash_attn_func else None}
+         "flash_attn_3": importlib.metadata.version("flash_attn_3") if flash_attn_func else None,
+         "flash_attn_3_import_error": FLASH3_IMPORT_ERROR}
+    if FLASH3_IMPORT_ERROR:
+        print(f"FlashAttention-3 rows skipped: {FLASH3_IMPORT_ERROR}", flush=True)
     reference = lambda ts: torch.nn.functional.scaled_dot_product_attention(*(t.double() for t in ts))  # noqa: E731
     reference_fp8 = reference([t.float() * sc for t, sc in zip(e4m3, scales)])
     reference_bf16 = reference(bf16)

@@ -105,6 +105,19 @@ def test_fp8_attention_runs_the_recipes_kernel(tiny_bf16, tmp_path):
     assert not (tmp_path / "e.fluxe").exists()
 
 
+def test_flash3_kernel_that_does_not_import_says_why_and_what_to_do(monkeypatch):
+    """An engine built with fp8_attention_kernel 'flash3' on a machine whose FlashAttention-3 is missing, or is
+    installed and fails to load (a wheel built for another torch), stops with the import's own error and the remedy."""
+    from fluxc.runtime.ops import kernels
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # None there: `import` raises ImportError
+    q = torch.zeros(1, 2, 8, 128).to(torch.float8_e4m3fn)
+    one = torch.ones(1, 1, 1, 1)
+    why = r"does not import \(import of flash_attn_interface halted.*fp8_attention_kernel 'cudnn'"
+    with pytest.raises(FluxcError, match=why):
+        kernels._flash3_fp8_attention(q, q, q, one, one, 128 ** -0.5)
+
+
 def test_output_projections_after_fp8_attention_read_its_one_scale(tiny_bf16):
     """sm90_fp8_attn_epilogues: the output projections' GEMMs read the e4m3 attention output with its one scale
     (v's, [1, 1]) as it is, not a copy of it per token; the segments keep the FP8-attention floor."""

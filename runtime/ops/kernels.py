@@ -387,9 +387,9 @@ def _flash3_fp8_attention(q, k, v, q_scale, k_scale, softmax_scale):
     try:
         from flash_attn_interface import flash_attn_func
     except ImportError as e:
-        raise FluxcError("This engine runs attention in FP8 through FlashAttention-3, which is not installed.",
-                         "Install flash-attention's Hopper package (flash_attn_3, built from its hopper/ folder), "
-                         "or build with fp8_attention_kernel 'cudnn'.") from e
+        raise FluxcError(f"This engine runs attention in FP8 through FlashAttention-3, which does not import ({e}).",
+                         "Install flash-attention's Hopper package (flash_attn_3, built from its hopper/ folder) for "
+                         "this torch, or build with fp8_attention_kernel 'cudnn'.") from e
     b, h = q.shape[:2]
     descales = [s.reshape(1, 1).expand(b, h) for s in (q_scale, k_scale, _flash3_v_descale(q.device))]
     o = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=softmax_scale, q_descale=descales[0],
